@@ -1,0 +1,103 @@
+"""All configuration in one place: environment variables, read once, with their defaults.
+
+The public variables (ARCHITECTURE.md) are CDP_HOME, CDP_EVENT_STORE and CDP_KAFKA_BOOTSTRAP;
+the others tune the pipeline and are documented in the README.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def _parse_regions(text: str) -> dict[str, str]:
+    regions: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        unit, sep, region = part.partition("=")
+        if not sep or not unit.strip() or len(region.strip()) != 2:
+            raise ConfigError(
+                f"CDP_PHONE_REGIONS: expected unit=REGION pairs like 'retail=GB,bank=DE', got {part!r}"
+            )
+        regions[unit.strip()] = region.strip().upper()
+    return regions
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def _as_of(env: dict[str, str]) -> date:
+    raw = env.get("CDP_AS_OF")
+    if not raw:
+        return date.today()
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ConfigError(f"CDP_AS_OF: expected YYYY-MM-DD, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    event_store: str | None = None
+    kafka_bootstrap: str | None = None
+    default_phone_region: str = "GB"
+    phone_regions: dict[str, str] = field(default_factory=dict)
+    max_event_bytes: int = 256 * 1024
+    batch_size: int = 5000
+    as_of: date = field(default_factory=date.today)
+    schemas_dir: Path = REPO_ROOT / "schemas"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        store = env.get("CDP_EVENT_STORE") or None
+        if store and not store.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"CDP_EVENT_STORE: expected a postgresql:// URL (or unset for SQLite), got {store!r}"
+            )
+        default_region = (env.get("CDP_DEFAULT_PHONE_REGION") or "GB").upper()
+        if len(default_region) != 2:
+            raise ConfigError(f"CDP_DEFAULT_PHONE_REGION: expected a two-letter region, got {default_region!r}")
+        return cls(
+            home=Path(env.get("CDP_HOME") or ".cdp"),
+            event_store=store,
+            kafka_bootstrap=env.get("CDP_KAFKA_BOOTSTRAP") or None,
+            default_phone_region=default_region,
+            phone_regions=_parse_regions(env.get("CDP_PHONE_REGIONS", "")),
+            max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
+            batch_size=_int(env, "CDP_BATCH_SIZE", 5000),
+            as_of=_as_of(env),
+            schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
+        )
+
+    def phone_region(self, business_unit: str) -> str:
+        return self.phone_regions.get(business_unit, self.default_phone_region)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.home / "events.sqlite"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.home / "view.duckdb"
+
+    @property
+    def deadletter_path(self) -> Path:
+        return self.home / "deadletter.jsonl"

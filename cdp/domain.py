@@ -1,0 +1,69 @@
+"""The system of record's domain model: one `Customer` aggregate per unified customer.
+
+Every fact is an explicit event on the customer it concerns:
+
+* `Registered`     — a source record was first seen and became a new customer;
+* `SourceLinked`   — a further source record was resolved to this customer (with the rule that did it);
+* `EventRecorded`  — an accepted channel event (purchase, call, e-mail …) with what the unit said of the person;
+* `Merged` / `Absorbed` — two customers turned out to be one person; the absorbed id keeps resolving
+  to the survivor.
+
+Ids inside events are hex strings, not UUID objects, so events serialise without custom types.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from eventsourcing.domain import Aggregate
+
+
+class Customer(Aggregate):
+    """A real person as the group knows them, across business units."""
+
+    class Registered(Aggregate.Created):
+        business_unit: str
+        source_id: str
+
+    class SourceLinked(Aggregate.Event):
+        business_unit: str
+        source_id: str
+        rule: str
+        evidence: dict[str, Any]
+
+        def apply(self, customer: "Customer") -> None:
+            customer.sources.append((self.business_unit, self.source_id))
+
+    class EventRecorded(Aggregate.Event):
+        event_id: str
+        event_source: str
+        event_type: str
+        time: str
+        business_unit: str
+        source_id: str
+        profile: dict[str, Any]
+        data: dict[str, Any]
+
+        def apply(self, customer: "Customer") -> None:
+            customer.events += 1
+            customer.profile.update(self.profile)
+
+    class Merged(Aggregate.Event):
+        absorbed_id: str
+        rule: str
+        evidence: dict[str, Any]
+
+        def apply(self, customer: "Customer") -> None:
+            customer.absorbed.append(self.absorbed_id)
+
+    class Absorbed(Aggregate.Event):
+        survivor_id: str
+
+        def apply(self, customer: "Customer") -> None:
+            customer.merged_into = self.survivor_id
+
+    def __init__(self, business_unit: str, source_id: str):
+        self.sources: list[tuple[str, str]] = [(business_unit, source_id)]
+        self.events = 0
+        self.profile: dict[str, Any] = {}
+        self.absorbed: list[str] = []
+        self.merged_into: str | None = None

@@ -1,0 +1,213 @@
+"""The system of record: an `eventsourcing` application whose recorder also keeps, in the same
+transaction as the stored events, the small side tables the pipeline needs to stay idempotent and
+to resume after a restart (the keys of ingested CloudEvents, the identity index).
+
+SQLite in CDP_HOME by default; PostgreSQL when CDP_EVENT_STORE is a postgresql:// URL. The
+recorder subclasses use the library's own hook for writing more in the same transaction
+(`_insert_events(cursor, stored_events, **kwargs)`, as its process recorder does for tracking).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+from urllib.parse import unquote, urlparse
+from uuid import UUID
+
+import orjson
+from eventsourcing.application import Application
+from eventsourcing.persistence import Notification, StoredEvent, Transcoder
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import get_topic
+
+from cdp.config import Settings
+from cdp.domain import Customer
+
+EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
+INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key) VALUES (?)"
+
+
+class CompactJSONTranscoder(Transcoder):
+    """orjson with the library's `{"_type_": …, "_data_": …}` convention for datetimes and UUIDs,
+    so stored events stay readable by eventsourcing's own JSONTranscoder."""
+
+    _decoders = {
+        "datetime_iso": datetime.fromisoformat,
+        "uuid_hex": UUID,
+    }
+
+    @staticmethod
+    def _default(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return {"_type_": "datetime_iso", "_data_": obj.isoformat()}
+        if isinstance(obj, UUID):
+            return {"_type_": "uuid_hex", "_data_": obj.hex}
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(obj, default=self._default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+    def decode(self, data: bytes) -> Any:
+        state = orjson.loads(data)
+        for name, value in state.items():
+            if type(value) is dict and len(value) == 2 and "_type_" in value:
+                state[name] = self._decoders[value["_type_"]](value["_data_"])
+        return state
+
+
+def _side_writes(cursor: Any, kwargs: dict[str, Any], placeholder: str) -> None:
+    """The pipeline's extra rows, written in the events' transaction: `writes=[(sql, rows), …]`."""
+    for sql, rows in kwargs.get("writes", ()):
+        if rows:
+            cursor.executemany(sql if placeholder == "?" else sql.replace("?", placeholder), rows)
+
+
+class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL]
+
+    def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        # One executemany instead of the library's row-by-row loop: notification ids are not
+        # needed here and SQLite's single writer keeps rowids in commit order.
+        _side_writes(c, kwargs, "?")
+        c.executemany(
+            self.insert_events_statement,
+            [(e.originator_id.hex, e.originator_version, e.topic, e.state) for e in stored_events],
+        )
+        return None
+
+
+class PostgresCustomerRecorder(PostgresApplicationRecorder):
+    def construct_create_table_statements(self) -> list[Any]:
+        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL]
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        _side_writes(curs, kwargs, "%s")
+
+
+class CustomerApplication(Application):
+    """The eventsourcing application that is the platform's system of record."""
+
+    name = "cdp"
+
+    def construct_transcoder(self) -> Transcoder:
+        return CompactJSONTranscoder()
+
+
+def store_environment(settings: Settings) -> dict[str, str]:
+    """eventsourcing's own configuration keys, derived from the platform's settings."""
+    if settings.event_store:
+        url = urlparse(settings.event_store)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": get_topic(PostgresCustomerRecorder),
+            "POSTGRES_DBNAME": url.path.lstrip("/") or "cdp",
+            "POSTGRES_HOST": url.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(url.port or 5432),
+            "POSTGRES_USER": unquote(url.username or "cdp"),
+            "POSTGRES_PASSWORD": unquote(url.password or ""),
+            "POSTGRES_POOL_SIZE": "4",
+            "CREATE_TABLE": "y",
+        }
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteCustomerRecorder),
+        "SQLITE_DBNAME": str(settings.sqlite_path),
+        "SQLITE_LOCK_TIMEOUT": "30",
+        "CREATE_TABLE": "y",
+    }
+
+
+@dataclass
+class Batch:
+    """Stored events and side rows that commit together or not at all."""
+
+    events: list[StoredEvent] = field(default_factory=list)
+    keys: list[tuple[str]] = field(default_factory=list)
+    writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class EventStore:
+    """Appends customer events fast, without rebuilding aggregates: the pipeline knows each
+    customer's current version (`heads`) and writes the next events directly, one stored event
+    per fact, in one transaction per batch."""
+
+    def __init__(self, settings: Settings, side_tables: Sequence[str] = ()):
+        self.settings = settings
+        self.app = CustomerApplication(env=store_environment(settings))
+        self.recorder = self.app.recorder
+        self.transcoder = self.app.mapper.transcoder
+        self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
+        with self.recorder.datastore.transaction(commit=True) as cursor:
+            for ddl in side_tables:  # tables of the stages whose state commits with the events
+                cursor.execute(ddl)
+        self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
+        self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
+        self._topics = {cls: get_topic(cls) for cls in (
+            Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed)}
+        self._customer_topic = get_topic(Customer)
+        self._now = datetime.now(timezone.utc)
+
+    def _heads_sql(self) -> str:
+        table = self.recorder.events_table_name
+        return f"SELECT originator_id, MAX(originator_version) FROM {table} GROUP BY originator_id"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of a read-only query against the store's database (side tables, heads)."""
+        if self.is_postgres:
+            sql = sql.replace("?", "%s")
+        with self.recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        return [tuple(row.values()) if isinstance(row, dict) else tuple(row) for row in rows]
+
+    def notifications(self, after: int, limit: int) -> Sequence[Notification]:
+        return self.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
+
+    def max_position(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def decode(self, notification: Notification) -> dict[str, Any]:
+        return self.transcoder.decode(notification.state)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin(self) -> Batch:
+        self._now = datetime.now(timezone.utc)
+        return Batch()
+
+    def append(self, batch: Batch, event_class: type, customer_id: str, **fields: Any) -> None:
+        """Adds the customer's next event to the batch (and advances its head)."""
+        version = self.heads.get(customer_id, 0) + 1
+        self.heads[customer_id] = version
+        state: dict[str, Any] = {"timestamp": self._now, **fields}
+        if version == 1:
+            state["originator_topic"] = self._customer_topic
+        batch.events.append(
+            StoredEvent(
+                originator_id=UUID(customer_id),
+                originator_version=version,
+                topic=self._topics[event_class],
+                state=self.transcoder.encode(state),
+            )
+        )
+
+    def mark_seen(self, batch: Batch, key: str) -> None:
+        self.seen.add(key)
+        batch.keys.append((key,))
+
+    def commit(self, batch: Batch) -> None:
+        if not batch.events and not batch.keys:
+            return
+        writes = [(INSERT_EVENT_KEY, batch.keys), *batch.writes]
+        self.recorder.insert_events(batch.events, writes=writes)
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,137 @@
+"""Normalisation of identifiers and profile fields.
+
+Two forms of every value: the *display* form keeps the person's own spelling (trimmed, whitespace
+collapsed), the *match* form is what comparisons use (case- and accent-folded). Identifiers that
+join records across units (email, phone, national id, loyalty id) are only emitted when they are
+usable, so a malformed value never links two people.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from typing import Any
+
+import phonenumbers
+
+IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
+NAME_FIELDS = ("first_name", "last_name")
+ADDRESS_FIELDS = ("street", "line2", "city", "postcode", "state", "country")
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NON_ALNUM = re.compile(r"[^0-9A-Za-z]")
+_SPACES = re.compile(r"\s+")
+
+
+class InvalidValue(ValueError):
+    """A field whose value is well-typed but not usable (an impossible date, say)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+def display(text: str) -> str:
+    """Trimmed, inner whitespace collapsed; spelling and case kept."""
+    return " ".join(text.split())
+
+
+@lru_cache(maxsize=65536)
+def fold(text: str) -> str:
+    """Match form: case-folded, accents removed, punctuation to spaces, whitespace collapsed."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return " ".join(re.sub(r"[^\w\s]", " ", stripped).split())
+
+
+def email(raw: str) -> str | None:
+    value = raw.strip().lower()
+    return value if _EMAIL.match(value) else None
+
+
+@lru_cache(maxsize=262144)
+def phone(raw: str, region: str) -> str | None:
+    """E.164 form, or None when the value is not a possible number in that region."""
+    try:
+        parsed = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def compact_id(raw: str) -> str | None:
+    """National and loyalty ids: upper case, separators removed."""
+    value = _NON_ALNUM.sub("", raw).upper()
+    return value or None
+
+
+def postcode(raw: str) -> str:
+    return _SPACES.sub("", raw).upper()
+
+
+@lru_cache(maxsize=65536)
+def birth_date(raw: str) -> str:
+    try:
+        value = date.fromisoformat(raw)
+    except ValueError:
+        raise InvalidValue("data.customer.date_of_birth", f"{raw!r} is not a calendar date") from None
+    if value.year < 1900 or value > date.today():
+        raise InvalidValue("data.customer.date_of_birth", f"{raw!r} is out of range (1900 to today)")
+    return raw
+
+
+def event_time(raw: str) -> str:
+    """RFC 3339 in, UTC ISO 8601 out, so times sort and compare as text and as timestamps."""
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidValue("time", f"{raw!r} is not an RFC 3339 date-time") from None
+    if value.tzinfo is None:
+        raise InvalidValue("time", f"{raw!r} has no UTC offset")
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(profile for display, identifiers for joining) from a validated `data.customer`."""
+    profile: dict[str, Any] = {}
+    identifiers: dict[str, str] = {}
+    for field in NAME_FIELDS:
+        value = raw.get(field)
+        if value:
+            value = display(value)
+            if value:
+                profile[field] = value
+    value = raw.get("email")
+    if value:
+        normal = email(value)
+        profile["email"] = normal or display(value)
+        if normal:
+            identifiers["email"] = normal
+    value = raw.get("phone")
+    if value:
+        normal = phone(value, region)
+        profile["phone"] = normal or display(value)
+        if normal:
+            identifiers["phone"] = normal
+    for field in ("national_id", "loyalty_id"):
+        value = raw.get(field)
+        if value:
+            normal = compact_id(value)
+            if normal:
+                profile[field] = normal
+                identifiers[field] = normal
+    value = raw.get("date_of_birth")
+    if value:
+        profile["date_of_birth"] = birth_date(value)
+    address = raw.get("address")
+    if address:
+        for field in ADDRESS_FIELDS:
+            value = address.get(field)
+            if value:
+                value = postcode(value) if field == "postcode" else display(value)
+                if value:
+                    profile[field] = value
+    return profile, identifiers

@@ -1,0 +1,40 @@
+"""What ingest hands downstream: an accepted, normalised event or a rejection with its reason.
+
+These two types are the whole interface between `ingest` and the stages after it, so the rest of the
+platform never sees raw input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A valid CloudEvent, normalised. `key` (source + id) is what makes a second delivery a no-op."""
+
+    key: str
+    event_id: str
+    source: str
+    type: str
+    time: str  # RFC 3339, UTC, e.g. 2025-03-04T10:11:12+00:00
+    business_unit: str
+    source_id: str
+    identifiers: dict[str, str]  # kind -> normalised value, only the usable ones: email, phone, national_id, loyalty_id
+    profile: dict[str, Any]  # what the unit says about the person, normalised for display (email lower-cased, phone E.164)
+    data: dict[str, Any]  # the type's own fields (amount, items, action …)
+    origin: str = ""
+    subject: str | None = None
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An input that cannot be used; it goes to the dead-letter with `reason` and the raw input."""
+
+    reason: str
+    origin: str
+    kind: str = "invalid"  # oversize, encoding, json, schema, value, mapping: for counting in summaries
+    raw: str | None = None
+    event_id: str | None = None
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,162 @@
+"""The ingest stage: raw input in, `Accepted` or `Rejected` out, never an exception.
+
+Order of checks is the order of cost: size, UTF-8, JSON, schema (one compiled validator call),
+then normalisation. Every refusal becomes a `Rejected` carrying the reason and the input.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import orjson
+
+from ingest import normalise
+from ingest.lines import Oversize, read_lines
+from ingest.records import Accepted, Rejected
+from ingest.validation import EventValidator
+
+TABULAR_SUFFIXES = {".csv", ".tsv", ".parquet", ".pq"}
+KEY_SEPARATOR = "\x1f"
+
+
+class InputError(ValueError):
+    """An input that cannot be opened at all (missing file, no mapping); one clear line."""
+
+
+def event_key(source: str, event_id: str) -> str:
+    return f"{source}{KEY_SEPARATOR}{event_id}"
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+class Ingestor:
+    """Turns inputs into normalised records. `region_for(unit)` gives the default phone region."""
+
+    def __init__(self, validator: EventValidator, region_for: Callable[[str], str], max_event_bytes: int):
+        self.validator = validator
+        self.region_for = region_for
+        self.max_event_bytes = max_event_bytes
+        self.bytes_read = 0  # for progress bars
+
+    # -- single events ---------------------------------------------------------------------
+
+    def from_line(self, line: bytes | Oversize, origin: str) -> Accepted | Rejected:
+        if isinstance(line, Oversize):
+            return Rejected(
+                reason=f"line of {line.size} bytes exceeds the limit of {self.max_event_bytes} bytes (CDP_MAX_EVENT_BYTES)",
+                origin=origin,
+                kind="oversize",
+                raw=_text(line.head) + "…",
+            )
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return Rejected(reason=f"invalid UTF-8 at byte {bad.start}", origin=origin, kind="encoding",
+                                raw=_text(line))
+            return Rejected(reason=f"malformed JSON: {error}", origin=origin, kind="json", raw=_text(line))
+        return self.from_event(event, origin, line)
+
+    def from_event(self, event: Any, origin: str, raw: bytes | None = None) -> Accepted | Rejected:
+        problem = self.validator.check(event)
+        if problem is not None:
+            return self._reject(problem, "schema", origin, event, raw)
+        data = event["data"]
+        unit = data["business_unit"]
+        try:
+            profile, identifiers = normalise.customer(data["customer"], self.region_for(unit))
+            time = normalise.event_time(event["time"])
+        except normalise.InvalidValue as error:
+            return self._reject(f"event {event['id']!r}: {error}", "value", origin, event, raw)
+        fields = {k: v for k, v in data.items() if k != "customer" and k != "business_unit"}
+        return Accepted(
+            key=event_key(event["source"], event["id"]),
+            event_id=event["id"],
+            source=event["source"],
+            type=event["type"],
+            time=time,
+            business_unit=unit,
+            source_id=data["customer"]["source_id"],
+            identifiers=identifiers,
+            profile=profile,
+            data=fields,
+            origin=origin,
+            subject=event.get("subject"),
+        )
+
+    @staticmethod
+    def _reject(reason: str, kind: str, origin: str, event: Any, raw: bytes | None) -> Rejected:
+        is_obj = isinstance(event, dict)
+        return Rejected(
+            reason=reason,
+            origin=origin,
+            kind=kind,
+            raw=_text(raw) if raw is not None else orjson.dumps(event, default=str).decode(),
+            event_id=str(event.get("id")) if is_obj and event.get("id") is not None else None,
+            source=str(event.get("source")) if is_obj and event.get("source") is not None else None,
+        )
+
+    # -- whole inputs ----------------------------------------------------------------------
+
+    def read(self, paths: Iterable[str], mapping: Path | None = None) -> Iterator[Accepted | Rejected]:
+        """Every record of every input in order; '-' is standard input (JSONL)."""
+        for path in paths:
+            if path == "-":
+                yield from self.read_jsonl(sys.stdin.buffer, "stdin")
+                continue
+            file = Path(path)
+            if file.suffix.lower() in TABULAR_SUFFIXES:
+                yield from self.read_tabular(file, mapping)
+            else:
+                with open(file, "rb") as stream:
+                    yield from self.read_jsonl(stream, file.name)
+
+    def read_jsonl(self, stream, name: str) -> Iterator[Accepted | Rejected]:
+        before = 0
+        for number, line in read_lines(stream, self.max_event_bytes):
+            yield self.from_line(line, f"{name}:{number}")
+            try:
+                position = stream.tell()
+            except (OSError, ValueError):
+                position = before + (len(line) + 1 if isinstance(line, bytes) else line.size + 1)
+            self.bytes_read += position - before
+            before = position
+
+    def read_tabular(self, file: Path, mapping: Path | None) -> Iterator[Accepted | Rejected]:
+        from ingest.tabular import MappingError, iter_tabular, load_mapping, mapping_for
+
+        try:
+            spec = load_mapping(mapping_for(file, mapping), self.validator)
+        except MappingError as error:
+            raise InputError(str(error)) from None
+        for origin, item in iter_tabular(file, spec, self.validator):
+            if isinstance(item, str):
+                yield Rejected(reason=item, origin=origin, kind="mapping")
+            else:
+                yield self.from_event(item, origin)
+        self.bytes_read += file.stat().st_size
+
+
+def check_inputs(paths: Iterable[str]) -> list[str]:
+    """The inputs as given, after checking each exists, so a typo fails before any work starts."""
+    checked = []
+    for path in paths:
+        if path != "-" and not Path(path).is_file():
+            raise InputError(f"no such file: {path}")
+        checked.append(path)
+    return checked
+
+
+def total_bytes(paths: Iterable[str]) -> int | None:
+    """Size of all inputs for a progress bar; None when one of them is a stream."""
+    total = 0
+    for path in paths:
+        if path == "-":
+            return None
+        total += Path(path).stat().st_size
+    return total

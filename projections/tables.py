@@ -1,0 +1,79 @@
+"""The DuckDB unified view: table definitions and the set-based SQL that derives `customers`.
+
+`customer_events`, `customer_sources` and `customer_redirects` are facts copied from the store;
+`customers` is *derived* from them by one GROUP BY, for the customers a batch touched or for all.
+Because the derivation depends only on those facts (ties broken by store position), the view
+built incrementally and the view rebuilt in one pass come out identical.
+"""
+from __future__ import annotations
+
+PROFILE_COLUMNS = (
+    "email", "phone", "first_name", "last_name", "date_of_birth", "national_id", "loyalty_id",
+    "street", "line2", "city", "postcode", "state", "country",
+)
+DATA_COLUMNS = {
+    "amount": "DOUBLE", "currency": "VARCHAR", "order_id": "VARCHAR", "channel": "VARCHAR", "items": "JSON",
+    "direction": "VARCHAR", "duration_seconds": "DOUBLE", "outcome": "VARCHAR",
+    "campaign": "VARCHAR", "action": "VARCHAR", "platform": "VARCHAR",
+    "score": "DOUBLE", "kind": "VARCHAR", "comment": "VARCHAR",
+    "purpose": "VARCHAR", "granted": "BOOLEAN",
+}
+EVENT_COLUMNS = {
+    "event_id": "VARCHAR NOT NULL",
+    "event_source": "VARCHAR NOT NULL",
+    "customer_id": "VARCHAR NOT NULL",
+    "business_unit": "VARCHAR NOT NULL",
+    "source_id": "VARCHAR NOT NULL",
+    "type": "VARCHAR NOT NULL",
+    "time": "TIMESTAMPTZ NOT NULL",
+    "position": "BIGINT NOT NULL",
+    **DATA_COLUMNS,
+    **{name: ("DATE" if name == "date_of_birth" else "VARCHAR") for name in PROFILE_COLUMNS},
+}
+
+
+def _columns(spec: dict[str, str]) -> str:
+    return ", ".join(f"{name} {kind}" for name, kind in spec.items())
+
+
+DDL = (
+    "CREATE TABLE IF NOT EXISTS projection_state (name VARCHAR PRIMARY KEY, position BIGINT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS customer_events ({_columns(EVENT_COLUMNS)})",
+    "CREATE TABLE IF NOT EXISTS customer_sources (business_unit VARCHAR NOT NULL, source_id VARCHAR NOT NULL, "
+    "customer_id VARCHAR NOT NULL, linked_by VARCHAR NOT NULL, evidence JSON, position BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS customer_redirects (absorbed_id VARCHAR NOT NULL, survivor_id VARCHAR NOT NULL, "
+    "rule VARCHAR NOT NULL, evidence JSON, position BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS customers (customer_id VARCHAR NOT NULL, "
+    + ", ".join(f"{c} {'DATE' if c == 'date_of_birth' else 'VARCHAR'}" for c in PROFILE_COLUMNS)
+    + ", business_units VARCHAR[], sources INTEGER, events BIGINT, orders BIGINT, lifetime_value DOUBLE, "
+    "first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ)",
+)
+
+# Golden record: each field is the most recent non-empty value any source gave (ties: store order).
+_GOLDEN = ",\n  ".join(
+    f"arg_max(e.{c}, (e.time, e.position)) FILTER (WHERE e.{c} IS NOT NULL) AS {c}" for c in PROFILE_COLUMNS
+)
+
+CUSTOMERS_SELECT = f"""
+SELECT e.customer_id,
+  {_GOLDEN},
+  list_sort(list_distinct(list(e.business_unit))) AS business_units,
+  count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
+  count(*) AS events,
+  count(*) FILTER (WHERE e.type = 'cdp.purchase') AS orders,
+  coalesce(sum(e.amount) FILTER (WHERE e.type = 'cdp.purchase'), 0)::DOUBLE AS lifetime_value,
+  min(e.time) AS first_seen,
+  max(e.time) AS last_seen
+FROM customer_events e
+"""
+
+
+def recompute_customers_sql(scope: str | None) -> list[str]:
+    """Statements that re-derive `customers`; `scope` names a table of touched customer_ids, None = all."""
+    if scope is None:
+        return ["DELETE FROM customers", f"INSERT INTO customers {CUSTOMERS_SELECT} GROUP BY e.customer_id"]
+    return [
+        f"DELETE FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})",
+        f"INSERT INTO customers {CUSTOMERS_SELECT} "
+        f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY e.customer_id",
+    ]

@@ -1,0 +1,82 @@
+"""Shared pytest fixtures.
+
+Real services: `make test` (scripts/test.sh) starts Apache Kafka and PostgreSQL with
+scripts/services.sh and exports their addresses as CDP_KAFKA_BOOTSTRAP and CDP_POSTGRES_DSN.
+Tests that need them take the fixtures below. Without the variables those tests skip, except in
+CI (CI=true), where a missing service is an error rather than a silent skip.
+
+Add new fixtures in their own section; keep the service fixtures together.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+# ------------------------------------------------------------------------------ real services
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _service_address(variable: str, service: str) -> str:
+    value = os.environ.get(variable, "").strip()
+    if value:
+        return value
+    message = f"{variable} not set ({service} address): run `make test` or `make services`"
+    if _in_ci():
+        pytest.fail(f"{message}; CI=true, so a missing {service} is an error, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """`host:port` of a real Kafka broker (CDP_KAFKA_BOOTSTRAP)."""
+    return _service_address("CDP_KAFKA_BOOTSTRAP", "Kafka")
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """`postgresql://` URL of a real PostgreSQL database (CDP_POSTGRES_DSN); shared by all tests."""
+    return _service_address("CDP_POSTGRES_DSN", "PostgreSQL")
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(dsn)
+        return urlunsplit(parts._replace(path=f"/{dbname}"))
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(dsn, dbname=dbname)
+
+
+@pytest.fixture
+def fresh_postgres_dsn(postgres_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new, empty database on the test server for one test; dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
+    from psycopg import sql
+
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:30]
+    dbname = f"t_{slug}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    try:
+        yield _with_dbname(postgres_dsn, dbname)
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=10) as admin:
+            # FORCE (PostgreSQL 13+): connections a test forgot to close must not keep it alive
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+@pytest.fixture
+def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
+    """A unique prefix for Kafka topic names, e.g. `test.roundtrip.1a2b3c4d5e.`; the broker is
+    shared by all tests and runs, so every test names its topics with its own prefix."""
+    slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name).strip("-")[:60]
+    return f"test.{slug}.{uuid.uuid4().hex[:10]}."
