@@ -1,0 +1,5 @@
+import sys
+
+from cdp.cli import main
+
+sys.exit(main())

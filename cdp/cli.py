@@ -1,0 +1,267 @@
+"""The `cdp` command line. Every user error is one clear line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import duckdb
+import orjson
+
+from cdp import console
+from cdp.config import ConfigError, Settings
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UserError(click.ClickException):
+    """A failure the user can fix; printed as one line."""
+
+
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
+    from projections.projector import connect
+
+    if not cfg.duckdb_path.exists():
+        raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
+    try:
+        return connect(cfg.duckdb_path, read_only=True)
+    except duckdb.IOException as error:
+        raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
+
+
+def print_summary(summary, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rate = summary.read / summary.seconds if summary.seconds else 0.0
+    rows = [
+        ("events read", f"{summary.read:,}"),
+        ("accepted", f"{summary.accepted:,}"),
+        ("rejected (dead-letter)", f"{summary.rejected:,}" + (
+            "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary.reasons.items())) + ")" if summary.reasons else "")),
+        ("duplicates ignored", f"{summary.duplicates:,}"),
+        ("new customers", f"{summary.new_customers:,}"),
+        ("source records linked", f"{summary.linked_sources:,}"),
+        ("merges", f"{summary.merges:,}"),
+        ("stored events", f"{summary.stored_events:,}"),
+        ("time", f"{summary.seconds:.1f} s ({rate:,.0f} events/s)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.out.print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Customer-data platform: channel events in, one unified customer view out.
+
+    Configuration comes from the environment: CDP_HOME (data folder, default ./.cdp),
+    CDP_EVENT_STORE (a postgresql:// URL; unset: SQLite in CDP_HOME), CDP_KAFKA_BOOTSTRAP.
+    """
+
+
+def run_ingest(cfg: Settings, paths: list[str], mapping: Path | None):
+    from cdp.pipeline import Pipeline
+    from ingest.stage import check_inputs, total_bytes
+
+    paths = check_inputs(paths)
+    total = total_bytes(paths)
+    with Pipeline(cfg) as pipeline, console.progress_bar("ingest", total, unit_bytes=True) as advance:
+        seen = 0
+
+        def progress(_: int) -> None:
+            nonlocal seen
+            advance(pipeline.ingestor.bytes_read - seen)
+            seen = pipeline.ingestor.bytes_read
+
+        summary = pipeline.ingest(paths, mapping, progress)
+    return summary
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML mapping for CSV/Parquet inputs (default: <file>.mapping.toml beside each file).")
+def ingest(paths: tuple[str, ...], mapping: Path | None) -> None:
+    """Ingest CloudEvents JSONL files (or - for stdin), or CSV/Parquet through a mapping file."""
+    cfg = settings()
+    summary = run_ingest(cfg, list(paths), mapping)
+    print_summary(summary, "ingest")
+    if summary.rejected:
+        console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+
+
+@cli.command()
+@click.option("--people", default=2000, show_default=True, type=click.IntRange(10, 5_000_000),
+              help="How many real people to simulate.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Random seed (same seed, same data).")
+@click.option("--hard", is_flag=True, help="Harder identity data: more typos, shared household phones, fewer identifiers.")
+def demo(people: int, seed: int, hard: bool) -> None:
+    """Generate data for three business units, run the pipeline, show what came out."""
+    from cdp.demo import DemoSpec, generate
+    from identity.evaluation import pairwise_scores, read_truth
+
+    cfg = settings()
+    directory = cfg.home / "demo-input"
+    spec = DemoSpec(people=people, seed=seed, hard=hard, invalid_rate=0.005)
+    console.err.print(f"Generating demo data for {people:,} people in {directory} …")
+    with console.progress_bar("generate", people * 12.4) as advance:
+        done = 0
+
+        def progress(n: int) -> None:
+            nonlocal done
+            advance(n - done)
+            done = n
+
+        files = generate(directory, spec, progress, csv_unit="telecom")
+    summary = run_ingest(cfg, [str(p) for p in files.event_files], None)
+    print_summary(summary, f"demo: {files.people:,} people, {files.source_records:,} source records in 3 business units")
+    con = open_view(cfg)
+    predicted = {(u, s): c for u, s, c in con.execute(
+        "SELECT business_unit, source_id, customer_id FROM customer_sources").fetchall()}
+    customers, units = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE len(business_units) > 1) FROM customers").fetchall()[0]
+    scores = pairwise_scores(predicted, read_truth(files.truth_file))
+    from rich.table import Table
+
+    table = Table(title="unified view", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("source records", f"{len(predicted):,}")
+    table.add_row("unified customers", f"{customers:,} (real people: {files.people:,})")
+    table.add_row("customers in 2+ business units", f"{units:,}")
+    table.add_row("identity precision (pairwise)", f"{scores.precision:.3f}")
+    table.add_row("identity recall (pairwise)", f"{scores.recall:.3f}")
+    table.add_row("identity F1", f"{scores.f1:.3f}")
+    console.out.print(table)
+    console.out.print(f"Try: cdp query \"SELECT * FROM customers ORDER BY lifetime_value DESC LIMIT 5\"  (CDP_HOME={cfg.home})")
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def query(sql: str, fmt: str) -> None:
+    """Run a read-only SQL query against the unified view."""
+    con = open_view(settings())
+    try:
+        cursor = con.execute(sql)
+        if cursor.description is None:
+            return
+        columns = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    except duckdb.Error as error:
+        raise UserError(f"query failed: {' '.join(str(error).split())}") from None
+    text = console.render_rows(columns, rows, fmt)
+    if text is not None:
+        sys.stdout.write(text)
+
+
+@cli.group()
+def customer() -> None:
+    """Look at one unified customer."""
+
+
+@customer.command("show")
+@click.argument("who")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Timeline events to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def customer_show(who: str, limit: int, fmt: str) -> None:
+    """Golden record, source records and timeline, by customer id, email, phone or business_unit:source_id."""
+    from ingest import normalise
+    from projections.queries import LookupError_, classify, customer_picture, find_customers
+
+    cfg = settings()
+    try:
+        kind, value = classify(who)
+    except LookupError_ as error:
+        raise UserError(str(error)) from None
+    if kind == "email":
+        value = normalise.email(value) or value.strip().lower()
+    elif kind == "phone":
+        value = normalise.phone(value, cfg.default_phone_region) or value
+    con = open_view(cfg)
+    ids = find_customers(con, kind, value)
+    if not ids:
+        raise UserError(f"no customer found for {kind} {value!r}")
+    pictures = [customer_picture(con, cid, limit) for cid in ids]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(pictures if len(pictures) > 1 else pictures[0], default=console._plain,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for picture in pictures:
+        golden = picture["golden_record"]
+        console.render_rows(["field", "value"], [(k, v) for k, v in golden.items() if v not in (None, [])],
+                            "table", title=f"customer {picture['customer_id']}")
+        if picture["sources"]:
+            cols = list(picture["sources"][0])
+            console.render_rows(cols, [tuple(s.values()) for s in picture["sources"]], "table", title="source records")
+        if picture["timeline"]:
+            cols = list(picture["timeline"][0])
+            console.render_rows(cols, [tuple(t.values()) for t in picture["timeline"]], "table",
+                                title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
+
+
+@cli.group()
+def projections() -> None:
+    """Maintain the DuckDB unified view."""
+
+
+@projections.command("rebuild")
+def projections_rebuild() -> None:
+    """Recreate the unified view from the event store (the result equals the incremental view)."""
+    from cdp.store import EventStore
+    from identity.index import TABLES
+    from projections.projector import rebuild
+
+    cfg = settings()
+    store = EventStore(cfg, side_tables=TABLES)
+    try:
+        total = store.max_position()
+        started = time.perf_counter()
+        with console.progress_bar("rebuild", total) as advance:
+            applied = rebuild(store, cfg.duckdb_path, progress=advance)
+        seconds = time.perf_counter() - started
+    finally:
+        store.close()
+    console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="cdp", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        console.err.print("cdp: aborted")
+        return EXIT_FAILURE
+    except click.exceptions.NoArgsIsHelpError as error:
+        console.err.print(error.ctx.get_help() if error.ctx else str(error))
+        return EXIT_USAGE
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "cdp"
+        console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
+        return EXIT_USAGE
+    except click.ClickException as error:
+        console.err.print(f"cdp: error: {error.format_message()}")
+        return EXIT_FAILURE
+    except (ConfigError, ValueError, OSError) as error:
+        if os.environ.get("CDP_DEBUG"):
+            raise
+        console.err.print(f"cdp: error: {error}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        console.err.print("cdp: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""How the CLI talks to people: progress bars on stderr, tables and summaries on stdout."""
+from __future__ import annotations
+
+import csv
+import io
+from contextlib import contextmanager
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Iterator, Sequence
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress_bar(label: str, total: float | None, unit_bytes: bool = False) -> Iterator[Any]:
+    """Yields `advance(n)`; shows a bar on a terminal, stays silent when output is piped."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               MofNCompleteColumn() if not unit_bytes else TextColumn(""), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def render_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None) -> str | None:
+    """csv and json as text; table is printed directly (rich) and returns None."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if v is None else _plain(v) for v in row])
+        return buffer.getvalue()
+    if fmt == "json":
+        return orjson.dumps([dict(zip(columns, row)) for row in rows], default=_plain,
+                            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n"
+    table = Table(title=title, show_lines=False)
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(_plain(v)) for v in row))
+    out.print(table)
+    return None
