@@ -14,7 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+if not out.is_terminal:  # piped: tables as wide as their content needs, not 80 columns
+    out = Console(highlight=False, soft_wrap=True, width=240)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -68,6 +68,7 @@ class Pipeline:
                 progress: Callable[[int], None] | None = None) -> Summary:
         summary = Summary()
         started = time.perf_counter()
+        pending = 0  # stored events the view has not caught up with
         for chunk in batched(records, self.settings.batch_size):
             batch = self.store.begin()
             for record in chunk:
@@ -83,12 +84,14 @@ class Pipeline:
             self.deadletter.flush()
             self.store.commit(batch)
             summary.stored_events += len(batch)
-            if self.projector is not None:
-                self.projector.catch_up(self.store)
+            pending += len(batch)
+            if self.projector is not None and pending >= self.settings.projection_batch:
+                self.projector.catch_up(self.store, self.settings.projection_batch)
+                pending = 0
             if progress:
                 progress(len(chunk))
         if self.projector is not None:
-            self.projector.catch_up(self.store)
+            self.projector.catch_up(self.store, self.settings.projection_batch)
         summary.seconds = time.perf_counter() - started
         return summary
 

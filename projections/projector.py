@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import duckdb
-import orjson
 import pyarrow as pa
 from eventsourcing.utils import get_topic
 
@@ -25,13 +24,52 @@ TOPIC_REGISTERED = get_topic(Customer.Registered)
 TOPIC_LINKED = get_topic(Customer.SourceLinked)
 TOPIC_MERGED = get_topic(Customer.Merged)
 
-_EVENT_SELECT = ", ".join(
-    f"{name}::TIMESTAMPTZ AS {name}" if name == "time"
-    else f"{name}::DATE AS {name}" if name == "date_of_birth"
-    else f"{name}::JSON AS {name}" if name == "items"
-    else name
-    for name in EVENT_COLUMNS
-)
+def _struct(columns: dict[str, str]) -> str:
+    return "{" + ", ".join(f'"{name}": "{kind}"' for name, kind in columns.items()) + "}"
+
+
+# How EventRecorded's stored state reads as a DuckDB STRUCT: parsed once per row by from_json.
+_EVENT_STATE = _struct({
+    "event_id": "VARCHAR", "event_source": "VARCHAR", "event_type": "VARCHAR", "time": "VARCHAR",
+    "business_unit": "VARCHAR", "source_id": "VARCHAR",
+}).rstrip("}") + ', "profile": ' + _struct({c: "VARCHAR" for c in PROFILE_COLUMNS}) + ', "data": ' + _struct(
+    {name: ("JSON" if kind == "JSON" else kind) for name, kind in DATA_COLUMNS.items()}) + "}"
+
+_EVENT_FIELDS = {
+    "event_id": "s.event_id", "event_source": "s.event_source", "customer_id": "customer_id",
+    "business_unit": "s.business_unit", "source_id": "s.source_id", "type": "s.event_type",
+    "time": "s.time::TIMESTAMPTZ", "position": "position",
+    **{name: f"s.data.{name}" for name in DATA_COLUMNS},
+    **{name: f"s.profile.{name}" + ("::DATE" if name == "date_of_birth" else "") for name in PROFILE_COLUMNS},
+}
+assert set(_EVENT_FIELDS) == set(EVENT_COLUMNS)
+
+INSERT_EVENTS = f"""
+INSERT INTO customer_events BY NAME
+SELECT {", ".join(f"{expr} AS {name}" for name, expr in _EVENT_FIELDS.items())}
+FROM (SELECT position, customer_id, from_json(decode(state), '{_EVENT_STATE}') AS s
+      FROM batch WHERE topic = '{TOPIC_EVENT}')
+"""
+INSERT_SOURCES = f"""
+INSERT INTO customer_sources BY NAME
+SELECT s.business_unit, s.source_id, customer_id,
+       CASE WHEN topic = '{TOPIC_REGISTERED}' THEN 'new_customer' ELSE s.rule END AS linked_by,
+       s.evidence AS evidence, position
+FROM (SELECT position, customer_id, topic,
+             from_json(decode(state), '{{"business_unit": "VARCHAR", "source_id": "VARCHAR", "rule": "VARCHAR", "evidence": "JSON"}}') AS s
+      FROM batch WHERE topic IN ('{TOPIC_REGISTERED}', '{TOPIC_LINKED}'))
+"""
+SELECT_MERGES = f"""
+SELECT s.absorbed_id, customer_id, s.rule, s.evidence, position
+FROM (SELECT position, customer_id,
+             from_json(decode(state), '{{"absorbed_id": "VARCHAR", "rule": "VARCHAR", "evidence": "JSON"}}') AS s
+      FROM batch WHERE topic = '{TOPIC_MERGED}')
+ORDER BY position
+"""
+SELECT_TOUCHED = f"""
+SELECT DISTINCT customer_id FROM batch
+WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC_MERGED}')
+"""
 
 
 def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -40,74 +78,16 @@ def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnect
     return con
 
 
-class BatchRows:
-    """Columns of one batch, filled event by event, handed to DuckDB as Arrow tables."""
+def final_survivors(merges: Sequence[tuple]) -> dict[str, str]:
+    """absorbed -> survivor at the end of the batch, with chains inside the batch followed."""
+    direct = {absorbed: survivor for absorbed, survivor, *_ in merges}
 
-    def __init__(self) -> None:
-        self.events: dict[str, list[Any]] = {name: [] for name in EVENT_COLUMNS}
-        self.sources: dict[str, list[Any]] = {
-            k: [] for k in ("business_unit", "source_id", "customer_id", "linked_by", "evidence", "position")
-        }
-        self.merges: list[tuple[str, str, str, str, int]] = []  # (absorbed, survivor, rule, evidence, position)
-        self.touched: set[str] = set()
+    def final(cid: str) -> str:
+        while cid in direct:
+            cid = direct[cid]
+        return cid
 
-    def add(self, position: int, topic: str, customer_id: str, state: dict[str, Any]) -> None:
-        if topic == TOPIC_EVENT:
-            self._add_event(position, customer_id, state)
-        elif topic == TOPIC_REGISTERED:
-            self._add_source(position, customer_id, state["business_unit"], state["source_id"], "new_customer", None)
-        elif topic == TOPIC_LINKED:
-            self._add_source(position, customer_id, state["business_unit"], state["source_id"],
-                             state["rule"], state["evidence"])
-        elif topic == TOPIC_MERGED:
-            self.merges.append((state["absorbed_id"], customer_id, state["rule"],
-                                orjson.dumps(state["evidence"]).decode(), position))
-            self.touched.add(customer_id)
-        # Absorbed is the mirror of Merged on the other customer: nothing more to project.
-
-    def _add_source(self, position, customer_id, unit, source_id, rule, evidence) -> None:
-        s = self.sources
-        s["business_unit"].append(unit)
-        s["source_id"].append(source_id)
-        s["customer_id"].append(customer_id)
-        s["linked_by"].append(rule)
-        s["evidence"].append(None if evidence is None else orjson.dumps(evidence).decode())
-        s["position"].append(position)
-        self.touched.add(customer_id)
-
-    def _add_event(self, position: int, customer_id: str, state: dict[str, Any]) -> None:
-        e = self.events
-        e["event_id"].append(state["event_id"])
-        e["event_source"].append(state["event_source"])
-        e["customer_id"].append(customer_id)
-        e["business_unit"].append(state["business_unit"])
-        e["source_id"].append(state["source_id"])
-        e["type"].append(state["event_type"])
-        e["time"].append(state["time"])
-        e["position"].append(position)
-        data = state["data"]
-        for name in DATA_COLUMNS:
-            value = data.get(name)
-            if name == "items" and value is not None:
-                value = orjson.dumps(value).decode()
-            elif name in ("amount", "duration_seconds", "score") and value is not None:
-                value = float(value)
-            e[name].append(value)
-        profile = state["profile"]
-        for name in PROFILE_COLUMNS:
-            e[name].append(profile.get(name))
-        self.touched.add(customer_id)
-
-    def merge_map(self) -> list[tuple[str, str]]:
-        """(absorbed, final survivor) with chains inside the batch resolved."""
-        direct = {absorbed: survivor for absorbed, survivor, *_ in self.merges}
-
-        def final(cid: str) -> str:
-            while cid in direct:
-                cid = direct[cid]
-            return cid
-
-        return [(absorbed, final(absorbed)) for absorbed in direct]
+    return {absorbed: final(absorbed) for absorbed in direct}
 
 
 class Projector:
@@ -124,61 +104,51 @@ class Projector:
     def position(self) -> int:
         return self.con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
 
-    def apply(self, notifications: Iterable[Any], decode: Callable[[Any], dict[str, Any]],
-              recompute: bool = True) -> int:
-        """Projects one batch of notifications; returns how many were applied."""
-        rows = BatchRows()
-        last = None
-        count = 0
-        for n in notifications:
-            rows.add(n.id, n.topic, n.originator_id.hex, decode(n))
-            last = n.id
-            count += 1
-        if last is None:
+    def apply(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool = True) -> int:
+        """Projects one batch of (position, customer_id, topic, state) rows; returns how many."""
+        if not notifications:
             return 0
+        positions, customers, topics, states = zip(*notifications)
         con = self.con
+        con.register("batch", pa.table({
+            "position": pa.array(positions, pa.int64()), "customer_id": pa.array(customers, pa.string()),
+            "topic": pa.array(topics, pa.string()), "state": pa.array(states, pa.binary())}))
         con.execute("BEGIN TRANSACTION")
         try:
-            if rows.events["event_id"]:
-                con.register("batch_events", pa.table(rows.events))
-                con.execute(f"INSERT INTO customer_events BY NAME SELECT {_EVENT_SELECT} FROM batch_events")
-                con.unregister("batch_events")
-            if rows.sources["source_id"]:
-                con.register("batch_sources", pa.table(rows.sources))
-                con.execute("INSERT INTO customer_sources BY NAME SELECT business_unit, source_id, customer_id, "
-                            "linked_by, evidence::JSON AS evidence, position FROM batch_sources")
-                con.unregister("batch_sources")
-            absorbed = self._apply_merges(rows)
+            con.execute(INSERT_EVENTS)
+            con.execute(INSERT_SOURCES)
+            absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall())
             if recompute:
-                touched = pa.table({"customer_id": sorted(rows.touched | absorbed)})
-                con.register("touched", touched)
+                con.execute("CREATE OR REPLACE TEMP TABLE touched AS " + SELECT_TOUCHED)
+                if absorbed:
+                    con.executemany("INSERT INTO touched VALUES (?)", [(a,) for a in absorbed])
                 for statement in recompute_customers_sql("touched"):
                     con.execute(statement)
-                con.unregister("touched")
-            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [last, NAME])
+            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [positions[-1], NAME])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        return count
+        finally:
+            con.unregister("batch")
+        return len(notifications)
 
-    def _apply_merges(self, rows: BatchRows) -> set[str]:
-        if not rows.merges:
+    def _apply_merges(self, merges: list[tuple]) -> set[str]:
+        if not merges:
             return set()
         con = self.con
-        mapping = rows.merge_map()
+        final = final_survivors(merges)
         con.register("batch_merges", pa.table({
-            "absorbed_id": [a for a, _ in mapping], "survivor_id": [s for _, s in mapping]}))
+            "absorbed_id": list(final), "survivor_id": list(final.values())}))
         for table in ("customer_events", "customer_sources"):
             con.execute(f"UPDATE {table} SET customer_id = m.survivor_id FROM batch_merges m "
                         f"WHERE {table}.customer_id = m.absorbed_id")
         con.execute("UPDATE customer_redirects SET survivor_id = m.survivor_id FROM batch_merges m "
                     "WHERE customer_redirects.survivor_id = m.absorbed_id")
         con.unregister("batch_merges")
-        final = dict(mapping)
         con.executemany(
             "INSERT INTO customer_redirects VALUES (?, ?, ?, ?::JSON, ?)",
-            [(a, final.get(s, s), rule, evidence, pos) for a, s, rule, evidence, pos in rows.merges],
+            [(a, final[a], rule, evidence, pos) for a, _, rule, evidence, pos in merges],
         )
         return set(final)
 
@@ -187,10 +157,10 @@ class Projector:
         """Applies everything the store has after our position; returns the number applied."""
         total = 0
         while True:
-            notifications = store.notifications(self.position, batch_size)
+            notifications = store.raw_notifications(self.position, batch_size)
             if not notifications:
                 break
-            total += self.apply(notifications, store.decode, recompute=recompute)
+            total += self.apply(notifications, recompute=recompute)
             if progress:
                 progress(len(notifications))
         return total
