@@ -63,6 +63,10 @@ class IdentityIndex:
         self._redirects[absorbed_id] = survivor_id
         self._dirty_redirects[absorbed_id] = survivor_id
 
+    def keys_of_kind(self, kind: str) -> list[str]:
+        """Every value of one kind of key (a scan: for people's decisions, not the hot path)."""
+        return [value for k, value in self._keys if k == kind]
+
     def is_merged(self, customer_id: str) -> bool:
         return customer_id in self._redirects
 

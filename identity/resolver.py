@@ -3,24 +3,37 @@
 The deterministic rules, strongest first:
 
 * the same `business_unit` + `source_id` is the same customer;
-* a normalised identifier shared across records (national id, email, phone, loyalty id) links them;
-* a record whose identifiers point at two or more customers proves they are one person: they are
+* a normalised identifier shared across records (national id, email, loyalty id) links them —
+  unless the value is carried by more records than its kind's guardrail allows;
+* a record whose evidence points at two or more customers proves they are one person: they are
   merged into one survivor, and the absorbed ids keep resolving to it.
 
-Probabilistic matching plugs in as a `Matcher`: it is asked only when no deterministic rule
-decided, and answers with a customer and the `Link` that explains why.
+Beside them, for a record whose source key is new, the `Matcher` (identity/matching.py) scores the
+earlier records its blocking keys find: every one at or above the match threshold is a link too
+(so all their customers merge: clusters are the transitive closure of match pairs, whatever the
+arrival order), and those between the review and match thresholds become review suggestions.
+Phone numbers are scored, not keys: households share them.
+
+Remembered "do not link" pairs (from splits and rejected reviews) veto any link or merge they
+forbid. `split`, `confirm` and `reject` are the decisions people make; each returns what the
+pipeline records as events.
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from identity.blocking import BlockingIndex
+from identity.constraints import CannotLink
+from identity.features import Features, features
+from identity.guardrails import Guardrails
 from identity.index import IdentityIndex
 from ingest.records import Accepted
 
 NAMESPACE = uuid.UUID("5c1f6a8e-2f43-4d0e-9a52-6f1b2c9d7e10")
-IDENTIFIER_RULES = ("national_id", "email", "phone", "loyalty_id")  # strongest first
+IDENTIFIER_RULES = ("national_id", "email", "loyalty_id")  # strongest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,16 +44,42 @@ class Link:
     evidence: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Suggestion:
+    """A grey-zone pair for the review queue: the new record and an earlier one."""
+
+    source_key: str
+    other_source_key: str
+    probability: float
+    evidence: dict[str, Any]
+
+    @property
+    def review_id(self) -> str:
+        return review_id(self.source_key, self.other_source_key)
+
+
 @dataclass(slots=True)
 class Decision:
     customer_id: str
     registered: bool = False  # a new customer was created for this source record
     link: Link | None = None  # the source record joined an existing customer, and why
     merges: list[tuple[str, Link]] = field(default_factory=list)  # (absorbed customer, why)
+    suggestions: list[Suggestion] = field(default_factory=list)
+    ignored: list[tuple[str, str, int, int]] = field(default_factory=list)  # guardrail: kind, value, count, limit
+    vetoed: list[str] = field(default_factory=list)  # customers a do-not-link pair kept apart
+
+
+@dataclass(slots=True)
+class SplitDecision:
+    customer_id: str
+    new_customer_id: str
+    source_keys: list[str]
 
 
 class Matcher(Protocol):
-    def match(self, record: Accepted, index: IdentityIndex) -> tuple[str, Link] | None: ...
+    def compare(self, f: Features) -> list: ...
+
+    def evidence(self, scored: Any) -> dict: ...
 
 
 def source_key(business_unit: str, source_id: str) -> str:
@@ -52,35 +91,51 @@ def new_customer_id(business_unit: str, source_id: str) -> str:
     return uuid.uuid5(NAMESPACE, source_key(business_unit, source_id)).hex
 
 
+def review_id(a: str, b: str) -> str:
+    """A short stable name for a pair of source records, whichever way round."""
+    return hashlib.blake2b("|".join(sorted((a, b))).encode(), digest_size=6).hexdigest()
+
+
 class Resolver:
-    def __init__(self, index: IdentityIndex, matcher: Matcher | None = None):
+    def __init__(self, index: IdentityIndex, matcher: Matcher | None = None,
+                 blocks: BlockingIndex | None = None, guardrails: Guardrails | None = None,
+                 cannot_link: CannotLink | None = None):
         self.index = index
         self.matcher = matcher
+        self.blocks = blocks if blocks is not None else BlockingIndex()
+        self.guardrails = guardrails if guardrails is not None else Guardrails(records=self.blocks.records.values())
+        self.cannot_link = cannot_link if cannot_link is not None else CannotLink()
 
-    def candidates(self, record: Accepted) -> dict[str, Link]:
-        """Every existing customer a deterministic rule points at, strongest rule first."""
-        found: dict[str, Link] = {}
-        src = source_key(record.business_unit, record.source_id)
-        owner = self.index.find("source", src)
-        if owner is not None:
-            found[owner] = Link("same_source_record", {"source": src})
-        for kind in IDENTIFIER_RULES:
-            value = record.identifiers.get(kind)
-            if value is None:
-                continue
-            customer = self.index.find(kind, value)
-            if customer is not None and customer not in found:
-                found[customer] = Link(f"shared_{kind}", {kind: value})
-        return found
+    def cluster_of(self, src: str) -> str | None:
+        return self.index.find("source", src)
 
     def resolve(self, record: Accepted) -> Decision:
         index = self.index
         src = source_key(record.business_unit, record.source_id)
-        found = self.candidates(record)
-        if not found and self.matcher is not None:
-            matched = self.matcher.match(record, index)
-            if matched is not None:
-                found[matched[0]] = matched[1]
+        owner = index.find("source", src)
+        f = None
+        if owner is None:
+            f = features(record.profile, record.identifiers)
+            self.guardrails.count(f)
+        found: dict[str, Link] = {}
+        if owner is not None:
+            found[owner] = Link("same_source_record", {"source": src})
+        ignored = self.guardrails.over_limit(record.identifiers) if f is not None else []
+        allows = self.guardrails.allows
+        for kind in IDENTIFIER_RULES:
+            value = record.identifiers.get(kind)
+            if value is None or not allows(kind, value):
+                continue
+            customer = index.find(kind, value)
+            if customer is not None and customer not in found:
+                found[customer] = Link(f"shared_{kind}", {kind: value})
+        suggestions: list[Suggestion] = []
+        if f is not None and self.matcher is not None:
+            found, suggestions = self._match(src, self.guardrails.screen(f), found)
+        vetoed: list[str] = []
+        if self.cannot_link.pairs:
+            kept, vetoed = self.cannot_link.compatible([owner if owner else src], list(found), self._cluster_or_self(src))
+            found = {c: found[c] for c in kept}
         if not found:
             customer = new_customer_id(record.business_unit, record.source_id)
             decision = Decision(customer_id=customer, registered=True)
@@ -94,7 +149,115 @@ class Resolver:
             if why.rule != "same_source_record":
                 decision.link = why
                 index.assign("source", src, customer)
+        decision.suggestions = [s for s in suggestions if self.cluster_of(s.other_source_key) != customer]
+        decision.ignored = ignored
+        decision.vetoed = vetoed
         for kind, value in record.identifiers.items():
             if index.find(kind, value) is None:
                 index.assign(kind, value, customer)
+        if f is not None:
+            self.blocks.add(src, f)
         return decision
+
+    def _match(self, src: str, f: Features, found: dict[str, Link]) -> tuple[dict[str, Link], list[Suggestion]]:
+        matcher, threshold = self.matcher, self.matcher.match_threshold
+        suggestions: dict[str, Suggestion] = {}
+        for scored in matcher.compare(f):
+            customer = self.cluster_of(scored.source_key)
+            if customer is None:
+                continue
+            if scored.probability >= threshold:
+                if customer not in found:
+                    found[customer] = Link("probabilistic", matcher.evidence(scored))
+            elif customer not in found and customer not in suggestions:
+                suggestions[customer] = Suggestion(src, scored.source_key, scored.probability,
+                                                   matcher.evidence(scored))
+        return found, [s for c, s in suggestions.items() if c not in found]
+
+    def _cluster_or_self(self, src: str):
+        def cluster(key: str) -> str:
+            return self.cluster_of(key) or key
+        return cluster
+
+    # -- people's decisions ------------------------------------------------------------------
+
+    def members(self, customer_id: str) -> list[str]:
+        """Source keys that resolve to the customer today."""
+        survivor = self.index.survivor(customer_id)
+        return sorted(src for src in self.index.keys_of_kind("source") if self.cluster_of(src) == survivor)
+
+    def split(self, customer_id: str, sources: list[str] | None = None) -> list[SplitDecision]:
+        """Moves `sources` (all but the first record, when None) out of the customer — together
+        into one new customer, or each into its own — and remembers that they must not rejoin."""
+        customer = self.index.survivor(customer_id)
+        members = self.members(customer)
+        if not members:
+            raise ValueError(f"no customer {customer_id}")
+        if sources:
+            stray = sorted(set(sources) - set(members))
+            if stray:
+                raise ValueError(f"{', '.join(stray)} is not a source record of customer {customer}")
+            if set(sources) == set(members):
+                raise ValueError("cannot split every source record off: leave at least one")
+            groups = [sorted(set(sources))]
+        else:
+            if len(members) < 2:
+                raise ValueError(f"customer {customer} has only one source record: nothing to split")
+            groups = [[m] for m in members[1:]]
+        remaining = [m for m in members if not any(m in g for g in groups)]
+        decisions = []
+        for group in groups:
+            new_id, n = "", 0
+            while not new_id or self.index.is_merged(new_id):  # a fresh id, even for a split made twice
+                new_id = uuid.uuid5(NAMESPACE, f"split:{customer}:{','.join(group)}:{n}").hex
+                n += 1
+            for src in group:
+                self.index.assign("source", src, new_id)
+            self._move_identifiers(customer, new_id, group, remaining)
+            decisions.append(SplitDecision(customer, new_id, group))
+        for i, group in enumerate(groups):
+            for src in group:
+                for other in remaining + [o for g in groups[i + 1:] for o in g]:
+                    self.cannot_link.add(src, other)
+        return decisions
+
+    def _move_identifiers(self, customer: str, new_id: str, moved: list[str], remaining: list[str]) -> None:
+        records = self.blocks.records
+        kept = {(kind, getattr(records[s], kind)) for s in remaining if s in records for kind in
+                ("email", "phone", "national_id", "loyalty_id")}
+        for src in moved:
+            f = records.get(src)
+            for kind in ("email", "phone", "national_id", "loyalty_id"):
+                value = getattr(f, kind) if f else None
+                if value is not None and (kind, value) not in kept and self.index.find(kind, value) == customer:
+                    self.index.assign(kind, value, new_id)
+
+    def confirm(self, a: str, b: str) -> tuple[str, str | None, Link]:
+        """A person says records a and b are one person: (survivor, absorbed or None, why)."""
+        self.cannot_link.remove(a, b)
+        ca, cb = self._known(a), self._known(b)
+        link = Link("review_confirmed", {"pair": [a, b], "review_id": review_id(a, b)})
+        if ca == cb:
+            return ca, None, link
+        kept, _ = self.cannot_link.compatible([ca], [cb], self._cluster_or_self(a))
+        if not kept:
+            raise ValueError("a remembered split keeps these customers apart: split decisions win over confirmations")
+        self.index.redirect(cb, ca)
+        return ca, cb, link
+
+    def reject(self, a: str, b: str) -> tuple[str, str]:
+        """A person says records a and b are different people: remembered from now on."""
+        ca, cb = self._known(a), self._known(b)
+        if ca == cb:
+            raise ValueError(f"{a} and {b} are already one customer ({ca}): use `cdp identity split`")
+        self.cannot_link.add(a, b)
+        return ca, cb
+
+    def _known(self, src: str) -> str:
+        customer = self.cluster_of(src)
+        if customer is None:
+            raise ValueError(f"unknown source record {src}")
+        return customer
+
+    def take_writes(self) -> list[tuple[str, list[tuple]]]:
+        return [*self.index.take_writes(), *self.blocks.take_writes(), *self.cannot_link.take_writes()]

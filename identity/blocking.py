@@ -1,0 +1,115 @@
+"""Blocking: which earlier records a new record is compared with.
+
+Each record gets a few *blocking keys*, each specific enough that a block stays small however large
+the customer base grows (names are phonetic codes combined with a birth year or a postcode; dates
+of birth with a postcode or a surname code). A candidate is any earlier record sharing at least one
+key. Blocks larger than a limit are cut off (only their first records are compared), so the cost
+per record stays flat.
+
+The blocks live in memory beside each record's `Features`; the features are persisted as rows of
+`identity_records`, written in the events' transaction, and the blocks are rebuilt from them at
+start.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+from identity.features import Features
+
+TABLES = ("CREATE TABLE IF NOT EXISTS identity_records (source_key TEXT PRIMARY KEY, features TEXT NOT NULL)",)
+SELECT_RECORDS = "SELECT source_key, features FROM identity_records"
+UPSERT_RECORD = (
+    "INSERT INTO identity_records (source_key, features) VALUES (?, ?) "
+    "ON CONFLICT (source_key) DO UPDATE SET features = excluded.features"
+)
+
+_CODES = {c: d for d, letters in enumerate(("aeiouyhw", "bfpv", "cgjkqsxz", "dt", "l", "mn", "r")) for c in letters}
+
+
+@lru_cache(maxsize=65536)
+def soundex(name: str) -> str:
+    """American Soundex of a folded name (letter + three digits); '' when it has no letters."""
+    letters = [c for c in name if "a" <= c <= "z"]
+    if not letters:
+        return ""
+    out, last = [letters[0]], _CODES.get(letters[0], 0)
+    for c in letters[1:]:
+        code = _CODES.get(c, 0)
+        if code and code != last:
+            out.append(str(code))
+        if c not in "hw":
+            last = code
+    return ("".join(out) + "000")[:4]
+
+
+def _dob_key(dob: str) -> str:
+    """Year plus day and month in either order, so a day/month swap lands in the same block."""
+    a, b = dob[5:7], dob[8:10]
+    return dob[:4] + (a + b if a <= b else b + a)
+
+
+def blocking_keys(f: Features) -> list[str]:
+    keys = []
+    first, last = soundex(f.first or ""), soundex(f.last or "")
+    names = "".join(sorted((first, last))) if first and last else ""
+    if names and f.dob:
+        keys.append(f"ny:{names}{f.dob[:4]}")
+    if names and f.postcode:
+        keys.append(f"np:{names}{f.postcode}")
+    if f.dob:
+        dob = _dob_key(f.dob)
+        if f.postcode:
+            keys.append(f"dp:{dob}{f.postcode}")
+        for code in {first, last} - {""}:
+            keys.append(f"dn:{dob}{code}")
+    if f.phone:
+        keys.append(f"ph:{f.phone}")
+    if f.national_id:
+        keys.append(f"ni:{f.national_id}")
+    return keys
+
+
+class BlockingIndex:
+    """Every record's features and the blocks that find them again."""
+
+    def __init__(self, rows: Iterable[tuple[str, str]] = (), max_block: int = 50):
+        self.max_block = max_block
+        self.records: dict[str, Features] = {}
+        self.blocks: dict[str, list[str]] = {}
+        self._dirty: dict[str, Features] = {}
+        for source_key, text in rows:
+            self._add(source_key, Features.from_json(json.loads(text)))
+
+    def _add(self, source_key: str, f: Features) -> None:
+        self.records[source_key] = f
+        blocks = self.blocks
+        for key in blocking_keys(f):
+            block = blocks.get(key)
+            if block is None:
+                blocks[key] = [source_key]
+            elif len(block) < self.max_block:
+                block.append(source_key)
+
+    def add(self, source_key: str, f: Features) -> None:
+        self._add(source_key, f)
+        self._dirty[source_key] = f
+
+    def candidates(self, f: Features) -> Iterator[str]:
+        """Earlier records sharing a blocking key with `f`, each once."""
+        seen: set[str] = set()
+        blocks = self.blocks
+        for key in blocking_keys(f):
+            for source_key in blocks.get(key, ()):
+                if source_key not in seen:
+                    seen.add(source_key)
+                    yield source_key
+
+    def take_writes(self) -> list[tuple[str, list[tuple]]]:
+        rows = [(k, json.dumps(f.to_json(), separators=(",", ":"))) for k, f in self._dirty.items()]
+        self._dirty = {}
+        return [(UPSERT_RECORD, rows)]
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,0 +1,51 @@
+"""Guardrails: an identifier value carried by too many source records stops acting as evidence.
+
+A family phone, a shop's e-mail address, `test@example.com`: values like these would otherwise
+join unrelated people. Each identifier kind has a limit (CDP_IDENTIFIER_LIMITS); once more source
+records than that carry a value, the value no longer links records — neither as a deterministic
+key nor as a field in probabilistic scoring — and every further record carrying it gets an
+explanation saying so. Links made before the limit was reached stay; `cdp identity split` undoes
+them if they were wrong.
+
+The counts are derived from the persisted features of each record (identity_records), so they
+need no table of their own.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Mapping
+
+from identity.features import Features
+
+KINDS = ("email", "phone", "national_id", "loyalty_id")
+DEFAULT_LIMITS = {"email": 8, "phone": 8, "national_id": 4, "loyalty_id": 4}
+
+
+class Guardrails:
+    def __init__(self, limits: Mapping[str, int] | None = None, records: Iterable[Features] = ()):
+        self.limits = {**DEFAULT_LIMITS, **(limits or {})}
+        self.counts: Counter = Counter()
+        for f in records:
+            self.count(f)
+
+    def count(self, f: Features) -> None:
+        """Counts a new source record's identifier values."""
+        for kind in KINDS:
+            value = getattr(f, kind)
+            if value is not None:
+                self.counts[(kind, value)] += 1
+
+    def allows(self, kind: str, value: str) -> bool:
+        return self.counts[(kind, value)] <= self.limits[kind]
+
+    def over_limit(self, identifiers: Mapping[str, str]) -> list[tuple[str, str, int, int]]:
+        """(kind, value, records carrying it, limit) for every value of `identifiers` over its limit."""
+        return [(kind, value, self.counts[(kind, value)], self.limits[kind])
+                for kind, value in identifiers.items()
+                if kind in self.limits and not self.allows(kind, value)]
+
+    def screen(self, f: Features) -> Features:
+        """`f` without the values that are over their limit, for scoring."""
+        blanked = {kind: None for kind in KINDS if getattr(f, kind) is not None
+                   and not self.allows(kind, getattr(f, kind))}
+        return f._replace(**blanked) if blanked else f

@@ -1,0 +1,52 @@
+"""Probabilistic matching: a new record against the earlier records its blocking keys find.
+
+Every candidate pair is compared (identity/comparisons.py) and weighed (identity/model.py). The
+matcher answers with *every* record at or above the match threshold — the resolver merges all
+their customers, so clusters are the transitive closure of the match pairs and do not depend on
+arrival order — and every record between the review and match thresholds, for the review queue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from identity.blocking import BlockingIndex
+from identity.comparisons import vector
+from identity.features import Features
+from identity.model import Model
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    source_key: str
+    probability: float
+    weight: float
+    vector: tuple[int | None, ...]
+
+
+class ProbabilisticMatcher:
+    def __init__(self, model: Model, blocks: BlockingIndex, match_threshold: float = 0.95,
+                 review_threshold: float = 0.5):
+        if not 0 < review_threshold <= match_threshold < 1:
+            raise ValueError("thresholds must satisfy 0 < review <= match < 1")
+        self.model = model
+        self.blocks = blocks
+        self.match_threshold = match_threshold
+        self.review_threshold = review_threshold
+
+    def compare(self, f: Features) -> list[Scored]:
+        """Candidates scoring at least the review threshold, best first."""
+        model, records = self.model, self.blocks.records
+        probability = model.probability
+        out = []
+        for source_key in self.blocks.candidates(f):
+            vec = vector(f, records[source_key])
+            weight = model.weight(vec)
+            p = probability(weight)
+            if p >= self.review_threshold:
+                out.append(Scored(source_key, p, weight, vec))
+        out.sort(key=lambda s: (-s.weight, s.source_key))
+        return out
+
+    def evidence(self, scored: Scored) -> dict:
+        return {"matched": scored.source_key, "probability": round(scored.probability, 4),
+                "weight": round(scored.weight, 2), "fields": self.model.evidence(scored.vector)}

@@ -1,0 +1,71 @@
+"""The Fellegi–Sunter model: per comparison level, m (how often true matches land there) and u
+(how often non-matches do); the match weight of a level is log2(m/u), and a pair's match
+probability comes from the prior λ plus the weights of its levels.
+
+A model is data, not code: it is estimated from the records themselves by identity/training.py,
+stored as JSON (in the event store's `identity_model` table, so a run can be reproduced), and the
+package ships one estimated on the project's generator as the starting point before any training.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from identity.comparisons import COMPARISONS, Comparison
+
+DEFAULT_MODEL = Path(__file__).with_name("default_model.json")
+TABLES = ("CREATE TABLE IF NOT EXISTS identity_model (version INTEGER PRIMARY KEY, model TEXT NOT NULL)",)
+SELECT_LATEST = "SELECT model FROM identity_model ORDER BY version DESC LIMIT 1"
+INSERT_MODEL = "INSERT INTO identity_model (version, model) VALUES (?, ?)"
+
+
+@dataclass
+class Model:
+    prior: float                          # λ: share of blocked candidate pairs that are matches
+    m: dict[str, list[float]]             # comparison name -> m per level
+    u: dict[str, list[float]]             # comparison name -> u per level
+    trained_on: dict[str, Any]            # what it was estimated from (pairs, records, seed)
+
+    def __post_init__(self) -> None:
+        self.names = [c.name for c in COMPARISONS]
+        self.weights = [[math.log2(m / u) for m, u in zip(self.m[n], self.u[n])] for n in self.names]
+        self.prior_weight = math.log2(self.prior / (1 - self.prior))
+
+    def weight(self, vector: tuple[int | None, ...]) -> float:
+        total = self.prior_weight
+        for weights, level in zip(self.weights, vector):
+            if level is not None:
+                total += weights[level]
+        return total
+
+    @staticmethod
+    def probability(weight: float) -> float:
+        return 1.0 / (1.0 + 2.0 ** -weight)
+
+    def evidence(self, vector: tuple[int | None, ...], comparisons: tuple[Comparison, ...] = COMPARISONS) -> dict:
+        """Field by field: the level each comparison reached and the weight it added."""
+        fields = {}
+        for comparison, weights, level in zip(comparisons, self.weights, vector):
+            if level is not None:
+                fields[comparison.name] = {"level": comparison.levels[level].label,
+                                           "weight": round(weights[level], 2)}
+        return fields
+
+    def to_json(self) -> str:
+        return json.dumps({"prior": self.prior, "m": self.m, "u": self.u, "trained_on": self.trained_on},
+                          indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Model":
+        raw = json.loads(text)
+        return cls(prior=raw["prior"], m=raw["m"], u=raw["u"], trained_on=raw.get("trained_on", {}))
+
+
+def load(store_rows: list[tuple]) -> Model:
+    """The latest trained model in the store, else the shipped default."""
+    if store_rows:
+        return Model.from_json(store_rows[0][0])
+    return Model.from_json(DEFAULT_MODEL.read_text(encoding="utf-8"))
