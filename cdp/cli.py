@@ -236,6 +236,9 @@ def projections_rebuild() -> None:
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
 
 
+cli.add_command(__import__("cdp.identity_cli", fromlist=["identity"]).identity)  # `cdp identity …`
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cdp", standalone_mode=False)

@@ -42,6 +42,43 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not 0 < value < 1:
+        raise ConfigError(f"{name}: must be a probability between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _pairs(env: dict[str, str], name: str, example: str) -> dict[str, str]:
+    """'key=value,key=value' as a dict; an empty or unset variable is {}."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in env.get(name, "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{name}: expected key=value pairs like {example!r}, got {part!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
+
+
+def _limits(env: dict[str, str]) -> dict[str, int]:
+    name = "CDP_IDENTIFIER_LIMITS"
+    limits = {}
+    for kind, raw in _pairs(env, name, "email=8,phone=8").items():
+        if kind not in IDENTIFIER_KINDS:
+            raise ConfigError(f"{name}: unknown identifier kind {kind!r} (one of {', '.join(IDENTIFIER_KINDS)})")
+        limits[kind] = _int({name: raw}, name, 1)
+    return limits
+
+
 def _as_of(env: dict[str, str]) -> date:
     raw = env.get("CDP_AS_OF")
     if not raw:
@@ -50,6 +87,25 @@ def _as_of(env: dict[str, str]) -> date:
         return date.fromisoformat(raw)
     except ValueError:
         raise ConfigError(f"CDP_AS_OF: expected YYYY-MM-DD, got {raw!r}") from None
+
+
+def _identity(env: dict[str, str]) -> dict:
+    matching = (env.get("CDP_MATCHING") or "probabilistic").strip().lower()
+    if matching not in ("probabilistic", "deterministic"):
+        raise ConfigError(f"CDP_MATCHING: expected probabilistic or deterministic, got {matching!r}")
+    match = _float(env, "CDP_MATCH_THRESHOLD", 0.95)
+    review = _float(env, "CDP_REVIEW_THRESHOLD", 0.5)
+    if review > match:
+        raise ConfigError(f"CDP_REVIEW_THRESHOLD ({review}) must not exceed CDP_MATCH_THRESHOLD ({match})")
+    from projections.survivorship import parse_rules
+
+    try:
+        survivorship = parse_rules(_pairs(env, "CDP_SURVIVORSHIP", "email=most_frequent,phone=trusted:bank>retail"))
+    except ValueError as error:
+        raise ConfigError(f"CDP_SURVIVORSHIP: {error}") from None
+    return {"matching": matching, "match_threshold": match, "review_threshold": review,
+            "identifier_limits": _limits(env), "max_block": _int(env, "CDP_MAX_BLOCK", 50),
+            "survivorship": survivorship}
 
 
 @dataclass(frozen=True)
@@ -64,6 +120,13 @@ class Settings:
     projection_batch: int = 50000
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
+    # identity resolution (README: "Identity resolution")
+    matching: str = "probabilistic"          # CDP_MATCHING: probabilistic | deterministic
+    match_threshold: float = 0.95            # CDP_MATCH_THRESHOLD: match probability that links
+    review_threshold: float = 0.5            # CDP_REVIEW_THRESHOLD: from here up to the match threshold: review
+    identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
+    max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
+    survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -87,6 +150,7 @@ class Settings:
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
+            **_identity(env),
         )
 
     def phone_region(self, business_unit: str) -> str:

@@ -7,6 +7,11 @@ Every fact is an explicit event on the customer it concerns:
 * `EventRecorded`  — an accepted channel event (purchase, call, e-mail …) with what the unit said of the person;
 * `Merged` / `Absorbed` — two customers turned out to be one person; the absorbed id keeps resolving
   to the survivor.
+* `Split` / `SplitOff` — a wrong merge undone: source records (and their events) leave this customer
+  for a new one, and the resolver remembers they must not be linked again.
+* `MatchSuggested` — a grey-zone pair (between the review and match thresholds) for people to judge;
+  `MatchConfirmed` / `MatchRejected` — their verdict, honoured from then on.
+* `IdentifierIgnored` — a record carried an identifier over its guardrail limit, so it did not link.
 
 Ids inside events are hex strings, not UUID objects, so events serialise without custom types.
 """
@@ -17,7 +22,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 
-class Customer(Aggregate):
+class Customer(Aggregate, created_event_name="Registered"):
     """A real person as the group knows them, across business units."""
 
     class Registered(Aggregate.Created):
@@ -61,8 +66,57 @@ class Customer(Aggregate):
         def apply(self, customer: "Customer") -> None:
             customer.merged_into = self.survivor_id
 
+    class Split(Aggregate.Event):
+        new_customer_id: str
+        sources: list[list[str]]  # [business_unit, source_id] moved to the new customer
+        reason: str
+
+        def apply(self, customer: "Customer") -> None:
+            moved = {tuple(s) for s in self.sources}
+            customer.sources = [s for s in customer.sources if s not in moved]
+
+    class SplitOff(Aggregate.Created):
+        """The new customer a split creates; business_unit/source_id name its first record."""
+
+        business_unit: str
+        source_id: str
+        split_from: str
+        sources: list[list[str]]
+
+        def apply(self, customer: "Customer") -> None:
+            customer.sources = [tuple(s) for s in self.sources]
+            customer.split_from = self.split_from
+
+    class MatchSuggested(Aggregate.Event):
+        review_id: str
+        business_unit: str
+        source_id: str
+        other_business_unit: str
+        other_source_id: str
+        probability: float
+        evidence: dict[str, Any]
+
+    class MatchConfirmed(Aggregate.Event):
+        review_id: str
+        business_unit: str
+        source_id: str
+        other_business_unit: str
+        other_source_id: str
+
+    class MatchRejected(MatchConfirmed):
+        pass
+
+    class IdentifierIgnored(Aggregate.Event):
+        business_unit: str
+        source_id: str
+        kind: str
+        value: str
+        records: int
+        limit: int
+
     def __init__(self, business_unit: str, source_id: str):
         self.sources: list[tuple[str, str]] = [(business_unit, source_id)]
+        self.split_from: str | None = None
         self.events = 0
         self.profile: dict[str, Any] = {}
         self.absorbed: list[str] = []

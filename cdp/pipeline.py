@@ -15,7 +15,12 @@ from typing import Callable, Iterable, Iterator
 from cdp.config import Settings
 from cdp.domain import Customer
 from cdp.store import Batch, EventStore
-from identity.index import SELECT_KEYS, SELECT_REDIRECTS, TABLES as IDENTITY_TABLES, IdentityIndex
+from identity import blocking, constraints, index as identity_index, model as identity_model
+from identity.blocking import BlockingIndex
+from identity.constraints import CannotLink
+from identity.guardrails import Guardrails
+from identity.index import IdentityIndex
+from identity.matching import ProbabilisticMatcher
 from identity.resolver import Decision, Resolver
 from ingest.deadletter import DeadLetterFile
 from ingest.records import Accepted, Rejected
@@ -34,6 +39,7 @@ class Summary:
     new_customers: int = 0
     linked_sources: int = 0
     merges: int = 0
+    suggestions: int = 0  # grey-zone pairs queued for review
     stored_events: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -45,6 +51,27 @@ class Summary:
     def add_rejection(self, kind: str) -> None:
         self.rejected += 1
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+
+IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'business_unit:source_id' -> (business_unit, source_id); units never contain ':'."""
+    unit, _, source_id = key.partition(":")
+    return unit, source_id
+
+
+def load_resolver(store: EventStore, settings: Settings) -> Resolver:
+    """The resolver with its state as the store last committed it."""
+    index = IdentityIndex(store.query(identity_index.SELECT_KEYS), store.query(identity_index.SELECT_REDIRECTS))
+    blocks = BlockingIndex(store.query(blocking.SELECT_RECORDS), settings.max_block)
+    matcher = None
+    if settings.matching == "probabilistic":
+        model = identity_model.load(store.query(identity_model.SELECT_LATEST))
+        matcher = ProbabilisticMatcher(model, blocks, settings.match_threshold, settings.review_threshold)
+    return Resolver(index, matcher, blocks, Guardrails(settings.identifier_limits, blocks.records.values()),
+                    CannotLink(store.query(constraints.SELECT_PAIRS)))
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -59,8 +86,8 @@ class Pipeline:
         self.validator = EventValidator(settings.schemas_dir)
         self.ingestor = Ingestor(self.validator, settings.phone_region, settings.max_event_bytes)
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
-        self.index = IdentityIndex(self.store.query(SELECT_KEYS), self.store.query(SELECT_REDIRECTS))
-        self.resolver = Resolver(self.index)
+        self.resolver = load_resolver(self.store, settings)
+        self.index = self.resolver.index
         self.projector = Projector(settings.duckdb_path) if project else None
         self.deadletter = DeadLetterFile(settings.deadletter_path)
 
@@ -80,7 +107,7 @@ class Pipeline:
                 else:
                     self.record(batch, record, self.resolver.resolve(record), summary)
                     self.store.mark_seen(batch, record.key)
-            batch.writes.extend(self.index.take_writes())
+            batch.writes.extend(self.resolver.take_writes())
             self.deadletter.flush()
             self.store.commit(batch)
             summary.stored_events += len(batch)
@@ -112,6 +139,16 @@ class Pipeline:
             store.append(batch, Customer.SourceLinked, customer, business_unit=record.business_unit,
                          source_id=record.source_id, rule=decision.link.rule, evidence=decision.link.evidence)
             summary.linked_sources += 1
+        for suggestion in decision.suggestions:
+            unit, source_id = split_key(suggestion.other_source_key)
+            store.append(batch, Customer.MatchSuggested, customer, review_id=suggestion.review_id,
+                         business_unit=record.business_unit, source_id=record.source_id,
+                         other_business_unit=unit, other_source_id=source_id,
+                         probability=suggestion.probability, evidence=suggestion.evidence)
+            summary.suggestions += 1
+        for kind, value, records, limit in decision.ignored:
+            store.append(batch, Customer.IdentifierIgnored, customer, business_unit=record.business_unit,
+                         source_id=record.source_id, kind=kind, value=value, records=records, limit=limit)
         store.append(batch, Customer.EventRecorded, customer,
                      event_id=record.event_id, event_source=record.source, event_type=record.type,
                      time=record.time, business_unit=record.business_unit, source_id=record.source_id,

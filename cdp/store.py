@@ -150,7 +150,9 @@ class EventStore:
         self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
         self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
         self._topics = {cls: get_topic(cls) for cls in (
-            Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed)}
+            Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed,
+            Customer.Split, Customer.SplitOff, Customer.MatchSuggested, Customer.MatchConfirmed,
+            Customer.MatchRejected, Customer.IdentifierIgnored)}
         self._customer_topic = get_topic(Customer)
         self._stamp: dict[str, str] = {}
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
@@ -169,6 +171,13 @@ class EventStore:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         return [tuple(row.values()) if isinstance(row, dict) else tuple(row) for row in rows]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One write outside a batch, in its own transaction (a trained model, say)."""
+        if self.is_postgres:
+            sql = sql.replace("?", "%s")
+        with self.recorder.datastore.transaction(commit=True) as cursor:
+            cursor.execute(sql, params)
 
     def notifications(self, after: int, limit: int) -> Sequence[Notification]:
         return self.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)

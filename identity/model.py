@@ -54,6 +54,10 @@ class Model:
                                            "weight": round(weights[level], 2)}
         return fields
 
+    def describe(self) -> list[tuple[str, tuple[str, ...], list[float]]]:
+        """(comparison, level labels, weights) for people to read."""
+        return [(c.name, c.labels, w) for c, w in zip(COMPARISONS, self.weights)]
+
     def to_json(self) -> str:
         return json.dumps({"prior": self.prior, "m": self.m, "u": self.u, "trained_on": self.trained_on},
                           indent=1, sort_keys=True)

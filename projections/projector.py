@@ -16,6 +16,7 @@ import pyarrow as pa
 from eventsourcing.utils import get_topic
 
 from cdp.domain import Customer
+from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
 
 NAME = "unified_view"
@@ -23,6 +24,8 @@ TOPIC_EVENT = get_topic(Customer.EventRecorded)
 TOPIC_REGISTERED = get_topic(Customer.Registered)
 TOPIC_LINKED = get_topic(Customer.SourceLinked)
 TOPIC_MERGED = get_topic(Customer.Merged)
+TOPIC_SPLIT = get_topic(Customer.Split)
+TOPIC_SPLIT_OFF = get_topic(Customer.SplitOff)
 
 def _struct(columns: dict[str, str]) -> str:
     return "{" + ", ".join(f'"{name}": "{kind}"' for name, kind in columns.items()) + "}"
@@ -68,7 +71,8 @@ ORDER BY position
 """
 SELECT_TOUCHED = f"""
 SELECT DISTINCT customer_id FROM batch
-WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC_MERGED}')
+WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC_MERGED}', '{TOPIC_SPLIT}',
+                '{TOPIC_SPLIT_OFF}')
 """
 
 
@@ -90,12 +94,20 @@ def final_survivors(merges: Sequence[tuple]) -> dict[str, str]:
     return {absorbed: final(absorbed) for absorbed in direct}
 
 
+def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
+    """The batch cut after each Split, so a split applies after everything before it and before
+    anything after it (merges and splits do not commute)."""
+    cuts = [i + 1 for i, n in enumerate(notifications) if n[2] == TOPIC_SPLIT]
+    starts = [0, *cuts]
+    return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
+
+
 class Projector:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = connect(self.path)
-        for statement in DDL:
+        for statement in (*DDL, *IDENTITY_DDL):
             self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                          "(SELECT 1 FROM projection_state WHERE name = ?)", [NAME, NAME])
@@ -108,30 +120,43 @@ class Projector:
         """Projects one batch of (position, customer_id, topic, state) rows; returns how many."""
         if not notifications:
             return 0
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("CREATE OR REPLACE TEMP TABLE touched (customer_id VARCHAR)")
+            for segment in segments(notifications):
+                self._apply_segment(segment, recompute)
+            if recompute:
+                for statement in recompute_customers_sql("touched"):
+                    con.execute(statement)
+            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [notifications[-1][0], NAME])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return len(notifications)
+
+    def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
         positions, customers, topics, states = zip(*notifications)
         con = self.con
         con.register("batch", pa.table({
             "position": pa.array(positions, pa.int64()), "customer_id": pa.array(customers, pa.string()),
             "topic": pa.array(topics, pa.string()), "state": pa.array(states, pa.binary())}))
-        con.execute("BEGIN TRANSACTION")
         try:
             con.execute(INSERT_EVENTS)
             con.execute(INSERT_SOURCES)
+            con.execute(INSERT_DECISIONS)
             absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall())
+            if topics[-1] == TOPIC_SPLIT:
+                con.execute(SPLIT_MOVES)
+                for statement in apply_splits_sql(recompute):
+                    con.execute(statement)
             if recompute:
-                con.execute("CREATE OR REPLACE TEMP TABLE touched AS " + SELECT_TOUCHED)
+                con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 if absorbed:
                     con.executemany("INSERT INTO touched VALUES (?)", [(a,) for a in absorbed])
-                for statement in recompute_customers_sql("touched"):
-                    con.execute(statement)
-            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [positions[-1], NAME])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         finally:
             con.unregister("batch")
-        return len(notifications)
 
     def _apply_merges(self, merges: list[tuple]) -> set[str]:
         if not merges:

@@ -7,6 +7,8 @@ built incrementally and the view rebuilt in one pass come out identical.
 """
 from __future__ import annotations
 
+from projections.survivorship import events_source, golden_columns, golden_sources_type, rules_from_env
+
 PROFILE_COLUMNS = (
     "email", "phone", "first_name", "last_name", "date_of_birth", "national_id", "loyalty_id",
     "street", "line2", "city", "postcode", "state", "country",
@@ -46,17 +48,14 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS customers (customer_id VARCHAR NOT NULL, "
     + ", ".join(f"{c} {'DATE' if c == 'date_of_birth' else 'VARCHAR'}" for c in PROFILE_COLUMNS)
     + ", business_units VARCHAR[], sources INTEGER, events BIGINT, orders BIGINT, lifetime_value DOUBLE, "
-    "first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ)",
+    "first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ, "
+    f"golden_sources {golden_sources_type(PROFILE_COLUMNS)})",
 )
 
-# Golden record: each field is the most recent non-empty value any source gave (ties: store order).
-_GOLDEN = ",\n  ".join(
-    f"arg_max(e.{c}, (e.time, e.position)) FILTER (WHERE e.{c} IS NOT NULL) AS {c}" for c in PROFILE_COLUMNS
-)
-
-CUSTOMERS_SELECT = f"""
+# Golden record: each field by its survivorship rule (projections/survivorship.py), with its source.
+CUSTOMERS_SELECT = """
 SELECT e.customer_id,
-  {_GOLDEN},
+  {golden},
   list_sort(list_distinct(list(e.business_unit))) AS business_units,
   count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
   count(*) AS events,
@@ -64,16 +63,19 @@ SELECT e.customer_id,
   coalesce(sum(e.amount) FILTER (WHERE e.type = 'cdp.purchase'), 0)::DOUBLE AS lifetime_value,
   min(e.time) AS first_seen,
   max(e.time) AS last_seen
-FROM customer_events e
+FROM {events} e
 """
 
 
 def recompute_customers_sql(scope: str | None) -> list[str]:
     """Statements that re-derive `customers`; `scope` names a table of touched customer_ids, None = all."""
+    rules = rules_from_env()
+    where = f"WHERE customer_id IN (SELECT customer_id FROM {scope})" if scope else ""
+    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), events=events_source(rules, where))
     if scope is None:
-        return ["DELETE FROM customers", f"INSERT INTO customers {CUSTOMERS_SELECT} GROUP BY e.customer_id"]
+        return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {select} GROUP BY e.customer_id"]
     return [
         f"DELETE FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})",
-        f"INSERT INTO customers {CUSTOMERS_SELECT} "
+        f"INSERT INTO customers BY NAME {select} "
         f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY e.customer_id",
     ]

@@ -1,0 +1,146 @@
+"""`cdp identity …`: explain a customer, work the review queue, split a wrong merge, train the model."""
+from __future__ import annotations
+
+import sys
+
+import click
+import orjson
+
+from cdp import console
+
+
+def _cli():
+    from cdp import cli  # the shared helpers (settings, open_view, UserError); imported late: cli imports us
+
+    return cli
+
+
+@click.group()
+def identity() -> None:
+    """Identity resolution: explanations, review queue, splits, model training."""
+
+
+@identity.command()
+@click.argument("customer_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def explain(customer_id: str, fmt: str) -> None:
+    """Every source record of a customer and the rule or field-by-field score behind each link."""
+    from projections.identity_views import describe_link, explain as explain_customer
+
+    cli = _cli()
+    con = cli.open_view(cli.settings())
+    picture = explain_customer(con, customer_id.replace("-", "").lower())
+    if picture is None:
+        raise cli.UserError(f"no customer {customer_id}")
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(picture, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    console.render_rows(["source record", "linked by"],
+                        [(s["record"], describe_link(s["linked_by"], s["evidence"])) for s in picture["sources"]],
+                        "table", title=f"customer {picture['customer_id']}: source records")
+    if picture["merges"]:
+        console.render_rows(["absorbed customer", "merged by"],
+                            [(m["absorbed_id"], describe_link(m["rule"], m["evidence"])) for m in picture["merges"]],
+                            "table", title="merges")
+    if picture["decisions"]:
+        console.render_rows(["decision", "record", "other record", "detail"],
+                            [(d["kind"], d["record"], d["other_record"] or "",
+                              describe_link(d["kind"], d["evidence"])) for d in picture["decisions"]],
+                            "table", title="decisions")
+
+
+@identity.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="Pairs to list.")
+@click.option("--confirm", "confirm_id", metavar="REVIEW_ID", help="Record that the pair is one person (merges them).")
+@click.option("--reject", "reject_id", metavar="REVIEW_ID", help="Record that the pair are different people.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) -> None:
+    """List grey-zone pairs (between the review and match thresholds), or confirm/reject one."""
+    from projections.identity_views import describe_link, review_pair, review_queue
+
+    cli = _cli()
+    cfg = cli.settings()
+    if confirm_id and reject_id:
+        raise click.UsageError("give --confirm or --reject, not both")
+    chosen = confirm_id or reject_id
+    con = cli.open_view(cfg)
+    if chosen is None:
+        rows = review_queue(con, limit)
+        con.close()
+        if fmt == "json":
+            sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        elif not rows:
+            console.out.print("the review queue is empty")
+        else:
+            console.render_rows(
+                ["review_id", "record", "other record", "probability", "evidence"],
+                [(r["review_id"], r["record"], r["other_record"], r["probability"],
+                  describe_link("score", orjson.loads(r["evidence"]) if r["evidence"] else None)) for r in rows],
+                "table", title=f"review queue (top {len(rows)})")
+        return
+    pair = review_pair(con, chosen)
+    con.close()
+    if pair is None:
+        raise cli.UserError(f"no review {chosen!r}: see `cdp identity review`")
+    from cdp.pipeline import Pipeline
+    from cdp.stewardship import decide
+
+    with Pipeline(cfg) as pipeline:
+        try:
+            customer = decide(pipeline, pair[0], pair[1], confirmed=confirm_id is not None)
+        except ValueError as error:
+            raise cli.UserError(str(error)) from None
+    verdict = "confirmed: merged into" if confirm_id else "rejected: kept apart, remembered for"
+    console.out.print(f"review {chosen} {verdict} customer {customer}")
+
+
+@identity.command()
+@click.argument("customer_id")
+@click.option("--source", "sources", multiple=True, metavar="UNIT:SOURCE_ID",
+              help="Source record(s) to move out together (repeatable). Default: every record apart.")
+@click.option("--reason", default="manual split", show_default=True, help="Why, for the record.")
+def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
+    """Undo a wrong merge; the split is remembered, so the same evidence will not merge them again."""
+    from cdp.pipeline import Pipeline
+    from cdp.stewardship import split as split_customer
+
+    cli = _cli()
+    for s in sources:
+        if ":" not in s:
+            raise click.BadParameter(f"expected UNIT:SOURCE_ID, got {s!r}", param_hint="--source")
+    with Pipeline(cli.settings()) as pipeline:
+        try:
+            decisions = split_customer(pipeline, customer_id.replace("-", "").lower(), list(sources) or None, reason)
+        except ValueError as error:
+            raise cli.UserError(str(error)) from None
+    for d in decisions:
+        console.out.print(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id} (from {d.customer_id})")
+
+
+@identity.command()
+@click.option("--seed", default=1, show_default=True, type=int, help="Sampling seed (same seed, same model).")
+def train(seed: int) -> None:
+    """Estimate the match model (Fellegi–Sunter m/u by EM) from the records in the store."""
+    from cdp.store import EventStore
+    from cdp.pipeline import IDENTITY_TABLES
+    from identity import blocking, model as identity_model
+    from identity.features import Features
+    from identity.training import train as train_model
+
+    cli = _cli()
+    store = EventStore(cli.settings(), side_tables=IDENTITY_TABLES)
+    try:
+        records = [Features.from_json(orjson.loads(text)) for _, text in store.query(blocking.SELECT_RECORDS)]
+        try:
+            trained = train_model(records, seed=seed)
+        except ValueError as error:
+            raise cli.UserError(str(error)) from None
+        version = (store.query("SELECT COALESCE(MAX(version), 0) FROM identity_model")[0][0] or 0) + 1
+        store.execute(identity_model.INSERT_MODEL, (version, trained.to_json()))
+    finally:
+        store.close()
+    console.out.print(f"model v{version} trained on {len(records):,} records "
+                      f"({trained.trained_on['blocked_pairs']:,} candidate pairs); used from the next ingest")
+    console.render_rows(["comparison", "level weights (log2 m/u)"],
+                        [(name, "  ".join(f"{label} {w:+.1f}" for label, w in zip(labels, weights)))
+                         for name, labels, weights in trained.describe()], "table", title="match weights")

@@ -1,0 +1,80 @@
+"""Read-side questions about identity: why a customer is who they are, and the review queue."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+
+from projections.queries import survivor
+
+OPEN_REVIEWS = """
+SELECT d.review_id, d.business_unit || ':' || d.source_id AS record, a.customer_id,
+       d.other_business_unit || ':' || d.other_source_id AS other_record, b.customer_id AS other_customer_id,
+       round(d.probability, 4) AS probability, d.evidence
+FROM identity_decisions d
+JOIN customer_sources a ON a.business_unit = d.business_unit AND a.source_id = d.source_id
+JOIN customer_sources b ON b.business_unit = d.other_business_unit AND b.source_id = d.other_source_id
+WHERE d.kind = 'suggested' AND a.customer_id <> b.customer_id
+  AND NOT EXISTS (SELECT 1 FROM identity_decisions v
+                  WHERE v.review_id = d.review_id AND v.kind IN ('confirmed', 'rejected') AND v.position > d.position)
+QUALIFY row_number() OVER (PARTITION BY d.review_id ORDER BY d.position DESC) = 1
+ORDER BY d.probability DESC, d.review_id
+"""
+
+
+def review_queue(con: duckdb.DuckDBPyConnection, limit: int) -> list[dict[str, Any]]:
+    cursor = con.execute(OPEN_REVIEWS + " LIMIT ?", [limit])
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def review_pair(con: duckdb.DuckDBPyConnection, review_id: str) -> tuple[str, str] | None:
+    rows = con.execute(
+        "SELECT business_unit || ':' || source_id, other_business_unit || ':' || other_source_id "
+        "FROM identity_decisions WHERE kind = 'suggested' AND review_id = ? LIMIT 1", [review_id]).fetchall()
+    return rows[0] if rows else None
+
+
+def explain(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, Any] | None:
+    """Every source record of the customer with the rule (or field-by-field score) that linked it,
+    every merge into it, and the decisions about its records (splits, reviews, guardrails)."""
+    customer_id = survivor(con, customer_id)
+    sources = con.execute(
+        "SELECT business_unit, source_id, linked_by, evidence FROM customer_sources WHERE customer_id = ? "
+        "ORDER BY position", [customer_id]).fetchall()
+    if not sources:
+        return None
+    merges = con.execute(
+        "SELECT absorbed_id, rule, evidence FROM customer_redirects WHERE survivor_id = ? ORDER BY position",
+        [customer_id]).fetchall()
+    decisions = con.execute(
+        "SELECT d.kind, d.business_unit || ':' || d.source_id, d.other_business_unit || ':' || d.other_source_id, "
+        "d.probability, d.evidence FROM identity_decisions d "
+        "WHERE d.customer_id = ? OR EXISTS (SELECT 1 FROM customer_sources s WHERE s.customer_id = ? "
+        "AND s.business_unit = d.business_unit AND s.source_id = d.source_id) ORDER BY d.position",
+        [customer_id, customer_id]).fetchall()
+
+    def parsed(text: str | None) -> Any:
+        return json.loads(text) if text else None
+
+    return {
+        "customer_id": customer_id,
+        "sources": [{"record": f"{u}:{s}", "linked_by": rule, "evidence": parsed(ev)} for u, s, rule, ev in sources],
+        "merges": [{"absorbed_id": a, "rule": rule, "evidence": parsed(ev)} for a, rule, ev in merges],
+        "decisions": [{"kind": k, "record": r, "other_record": o, "probability": p, "evidence": parsed(ev)}
+                      for k, r, o, p, ev in decisions],
+    }
+
+
+def describe_link(rule: str, evidence: Any) -> str:
+    """One line a person can read: the rule, or the score with the fields that decided it."""
+    if not isinstance(evidence, dict):
+        return rule
+    fields = evidence.get("fields")
+    if fields:
+        parts = ", ".join(f"{name} {f['level']} ({f['weight']:+.1f})"
+                          for name, f in sorted(fields.items(), key=lambda kv: -abs(kv[1]["weight"])))
+        return (f"{rule}: p={evidence.get('probability')} vs {evidence.get('matched')} — {parts}")
+    shown = ", ".join(f"{k}={v}" for k, v in evidence.items())
+    return f"{rule} ({shown})" if shown else rule
