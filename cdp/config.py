@@ -29,27 +29,25 @@ def _parse_regions(text: str) -> dict[str, str]:
     return regions
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _number(env: dict[str, str], name: str, default, convert, expected: str):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        return convert(raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected {expected}, got {raw!r}") from None
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default, int, "a whole number")
     if value <= 0:
         raise ConfigError(f"{name}: must be positive, got {value}")
     return value
 
 
 def _float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    value = _number(env, name, default, float, "a number")
     if not 0 < value < 1:
         raise ConfigError(f"{name}: must be a probability between 0 and 1 (exclusive), got {value}")
     return value
