@@ -143,7 +143,34 @@ def names_swapped(a: Features, b: Features) -> bool:
     return sim(a.first, b.last) + sim(a.last, b.first) > sim(a.first, b.first) + sim(a.last, b.last) + 0.1
 
 
+def oriented(a: Features, b: Features) -> tuple[Features, Features, bool]:
+    """(a, b, whether b's names are read swapped), the same whichever record came first: when names
+    are swapped it is always the later-sorting record whose names are turned round, so comparing
+    a with b and b with a gives the same levels (the clusters must not depend on arrival order)."""
+    if not names_swapped(a, b):
+        return a, b, False
+    if (a.first, a.last) > (b.first, b.last):
+        a, b = b, a
+    return a, b, True
+
+
 def vector(a: Features, b: Features, comparisons: tuple[Comparison, ...] = COMPARISONS) -> tuple[int | None, ...]:
     """The comparison vector of a pair: one level index (or None) per comparison."""
-    swapped = names_swapped(a, b)
+    a, b, swapped = oriented(a, b)
     return tuple(c.level(a, b, swapped) for c in comparisons)
+
+
+# A shared phone links two records on its own only when nothing says they are different people
+# (families share phones): first names and dates of birth may be missing or close, not different.
+# comparison -> the last level still acceptable (names: jaro_winkler>=0.8; dates: one edit).
+PHONE_COMPATIBLE = {"first_name": 2, "date_of_birth": 2}
+_BY_NAME = {c.name: c for c in COMPARISONS}
+
+
+def compatible(a: Features, b: Features, limits: dict[str, int] = PHONE_COMPATIBLE) -> bool:
+    a, b, swapped = oriented(a, b)
+    for name, worst in limits.items():
+        level = _BY_NAME[name].level(a, b, swapped)
+        if level is not None and level > worst:
+            return False
+    return True

@@ -5,6 +5,8 @@ The deterministic rules, strongest first:
 * the same `business_unit` + `source_id` is the same customer;
 * a normalised identifier shared across records (national id, email, loyalty id) links them —
   unless the value is carried by more records than its kind's guardrail allows;
+* a shared phone number links a new record to an earlier record carrying it only when their first
+  names and dates of birth do not disagree (families share phones; identity/comparisons.py);
 * a record whose evidence points at two or more customers proves they are one person: they are
   merged into one survivor, and the absorbed ids keep resolving to it.
 
@@ -12,7 +14,6 @@ Beside them, for a record whose source key is new, the `Matcher` (identity/match
 earlier records its blocking keys find: every one at or above the match threshold is a link too
 (so all their customers merge: clusters are the transitive closure of match pairs, whatever the
 arrival order), and those between the review and match thresholds become review suggestions.
-Phone numbers are scored, not keys: households share them.
 
 Remembered "do not link" pairs (from splits and rejected reviews) veto any link or merge they
 forbid. `split`, `confirm` and `reject` are the decisions people make; each returns what the
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from identity.blocking import BlockingIndex
+from identity.comparisons import compatible
 from identity.constraints import CannotLink
 from identity.features import Features, features
 from identity.guardrails import Guardrails
@@ -129,6 +131,9 @@ class Resolver:
             customer = index.find(kind, value)
             if customer is not None and customer not in found:
                 found[customer] = Link(f"shared_{kind}", {kind: value})
+        phone = record.identifiers.get("phone")
+        if f is not None and phone is not None and allows("phone", phone):
+            self._shared_phone(f, phone, found)
         suggestions: list[Suggestion] = []
         if f is not None and self.matcher is not None:
             found, suggestions = self._match(src, self.guardrails.screen(f), found)
@@ -158,6 +163,13 @@ class Resolver:
         if f is not None:
             self.blocks.add(src, f)
         return decision
+
+    def _shared_phone(self, f: Features, phone: str, found: dict[str, Link]) -> None:
+        records = self.blocks.records
+        for holder in self.blocks.blocks.get(f"ph:{phone}", ()):
+            customer = self.cluster_of(holder)
+            if customer is not None and customer not in found and compatible(f, records[holder]):
+                found[customer] = Link("shared_phone", {"phone": phone, "matched": holder})
 
     def _match(self, src: str, f: Features, found: dict[str, Link]) -> tuple[dict[str, Link], list[Suggestion]]:
         matcher, threshold = self.matcher, self.matcher.match_threshold

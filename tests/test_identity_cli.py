@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.events import event as cloud_event, write
+
 ANN = {"first_name": "Ann", "last_name": "Smith", "date_of_birth": "1980-03-04",
        "address": {"street": "12 Church Road", "city": "Leeds", "postcode": "LS1 4AB"}}
 
 
 def event(unit: str, source_id: str, time: str = "2025-01-01T10:00:00Z", etype: str = "cdp.identify",
           **customer) -> dict:
-    data = {"business_unit": unit, "customer": {"source_id": source_id, **customer}}
-    if etype == "cdp.purchase":
-        data.update(order_id=uuid.uuid4().hex[:8], amount=10.0, currency="GBP", items=[], channel="store")
-    return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": f"{unit}/crm", "type": etype, "time": time,
-            "subject": source_id, "datacontenttype": "application/json", "data": data}
+    """A new event (fresh id) of a source record; keyword arguments are the customer fields."""
+    return cloud_event(str(uuid.uuid4()), unit, source_id, etype, time, customer)
 
 
 class Cdp:
@@ -39,8 +38,7 @@ class Cdp:
     def ingest(self, *events: dict) -> None:
         self.files += 1
         path = self.home.parent / f"input-{self.home.name}-{self.files}.jsonl"
-        path.write_text("".join(json.dumps(e) + "\n" for e in events))
-        self("ingest", str(path))
+        self("ingest", str(write(path, events)))
 
     def query(self, sql: str) -> list[dict]:
         return json.loads(self("query", sql, "--format", "json").stdout)

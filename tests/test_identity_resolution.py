@@ -58,6 +58,23 @@ def test_names_compare_tolerantly_of_case_typos_and_swaps():
     assert label(a, swapped, "first_name") == "exact" and label(a, swapped, "last_name") == "exact"
 
 
+def test_comparing_is_symmetric_even_with_swapped_names():
+    owen = features(record("retail", "1", first="Owen", last="Shepherd").profile, {})
+    derek = features(record("retail", "2", first="Shepherd", last="Derek").profile, {})
+    assert vector(owen, derek) == vector(derek, owen)
+
+
+def test_a_shared_phone_links_only_records_that_do_not_disagree():
+    res = resolver()
+    ann = res.resolve(record("retail", "R1", dob=None, street=None, postcode=None, phone="+447700900001"))
+    bob = res.resolve(record("bank", "B1", first="Bob", dob=None, street=None, postcode=None, phone="+447700900001"))
+    bare = res.resolve(record("telecom", "T1", first=None, last=None, dob=None, street=None, postcode=None,
+                              phone="+447700900001", email="t1@example.org"))
+    assert bob.customer_id != ann.customer_id  # the first names disagree: a family phone, not a key
+    assert bare.link.rule == "shared_phone"  # nothing disagrees: the phone links (all its compatible holders)
+    assert res.cluster_of("retail:R1") == res.cluster_of("telecom:T1") == res.cluster_of("bank:B1")
+
+
 def test_dates_of_birth_tolerate_day_month_swap_and_one_digit_typo():
     a = record("retail", "1")
     assert label(a, record("bank", "1", dob="1980-04-03"), "date_of_birth") == "day_month_swapped"
