@@ -26,6 +26,7 @@ from typing import Iterator
 from cdp.config import Settings
 from cdp.demo import DemoSpec
 from cdp.demo.generator import iter_events
+from cdp.pipeline import make_ingestor
 from identity.blocking import BlockingIndex
 from identity.evaluation import pairwise_scores
 from identity.features import Features, features
@@ -35,8 +36,6 @@ from identity.model import Model
 from identity.resolver import Resolver
 from identity.training import train
 from ingest.records import Accepted
-from ingest.stage import Ingestor
-from ingest.validation import EventValidator
 
 THRESHOLD = 0.95
 
@@ -44,7 +43,7 @@ THRESHOLD = 0.95
 def records(people: int, seed: int, truth: dict | None = None) -> Iterator[Accepted]:
     """Each source record once, as ingest hands it on (its first event: the full profile)."""
     settings = Settings.from_env({})
-    ingestor = Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes)
+    ingestor = make_ingestor(settings)
     spec = DemoSpec(people=people, seed=seed, hard=True, events_per_record=1.01)
     seen: set[tuple[str, str]] = set()
     for event in iter_events(spec, valid_only=True, truth=truth):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
@@ -23,6 +24,7 @@ from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
 from identity.resolver import Decision, Resolver
 from ingest.deadletter import DeadLetterFile
+from ingest.parallel import ParseWorkers
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
@@ -81,11 +83,18 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+def make_ingestor(settings: Settings) -> Ingestor:
+    return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes)
+
+
 class Pipeline:
     def __init__(self, settings: Settings, project: bool = True):
         self.settings = settings
-        self.validator = EventValidator(settings.schemas_dir)
-        self.ingestor = Ingestor(self.validator, settings.phone_region, settings.max_event_bytes)
+        workers = None
+        if settings.parse_processes:
+            workers = partial(ParseWorkers, partial(make_ingestor, settings), settings.parse_processes)
+        self.ingestor = Ingestor(EventValidator(settings.schemas_dir), settings.phone_region,
+                                 settings.max_event_bytes, workers)
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
         self.resolver = load_resolver(self.store, settings)
         self.index = self.resolver.index
@@ -157,9 +166,12 @@ class Pipeline:
                      profile=record.profile, data=record.data)
 
     def ingest(self, paths: Iterable[str], mapping=None, progress: Callable[[int], None] | None = None) -> Summary:
+        paths = list(paths)
+        self.ingestor.prepare(paths)
         return self.process(self.ingestor.read(paths, mapping), progress)
 
     def close(self) -> None:
+        self.ingestor.close()
         self.deadletter.close()
         if self.projector is not None:
             self.projector.close()

@@ -9,6 +9,7 @@ import pytest
 from cdp.config import ConfigError, Settings
 from cdp.demo import DemoSpec
 from cdp.demo.generator import iter_events
+from cdp.pipeline import make_ingestor
 from identity.blocking import BlockingIndex
 from identity.comparisons import COMPARISONS, names_swapped, vector
 from identity.evaluation import pairwise_scores
@@ -20,8 +21,6 @@ from identity.model import Model, load
 from identity.resolver import Resolver
 from identity.training import train
 from ingest.records import Accepted
-from ingest.stage import Ingestor
-from ingest.validation import EventValidator
 
 LEVEL = {c.name: i for i, c in enumerate(COMPARISONS)}
 
@@ -185,7 +184,7 @@ def test_split_is_remembered_and_moves_identifiers():
 @pytest.fixture(scope="module")
 def hard_records():
     settings = Settings.from_env({})
-    ingestor = Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes)
+    ingestor = make_ingestor(settings)
     truth: dict = {}
     out, seen = [], set()
     for event in iter_events(DemoSpec(people=1500, seed=3, hard=True, events_per_record=1.01), valid_only=True,
