@@ -82,25 +82,25 @@ class BlockingIndex:
         for source_key, text in rows:
             self._add(source_key, Features.from_json(json.loads(text)))
 
-    def _add(self, source_key: str, f: Features) -> None:
+    def _add(self, source_key: str, f: Features, keys: list[str] | None = None) -> None:
         self.records[source_key] = f
         blocks = self.blocks
-        for key in blocking_keys(f):
+        for key in keys if keys is not None else blocking_keys(f):
             block = blocks.get(key)
             if block is None:
                 blocks[key] = [source_key]
             elif len(block) < self.max_block:
                 block.append(source_key)
 
-    def add(self, source_key: str, f: Features) -> None:
-        self._add(source_key, f)
+    def add(self, source_key: str, f: Features, keys: list[str] | None = None) -> None:
+        self._add(source_key, f, keys)
         self._dirty[source_key] = f
 
-    def candidates(self, f: Features) -> Iterator[str]:
-        """Earlier records sharing a blocking key with `f`, each once."""
+    def candidates(self, f: Features, keys: list[str] | None = None) -> Iterator[str]:
+        """Earlier records sharing a blocking key with `f` (its `keys`, when already computed), each once."""
         seen: set[str] = set()
         blocks = self.blocks
-        for key in blocking_keys(f):
+        for key in keys if keys is not None else blocking_keys(f):
             for source_key in blocks.get(key, ()):
                 if source_key not in seen:
                     seen.add(source_key)

@@ -12,7 +12,6 @@ need no table of their own.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Iterable, Mapping
 
 from identity.features import Features
@@ -24,23 +23,24 @@ DEFAULT_LIMITS = {"email": 8, "phone": 8, "national_id": 4, "loyalty_id": 4}
 class Guardrails:
     def __init__(self, limits: Mapping[str, int] | None = None, records: Iterable[Features] = ()):
         self.limits = {**DEFAULT_LIMITS, **(limits or {})}
-        self.counts: Counter = Counter()
+        self.counts: dict[tuple[str, str], int] = {}
         for f in records:
             self.count(f)
 
     def count(self, f: Features) -> None:
         """Counts a new source record's identifier values."""
+        counts = self.counts
         for kind in KINDS:
             value = getattr(f, kind)
             if value is not None:
-                self.counts[(kind, value)] += 1
+                counts[(kind, value)] = counts.get((kind, value), 0) + 1
 
-    def allows(self, kind: str, value: str) -> bool:
-        return self.counts[(kind, value)] <= self.limits[kind]
+    def allows(self, kind: str, value: str) -> bool:  # on every event's identifiers: kept cheap
+        return self.counts.get((kind, value), 0) <= self.limits[kind]
 
     def over_limit(self, identifiers: Mapping[str, str]) -> list[tuple[str, str, int, int]]:
         """(kind, value, records carrying it, limit) for every value of `identifiers` over its limit."""
-        return [(kind, value, self.counts[(kind, value)], self.limits[kind])
+        return [(kind, value, self.counts.get((kind, value), 0), self.limits[kind])
                 for kind, value in identifiers.items()
                 if kind in self.limits and not self.allows(kind, value)]
 

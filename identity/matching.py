@@ -33,12 +33,12 @@ class ProbabilisticMatcher:
         self.match_threshold = match_threshold
         self.review_threshold = review_threshold
 
-    def compare(self, f: Features) -> list[Scored]:
-        """Candidates scoring at least the review threshold, best first."""
+    def compare(self, f: Features, keys: list[str] | None = None) -> list[Scored]:
+        """Candidates (from `f`'s blocking `keys`) scoring at least the review threshold, best first."""
         model, records = self.model, self.blocks.records
         probability = model.probability
         out = []
-        for source_key in self.blocks.candidates(f):
+        for source_key in self.blocks.candidates(f, keys):
             vec = vector(f, records[source_key])
             weight = model.weight(vec)
             p = probability(weight)

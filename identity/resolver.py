@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from identity.blocking import BlockingIndex
+from identity.blocking import BlockingIndex, blocking_keys
 from identity.comparisons import compatible
 from identity.constraints import CannotLink
 from identity.features import Features, features
@@ -79,7 +79,9 @@ class SplitDecision:
 
 
 class Matcher(Protocol):
-    def compare(self, f: Features) -> list: ...
+    match_threshold: float
+
+    def compare(self, f: Features, keys: list[str] | None = None) -> list: ...
 
     def evidence(self, scored: Any) -> dict: ...
 
@@ -135,8 +137,10 @@ class Resolver:
         if f is not None and phone is not None and allows("phone", phone):
             self._shared_phone(f, phone, found)
         suggestions: list[Suggestion] = []
+        keys = blocking_keys(f) if f is not None else None
         if f is not None and self.matcher is not None:
-            found, suggestions = self._match(src, self.guardrails.screen(f), found)
+            screened = self.guardrails.screen(f)
+            found, suggestions = self._match(src, screened, keys if screened is f else None, found)
         vetoed: list[str] = []
         if self.cannot_link.pairs:
             kept, vetoed = self.cannot_link.compatible([owner if owner else src], list(found), self._cluster_or_self(src))
@@ -161,7 +165,7 @@ class Resolver:
             if index.find(kind, value) is None:
                 index.assign(kind, value, customer)
         if f is not None:
-            self.blocks.add(src, f)
+            self.blocks.add(src, f, keys)
         return decision
 
     def _shared_phone(self, f: Features, phone: str, found: dict[str, Link]) -> None:
@@ -171,10 +175,11 @@ class Resolver:
             if customer is not None and customer not in found and compatible(f, records[holder]):
                 found[customer] = Link("shared_phone", {"phone": phone, "matched": holder})
 
-    def _match(self, src: str, f: Features, found: dict[str, Link]) -> tuple[dict[str, Link], list[Suggestion]]:
+    def _match(self, src: str, f: Features, keys: list[str] | None,
+               found: dict[str, Link]) -> tuple[dict[str, Link], list[Suggestion]]:
         matcher, threshold = self.matcher, self.matcher.match_threshold
         suggestions: dict[str, Suggestion] = {}
-        for scored in matcher.compare(f):
+        for scored in matcher.compare(f, keys):
             customer = self.cluster_of(scored.source_key)
             if customer is None:
                 continue

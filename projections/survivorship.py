@@ -48,12 +48,16 @@ def _order_key(column: str, rule: str) -> str:
 
 
 def golden_columns(columns: Sequence[str], rules: Mapping[str, str]) -> str:
-    """The select list of golden fields plus `golden_sources` (field -> business_unit:source_id)."""
+    """The select list of golden fields plus `golden_sources` (field -> business_unit:source_id).
+    Value and source come from one `arg_max` of a pair (DuckDB computes an aggregate written twice
+    once), so naming the source costs no second pass."""
     values, sources = [], []
     for c in columns:
         key = _order_key(c, rules.get(c, "most_recent"))
-        values.append(f"arg_max(e.{c}, {key}) FILTER (WHERE e.{c} IS NOT NULL) AS {c}")
-        sources.append(f"{c} := arg_max(e.business_unit || ':' || e.source_id, {key}) FILTER (WHERE e.{c} IS NOT NULL)")
+        pick = (f"arg_max(struct_pack(v := e.{c}, s := e.business_unit || ':' || e.source_id), {key}) "
+                f"FILTER (WHERE e.{c} IS NOT NULL)")
+        values.append(f"{pick}.v AS {c}")
+        sources.append(f"{c} := {pick}.s")
     return ",\n  ".join(values) + ",\n  struct_pack(" + ", ".join(sources) + ") AS golden_sources"
 
 
