@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from identity.blocking import BlockingIndex, blocking_keys
 from identity.comparisons import compatible
@@ -66,9 +66,9 @@ class Decision:
     registered: bool = False  # a new customer was created for this source record
     link: Link | None = None  # the source record joined an existing customer, and why
     merges: list[tuple[str, Link]] = field(default_factory=list)  # (absorbed customer, why)
-    suggestions: list[Suggestion] = field(default_factory=list)
-    ignored: list[tuple[str, str, int, int]] = field(default_factory=list)  # guardrail: kind, value, count, limit
-    vetoed: list[str] = field(default_factory=list)  # customers a do-not-link pair kept apart
+    suggestions: Sequence[Suggestion] = ()
+    ignored: Sequence[tuple[str, str, int, int]] = ()  # guardrail: kind, value, count, limit
+    vetoed: Sequence[str] = ()  # customers a do-not-link pair kept apart
 
 
 @dataclass(slots=True)
@@ -117,6 +117,8 @@ class Resolver:
         index = self.index
         src = source_key(record.business_unit, record.source_id)
         owner = index.find("source", src)
+        if owner is not None and all(index.find(kind, value) == owner for kind, value in record.identifiers.items()):
+            return Decision(customer_id=owner)  # a further event of a known record, nothing new: the hot path
         f = None
         if owner is None:
             f = features(record.profile, record.identifiers)
