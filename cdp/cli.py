@@ -229,7 +229,7 @@ def projections_rebuild() -> None:
         total = store.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
-            applied = rebuild(store, cfg.duckdb_path, progress=advance)
+            applied = rebuild(store, cfg.duckdb_path, progress=advance, memory_limit=cfg.duckdb_memory)
         seconds = time.perf_counter() - started
     finally:
         store.close()

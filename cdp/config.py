@@ -72,6 +72,7 @@ class Settings:
     batch_size: int = 10000
     projection_batch: int = 50000
     parse_processes: int = 0
+    duckdb_memory: str = "256MB"
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
 
@@ -95,6 +96,7 @@ class Settings:
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
+            duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 1 if (os.cpu_count() or 1) > 1 else 0),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),

@@ -26,7 +26,7 @@ from cdp.config import Settings
 from cdp.domain import Customer
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
-SQLITE_CACHE_PAGES = -131072  # 128 MiB page cache for the writer: index pages of a large store stay hot
+SQLITE_CACHE_PAGES = -65536  # 64 MiB page cache for the writer: index pages of a large store stay hot
 INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key) VALUES (?)"
 
 

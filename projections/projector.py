@@ -72,9 +72,11 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 """
 
 
-def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: Path | str, read_only: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
     if not read_only:
         # Checkpoint rarely (and on close) rather than inside the commit of every batch.
         con.execute("SET checkpoint_threshold = '1GB'")
@@ -94,10 +96,10 @@ def final_survivors(merges: Sequence[tuple]) -> dict[str, str]:
 
 
 class Projector:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, memory_limit: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = connect(self.path)
+        self.con = connect(self.path, memory_limit=memory_limit)
         for statement in DDL:
             self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
@@ -179,13 +181,13 @@ class Projector:
 
 
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
-            progress: Callable[[int], None] | None = None) -> int:
+            progress: Callable[[int], None] | None = None, memory_limit: str | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
     live view stays queryable until the new one is complete."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
-    projector = Projector(staging)
+    projector = Projector(staging, memory_limit)
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()
