@@ -20,6 +20,7 @@ from eventsourcing.persistence import Notification, StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
+from psycopg.sql import SQL
 
 from cdp.config import Settings
 from cdp.domain import Customer
@@ -80,8 +81,11 @@ class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
 
 
 class PostgresCustomerRecorder(PostgresApplicationRecorder):
-    def construct_create_table_statements(self) -> list[Any]:
-        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL]
+    # The PostgreSQL recorders keep their DDL in `sql_create_statements` (there is no
+    # `construct_create_table_statements` to override as for SQLite).
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sql_create_statements.append(SQL(EVENT_KEYS_DDL))
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         _side_writes(curs, kwargs, "%s")
@@ -157,7 +161,9 @@ class EventStore:
 
     def _heads_sql(self) -> str:
         table = self.recorder.events_table_name
-        return f"SELECT originator_id, MAX(originator_version) FROM {table} GROUP BY originator_id"
+        # PostgreSQL keeps ids as uuid: read them back as the hex strings the pipeline uses
+        cid = "replace(originator_id::text, '-', '')" if self.is_postgres else "originator_id"
+        return f"SELECT {cid}, MAX(originator_version) FROM {table} GROUP BY originator_id"
 
     # -- reading ---------------------------------------------------------------------------
 
