@@ -8,9 +8,10 @@ recorder subclasses use the library's own hook for writing more in the same tran
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 from uuid import UUID
 
@@ -22,6 +23,7 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL
 
+from cdp import writers
 from cdp.config import Settings
 from cdp.domain import Customer
 
@@ -151,19 +153,59 @@ class EventStore:
         with self.recorder.datastore.transaction(commit=True) as cursor:
             for ddl in side_tables:  # tables of the stages whose state commits with the events
                 cursor.execute(ddl)
-        self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
-        self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
+            if self.is_postgres:
+                writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
+        self._lock = writers.WriterLock(settings.event_store) if self.is_postgres else None
+        self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
+        self.load()
         self._topics = {cls: get_topic(cls) for cls in (
             Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed)}
         self._customer_topic = get_topic(Customer)
         self._stamp: dict[str, str] = {}
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
 
-    def _heads_sql(self) -> str:
+    def _heads_sql(self, after: int = 0) -> str:
         table = self.recorder.events_table_name
+        if not self.is_postgres:
+            return f"SELECT originator_id, MAX(originator_version) FROM {table} GROUP BY originator_id"
         # PostgreSQL keeps ids as uuid: read them back as the hex strings the pipeline uses
-        cid = "replace(originator_id::text, '-', '')" if self.is_postgres else "originator_id"
-        return f"SELECT {cid}, MAX(originator_version) FROM {table} GROUP BY originator_id"
+        return (f"SELECT replace(originator_id::text, '-', ''), MAX(originator_version) FROM {table} "
+                f"WHERE notification_id > {int(after)} GROUP BY originator_id")
+
+    # -- several writers (see cdp/writers.py) ------------------------------------------------
+
+    def load(self) -> None:
+        """(Re)reads heads and seen keys in full; marks taken first, so nothing falls in between."""
+        self._mark = self._lock.last_change() if self._lock else 0
+        self._position = self.max_position() if self._lock else 0
+        self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
+        self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Resolve and commit inside this block: on PostgreSQL it holds the writers' lock and first
+        reads what other writers committed (then `changed()` returns their side-table rows)."""
+        if self._lock is None:
+            self._window = (0, 0)
+            yield
+            return
+        with self._lock.held():
+            mark, position = self._lock.last_change(), self.max_position()
+            self._window = (self._mark, mark)
+            if mark > self._mark:
+                self.seen.update(row[0] for row in self.changed("SELECT key FROM cdp_event_keys"))
+            if position > self._position:
+                self.heads.update(self.query(self._heads_sql(self._position)))
+            yield
+            # our own commit is already in memory: skip it at the next refresh
+            self._mark, self._position = self._lock.last_change(), self.max_position()
+
+    def changed(self, select: str) -> list[tuple]:
+        """Rows of `select` (one side table, no WHERE) other writers changed, as of the last refresh."""
+        low, high = self._window
+        if high <= low:
+            return []
+        return self.query(f"{select} WHERE cdp_seq > ? AND cdp_seq <= ?", (low, high))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -230,4 +272,6 @@ class EventStore:
         self.recorder.insert_events(batch.events, writes=writes)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
         self.app.close()
