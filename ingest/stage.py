@@ -62,6 +62,13 @@ class Ingestor:
             return Rejected(reason=f"malformed JSON: {error}", origin=origin, kind="json", raw=_text(line))
         return self.from_event(event, origin, line)
 
+    def from_message(self, value: bytes | None, origin: str) -> Accepted | Rejected:
+        """One message from a broker, checked exactly like one line of a file."""
+        value = value or b""
+        if len(value) > self.max_event_bytes:
+            return self.from_line(Oversize(size=len(value), head=value[:200]), origin)
+        return self.from_line(value, origin)
+
     def from_event(self, event: Any, origin: str, raw: bytes | None = None) -> Accepted | Rejected:
         problem = self.validator.check(event)
         if problem is not None:
@@ -87,6 +94,7 @@ class Ingestor:
             data=fields,
             origin=origin,
             subject=event.get("subject"),
+            raw=raw if raw is not None else orjson.dumps(event),
         )
 
     @staticmethod
