@@ -31,6 +31,7 @@ from projections.changelog import profile_messages
 
 EXIT_BATCH_FAILED = 70
 PROGRESS_SECONDS = 5.0
+FOLLOW_SECONDS = 1.0
 
 
 class BatchHandler:
@@ -73,6 +74,10 @@ class BatchHandler:
             self.producer.send(topic, key=key, value=value)
             self.published += 1
         self.producer.flush()
+
+    def follow(self) -> None:
+        """Idle: keep this worker's view up with what the other workers commit."""
+        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -153,6 +158,11 @@ def build_app(cfg: Settings) -> Any:
         async for batch in stream.take_events(cfg.worker_batch, within=cfg.worker_linger_ms / 1000):
             await run_batch([(e.message.value, f"{e.message.topic}:{e.message.partition}:{e.message.offset}")
                              for e in batch])
+
+    @app.timer(FOLLOW_SECONDS)
+    async def follow() -> None:
+        if "handler" in state:
+            await asyncio.get_running_loop().run_in_executor(executor, state["handler"].follow)
 
     @app.timer(PROGRESS_SECONDS)
     async def report() -> None:
