@@ -32,6 +32,7 @@ from projections.changelog import profile_messages
 EXIT_BATCH_FAILED = 70
 PROGRESS_SECONDS = 5.0
 FOLLOW_SECONDS = 1.0
+SESSION_TIMEOUT = 10.0
 
 
 class BatchHandler:
@@ -128,6 +129,9 @@ def build_app(cfg: Settings) -> Any:
         broker_commit_interval=1.0,
         broker_commit_every=cfg.worker_batch,
         stream_buffer_maxsize=max(4096, cfg.worker_batch * 2),
+        # a worker killed with -9 leaves the group after this, and its partitions move on
+        broker_session_timeout=SESSION_TIMEOUT,
+        broker_heartbeat_interval=SESSION_TIMEOUT / 4,
     )
     events = app.topic(cfg.topic(topics.EVENTS), key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-batch")
