@@ -67,7 +67,7 @@ class Settings:
     topic_prefix: str = ""
     kafka_partitions: int = 8
     worker_group: str = "cdp-worker"
-    worker_batch: int = 2000
+    worker_batch: int = 5000
     worker_linger_ms: int = 100
 
     @classmethod
@@ -95,7 +95,7 @@ class Settings:
             topic_prefix=env.get("CDP_TOPIC_PREFIX", ""),
             kafka_partitions=_int(env, "CDP_KAFKA_PARTITIONS", 8),
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
-            worker_batch=_int(env, "CDP_WORKER_BATCH", 2000),
+            worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
         )
 

@@ -35,15 +35,46 @@ FOLLOW_SECONDS = 1.0
 SESSION_TIMEOUT = 10.0
 
 
+class LoopProducer:
+    """`send()` and `flush()` for the batch thread, sent by an aiokafka producer on the event loop:
+    its record batches are built in C, about six times faster than kafka-python's. `flush()` blocks
+    until the broker acknowledged everything sent (and raises if it did not)."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.pending: list[tuple[str, bytes | None, bytes | None]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.producer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self.loop = asyncio.get_running_loop()
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, client_id="cdp-worker", acks="all", enable_idempotence=True,
+            linger_ms=PRODUCER_CONFIG["linger_ms"], max_batch_size=PRODUCER_CONFIG["batch_size"])
+        await self.producer.start()
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
+        self.pending.append((topic, key, value))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        asyncio.run_coroutine_threadsafe(self._send(pending), self.loop).result()
+
+    async def _send(self, pending: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        acks = [await self.producer.send(topic, key=key, value=value) for topic, key, value in pending]
+        await asyncio.gather(*acks)
+
+
 class BatchHandler:
-    """Everything the worker thread owns: pipeline (store, index, view) and a Kafka producer."""
+    """Everything the worker thread owns: pipeline (store, index, view) and the producer."""
 
-    def __init__(self, cfg: Settings):
-        from kafka import KafkaProducer
-
+    def __init__(self, cfg: Settings, producer: LoopProducer):
         self.cfg = cfg
-        self.producer = KafkaProducer(bootstrap_servers=cfg.require_kafka(), client_id="cdp-worker",
-                                      **PRODUCER_CONFIG)
+        self.producer = producer
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
         self.pipeline = Pipeline(cfg, project=True, deadletter=self.deadletter)
         self.summary = Summary()
@@ -82,7 +113,6 @@ class BatchHandler:
 
     def close(self) -> None:
         self.pipeline.close()
-        self.producer.close(timeout=10)
 
 
 class Progress:
@@ -135,12 +165,13 @@ def build_app(cfg: Settings) -> Any:
     )
     events = app.topic(cfg.topic(topics.EVENTS), key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-batch")
+    producer = LoopProducer(cfg.require_kafka())
     state: dict[str, Any] = {}
     progress = Progress()
 
     def handler() -> BatchHandler:
         if "handler" not in state:
-            state["handler"] = BatchHandler(cfg)
+            state["handler"] = BatchHandler(cfg, producer)
         return state["handler"]
 
     async def run_batch(messages: list[tuple[bytes | None, str]]) -> None:
@@ -159,6 +190,8 @@ def build_app(cfg: Settings) -> Any:
 
     @app.agent(events)
     async def resolve(stream: Any) -> None:
+        if producer.producer is None:
+            await producer.start()
         async for batch in stream.take_events(cfg.worker_batch, within=cfg.worker_linger_ms / 1000):
             await run_batch([(e.message.value, f"{e.message.topic}:{e.message.partition}:{e.message.offset}")
                              for e in batch])
