@@ -162,7 +162,7 @@ def worker_throughput(bootstrap: str, prefix: str, store: str, expected: int, ho
         stop(worker)
     started, already = first if first else (done, 0)
     rate = (expected - already) / max(done - started, 1e-9)
-    return rate, log.read_text().strip().splitlines()[-1]
+    return rate, [l for l in log.read_text().splitlines() if "consumed" in l][-1]
 
 
 # --------------------------------------------------------------------------------------- latency
@@ -227,41 +227,53 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def throughput(bootstrap: str, prefix: str, files: list[Path], work: Path, stores: list[str]) -> None:
+    sent, publish_seconds = publish(bootstrap, prefix, files, work / "publisher")
+    print(f"published {sent:,} events in {publish_seconds:.1f} s ({sent / publish_seconds:,.0f} events/s, "
+          "acks=all, idempotent)")
+    worker_rate, line = worker_throughput(bootstrap, prefix, stores[0], sent, work / "worker")
+    raw_rate = sent / raw_consume(bootstrap, f"{prefix}cdp.events", sent)
+    sqlite_rate = sent / embedded(files, work / "embedded-sqlite", None)
+    pg_rate = sent / embedded(files, work / "embedded-pg", stores[1])
+    print(f"\n== throughput, {sent:,} events (goal: worker with PostgreSQL >= 5,000 events/s)")
+    print(f"  worker + PostgreSQL store, end to end          {worker_rate:>10,.0f} events/s")
+    print(f"  raw kafka-python consume, same messages        {raw_rate:>10,.0f} events/s  "
+          f"worker/raw = {worker_rate / raw_rate:.2f}")
+    print(f"  embedded pipeline, SQLite (default)            {sqlite_rate:>10,.0f} events/s  "
+          f"worker/embedded = {worker_rate / sqlite_rate:.2f}")
+    print(f"  embedded pipeline, PostgreSQL                  {pg_rate:>10,.0f} events/s  "
+          f"worker/embedded = {worker_rate / pg_rate:.2f}")
+    print(f"  worker's last progress line: {line}")
+
+
+def report_latency(lat: list[float], rate: int, seconds: int) -> None:
+    if lat:
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        print(f"\n== publish-to-visible latency at a steady {rate:,} events/s for {seconds} s "
+              f"({len(lat):,} events; goal: p99 < 2 s)")
+        print(f"  p50 {p50 * 1000:,.0f} ms   p99 {p99 * 1000:,.0f} ms   max {lat[-1] * 1000:,.0f} ms   "
+              f"p99/goal = {p99 / 2:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60000, help="events for the throughput run")
     parser.add_argument("--rate", type=int, default=1000, help="events/s for the latency run")
     parser.add_argument("--seconds", type=int, default=20, help="length of the latency run")
+    parser.add_argument("--part", choices=("all", "throughput", "latency"), default="all")
     args = parser.parse_args()
     bootstrap, dsn = services()
     files = demo_events(args.events)
     prefix = f"bench.{uuid.uuid4().hex[:8]}."
     work = Path(tempfile.mkdtemp(prefix="cdp-bench-kafka-"))
     stores = [fresh_database(dsn) for _ in range(3)]
+    print(f"bench.kafka on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     try:
-        sent, publish_seconds = publish(bootstrap, prefix, files, work / "publisher")
-        print(f"published {sent:,} events in {publish_seconds:.1f} s ({sent / publish_seconds:,.0f} events/s, "
-              "acks=all, idempotent)")
-        worker_rate, line = worker_throughput(bootstrap, prefix, stores[0], sent, work / "worker")
-        raw_rate = sent / raw_consume(bootstrap, f"{prefix}cdp.events", sent)
-        sqlite_rate = sent / embedded(files, work / "embedded-sqlite", None)
-        pg_rate = sent / embedded(files, work / "embedded-pg", stores[1])
-        print(f"\n== throughput, {sent:,} events (goal: worker with PostgreSQL >= 5,000 events/s)")
-        print(f"  worker (Faust) + PostgreSQL store, end to end  {worker_rate:>10,.0f} events/s")
-        print(f"  raw kafka-python consume, same messages        {raw_rate:>10,.0f} events/s  "
-              f"worker/raw = {worker_rate / raw_rate:.2f}")
-        print(f"  embedded pipeline, SQLite (default)            {sqlite_rate:>10,.0f} events/s  "
-              f"worker/embedded = {worker_rate / sqlite_rate:.2f}")
-        print(f"  embedded pipeline, PostgreSQL                  {pg_rate:>10,.0f} events/s  "
-              f"worker/embedded = {worker_rate / pg_rate:.2f}")
-        print(f"  worker's last progress line: {line}")
-        lat = latency(bootstrap, f"{prefix}lat.", stores[2], work / "latency", args.rate, args.seconds)
-        if lat:
-            p50, p99 = percentile(lat, 50), percentile(lat, 99)
-            print(f"\n== publish-to-visible latency at a steady {args.rate:,} events/s for {args.seconds} s "
-                  f"({len(lat):,} events; goal: p99 < 2 s)")
-            print(f"  p50 {p50 * 1000:,.0f} ms   p99 {p99 * 1000:,.0f} ms   max {lat[-1] * 1000:,.0f} ms   "
-                  f"p99/goal = {p99 / 2:.2f}")
+        if args.part in ("all", "throughput"):
+            throughput(bootstrap, prefix, files, work, stores)
+        if args.part in ("all", "latency"):
+            lat = latency(bootstrap, f"{prefix}lat.", stores[2], work / "latency", args.rate, args.seconds)
+            report_latency(lat, args.rate, args.seconds)
     finally:
         for store in stores:
             drop_database(dsn, store)
