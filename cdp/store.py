@@ -22,6 +22,7 @@ from eventsourcing.persistence import Notification, StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 from cdp import writers
@@ -253,9 +254,11 @@ class EventStore:
         if self.is_postgres:
             sql = sql.replace("?", "%s")
         with self.recorder.datastore.transaction(commit=False) as cursor:
+            if self.is_postgres:
+                cursor.row_factory = tuple_row  # the library's cursors make a dict per row
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        return [tuple(row.values()) if isinstance(row, dict) else tuple(row) for row in rows]
+        return [tuple(row) for row in rows]
 
     def notifications(self, after: int, limit: int) -> Sequence[Notification]:
         return self.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
