@@ -75,6 +75,9 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")
+    if not read_only:
+        # Checkpoint rarely (and on close) rather than inside the commit of every batch.
+        con.execute("SET checkpoint_threshold = '1GB'")
     return con
 
 

@@ -80,3 +80,45 @@ def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
     shared by all tests and runs, so every test names its topics with its own prefix."""
     slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name).strip("-")[:60]
     return f"test.{slug}.{uuid.uuid4().hex[:10]}."
+
+
+# ------------------------------------------------------------------------------ the cdp command
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class CdpRunner:
+    """Runs `cdp` as a user does: a subprocess with CDP_HOME set, output captured as text."""
+
+    home: Path
+    env: dict
+
+    def __call__(self, *args: str, input: str | bytes | None = None, check: bool = True,
+                 extra_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**self.env, **(extra_env or {})}
+        result = subprocess.run(
+            [sys.executable, "-m", "cdp", *args], env=env, input=input, capture_output=True,
+            text=not isinstance(input, bytes), timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cdp {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def query(self, sql: str) -> list[dict]:
+        import json
+
+        return json.loads(self("query", sql, "--format", "json").stdout)
+
+
+@pytest.fixture
+def cdp(tmp_path: Path) -> CdpRunner:
+    """The `cdp` command with a fresh CDP_HOME (embedded mode: no Kafka, SQLite store)."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CDP_KAFKA_BOOTSTRAP", "CDP_EVENT_STORE") and not k.startswith("CDP_")}
+    env["CDP_HOME"] = str(home)
+    return CdpRunner(home=home, env=env)
