@@ -255,13 +255,13 @@ def report_latency(lat: list[float], rate: int, seconds: int) -> None:
               f"p99/goal = {p99 / 2:.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60000, help="events for the throughput run")
     parser.add_argument("--rate", type=int, default=1000, help="events/s for the latency run")
     parser.add_argument("--seconds", type=int, default=20, help="length of the latency run")
     parser.add_argument("--part", choices=("all", "throughput", "latency"), default="all")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     bootstrap, dsn = services()
     files = demo_events(args.events)
     prefix = f"bench.{uuid.uuid4().hex[:8]}."
