@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cdp.config import Settings
+from cdp.config import ConfigError, Settings
 
 EVENTS, DEADLETTER, PROFILES = "cdp.events", "cdp.deadletter", "cdp.profiles"
 WEEK_MS = 7 * 24 * 3600 * 1000
@@ -39,10 +39,14 @@ def specs(settings: Settings) -> list[TopicSpec]:
 def ensure(settings: Settings, timeout_ms: int = 30000) -> list[str]:
     """Creates the missing topics; returns the names created."""
     from kafka import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.require_kafka(), client_id="cdp-topics",
-                             request_timeout_ms=timeout_ms)
+    bootstrap = settings.require_kafka()
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="cdp-topics",
+                                 request_timeout_ms=timeout_ms, bootstrap_timeout_ms=10000)
+    except KafkaError as error:
+        raise ConfigError(f"CDP_KAFKA_BOOTSTRAP: no Kafka broker answers at {bootstrap} ({type(error).__name__})") from None
     try:
         existing = set(admin.list_topics())
         created = []

@@ -20,8 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+import duckdb
+
 from cdp import topics
-from cdp.config import Settings
+from cdp.config import ConfigError, Settings
 from cdp.pipeline import Pipeline, Summary
 from cdp.store import Batch
 from ingest.deadletter import DeadLetterTopic
@@ -272,7 +274,11 @@ def run(cfg: Settings) -> None:
     created = topics.ensure(cfg)
     if created:
         print(f"[worker] created topics: {', '.join(created)}", file=sys.stderr)
-    app = build_app(cfg)
+    try:
+        app = build_app(cfg)
+    except duckdb.IOException as error:  # the view is single-writer
+        raise ConfigError(f"cannot open the view {cfg.duckdb_path} ({str(error).splitlines()[0]}): "
+                          "give each worker its own CDP_HOME") from None
     print(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
           f"{cfg.topic(cfg.worker_group)}; store {'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; "
           f"view {cfg.duckdb_path}", file=sys.stderr, flush=True)

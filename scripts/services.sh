@@ -242,7 +242,7 @@ offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
-# the project does not create its topics yet
+# cdp creates its own topics (cdp/topics.py); auto-creation stays on for ad-hoc tools such as kcat
 auto.create.topics.enable=true
 delete.topic.enable=true
 EOF

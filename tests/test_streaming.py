@@ -250,7 +250,7 @@ def test_kcat_publishes_and_reads_profiles_with_a_merge(kafka_env, kafka_bootstr
     assert len(dead) == 1 and dead[0][1]["input"] == '{"not": "a cloudevent"}' and dead[0][1]["reason"]
 
 
-def test_cli_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
+def test_cli_without_a_reachable_broker_says_so_in_one_line(tmp_path: Path) -> None:
     env = environment(tmp_path)
     event = tmp_path / "e.jsonl"
     event.write_text(kcat_event("e1", "retail", "R1") + "\n")
@@ -258,3 +258,7 @@ def test_cli_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
         done = cdp(env, *args, check=False)
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == ["cdp: error: CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port"]
+    nobody = cdp({**env, "CDP_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "ingest", "--kafka", str(event), check=False)
+    assert nobody.returncode == 1
+    assert nobody.stderr.strip().splitlines() == [
+        "cdp: error: CDP_KAFKA_BOOTSTRAP: no Kafka broker answers at 127.0.0.1:1 (KafkaTimeoutError)"]
