@@ -48,6 +48,7 @@ class Publisher:
 
         self.topic = topic
         self.ingestor = Ingestor(validator, region_for, max_event_bytes)
+        self.ingestor.keep_raw = True
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="cdp-publisher",
                                       **{**PRODUCER_CONFIG, **config})
         self.sent = 0

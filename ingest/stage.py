@@ -44,6 +44,7 @@ class Ingestor:
         self._parse_workers = parse_workers  # makes ParseWorkers for large JSONL inputs; None: parse here
         self._workers: Any = None
         self.bytes_read = 0  # for progress bars
+        self.keep_raw = False  # Accepted.raw: only a publisher needs the event as sent
 
     # -- single events ---------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class Ingestor:
             data=fields,
             origin=origin,
             subject=event.get("subject"),
-            raw=raw if raw is not None else orjson.dumps(event),
+            raw=(raw if raw is not None else orjson.dumps(event)) if self.keep_raw else None,
         )
 
     @staticmethod
