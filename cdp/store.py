@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
@@ -189,16 +189,19 @@ class EventStore:
 
     def __init__(self, settings: Settings, side_tables: Sequence[str] = ()):
         self.settings = settings
-        self.app = CustomerApplication(env=store_environment(settings))
-        self.recorder = self.app.recorder
-        self.transcoder = self.app.mapper.transcoder
-        self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
-        with self.recorder.datastore.transaction(commit=True) as cursor:
-            for ddl in side_tables:  # tables of the stages whose state commits with the events
-                cursor.execute(ddl)
-            if self.is_postgres:
-                writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
-        self._lock = writers.WriterLock(settings.event_store) if self.is_postgres else None
+        # PostgreSQL: `CREATE … IF NOT EXISTS` races when several workers start at once, so the
+        # schema is created under the writers' lock
+        self._lock = writers.WriterLock(settings.event_store) if settings.event_store else None
+        with self._lock.held() if self._lock else nullcontext():
+            self.app = CustomerApplication(env=store_environment(settings))
+            self.recorder = self.app.recorder
+            self.transcoder = self.app.mapper.transcoder
+            self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
+            with self.recorder.datastore.transaction(commit=True) as cursor:
+                for ddl in side_tables:  # tables of the stages whose state commits with the events
+                    cursor.execute(ddl)
+                if self.is_postgres:
+                    writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
         self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
         self.load()
         self._topics = {cls: get_topic(cls) for cls in (

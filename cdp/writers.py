@@ -38,8 +38,7 @@ def tracking_ddl(table: str) -> list[str]:
 
 
 def install(cursor: Any, tables: Sequence[str]) -> None:
-    # DDL from several starting workers at once: serialise it with the same lock
-    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+    """Run under the writers' lock (EventStore does), as concurrent DDL races in PostgreSQL."""
     cursor.execute(f"CREATE SEQUENCE IF NOT EXISTS {SEQUENCE}")
     cursor.execute(FUNCTION)
     for table in tables:
