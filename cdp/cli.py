@@ -92,13 +92,39 @@ def run_ingest(cfg: Settings, paths: list[str], mapping: Path | None):
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML mapping for CSV/Parquet inputs (default: <file>.mapping.toml beside each file).")
-def ingest(paths: tuple[str, ...], mapping: Path | None) -> None:
+@click.option("--kafka", "to_kafka", is_flag=True,
+              help="Publish the events to the cdp.events topic (CDP_KAFKA_BOOTSTRAP) for `cdp worker`.")
+def ingest(paths: tuple[str, ...], mapping: Path | None, to_kafka: bool) -> None:
     """Ingest CloudEvents JSONL files (or - for stdin), or CSV/Parquet through a mapping file."""
     cfg = settings()
+    if to_kafka:
+        publish(cfg, list(paths), mapping)
+        return
     summary = run_ingest(cfg, list(paths), mapping)
     print_summary(summary, "ingest")
     if summary.rejected:
         console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+
+
+def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
+    from cdp.publishing import publish_files
+    from ingest.stage import check_inputs
+
+    cfg.require_kafka()
+    summary = publish_files(cfg, check_inputs(paths), mapping)
+    rate = summary.accepted / summary.seconds if summary.seconds else 0.0
+    console.out.print(f"published {summary.accepted:,} events to {cfg.topic('cdp.events')} in "
+                      f"{summary.seconds:.1f} s ({rate:,.0f} events/s)")
+    if summary.rejected:
+        console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+
+
+@cli.command()
+def worker() -> None:
+    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+    from cdp.worker import run
+
+    run(settings())
 
 
 @cli.command()

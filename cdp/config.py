@@ -75,6 +75,11 @@ class Settings:
     duckdb_memory: str = "256MB"
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
+    topic_prefix: str = ""
+    kafka_partitions: int = 8
+    worker_group: str = "cdp-worker"
+    worker_batch: int = 5000
+    worker_linger_ms: int = 100
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -100,6 +105,11 @@ class Settings:
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 1 if (os.cpu_count() or 1) > 1 else 0),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
+            topic_prefix=env.get("CDP_TOPIC_PREFIX", ""),
+            kafka_partitions=_int(env, "CDP_KAFKA_PARTITIONS", 8),
+            worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
+            worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
+            worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
         )
 
     def phone_region(self, business_unit: str) -> str:
@@ -112,6 +122,15 @@ class Settings:
     @property
     def duckdb_path(self) -> Path:
         return self.home / "view.duckdb"
+
+    def topic(self, name: str) -> str:
+        """A Kafka topic's name (`cdp.events` …) after CDP_TOPIC_PREFIX."""
+        return self.topic_prefix + name
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
+        return self.kafka_bootstrap
 
     @property
     def deadletter_path(self) -> Path:

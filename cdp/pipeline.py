@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from eventsourcing.persistence import IntegrityError
 
 from cdp.config import Settings
 from cdp.domain import Customer
@@ -25,6 +27,8 @@ from ingest.stage import Ingestor
 from ingest.validation import EventValidator
 from projections.follower import ViewFollower
 from projections.projector import Projector
+
+COMMIT_ATTEMPTS = 5
 
 
 @dataclass
@@ -49,6 +53,13 @@ class Summary:
         self.rejected += 1
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
 
+    def add(self, other: "Summary") -> None:
+        for name in ("accepted", "rejected", "duplicates", "new_customers", "linked_sources", "merges",
+                     "stored_events"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for kind, count in other.reasons.items():
+            self.reasons[kind] = self.reasons.get(kind, 0) + count
+
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
@@ -61,7 +72,10 @@ def make_ingestor(settings: Settings) -> Ingestor:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, project: bool = True):
+    """`deadletter` is where rejected records go (default: the JSONL file in CDP_HOME); anything
+    with `write(Rejected)`, `flush()` and `close()` will do, e.g. the worker's Kafka topic."""
+
+    def __init__(self, settings: Settings, project: bool = True, deadletter: Any = None):
         self.settings = settings
         workers = None
         if settings.parse_processes:
@@ -72,7 +86,7 @@ class Pipeline:
         self.index = IdentityIndex(self.store.query(SELECT_KEYS), self.store.query(SELECT_REDIRECTS))
         self.resolver = Resolver(self.index)
         self.projector = Projector(settings.duckdb_path, settings.duckdb_memory) if project else None
-        self.deadletter = DeadLetterFile(settings.deadletter_path)
+        self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
 
     def process(self, records: Iterable[Accepted | Rejected],
                 progress: Callable[[int], None] | None = None) -> Summary:
@@ -81,21 +95,7 @@ class Pipeline:
         pending = 0  # stored events the view has not been told about
         follower = ViewFollower(self.projector, self.store, self.settings.projection_batch) if self.projector else None
         for chunk in batched(records, self.settings.batch_size):
-            batch = self.store.begin()
-            for record in chunk:
-                if isinstance(record, Rejected):
-                    self.deadletter.write(record)
-                    summary.add_rejection(record.kind)
-                elif record.key in self.store.seen:
-                    summary.duplicates += 1
-                else:
-                    self.record(batch, record, self.resolver.resolve(record), summary)
-                    self.store.mark_seen(batch, record.key)
-            batch.writes.extend(self.index.take_writes())
-            self.deadletter.flush()
-            self.store.commit(batch)
-            summary.stored_events += len(batch)
-            pending += len(batch)
+            pending += self.process_batch(chunk, summary)
             if follower is not None and pending >= self.settings.projection_batch:
                 follower.notify()
                 pending = 0
@@ -105,6 +105,57 @@ class Pipeline:
             follower.finish()
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def process_batch(self, chunk: Sequence[Accepted | Rejected], summary: Summary,
+                      committed: Callable[[Batch], None] | None = None) -> int:
+        """Resolves and stores one chunk in one store transaction; returns the stored events.
+
+        With several writers on one store (cdp/writers.py) this runs under their lock, after
+        taking in what the others committed; `committed(batch)` runs after the commit, still under
+        the lock. Should the commit still hit a uniqueness violation, every in-memory copy is
+        reloaded from the store and the chunk resolved again, so nothing is lost or doubled."""
+        accepted = []
+        for record in chunk:
+            if isinstance(record, Rejected):
+                self.deadletter.write(record)
+                summary.add_rejection(record.kind)
+            else:
+                accepted.append(record)
+        self.deadletter.flush()
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            part = Summary()
+            try:
+                with self.store.exclusive():
+                    self.index.load(self.store.changed(SELECT_KEYS), self.store.changed(SELECT_REDIRECTS))
+                    batch = self.resolve(accepted, part)
+                    self.store.commit(batch)
+                    if committed is not None:
+                        committed(batch)
+                break
+            except Exception as error:
+                self.reload()  # the copies may hold the failed batch's changes
+                if not isinstance(error, IntegrityError) or attempt == COMMIT_ATTEMPTS:
+                    raise
+        summary.add(part)
+        summary.stored_events += len(batch)
+        return len(batch)
+
+    def resolve(self, records: Iterable[Accepted], summary: Summary) -> Batch:
+        batch = self.store.begin()
+        for record in records:
+            if record.key in self.store.seen:
+                summary.duplicates += 1
+            else:
+                self.record(batch, record, self.resolver.resolve(record), summary)
+                self.store.mark_seen(batch, record.key)
+        batch.writes.extend(self.index.take_writes())
+        return batch
+
+    def reload(self) -> None:
+        """Drops the in-memory copies and reads them again from the store."""
+        self.store.load()
+        self.index = self.resolver.index = IdentityIndex(
+            self.store.query(SELECT_KEYS), self.store.query(SELECT_REDIRECTS))
 
     def record(self, batch: Batch, record: Accepted, decision: Decision, summary: Summary) -> None:
         """The domain events one resolved record stands for."""
