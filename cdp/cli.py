@@ -27,11 +27,13 @@ def settings() -> Settings:
 
 
 def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    from projections.projector import connect
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
+    from projections.projector import connect, refresh_view
 
     if not cfg.duckdb_path.exists():
         raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
     try:
+        refresh_view(cfg.duckdb_path, cfg.as_of)
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.IOException as error:
         raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
@@ -229,7 +231,7 @@ def projections_rebuild() -> None:
         total = store.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
-            applied = rebuild(store, cfg.duckdb_path, progress=advance)
+            applied = rebuild(store, cfg.duckdb_path, progress=advance, as_of=cfg.as_of)
         seconds = time.perf_counter() - started
     finally:
         store.close()

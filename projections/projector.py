@@ -8,6 +8,7 @@ rows, so a restart neither loses nor double-counts an event.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 from eventsourcing.utils import get_topic
 
 from cdp.domain import Customer
+from projections import metrics
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
 
 NAME = "unified_view"
@@ -91,8 +93,9 @@ def final_survivors(merges: Sequence[tuple]) -> dict[str, str]:
 
 
 class Projector:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, as_of: date | None = None):
         self.path = Path(path)
+        self.as_of = as_of or date.today()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = connect(self.path)
         for statement in DDL:
@@ -154,7 +157,8 @@ class Projector:
 
     def catch_up(self, store: Any, batch_size: int = 20000, recompute: bool = True,
                  progress: Callable[[int], None] | None = None) -> int:
-        """Applies everything the store has after our position; returns the number applied."""
+        """Applies everything the store has after our position, then (when recomputing) brings every
+        customer's scores up to date; returns the number of notifications applied."""
         total = 0
         while True:
             notifications = store.raw_notifications(self.position, batch_size)
@@ -163,6 +167,8 @@ class Projector:
             total += self.apply(notifications, recompute=recompute)
             if progress:
                 progress(len(notifications))
+        if recompute:
+            self.refresh_metrics()
         return total
 
     def recompute_all(self) -> None:
@@ -170,19 +176,48 @@ class Projector:
         for statement in recompute_customers_sql(None):
             self.con.execute(statement)
         self.con.execute("COMMIT")
+        self.refresh_metrics()
+
+    def refresh_metrics(self) -> bool:
+        """Recomputes the time- and population-relative scores of all customers unless they were
+        computed at this position for this as-of date already; True when it did."""
+        if metrics.state(self.con) == (self.as_of, self.position):
+            return False
+        metrics.refresh(self.con, self.as_of, self.position)
+        return True
 
     def close(self) -> None:
         self.con.close()
 
 
+def refresh_view(path: Path, as_of: date) -> bool:
+    """Brings the scores of an existing view up to `as_of` (and to its own position) if they are
+    not; a no-op costing one read-only open otherwise. True when scores were recomputed."""
+    con = connect(path, read_only=True)
+    try:
+        fresh = con.execute("SELECT count(*) FROM metric_state m JOIN projection_state p ON p.name = ? "
+                            "WHERE m.as_of = ? AND m.position = p.position", [NAME, as_of]).fetchall()[0][0]
+    except duckdb.CatalogException:
+        fresh = 0
+    finally:
+        con.close()
+    if fresh:
+        return False
+    projector = Projector(path, as_of)
+    try:
+        return projector.refresh_metrics()
+    finally:
+        projector.close()
+
+
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
-            progress: Callable[[int], None] | None = None) -> int:
+            progress: Callable[[int], None] | None = None, as_of: date | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
     live view stays queryable until the new one is complete."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
-    projector = Projector(staging)
+    projector = Projector(staging, as_of)
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()
