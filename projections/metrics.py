@@ -7,7 +7,7 @@ Two kinds, kept apart so that the incremental view and a rebuild always agree:
   `customer_business_units`, re-derived for the customers a batch touched.
 * **scores** depend on the as-of date (`CDP_AS_OF`) or on the whole population (RFM quintiles, the
   fitted MBG/NBD + Gamma-Gamma model): recency, RFM, segment, lifecycle stage, churn risk,
-  predicted value, tier. `refresh()` recomputes them for *all* customers in one statement whenever
+  predicted value, tier; and the `business_unit_overlap` table, an aggregate over everyone. `refresh()` recomputes them for *all* customers in one statement whenever
   the view has moved on or the as-of date changed, and records both in `metric_state`, so no
   customer keeps a stale score because no event touched them.
 """
@@ -97,8 +97,13 @@ SELECT e.customer_id, e.business_unit,
   count(*) FILTER (WHERE e.type IN ('cdp.call', 'cdp.email', 'cdp.social', 'cdp.feedback')) AS interactions
 FROM customer_events e
 """
-OVERLAP_VIEW = """
-CREATE OR REPLACE VIEW business_unit_overlap AS
+OVERLAP_DDL = (
+    "CREATE TABLE IF NOT EXISTS business_unit_overlap (unit_x VARCHAR NOT NULL, unit_y VARCHAR NOT NULL, "
+    "customers_x BIGINT NOT NULL, customers_both BIGINT NOT NULL, share_of_x DOUBLE NOT NULL, "
+    "spend_in_x DOUBLE NOT NULL, spend_in_y DOUBLE NOT NULL, value_both DOUBLE NOT NULL)"
+)
+# Materialised by refresh (a self-join of 1.5M unit rows is too slow to run at query time).
+OVERLAP_SELECT = """
 WITH pairs AS (
   SELECT x.business_unit AS unit_x, y.business_unit AS unit_y, count(*) AS customers_both,
          round(sum(x.spend), 2) AS spend_in_x, round(sum(y.spend), 2) AS spend_in_y
@@ -110,7 +115,7 @@ SELECT p.unit_x, p.unit_y, t.customers_both AS customers_x, p.customers_both,
 FROM pairs p JOIN pairs t ON t.unit_x = p.unit_x AND t.unit_y = p.unit_x
 """
 STATE_DDL = "CREATE TABLE IF NOT EXISTS metric_state (as_of DATE, position BIGINT, model JSON)"
-DDL = (UNITS_DDL, OVERLAP_VIEW, STATE_DDL)
+DDL = (UNITS_DDL, OVERLAP_DDL, STATE_DDL)
 
 
 def units_sql(scope: str | None) -> list[str]:
@@ -194,6 +199,8 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int) -> None:
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(_SCORES, {"as_of": as_of})
+        con.execute("DELETE FROM business_unit_overlap")
+        con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
         con.execute("DELETE FROM metric_state")
         con.execute("INSERT INTO metric_state VALUES (?, ?, ?)",
                     [as_of, position, json.dumps({k: float(v) if isinstance(v, (float, np.floating)) else v
