@@ -213,6 +213,28 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
                                 title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
 
 
+@cli.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def export_view(directory: Path) -> None:
+    """Write every table of the view as Parquet into DIRECTORY, with a data dictionary."""
+    from projections.export import export_view as export, total_rows
+
+    con = open_view(settings())
+    with console.progress_bar("export", total_rows(con)) as advance:
+        paths = export(con, directory, progress=advance)
+    console.out.print(f"wrote {len(paths)} files to {directory} (data dictionary: {directory / 'data_dictionary.md'})")
+
+
+@cli.command("report")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def report(directory: Path) -> None:
+    """Write an HTML report with charts (segments, lifecycle, overlap, cohorts) into DIRECTORY."""
+    from projections.report import write_report
+
+    path = write_report(open_view(settings()), directory)
+    console.out.print(f"wrote {path}")
+
+
 @cli.group()
 def projections() -> None:
     """Maintain the DuckDB unified view."""
