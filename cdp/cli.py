@@ -68,7 +68,8 @@ def cli() -> None:
     """Customer-data platform: channel events in, one unified customer view out.
 
     Configuration comes from the environment: CDP_HOME (data folder, default ./.cdp),
-    CDP_EVENT_STORE (a postgresql:// URL; unset: SQLite in CDP_HOME), CDP_KAFKA_BOOTSTRAP.
+    CDP_EVENT_STORE (a postgresql:// URL; unset: SQLite in CDP_HOME), CDP_KAFKA_BOOTSTRAP,
+    CDP_AS_OF (YYYY-MM-DD, default today: the date recency, lifecycle and churn risk are computed at).
     """
 
 

@@ -80,3 +80,45 @@ def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
     shared by all tests and runs, so every test names its topics with its own prefix."""
     slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name).strip("-")[:60]
     return f"test.{slug}.{uuid.uuid4().hex[:10]}."
+
+
+# ------------------------------------------------------------------------------ unified view
+
+DEMO_AS_OF = "2026-11-01"
+
+
+def _run_cdp(home, *args: str, as_of: str = DEMO_AS_OF, **env: str):
+    """Runs `cdp ARGS…` as a subprocess on CDP_HOME=home with a fixed CDP_AS_OF; fails on an error."""
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "CDP_HOME": str(home), "CDP_AS_OF": as_of, **env}
+    result = subprocess.run([sys.executable, "-m", "cdp", *args], env=environment, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="session")
+def run_cdp():
+    """`run_cdp(home, *args, as_of=…, **env)`: the CLI as a subprocess with a fixed CDP_AS_OF."""
+    return _run_cdp
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory):
+    """Demo CloudEvents for 400 people (three JSONL files, no CSV), generated once per session."""
+    from cdp.demo import DemoSpec, generate
+
+    return generate(tmp_path_factory.mktemp("demo-input"), DemoSpec(people=400, seed=5))
+
+
+@pytest.fixture(scope="session")
+def demo_view(tmp_path_factory, demo_files):
+    """CDP_HOME of a view built incrementally from the demo: two `cdp ingest` runs, small projection
+    batches (so the projector catches up many times), CDP_AS_OF fixed."""
+    home = tmp_path_factory.mktemp("demo-view")
+    files = [str(p) for p in demo_files.event_files]
+    _run_cdp(home, "ingest", *files[:2], CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
+    _run_cdp(home, "ingest", *files[2:], CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
+    return home

@@ -4,9 +4,6 @@ definitions in docs/metrics.md."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -108,14 +105,6 @@ def write_jsonl(path: Path, events: list[dict]) -> Path:
     return path
 
 
-def cdp(home: Path, *args: str, as_of: str = AS_OF, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "CDP_HOME": str(home), "CDP_AS_OF": as_of, **env}
-    result = subprocess.run([sys.executable, "-m", "cdp", *args], env=environment, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result
-
-
 def rows(home: Path, sql: str) -> list[dict]:
     con = duckdb.connect(str(home / "view.duckdb"), read_only=True)
     try:
@@ -127,7 +116,12 @@ def rows(home: Path, sql: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def view(tmp_path_factory) -> Path:
+def cdp(run_cdp):
+    return lambda home, *args, as_of=AS_OF: run_cdp(home, *args, as_of=as_of)
+
+
+@pytest.fixture(scope="module")
+def view(tmp_path_factory, cdp) -> Path:
     home = tmp_path_factory.mktemp("metrics")
     events = [e for person in PEOPLE.values() for e in person]
     cdp(home, "ingest", str(write_jsonl(home / "events.jsonl", events)))
@@ -254,7 +248,7 @@ def test_business_unit_overlap(view):
     assert ("retail", "telecom") not in overlap
 
 
-def test_scores_follow_a_new_as_of_without_new_events(view):
+def test_scores_follow_a_new_as_of_without_new_events(view, cdp):
     later = "2026-07-30"
     cdp(view, "query", "SELECT 1", as_of=later)
     got = {r["email"].split("@")[0]: r for r in rows(view, "SELECT * FROM customers")}
