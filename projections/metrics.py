@@ -14,6 +14,7 @@ Two kinds, kept apart so that the incremental view and a rebuild always agree:
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import date
 
 import duckdb
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from projections import clv
+from projections.transactions import transaction
 
 CONSENT_PURPOSES = ("email_marketing", "sms_marketing", "phone_marketing", "profiling", "third_party_sharing")
 NEW_DAYS = 90          # first purchase at most this many days before as-of: new
@@ -195,19 +197,14 @@ def state(con: duckdb.DuckDBPyConnection) -> tuple[date | None, int | None]:
 def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int) -> None:
     """Recomputes every customer's scores against `as_of`, in one transaction with metric_state."""
     scores, params = _model_scores(con, as_of)
+    model = json.dumps({k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in asdict(params).items()})
     con.register("model_scores", scores)
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(_SCORES, {"as_of": as_of})
-        con.execute("DELETE FROM business_unit_overlap")
-        con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
-        con.execute("DELETE FROM metric_state")
-        con.execute("INSERT INTO metric_state VALUES (?, ?, ?)",
-                    [as_of, position, json.dumps({k: float(v) if isinstance(v, (float, np.floating)) else v
-                                                  for k, v in params.__dict__.items()})])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute(_SCORES, {"as_of": as_of})
+            con.execute("DELETE FROM business_unit_overlap")
+            con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
+            con.execute("DELETE FROM metric_state")
+            con.execute("INSERT INTO metric_state VALUES (?, ?, ?)", [as_of, position, model])
     finally:
         con.unregister("model_scores")

@@ -18,6 +18,7 @@ from eventsourcing.utils import get_topic
 
 from cdp.domain import Customer
 from projections import metrics
+from projections.transactions import transaction
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
 
 NAME = "unified_view"
@@ -172,10 +173,9 @@ class Projector:
         return total
 
     def recompute_all(self) -> None:
-        self.con.execute("BEGIN TRANSACTION")
-        for statement in recompute_customers_sql(None):
-            self.con.execute(statement)
-        self.con.execute("COMMIT")
+        with transaction(self.con):
+            for statement in recompute_customers_sql(None):
+                self.con.execute(statement)
         self.refresh_metrics()
 
     def refresh_metrics(self) -> bool:
