@@ -60,7 +60,7 @@ class Settings:
     default_phone_region: str = "GB"
     phone_regions: dict[str, str] = field(default_factory=dict)
     max_event_bytes: int = 256 * 1024
-    batch_size: int = 5000
+    batch_size: int = 10000
     projection_batch: int = 50000
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
@@ -83,7 +83,7 @@ class Settings:
             default_phone_region=default_region,
             phone_regions=_parse_regions(env.get("CDP_PHONE_REGIONS", "")),
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
-            batch_size=_int(env, "CDP_BATCH_SIZE", 5000),
+            batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),

@@ -21,6 +21,7 @@ from ingest.deadletter import DeadLetterFile
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
+from projections.follower import ViewFollower
 from projections.projector import Projector
 
 
@@ -68,7 +69,8 @@ class Pipeline:
                 progress: Callable[[int], None] | None = None) -> Summary:
         summary = Summary()
         started = time.perf_counter()
-        pending = 0  # stored events the view has not caught up with
+        pending = 0  # stored events the view has not been told about
+        follower = ViewFollower(self.projector, self.store, self.settings.projection_batch) if self.projector else None
         for chunk in batched(records, self.settings.batch_size):
             batch = self.store.begin()
             for record in chunk:
@@ -85,13 +87,13 @@ class Pipeline:
             self.store.commit(batch)
             summary.stored_events += len(batch)
             pending += len(batch)
-            if self.projector is not None and pending >= self.settings.projection_batch:
-                self.projector.catch_up(self.store, self.settings.projection_batch)
+            if follower is not None and pending >= self.settings.projection_batch:
+                follower.notify()
                 pending = 0
             if progress:
                 progress(len(chunk))
-        if self.projector is not None:
-            self.projector.catch_up(self.store, self.settings.projection_batch)
+        if follower is not None:
+            follower.finish()
         summary.seconds = time.perf_counter() - started
         return summary
 

@@ -8,6 +8,7 @@ recorder subclasses use the library's own hook for writing more in the same tran
 """
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,7 @@ from cdp.config import Settings
 from cdp.domain import Customer
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
+SQLITE_CACHE_PAGES = -131072  # 128 MiB page cache for the writer: index pages of a large store stay hot
 INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key) VALUES (?)"
 
 
@@ -65,11 +67,12 @@ def _side_writes(cursor: Any, kwargs: dict[str, Any], placeholder: str) -> None:
 
 class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
     def construct_create_table_statements(self) -> list[str]:
-        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL]
+        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL + " WITHOUT ROWID"]
 
     def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         # One executemany instead of the library's row-by-row loop: notification ids are not
         # needed here and SQLite's single writer keeps rowids in commit order.
+        c.execute(f"PRAGMA cache_size = {SQLITE_CACHE_PAGES}")
         _side_writes(c, kwargs, "?")
         c.executemany(
             self.insert_events_statement,
@@ -154,6 +157,7 @@ class EventStore:
         self._customer_topic = get_topic(Customer)
         self._stamp: dict[str, str] = {}
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
+        self._reader: sqlite3.Connection | None = None
 
     def _heads_sql(self) -> str:
         table = self.recorder.events_table_name
@@ -180,9 +184,12 @@ class EventStore:
         if self.is_postgres:
             sql = (f"SELECT notification_id, replace(originator_id::text, '-', ''), topic, state FROM {table} "
                    "WHERE notification_id > ? ORDER BY notification_id LIMIT ?")
-        else:
-            sql = f"SELECT rowid, originator_id, topic, state FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"
-        return self.query(sql, (after, limit))
+            return self.query(sql, (after, limit))
+        if self._reader is None:  # plain tuples, no Row objects: this read is the projector's hot path
+            self._reader = sqlite3.connect(f"file:{self.settings.sqlite_path}?mode=ro", uri=True,
+                                           check_same_thread=False)
+        sql = f"SELECT rowid, originator_id, topic, state FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+        return self._reader.execute(sql, (after, limit)).fetchall()
 
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
@@ -224,4 +231,6 @@ class EventStore:
         self.recorder.insert_events(batch.events, writes=writes)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.app.close()

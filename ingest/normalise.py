@@ -13,6 +13,7 @@ from datetime import date, datetime, timezone
 from functools import lru_cache
 from typing import Any
 
+import orjson
 import phonenumbers
 
 IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
@@ -91,11 +92,30 @@ def event_time(raw: str) -> str:
         raise InvalidValue("time", f"{raw!r} is not an RFC 3339 date-time") from None
     if value.tzinfo is None:
         raise InvalidValue("time", f"{raw!r} has no UTC offset")
+    if raw.endswith("Z") and len(raw) == 20:  # already UTC to the second: the common case, no re-formatting
+        return raw[:19] + "+00:00"
     return value.astimezone(timezone.utc).isoformat()
 
 
+_customers: dict[tuple[str, bytes], tuple[dict[str, Any], dict[str, str]]] = {}
+_CUSTOMER_CACHE = 100_000
+
+
 def customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(profile for display, identifiers for joining) from a validated `data.customer`."""
+    """(profile for display, identifiers for joining) from a validated `data.customer`.
+
+    Memoised: a unit sends the same customer block with every event of a source record, so most
+    calls are a lookup. The returned dicts are shared and must be treated as read-only."""
+    key = (region, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+    found = _customers.get(key)
+    if found is None:
+        if len(_customers) >= _CUSTOMER_CACHE:
+            _customers.clear()
+        found = _customers[key] = _normalise_customer(raw, region)
+    return found
+
+
+def _normalise_customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str, str]]:
     profile: dict[str, Any] = {}
     identifiers: dict[str, str] = {}
     for field in NAME_FIELDS:

@@ -78,6 +78,9 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")
+    if not read_only:
+        # Checkpoint rarely (and on close) rather than inside the commit of every batch.
+        con.execute("SET checkpoint_threshold = '1GB'")
     return con
 
 
@@ -157,9 +160,9 @@ class Projector:
         return set(final)
 
     def catch_up(self, store: Any, batch_size: int = 20000, recompute: bool = True,
-                 progress: Callable[[int], None] | None = None) -> int:
-        """Applies everything the store has after our position, then (when recomputing) brings every
-        customer's scores up to date; returns the number of notifications applied."""
+                 progress: Callable[[int], None] | None = None, score: bool = True) -> int:
+        """Applies everything the store has after our position, then (when recomputing and `score`)
+        brings every customer's scores up to date; returns the number of notifications applied."""
         total = 0
         while True:
             notifications = store.raw_notifications(self.position, batch_size)
@@ -168,7 +171,7 @@ class Projector:
             total += self.apply(notifications, recompute=recompute)
             if progress:
                 progress(len(notifications))
-        if recompute:
+        if recompute and score:
             self.refresh_metrics()
         return total
 

@@ -82,27 +82,62 @@ def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
     return f"test.{slug}.{uuid.uuid4().hex[:10]}."
 
 
-# ------------------------------------------------------------------------------ unified view
+# ------------------------------------------------------------------------------ the cdp command
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class CdpRunner:
+    """Runs `cdp` as a user does: a subprocess with CDP_HOME set, output captured as text."""
+
+    home: Path
+    env: dict
+
+    def __call__(self, *args: str, input: str | bytes | None = None, check: bool = True,
+                 extra_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**self.env, **(extra_env or {})}
+        result = subprocess.run(
+            [sys.executable, "-m", "cdp", *args], env=env, input=input, capture_output=True,
+            text=not isinstance(input, bytes), timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cdp {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def query(self, sql: str) -> list[dict]:
+        import json
+
+        return json.loads(self("query", sql, "--format", "json").stdout)
+
+
+@pytest.fixture
+def cdp(tmp_path: Path) -> CdpRunner:
+    """The `cdp` command with a fresh CDP_HOME (embedded mode: no Kafka, SQLite store)."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CDP_KAFKA_BOOTSTRAP", "CDP_EVENT_STORE") and not k.startswith("CDP_")}
+    env["CDP_HOME"] = str(home)
+    return CdpRunner(home=home, env=env)
+
+
+# ------------------------------------------------------------------------------ unified view metrics
 
 DEMO_AS_OF = "2026-11-01"
 
 
-def _run_cdp(home, *args: str, as_of: str = DEMO_AS_OF, **env: str):
-    """Runs `cdp ARGS…` as a subprocess on CDP_HOME=home with a fixed CDP_AS_OF; fails on an error."""
-    import subprocess
-    import sys
-
-    environment = {**os.environ, "CDP_HOME": str(home), "CDP_AS_OF": as_of, **env}
-    result = subprocess.run([sys.executable, "-m", "cdp", *args], env=environment, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    return result
+def _cdp_at(home: Path, as_of: str = DEMO_AS_OF, **extra_env: str) -> CdpRunner:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    return CdpRunner(home=home, env={**env, "CDP_HOME": str(home), "CDP_AS_OF": as_of, **extra_env})
 
 
 @pytest.fixture(scope="session")
-def run_cdp():
-    """`run_cdp(home, *args, as_of=…, **env)`: the CLI as a subprocess with a fixed CDP_AS_OF."""
-    return _run_cdp
+def cdp_at():
+    """`cdp_at(home, as_of, **CDP_vars)`: the `cdp` command on CDP_HOME=home with a fixed CDP_AS_OF."""
+    return _cdp_at
 
 
 @pytest.fixture(scope="session")
@@ -114,11 +149,11 @@ def demo_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_view(tmp_path_factory, demo_files):
-    """CDP_HOME of a view built incrementally from the demo: two `cdp ingest` runs, small projection
-    batches (so the projector catches up many times), CDP_AS_OF fixed."""
-    home = tmp_path_factory.mktemp("demo-view")
+def demo_view(tmp_path_factory, demo_files) -> CdpRunner:
+    """A view built incrementally from the demo: two `cdp ingest` runs with small projection batches
+    (so the projector catches up many times), CDP_AS_OF fixed."""
+    cdp = _cdp_at(tmp_path_factory.mktemp("demo-view"), CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
     files = [str(p) for p in demo_files.event_files]
-    _run_cdp(home, "ingest", *files[:2], CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
-    _run_cdp(home, "ingest", *files[2:], CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
-    return home
+    cdp("ingest", *files[:2])
+    cdp("ingest", *files[2:])
+    return cdp

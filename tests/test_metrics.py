@@ -7,48 +7,44 @@ import itertools
 from pathlib import Path
 
 import duckdb
-import orjson
 import pytest
+
+from tests.events import event, write
 
 AS_OF = "2026-06-30"
 _ids = itertools.count(1)
+SOURCES = {"retail": "retail/pos", "bank": "bank/core", "telecom": "telecom/crm"}
 
 
-def event(unit: str, source_id: str, etype: str, time: str, email: str | None = None, **data) -> dict:
-    customer = {"source_id": source_id}
-    if email:
-        customer["email"] = email
-    source = {"retail": "retail/pos", "bank": "bank/core", "telecom": "telecom/crm"}[unit]
-    return {"specversion": "1.0", "id": f"00000000-0000-4000-8000-{next(_ids):012d}", "source": source,
-            "type": etype, "time": f"{time}T12:00:00Z", "subject": source_id, "datacontenttype": "application/json",
-            "data": {"business_unit": unit, "customer": customer, **data}}
+def ev(unit: str, source_id: str, etype: str, day: str, email: str | None = None, **fields) -> dict:
+    return event(f"e{next(_ids)}", unit, source_id, etype, time=f"{day}T12:00:00Z", source=SOURCES[unit],
+                 customer={"email": email} if email else None, **fields)
 
 
-def purchase(unit: str, source_id: str, time: str, amount: float, channel: str) -> dict:
-    return event(unit, source_id, "cdp.purchase", time, order_id=f"O-{next(_ids)}", amount=amount,
-                 currency="EUR", channel=channel)
+def purchase(unit: str, source_id: str, day: str, amount: float, channel: str) -> dict:
+    return ev(unit, source_id, "cdp.purchase", day, order_id=f"O-{next(_ids)}", amount=amount, channel=channel)
 
 
-def email(unit, source_id, time, campaign, action):
-    return event(unit, source_id, "cdp.email", time, campaign=campaign, action=action)
+def email(unit, source_id, day, campaign, action):
+    return ev(unit, source_id, "cdp.email", day, campaign=campaign, action=action)
 
 
-def feedback(unit, source_id, time, kind, score):
-    return event(unit, source_id, "cdp.feedback", time, kind=kind, score=score)
+def feedback(unit, source_id, day, kind, score):
+    return ev(unit, source_id, "cdp.feedback", day, kind=kind, score=score)
 
 
-def consent(unit, source_id, time, purpose, granted):
-    return event(unit, source_id, "cdp.consent", time, purpose=purpose, granted=granted)
+def consent(unit, source_id, day, purpose, granted):
+    return ev(unit, source_id, "cdp.consent", day, purpose=purpose, granted=granted)
 
 
-def call(unit, source_id, time, direction, outcome):
-    return event(unit, source_id, "cdp.call", time, direction=direction, duration_seconds=120, outcome=outcome)
+def call(unit, source_id, day, direction, outcome):
+    return ev(unit, source_id, "cdp.call", day, direction=direction, outcome=outcome)
 
 
 # A (ann): retail R0000001 and bank B-00001, one person (same email) -> one customer in two units.
 ANN = [
-    event("retail", "R0000001", "cdp.identify", "2025-12-01", "ann@example.com"),
-    event("bank", "B-00001", "cdp.identify", "2025-12-02", "ann@example.com"),
+    ev("retail", "R0000001", "cdp.identify", "2025-12-01", "ann@example.com"),
+    ev("bank", "B-00001", "cdp.identify", "2025-12-02", "ann@example.com"),
     consent("retail", "R0000001", "2026-01-01", "email_marketing", True),
     purchase("retail", "R0000001", "2026-01-10", 100.00, "pos"),
     feedback("retail", "R0000001", "2026-02-01", "nps", 9),
@@ -68,7 +64,7 @@ ANN = [
     purchase("retail", "R0000001", "2026-06-20", 30.00, "pos"),
 ]
 BOB = [  # lapsed: last purchase 510 days before as-of; re-consented after unsubscribing
-    event("retail", "R0000002", "cdp.identify", "2024-12-01", "bob@example.com"),
+    ev("retail", "R0000002", "cdp.identify", "2024-12-01", "bob@example.com"),
     email("retail", "R0000002", "2025-01-01", "c0", "sent"),
     email("retail", "R0000002", "2025-01-02", "c0", "unsubscribed"),
     purchase("retail", "R0000002", "2025-01-05", 40.00, "web"),
@@ -76,15 +72,15 @@ BOB = [  # lapsed: last purchase 510 days before as-of; re-consented after unsub
     consent("retail", "R0000002", "2025-03-01", "email_marketing", True),
 ]
 CAT = [  # one purchase 41 days ago
-    event("telecom", "T00000001", "cdp.identify", "2026-05-01", "cat@example.com"),
+    ev("telecom", "T00000001", "cdp.identify", "2026-05-01", "cat@example.com"),
     purchase("telecom", "T00000001", "2026-05-20", 25.00, "store"),
 ]
 DAN = [  # never bought
-    event("telecom", "T00000002", "cdp.identify", "2026-01-01", "dan@example.com"),
+    ev("telecom", "T00000002", "cdp.identify", "2026-01-01", "dan@example.com"),
     feedback("telecom", "T00000002", "2026-02-01", "nps", 10),
 ]
 EVE = [  # three big purchases, the last 211 days ago
-    event("bank", "B-00002", "cdp.identify", "2025-09-01", "eve@example.com"),
+    ev("bank", "B-00002", "cdp.identify", "2025-09-01", "eve@example.com"),
     purchase("bank", "B-00002", "2025-10-01", 500.00, "online"),
     purchase("bank", "B-00002", "2025-11-01", 500.00, "online"),
     purchase("bank", "B-00002", "2025-12-01", 500.00, "online"),
@@ -92,17 +88,12 @@ EVE = [  # three big purchases, the last 211 days ago
     feedback("bank", "B-00002", "2025-12-11", "csat", 1),
 ]
 FAY = [  # small regular buyer
-    event("retail", "R0000003", "cdp.identify", "2026-01-15", "fay@example.com"),
+    ev("retail", "R0000003", "cdp.identify", "2026-01-15", "fay@example.com"),
     purchase("retail", "R0000003", "2026-02-01", 10.00, "pos"),
     purchase("retail", "R0000003", "2026-04-01", 10.00, "pos"),
     purchase("retail", "R0000003", "2026-06-01", 10.00, "pos"),
 ]
 PEOPLE = {"ann": ANN, "bob": BOB, "cat": CAT, "dan": DAN, "eve": EVE, "fay": FAY}
-
-
-def write_jsonl(path: Path, events: list[dict]) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in sorted(events, key=lambda e: e["time"])))
-    return path
 
 
 def rows(home: Path, sql: str) -> list[dict]:
@@ -116,15 +107,10 @@ def rows(home: Path, sql: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cdp(run_cdp):
-    return lambda home, *args, as_of=AS_OF: run_cdp(home, *args, as_of=as_of)
-
-
-@pytest.fixture(scope="module")
-def view(tmp_path_factory, cdp) -> Path:
+def view(tmp_path_factory, cdp_at) -> Path:
     home = tmp_path_factory.mktemp("metrics")
-    events = [e for person in PEOPLE.values() for e in person]
-    cdp(home, "ingest", str(write_jsonl(home / "events.jsonl", events)))
+    events = sorted((e for person in PEOPLE.values() for e in person), key=lambda e: e["time"])
+    cdp_at(home, AS_OF)("ingest", str(write(home / "events.jsonl", events)))
     return home
 
 
@@ -248,11 +234,11 @@ def test_business_unit_overlap(view):
     assert ("retail", "telecom") not in overlap
 
 
-def test_scores_follow_a_new_as_of_without_new_events(view, cdp):
+def test_scores_follow_a_new_as_of_without_new_events(view, cdp_at):
     later = "2026-07-30"
-    cdp(view, "query", "SELECT 1", as_of=later)
+    cdp_at(view, later)("query", "SELECT 1")
     got = {r["email"].split("@")[0]: r for r in rows(view, "SELECT * FROM customers")}
     assert got["ann"]["recency_days"] == 40 and got["bob"]["recency_days"] == 540
     assert rows(view, "SELECT as_of FROM metric_state")[0]["as_of"].isoformat() == later
-    cdp(view, "query", "SELECT 1")   # back to AS_OF for the other tests
+    cdp_at(view, AS_OF)("query", "SELECT 1")   # back to AS_OF for the other tests
     assert rows(view, "SELECT recency_days FROM customers WHERE email = 'ann@example.com'")[0]["recency_days"] == 10

@@ -2,6 +2,7 @@
 data dictionary, and the HTML report opened in a real headless Chromium."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,28 +28,26 @@ def snapshot(home: Path) -> dict[str, list[tuple]]:
         con.close()
 
 
-def test_rebuild_equals_incremental_view(demo_view, run_cdp, tmp_path):
+def test_rebuild_equals_incremental_view(demo_view, cdp_at, tmp_path):
     home = tmp_path / "copy"
-    shutil.copytree(demo_view, home)
+    shutil.copytree(demo_view.home, home)
     incremental = snapshot(home)
     assert len(incremental["customers"]) > 300 and len(incremental["business_unit_overlap"]) == 9
     assert incremental["metric_state"][0][0].isoformat() == "2026-11-01"
-    run_cdp(home, "projections", "rebuild")
+    cdp_at(home)("projections", "rebuild")
     rebuilt = snapshot(home)
     for table in TABLES:
         assert rebuilt[table] == incremental[table], table
 
 
-def test_export_writes_parquet_for_every_table_with_a_dictionary(demo_view, run_cdp, tmp_path):
+def test_export_writes_parquet_for_every_table_with_a_dictionary(demo_view, tmp_path):
     out = tmp_path / "export"
-    run_cdp(demo_view, "export", str(out))
-    view = snapshot(demo_view)
+    demo_view("export", str(out))
+    view = snapshot(demo_view.home)
     for table in TABLES:
         parquet = pq.read_table(out / f"{table}.parquet")
         assert parquet.num_rows == len(view[table]), table
     dictionary = (out / "data_dictionary.md").read_text()
-    import json
-
     tables = json.loads((out / "data_dictionary.json").read_text())["tables"]
     assert {t["table"] for t in tables} == set(TABLES)
     for table in tables:
@@ -68,10 +67,10 @@ def _chromium() -> str:
     pytest.skip(message)
 
 
-def test_report_shows_its_charts_in_headless_chromium(demo_view, run_cdp, tmp_path):
+def test_report_shows_its_charts_in_headless_chromium(demo_view, tmp_path):
     chromium = _chromium()
     out = tmp_path / "report"
-    run_cdp(demo_view, "report", str(out))
+    demo_view("report", str(out))
     page = out / "report.html"
     assert "<script" not in page.read_text() and "http" not in re.sub(r'xmlns="[^"]+"', "", page.read_text())
     with tempfile.TemporaryDirectory() as profile:
