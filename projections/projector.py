@@ -78,6 +78,9 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")
+    # Top-N queries (e.g. the 100 most valuable customers) read the wide columns for the winners
+    # only; DuckDB's default does that up to LIMIT 50.
+    con.execute("SET late_materialization_max_rows = 1000")
     if not read_only:
         # Checkpoint rarely (and on close) rather than inside the commit of every batch.
         con.execute("SET checkpoint_threshold = '1GB'")
