@@ -42,6 +42,15 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _count(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise ConfigError(f"{name}: expected 0 or a positive whole number, got {raw!r}")
+    return int(raw)
+
+
 def _as_of(env: dict[str, str]) -> date:
     raw = env.get("CDP_AS_OF")
     if not raw:
@@ -62,6 +71,7 @@ class Settings:
     max_event_bytes: int = 256 * 1024
     batch_size: int = 10000
     projection_batch: int = 50000
+    parse_processes: int = 0
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
 
@@ -85,6 +95,7 @@ class Settings:
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
+            parse_processes=_count(env, "CDP_PARSE_PROCESSES", 1 if (os.cpu_count() or 1) > 1 else 0),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
         )

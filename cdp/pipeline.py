@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
@@ -18,6 +19,7 @@ from cdp.store import Batch, EventStore
 from identity.index import SELECT_KEYS, SELECT_REDIRECTS, TABLES as IDENTITY_TABLES, IdentityIndex
 from identity.resolver import Decision, Resolver
 from ingest.deadletter import DeadLetterFile
+from ingest.parallel import ParseWorkers
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
@@ -54,11 +56,18 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+def make_ingestor(settings: Settings) -> Ingestor:
+    return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes)
+
+
 class Pipeline:
     def __init__(self, settings: Settings, project: bool = True):
         self.settings = settings
-        self.validator = EventValidator(settings.schemas_dir)
-        self.ingestor = Ingestor(self.validator, settings.phone_region, settings.max_event_bytes)
+        workers = None
+        if settings.parse_processes:
+            workers = partial(ParseWorkers, partial(make_ingestor, settings), settings.parse_processes)
+        self.ingestor = Ingestor(EventValidator(settings.schemas_dir), settings.phone_region,
+                                 settings.max_event_bytes, workers)
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
         self.index = IdentityIndex(self.store.query(SELECT_KEYS), self.store.query(SELECT_REDIRECTS))
         self.resolver = Resolver(self.index)
@@ -120,9 +129,12 @@ class Pipeline:
                      profile=record.profile, data=record.data)
 
     def ingest(self, paths: Iterable[str], mapping=None, progress: Callable[[int], None] | None = None) -> Summary:
+        paths = list(paths)
+        self.ingestor.prepare(paths)
         return self.process(self.ingestor.read(paths, mapping), progress)
 
     def close(self) -> None:
+        self.ingestor.close()
         self.deadletter.close()
         if self.projector is not None:
             self.projector.close()

@@ -18,6 +18,7 @@ from ingest.validation import EventValidator
 
 TABULAR_SUFFIXES = {".csv", ".tsv", ".parquet", ".pq"}
 KEY_SEPARATOR = "\x1f"
+PARALLEL_MIN_BYTES = 4 << 20  # below this, starting a parsing process costs more than it saves
 
 
 class InputError(ValueError):
@@ -35,10 +36,13 @@ def _text(raw: bytes) -> str:
 class Ingestor:
     """Turns inputs into normalised records. `region_for(unit)` gives the default phone region."""
 
-    def __init__(self, validator: EventValidator, region_for: Callable[[str], str], max_event_bytes: int):
+    def __init__(self, validator: EventValidator, region_for: Callable[[str], str], max_event_bytes: int,
+                 parse_workers: Callable[[], Any] | None = None):
         self.validator = validator
         self.region_for = region_for
         self.max_event_bytes = max_event_bytes
+        self._parse_workers = parse_workers  # makes ParseWorkers for large JSONL inputs; None: parse here
+        self._workers: Any = None
         self.bytes_read = 0  # for progress bars
 
     # -- single events ---------------------------------------------------------------------
@@ -112,9 +116,29 @@ class Ingestor:
             file = Path(path)
             if file.suffix.lower() in TABULAR_SUFFIXES:
                 yield from self.read_tabular(file, mapping)
+            elif self._workers is not None and file.stat().st_size >= PARALLEL_MIN_BYTES:
+                with open(file, "rb") as stream:
+                    yield from self._workers.records(stream, file.name, self.max_event_bytes, self._count_bytes)
             else:
                 with open(file, "rb") as stream:
                     yield from self.read_jsonl(stream, file.name)
+
+    def prepare(self, paths: Iterable[str]) -> None:
+        """Starts the parsing processes if an input is large enough to be worth them; call it
+        before starting threads, because the processes are forked."""
+        if self._parse_workers is None or self._workers is not None:
+            return
+        if any(p != "-" and Path(p).suffix.lower() not in TABULAR_SUFFIXES
+               and Path(p).stat().st_size >= PARALLEL_MIN_BYTES for p in paths):
+            self._workers = self._parse_workers()
+
+    def _count_bytes(self, n: int) -> None:
+        self.bytes_read += n
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def read_jsonl(self, stream, name: str) -> Iterator[Accepted | Rejected]:
         before = 0
