@@ -189,6 +189,15 @@ def _model_scores(con: duckdb.DuckDBPyConnection, as_of: date) -> tuple[pa.Table
                      "predicted_value_12m": pa.array(value)}), params
 
 
+def check_columns(con: duckdb.DuckDBPyConnection, path: object) -> None:
+    """A view written before these metrics existed cannot take them incrementally: say so."""
+    present = {row[0] for row in con.execute("DESCRIBE customers").fetchall()}
+    missing = [name for name in (*FACT_COLUMNS, *SCORE_COLUMNS) if name not in present]
+    if missing:
+        raise ValueError(f"the view {path} was built by an older version (no {', '.join(missing[:3])} …): "
+                         "run `cdp projections rebuild`")
+
+
 def state(con: duckdb.DuckDBPyConnection) -> tuple[date | None, int | None]:
     rows = con.execute("SELECT as_of, position FROM metric_state").fetchall()
     return rows[0] if rows else (None, None)

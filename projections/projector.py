@@ -107,6 +107,7 @@ class Projector:
         self.con = connect(self.path)
         for statement in DDL:
             self.con.execute(statement)
+        metrics.check_columns(self.con, self.path)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                          "(SELECT 1 FROM projection_state WHERE name = ?)", [NAME, NAME])
 
