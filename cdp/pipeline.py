@@ -85,7 +85,7 @@ class Pipeline:
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
         self.index = IdentityIndex(self.store.query(SELECT_KEYS), self.store.query(SELECT_REDIRECTS))
         self.resolver = Resolver(self.index)
-        self.projector = Projector(settings.duckdb_path, settings.duckdb_memory) if project else None
+        self.projector = Projector(settings.duckdb_path, settings.as_of, settings.duckdb_memory) if project else None
         self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
 
     def process(self, records: Iterable[Accepted | Rejected],

@@ -1,11 +1,15 @@
 """The DuckDB unified view: table definitions and the set-based SQL that derives `customers`.
 
 `customer_events`, `customer_sources` and `customer_redirects` are facts copied from the store;
-`customers` is *derived* from them by one GROUP BY, for the customers a batch touched or for all.
+`customers` (and `customer_business_units`) are *derived* from them by one GROUP BY, for the
+customers a batch touched or for all; the time- and population-relative scores on `customers` are
+then recomputed for everyone by projections.metrics.refresh.
 Because the derivation depends only on those facts (ties broken by store position), the view
 built incrementally and the view rebuilt in one pass come out identical.
 """
 from __future__ import annotations
+
+from projections import metrics
 
 PROFILE_COLUMNS = (
     "email", "phone", "first_name", "last_name", "date_of_birth", "national_id", "loyalty_id",
@@ -45,8 +49,9 @@ DDL = (
     "rule VARCHAR NOT NULL, evidence JSON, position BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS customers (customer_id VARCHAR NOT NULL, "
     + ", ".join(f"{c} {'DATE' if c == 'date_of_birth' else 'VARCHAR'}" for c in PROFILE_COLUMNS)
-    + ", business_units VARCHAR[], sources INTEGER, events BIGINT, orders BIGINT, lifetime_value DOUBLE, "
-    "first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ)",
+    + ", business_units VARCHAR[], sources INTEGER, events BIGINT, "
+    f"first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ, {metrics.CUSTOMER_METRIC_COLUMNS})",
+    *metrics.DDL,
 )
 
 # Golden record: each field is the most recent non-empty value any source gave (ties: store order).
@@ -60,20 +65,22 @@ SELECT e.customer_id,
   list_sort(list_distinct(list(e.business_unit))) AS business_units,
   count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
   count(*) AS events,
-  count(*) FILTER (WHERE e.type = 'cdp.purchase') AS orders,
-  coalesce(sum(e.amount) FILTER (WHERE e.type = 'cdp.purchase'), 0)::DOUBLE AS lifetime_value,
   min(e.time) AS first_seen,
-  max(e.time) AS last_seen
+  max(e.time) AS last_seen,
+  {metrics.FACTS_SELECT}
 FROM customer_events e
 """
 
 
 def recompute_customers_sql(scope: str | None) -> list[str]:
-    """Statements that re-derive `customers`; `scope` names a table of touched customer_ids, None = all."""
+    """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
+    touched customer_ids, None = all. Scores stay NULL until metrics.refresh (see there)."""
     if scope is None:
-        return ["DELETE FROM customers", f"INSERT INTO customers {CUSTOMERS_SELECT} GROUP BY e.customer_id"]
+        return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {CUSTOMERS_SELECT} GROUP BY e.customer_id",
+                *metrics.units_sql(None)]
     return [
         f"DELETE FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})",
-        f"INSERT INTO customers {CUSTOMERS_SELECT} "
+        f"INSERT INTO customers BY NAME {CUSTOMERS_SELECT} "
         f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY e.customer_id",
+        *metrics.units_sql(scope),
     ]
