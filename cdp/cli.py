@@ -27,11 +27,13 @@ def settings() -> Settings:
 
 
 def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    from projections.projector import connect
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
+    from projections.projector import connect, refresh_view
 
     if not cfg.duckdb_path.exists():
         raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
     try:
+        refresh_view(cfg.duckdb_path, cfg.as_of)
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.IOException as error:
         raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
@@ -66,7 +68,8 @@ def cli() -> None:
     """Customer-data platform: channel events in, one unified customer view out.
 
     Configuration comes from the environment: CDP_HOME (data folder, default ./.cdp),
-    CDP_EVENT_STORE (a postgresql:// URL; unset: SQLite in CDP_HOME), CDP_KAFKA_BOOTSTRAP.
+    CDP_EVENT_STORE (a postgresql:// URL; unset: SQLite in CDP_HOME), CDP_KAFKA_BOOTSTRAP,
+    CDP_AS_OF (YYYY-MM-DD, default today: the date recency, lifecycle and churn risk are computed at).
     """
 
 
@@ -92,13 +95,39 @@ def run_ingest(cfg: Settings, paths: list[str], mapping: Path | None):
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML mapping for CSV/Parquet inputs (default: <file>.mapping.toml beside each file).")
-def ingest(paths: tuple[str, ...], mapping: Path | None) -> None:
+@click.option("--kafka", "to_kafka", is_flag=True,
+              help="Publish the events to the cdp.events topic (CDP_KAFKA_BOOTSTRAP) for `cdp worker`.")
+def ingest(paths: tuple[str, ...], mapping: Path | None, to_kafka: bool) -> None:
     """Ingest CloudEvents JSONL files (or - for stdin), or CSV/Parquet through a mapping file."""
     cfg = settings()
+    if to_kafka:
+        publish(cfg, list(paths), mapping)
+        return
     summary = run_ingest(cfg, list(paths), mapping)
     print_summary(summary, "ingest")
     if summary.rejected:
         console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+
+
+def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
+    from cdp.publishing import publish_files
+    from ingest.stage import check_inputs
+
+    cfg.require_kafka()
+    summary = publish_files(cfg, check_inputs(paths), mapping)
+    rate = summary.accepted / summary.seconds if summary.seconds else 0.0
+    console.out.print(f"published {summary.accepted:,} events to {cfg.topic('cdp.events')} in "
+                      f"{summary.seconds:.1f} s ({rate:,.0f} events/s)")
+    if summary.rejected:
+        console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+
+
+@cli.command()
+def worker() -> None:
+    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+    from cdp.worker import run
+
+    run(settings())
 
 
 @cli.command()
@@ -211,6 +240,28 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
                                 title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
 
 
+@cli.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def export_view(directory: Path) -> None:
+    """Write every table of the view as Parquet into DIRECTORY, with a data dictionary."""
+    from projections.export import export_view as export, total_rows
+
+    con = open_view(settings())
+    with console.progress_bar("export", total_rows(con)) as advance:
+        paths = export(con, directory, progress=advance)
+    console.out.print(f"wrote {len(paths)} files to {directory} (data dictionary: {directory / 'data_dictionary.md'})")
+
+
+@cli.command("report")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def report(directory: Path) -> None:
+    """Write an HTML report with charts (segments, lifecycle, overlap, cohorts) into DIRECTORY."""
+    from projections.report import write_report
+
+    path = write_report(open_view(settings()), directory)
+    console.out.print(f"wrote {path}")
+
+
 @cli.group()
 def projections() -> None:
     """Maintain the DuckDB unified view."""
@@ -229,7 +280,8 @@ def projections_rebuild() -> None:
         total = store.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
-            applied = rebuild(store, cfg.duckdb_path, progress=advance)
+            applied = rebuild(store, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
+                              memory_limit=cfg.duckdb_memory)
         seconds = time.perf_counter() - started
     finally:
         store.close()

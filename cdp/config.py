@@ -126,8 +126,14 @@ class Settings:
     batch_size: int = 10000
     projection_batch: int = 50000
     parse_processes: int = 0
+    duckdb_memory: str = "256MB"
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
+    topic_prefix: str = ""
+    kafka_partitions: int = 8
+    worker_group: str = "cdp-worker"
+    worker_batch: int = 5000
+    worker_linger_ms: int = 100
     # identity resolution (README: "Identity resolution")
     matching: str = "probabilistic"          # CDP_MATCHING: probabilistic | deterministic
     match_threshold: float = 0.95            # CDP_MATCH_THRESHOLD: match probability that links
@@ -156,9 +162,15 @@ class Settings:
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
+            duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 1 if (os.cpu_count() or 1) > 1 else 0),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
+            topic_prefix=env.get("CDP_TOPIC_PREFIX", ""),
+            kafka_partitions=_int(env, "CDP_KAFKA_PARTITIONS", 8),
+            worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
+            worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
+            worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
             **_identity(env),
         )
 
@@ -172,6 +184,15 @@ class Settings:
     @property
     def duckdb_path(self) -> Path:
         return self.home / "view.duckdb"
+
+    def topic(self, name: str) -> str:
+        """A Kafka topic's name (`cdp.events` …) after CDP_TOPIC_PREFIX."""
+        return self.topic_prefix + name
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
+        return self.kafka_bootstrap
 
     @property
     def deadletter_path(self) -> Path:

@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from eventsourcing.persistence import IntegrityError
 
 from cdp.config import Settings
 from cdp.domain import Customer
@@ -30,6 +32,8 @@ from ingest.stage import Ingestor
 from ingest.validation import EventValidator
 from projections.follower import ViewFollower
 from projections.projector import Projector
+
+COMMIT_ATTEMPTS = 5
 
 
 @dataclass
@@ -55,6 +59,13 @@ class Summary:
         self.rejected += 1
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
 
+    def add(self, other: "Summary") -> None:
+        for name in ("accepted", "rejected", "duplicates", "new_customers", "linked_sources", "merges",
+                     "stored_events"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for kind, count in other.reasons.items():
+            self.reasons[kind] = self.reasons.get(kind, 0) + count
+
 
 IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
 
@@ -77,6 +88,12 @@ def load_resolver(store: EventStore, settings: Settings) -> Resolver:
                     CannotLink(store.query(constraints.SELECT_PAIRS)))
 
 
+def take_in_changes(resolver: Resolver, changed: Callable[[str], list[tuple]]) -> None:
+    """What other writers on the same store committed since our last look (cdp/writers.py)."""
+    resolver.index.load(changed(identity_index.SELECT_KEYS), changed(identity_index.SELECT_REDIRECTS))
+    resolver.take_in(changed(blocking.SELECT_RECORDS), changed(constraints.SELECT_PAIRS))
+
+
 def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -88,7 +105,10 @@ def make_ingestor(settings: Settings) -> Ingestor:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, project: bool = True):
+    """`deadletter` is where rejected records go (default: the JSONL file in CDP_HOME); anything
+    with `write(Rejected)`, `flush()` and `close()` will do, e.g. the worker's Kafka topic."""
+
+    def __init__(self, settings: Settings, project: bool = True, deadletter: Any = None):
         self.settings = settings
         workers = None
         if settings.parse_processes:
@@ -98,8 +118,8 @@ class Pipeline:
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
         self.resolver = load_resolver(self.store, settings)
         self.index = self.resolver.index
-        self.projector = Projector(settings.duckdb_path) if project else None
-        self.deadletter = DeadLetterFile(settings.deadletter_path)
+        self.projector = Projector(settings.duckdb_path, settings.as_of, settings.duckdb_memory) if project else None
+        self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
 
     def process(self, records: Iterable[Accepted | Rejected],
                 progress: Callable[[int], None] | None = None) -> Summary:
@@ -108,21 +128,7 @@ class Pipeline:
         pending = 0  # stored events the view has not been told about
         follower = ViewFollower(self.projector, self.store, self.settings.projection_batch) if self.projector else None
         for chunk in batched(records, self.settings.batch_size):
-            batch = self.store.begin()
-            for record in chunk:
-                if isinstance(record, Rejected):
-                    self.deadletter.write(record)
-                    summary.add_rejection(record.kind)
-                elif record.key in self.store.seen:
-                    summary.duplicates += 1
-                else:
-                    self.record(batch, record, self.resolver.resolve(record), summary)
-                    self.store.mark_seen(batch, record.key)
-            batch.writes.extend(self.resolver.take_writes())
-            self.deadletter.flush()
-            self.store.commit(batch)
-            summary.stored_events += len(batch)
-            pending += len(batch)
+            pending += self.process_batch(chunk, summary)
             if follower is not None and pending >= self.settings.projection_batch:
                 follower.notify()
                 pending = 0
@@ -132,6 +138,57 @@ class Pipeline:
             follower.finish()
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def process_batch(self, chunk: Sequence[Accepted | Rejected], summary: Summary,
+                      committed: Callable[[Batch], None] | None = None) -> int:
+        """Resolves and stores one chunk in one store transaction; returns the stored events.
+
+        With several writers on one store (cdp/writers.py) this runs under their lock, after
+        taking in what the others committed; `committed(batch)` runs after the commit, still under
+        the lock. Should the commit still hit a uniqueness violation, every in-memory copy is
+        reloaded from the store and the chunk resolved again, so nothing is lost or doubled."""
+        accepted = []
+        for record in chunk:
+            if isinstance(record, Rejected):
+                self.deadletter.write(record)
+                summary.add_rejection(record.kind)
+            else:
+                accepted.append(record)
+        self.deadletter.flush()
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            part = Summary()
+            try:
+                with self.store.exclusive():
+                    take_in_changes(self.resolver, self.store.changed)
+                    batch = self.resolve(accepted, part)
+                    self.store.commit(batch)
+                    if committed is not None:
+                        committed(batch)
+                break
+            except Exception as error:
+                self.reload()  # the copies may hold the failed batch's changes
+                if not isinstance(error, IntegrityError) or attempt == COMMIT_ATTEMPTS:
+                    raise
+        summary.add(part)
+        summary.stored_events += len(batch)
+        return len(batch)
+
+    def resolve(self, records: Iterable[Accepted], summary: Summary) -> Batch:
+        batch = self.store.begin()
+        for record in records:
+            if record.key in self.store.seen:
+                summary.duplicates += 1
+            else:
+                self.record(batch, record, self.resolver.resolve(record), summary)
+                self.store.mark_seen(batch, record.key)
+        batch.writes.extend(self.resolver.take_writes())
+        return batch
+
+    def reload(self) -> None:
+        """Drops the in-memory copies and reads them again from the store."""
+        self.store.load()
+        self.resolver = load_resolver(self.store, self.settings)
+        self.index = self.resolver.index
 
     def record(self, batch: Batch, record: Accepted, decision: Decision, summary: Summary) -> None:
         """The domain events one resolved record stands for."""

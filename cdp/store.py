@@ -8,10 +8,12 @@ recorder subclasses use the library's own hook for writing more in the same tran
 """
 from __future__ import annotations
 
+import re
 import sqlite3
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 from uuid import UUID
 
@@ -21,12 +23,15 @@ from eventsourcing.persistence import Notification, StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
 
+from cdp import writers
 from cdp.config import Settings
 from cdp.domain import Customer
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
-SQLITE_CACHE_PAGES = -131072  # 128 MiB page cache for the writer: index pages of a large store stay hot
+SQLITE_CACHE_PAGES = -65536  # 64 MiB page cache for the writer: index pages of a large store stay hot
 INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key) VALUES (?)"
 
 
@@ -61,8 +66,29 @@ class CompactJSONTranscoder(Transcoder):
 def _side_writes(cursor: Any, kwargs: dict[str, Any], placeholder: str) -> None:
     """The pipeline's extra rows, written in the events' transaction: `writes=[(sql, rows), …]`."""
     for sql, rows in kwargs.get("writes", ()):
-        if rows:
-            cursor.executemany(sql if placeholder == "?" else sql.replace("?", placeholder), rows)
+        if not rows:
+            continue
+        if placeholder == "?":
+            cursor.executemany(sql, rows)
+        elif (arrays := _as_arrays(sql, rows)) is not None:
+            cursor.execute(*arrays)
+        else:
+            cursor.executemany(sql.replace("?", placeholder), rows)
+
+
+_VALUES = re.compile(r"VALUES\s*\((\s*\?\s*(?:,\s*\?\s*)*)\)")
+_ARRAY_TYPES = {str: "text", int: "bigint", float: "float8", bool: "boolean"}
+
+
+def _as_arrays(sql: str, rows: list[tuple]) -> tuple[str, list[list]] | None:
+    """PostgreSQL: `INSERT … VALUES (?, ?)` for many rows as one `INSERT … SELECT FROM unnest(arrays)`,
+    one round trip and C-speed parameter dumping instead of a statement per row (None: not possible)."""
+    types = [_ARRAY_TYPES.get(type(value)) for value in rows[0]]
+    match = _VALUES.search(sql)
+    if match is None or None in types or match.group(1).count("?") != len(types):
+        return None
+    unnest = "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types) + ")"
+    return sql[:match.start()] + unnest + sql[match.end():], [list(column) for column in zip(*rows)]
 
 
 class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
@@ -83,11 +109,31 @@ class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
 
 
 class PostgresCustomerRecorder(PostgresApplicationRecorder):
-    def construct_create_table_statements(self) -> list[Any]:
-        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL]
+    # The PostgreSQL recorders keep their DDL in `sql_create_statements` (there is no
+    # `construct_create_table_statements` to override as for SQLite).
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sql_create_statements.append(SQL(EVENT_KEYS_DDL))
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         _side_writes(curs, kwargs, "%s")
+
+    def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        # The library sends one composite value per event, dumped in Python; four arrays dump in C.
+        # Same table lock and notification as the library (commit order = notification id order).
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(SQL(
+            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%b::{}[], %b::bigint[], %b::text[], %b::bytea[])").format(
+                Identifier(self.datastore.schema), Identifier(self.events_table_name),
+                Identifier(self.datastore.originator_id_type)),
+            [[e.originator_id for e in stored_events], [e.originator_version for e in stored_events],
+             [e.topic for e in stored_events], [e.state for e in stored_events]])
+
+    def _fetch_ids_after_insert_events(self, curs: Any, stored_events: Sequence[StoredEvent],
+                                       **kwargs: Any) -> None:
+        return None  # the pipeline does not use the new notification ids
 
 
 class CustomerApplication(Application):
@@ -143,15 +189,21 @@ class EventStore:
 
     def __init__(self, settings: Settings, side_tables: Sequence[str] = ()):
         self.settings = settings
-        self.app = CustomerApplication(env=store_environment(settings))
-        self.recorder = self.app.recorder
-        self.transcoder = self.app.mapper.transcoder
-        self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
-        with self.recorder.datastore.transaction(commit=True) as cursor:
-            for ddl in side_tables:  # tables of the stages whose state commits with the events
-                cursor.execute(ddl)
-        self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
-        self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
+        # PostgreSQL: `CREATE … IF NOT EXISTS` races when several workers start at once, so the
+        # schema is created under the writers' lock
+        self._lock = writers.WriterLock(settings.event_store) if settings.event_store else None
+        with self._lock.held() if self._lock else nullcontext():
+            self.app = CustomerApplication(env=store_environment(settings))
+            self.recorder = self.app.recorder
+            self.transcoder = self.app.mapper.transcoder
+            self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
+            with self.recorder.datastore.transaction(commit=True) as cursor:
+                for ddl in side_tables:  # tables of the stages whose state commits with the events
+                    cursor.execute(ddl)
+                if self.is_postgres:
+                    writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
+        self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
+        self.load()
         self._topics = {cls: get_topic(cls) for cls in (
             Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed,
             Customer.Split, Customer.SplitOff, Customer.MatchSuggested, Customer.MatchConfirmed,
@@ -161,9 +213,48 @@ class EventStore:
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
         self._reader: sqlite3.Connection | None = None
 
-    def _heads_sql(self) -> str:
+    def _heads_sql(self, after: int = 0) -> str:
         table = self.recorder.events_table_name
-        return f"SELECT originator_id, MAX(originator_version) FROM {table} GROUP BY originator_id"
+        if not self.is_postgres:
+            return f"SELECT originator_id, MAX(originator_version) FROM {table} GROUP BY originator_id"
+        # PostgreSQL keeps ids as uuid: read them back as the hex strings the pipeline uses
+        return (f"SELECT replace(originator_id::text, '-', ''), MAX(originator_version) FROM {table} "
+                f"WHERE notification_id > {int(after)} GROUP BY originator_id")
+
+    # -- several writers (see cdp/writers.py) ------------------------------------------------
+
+    def load(self) -> None:
+        """(Re)reads heads and seen keys in full; marks taken first, so nothing falls in between."""
+        self._mark = self._lock.last_change() if self._lock else 0
+        self._position = self.max_position() if self._lock else 0
+        self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
+        self.seen: set[str] = {row[0] for row in self.query("SELECT key FROM cdp_event_keys")}
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Resolve and commit inside this block: on PostgreSQL it holds the writers' lock and first
+        reads what other writers committed (then `changed()` returns their side-table rows)."""
+        if self._lock is None:
+            self._window = (0, 0)
+            yield
+            return
+        with self._lock.held():
+            mark, position = self._lock.last_change(), self.max_position()
+            self._window = (self._mark, mark)
+            if mark > self._mark:
+                self.seen.update(row[0] for row in self.changed("SELECT key FROM cdp_event_keys"))
+            if position > self._position:
+                self.heads.update(self.query(self._heads_sql(self._position)))
+            yield
+            # our own commit is already in memory: skip it at the next refresh
+            self._mark, self._position = self._lock.last_change(), self.max_position()
+
+    def changed(self, select: str) -> list[tuple]:
+        """Rows of `select` (one side table, no WHERE) other writers changed, as of the last refresh."""
+        low, high = self._window
+        if high <= low:
+            return []
+        return self.query(f"{select} WHERE cdp_seq > ? AND cdp_seq <= ?", (low, high))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -172,9 +263,11 @@ class EventStore:
         if self.is_postgres:
             sql = sql.replace("?", "%s")
         with self.recorder.datastore.transaction(commit=False) as cursor:
+            if self.is_postgres:
+                cursor.row_factory = tuple_row  # the library's cursors make a dict per row
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        return [tuple(row.values()) if isinstance(row, dict) else tuple(row) for row in rows]
+        return [tuple(row) for row in rows]
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """One write outside a batch, in its own transaction (a trained model, say)."""
@@ -240,6 +333,8 @@ class EventStore:
         self.recorder.insert_events(batch.events, writes=writes)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
         if self._reader is not None:
             self._reader.close()
         self.app.close()

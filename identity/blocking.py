@@ -80,7 +80,13 @@ class BlockingIndex:
         self.blocks: dict[str, list[str]] = {}
         self._dirty: dict[str, Features] = {}
         for source_key, text in rows:
-            self._add(source_key, Features.from_json(json.loads(text)))
+            self.load(source_key, text)
+
+    def load(self, source_key: str, text: str) -> Features:
+        """Takes in one persisted row (at start, or another writer's)."""
+        f = Features.from_json(json.loads(text))
+        self._add(source_key, f)
+        return f
 
     def _add(self, source_key: str, f: Features, keys: list[str] | None = None) -> None:
         self.records[source_key] = f

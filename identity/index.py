@@ -35,6 +35,11 @@ class IdentityIndex:
         self._dirty_keys: dict[tuple[str, str], str] = {}
         self._dirty_redirects: dict[str, str] = {}
 
+    def load(self, keys: Iterable[tuple[str, str, str]], redirects: Iterable[tuple[str, str]]) -> None:
+        """Takes in rows another writer committed (they win over what this copy remembers)."""
+        self._keys.update(((kind, value), cid) for kind, value, cid in keys)
+        self._redirects.update(redirects)
+
     def survivor(self, customer_id: str) -> str:
         """The customer an id resolves to today (itself unless it was merged away)."""
         redirects = self._redirects

@@ -278,5 +278,14 @@ class Resolver:
             raise ValueError(f"unknown source record {src}")
         return customer
 
+    def take_in(self, records: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:
+        """Records and do-not-link pairs another writer on the same store committed."""
+        for source_key, text in records:
+            if source_key not in self.blocks.records:
+                f = self.blocks.load(source_key, text)
+                self.guardrails.count(f)
+        for a, b in pairs:
+            self.cannot_link.pairs.add((a, b) if a <= b else (b, a))
+
     def take_writes(self) -> list[tuple[str, list[tuple]]]:
         return [*self.index.take_writes(), *self.blocks.take_writes(), *self.cannot_link.take_writes()]

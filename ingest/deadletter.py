@@ -56,3 +56,24 @@ class DeadLetterFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DeadLetterTopic:
+    """The same entries as messages on a Kafka topic (`cdp.deadletter`), keyed by the event's
+    `source` and `id` when it had them; `producer` is a kafka-python KafkaProducer."""
+
+    def __init__(self, producer: Any, topic: str):
+        self.producer = producer
+        self.topic = topic
+        self.count = 0
+
+    def write(self, rejected: Rejected) -> None:
+        key = f"{rejected.source}:{rejected.event_id}".encode() if rejected.event_id else None
+        self.producer.send(self.topic, key=key, value=orjson.dumps(entry(rejected)))
+        self.count += 1
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.flush()

@@ -13,7 +13,6 @@ from datetime import date, datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-import orjson
 import phonenumbers
 
 IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
@@ -97,8 +96,13 @@ def event_time(raw: str) -> str:
     return value.astimezone(timezone.utc).isoformat()
 
 
-_customers: dict[tuple[str, bytes], tuple[dict[str, Any], dict[str, str]]] = {}
+_customers: dict[tuple, tuple[dict[str, Any], dict[str, str]]] = {}
 _CUSTOMER_CACHE = 100_000
+
+
+def _customer_key(raw: dict[str, Any], region: str) -> tuple:
+    """Hashable form of a customer block (values are strings or null after validation)."""
+    return (region, *((k, tuple(v.items()) if type(v) is dict else v) for k, v in raw.items()))
 
 
 def customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -106,7 +110,7 @@ def customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any], dict[str
 
     Memoised: a unit sends the same customer block with every event of a source record, so most
     calls are a lookup. The returned dicts are shared and must be treated as read-only."""
-    key = (region, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+    key = _customer_key(raw, region)
     found = _customers.get(key)
     if found is None:
         if len(_customers) >= _CUSTOMER_CACHE:

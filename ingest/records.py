@@ -25,6 +25,7 @@ class Accepted:
     data: dict[str, Any]  # the type's own fields (amount, items, action …)
     origin: str = ""
     subject: str | None = None
+    raw: bytes | None = None  # the event as sent (JSON), kept only for publishing (Ingestor.keep_raw)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class Ingestor:
         self._parse_workers = parse_workers  # makes ParseWorkers for large JSONL inputs; None: parse here
         self._workers: Any = None
         self.bytes_read = 0  # for progress bars
+        self.keep_raw = False  # Accepted.raw: only a publisher needs the event as sent
 
     # -- single events ---------------------------------------------------------------------
 
@@ -65,6 +66,13 @@ class Ingestor:
                                 raw=_text(line))
             return Rejected(reason=f"malformed JSON: {error}", origin=origin, kind="json", raw=_text(line))
         return self.from_event(event, origin, line)
+
+    def from_message(self, value: bytes | None, origin: str) -> Accepted | Rejected:
+        """One message from a broker, checked exactly like one line of a file."""
+        value = value or b""
+        if len(value) > self.max_event_bytes:
+            return self.from_line(Oversize(size=len(value), head=value[:200]), origin)
+        return self.from_line(value, origin)
 
     def from_event(self, event: Any, origin: str, raw: bytes | None = None) -> Accepted | Rejected:
         problem = self.validator.check(event)
@@ -91,6 +99,7 @@ class Ingestor:
             data=fields,
             origin=origin,
             subject=event.get("subject"),
+            raw=(raw if raw is not None else orjson.dumps(event)) if self.keep_raw else None,
         )
 
     @staticmethod

@@ -29,7 +29,8 @@ class ViewFollower:
                 self._wake.wait()
                 self._wake.clear()
                 stopping = self._stopping
-                self.projector.catch_up(self.store, self.batch_size)
+                # scores (a model fit over everyone) once, when the run is over
+                self.projector.catch_up(self.store, self.batch_size, score=stopping)
                 if stopping:
                     return
         except BaseException as error:  # handed to the caller's thread by check()

@@ -8,6 +8,7 @@ rows, so a restart neither loses nor double-counts an event.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +17,9 @@ import pyarrow as pa
 from eventsourcing.utils import get_topic
 
 from cdp.domain import Customer
+from projections import metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
+from projections.transactions import transaction
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
 
 NAME = "unified_view"
@@ -76,9 +79,14 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 """
 
 
-def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: Path | str, read_only: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    # Top-N queries (e.g. the 100 most valuable customers) read the wide columns for the winners
+    # only; DuckDB's default does that up to LIMIT 50.
+    con.execute("SET late_materialization_max_rows = 1000")
     if not read_only:
         # Checkpoint rarely (and on close) rather than inside the commit of every batch.
         con.execute("SET checkpoint_threshold = '1GB'")
@@ -106,12 +114,14 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
 
 
 class Projector:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, as_of: date | None = None, memory_limit: str | None = None):
         self.path = Path(path)
+        self.as_of = as_of or date.today()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = connect(self.path)
+        self.con = connect(self.path, memory_limit=memory_limit)
         for statement in (*DDL, *IDENTITY_DDL):
             self.con.execute(statement)
+        metrics.check_columns(self.con, self.path)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                          "(SELECT 1 FROM projection_state WHERE name = ?)", [NAME, NAME])
 
@@ -181,8 +191,9 @@ class Projector:
         return set(final)
 
     def catch_up(self, store: Any, batch_size: int = 20000, recompute: bool = True,
-                 progress: Callable[[int], None] | None = None) -> int:
-        """Applies everything the store has after our position; returns the number applied."""
+                 progress: Callable[[int], None] | None = None, score: bool = True) -> int:
+        """Applies everything the store has after our position, then (when recomputing and `score`)
+        brings every customer's scores up to date; returns the number of notifications applied."""
         total = 0
         while True:
             notifications = store.raw_notifications(self.position, batch_size)
@@ -191,26 +202,57 @@ class Projector:
             total += self.apply(notifications, recompute=recompute)
             if progress:
                 progress(len(notifications))
+        if recompute and score:
+            self.refresh_metrics()
         return total
 
     def recompute_all(self) -> None:
-        self.con.execute("BEGIN TRANSACTION")
-        for statement in recompute_customers_sql(None):
-            self.con.execute(statement)
-        self.con.execute("COMMIT")
+        with transaction(self.con):
+            for statement in recompute_customers_sql(None):
+                self.con.execute(statement)
+        self.refresh_metrics()
+
+    def refresh_metrics(self) -> bool:
+        """Recomputes the time- and population-relative scores of all customers unless they were
+        computed at this position for this as-of date already; True when it did."""
+        if metrics.state(self.con) == (self.as_of, self.position):
+            return False
+        metrics.refresh(self.con, self.as_of, self.position)
+        return True
 
     def close(self) -> None:
         self.con.close()
 
 
+def refresh_view(path: Path, as_of: date) -> bool:
+    """Brings the scores of an existing view up to `as_of` (and to its own position) if they are
+    not; a no-op costing one read-only open otherwise. True when scores were recomputed."""
+    con = connect(path, read_only=True)
+    try:
+        fresh = con.execute("SELECT count(*) FROM metric_state m JOIN projection_state p ON p.name = ? "
+                            "WHERE m.as_of = ? AND m.position = p.position", [NAME, as_of]).fetchall()[0][0]
+    except duckdb.CatalogException:
+        fresh = 0
+    finally:
+        con.close()
+    if fresh:
+        return False
+    projector = Projector(path, as_of)
+    try:
+        return projector.refresh_metrics()
+    finally:
+        projector.close()
+
+
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
-            progress: Callable[[int], None] | None = None) -> int:
+            progress: Callable[[int], None] | None = None, as_of: date | None = None,
+            memory_limit: str | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
     live view stays queryable until the new one is complete."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
-    projector = Projector(staging)
+    projector = Projector(staging, as_of, memory_limit)
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()

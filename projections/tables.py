@@ -1,12 +1,15 @@
 """The DuckDB unified view: table definitions and the set-based SQL that derives `customers`.
 
 `customer_events`, `customer_sources` and `customer_redirects` are facts copied from the store;
-`customers` is *derived* from them by one GROUP BY, for the customers a batch touched or for all.
+`customers` (and `customer_business_units`) are *derived* from them by one GROUP BY, for the
+customers a batch touched or for all; the time- and population-relative scores on `customers` are
+then recomputed for everyone by projections.metrics.refresh.
 Because the derivation depends only on those facts (ties broken by store position), the view
 built incrementally and the view rebuilt in one pass come out identical.
 """
 from __future__ import annotations
 
+from projections import metrics
 from projections.survivorship import events_source, golden_columns, golden_sources_type, rules_from_env
 
 PROFILE_COLUMNS = (
@@ -47,9 +50,10 @@ DDL = (
     "rule VARCHAR NOT NULL, evidence JSON, position BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS customers (customer_id VARCHAR NOT NULL, "
     + ", ".join(f"{c} {'DATE' if c == 'date_of_birth' else 'VARCHAR'}" for c in PROFILE_COLUMNS)
-    + ", business_units VARCHAR[], sources INTEGER, events BIGINT, orders BIGINT, lifetime_value DOUBLE, "
-    "first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ, "
+    + ", business_units VARCHAR[], sources INTEGER, events BIGINT, "
+    f"first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ, {metrics.CUSTOMER_METRIC_COLUMNS}, "
     f"golden_sources {golden_sources_type(PROFILE_COLUMNS)})",
+    *metrics.DDL,
 )
 
 # Golden record: each field by its survivorship rule (projections/survivorship.py), with its source.
@@ -59,23 +63,26 @@ SELECT e.customer_id,
   list_sort(list_distinct(list(e.business_unit))) AS business_units,
   count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
   count(*) AS events,
-  count(*) FILTER (WHERE e.type = 'cdp.purchase') AS orders,
-  coalesce(sum(e.amount) FILTER (WHERE e.type = 'cdp.purchase'), 0)::DOUBLE AS lifetime_value,
   min(e.time) AS first_seen,
-  max(e.time) AS last_seen
+  max(e.time) AS last_seen,
+  {facts}
 FROM {events} e
 """
 
 
 def recompute_customers_sql(scope: str | None) -> list[str]:
-    """Statements that re-derive `customers`; `scope` names a table of touched customer_ids, None = all."""
+    """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
+    touched customer_ids, None = all. Scores stay NULL until metrics.refresh (see there)."""
     rules = rules_from_env()
     where = f"WHERE customer_id IN (SELECT customer_id FROM {scope})" if scope else ""
-    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), events=events_source(rules, where))
+    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), facts=metrics.FACTS_SELECT,
+                                     events=events_source(rules, where))
     if scope is None:
-        return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {select} GROUP BY e.customer_id"]
+        return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {select} GROUP BY e.customer_id",
+                *metrics.units_sql(None)]
     return [
         f"DELETE FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})",
         f"INSERT INTO customers BY NAME {select} "
         f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY e.customer_id",
+        *metrics.units_sql(scope),
     ]

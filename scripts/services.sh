@@ -5,6 +5,7 @@
 #   scripts/services.sh stop  [kafka] [postgres]   stop them (idempotent)
 #   scripts/services.sh status                     say what runs (exit 0 only when both answer)
 #   scripts/services.sh env                        print the addresses of the running services
+#   scripts/services.sh kcat                       install kcat (Debian's package) if it is missing
 #
 # `start` prints exactly two `export …` lines on stdout (everything else goes to stderr) and writes
 # them to $STATE/env.sh, so `eval "$(scripts/services.sh start)"` or `source .services/env.sh` work.
@@ -241,7 +242,7 @@ offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
-# the project does not create its topics yet
+# cdp creates its own topics (cdp/topics.py); auto-creation stays on for ad-hoc tools such as kcat
 auto.create.topics.enable=true
 delete.topic.enable=true
 EOF
@@ -384,6 +385,18 @@ stop_postgres() {
     pg_as_owner "$(pg_bindir)/pg_ctl" -D "$(cat "$PG_DIR/datadir")" -m fast -w -t 60 stop >/dev/null
 }
 
+# ------------------------------------------------------------------------------------------- kcat
+
+install_kcat() { # the generic Kafka client the tests use to show that any client takes part
+    if command -v kcat >/dev/null; then return 0; fi
+    command -v apt-get >/dev/null || die "kcat is missing and there is no apt-get to install it: install kcat and retry"
+    log "kcat not found: installing Debian's kcat package"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q kcat >&2 \
+        || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q kcat >&2; }
+    command -v kcat >/dev/null || die "installed kcat but it is not on PATH"
+}
+
 # ----------------------------------------------------------------------------------------- common
 
 wait_for() { # wait_for NAME PIDFILE PROBE ARG LOGS
@@ -466,5 +479,6 @@ case "${1:-}" in
     stop)   shift; cmd_stop "$@" ;;
     status) cmd_status ;;
     env)    write_env ;;
-    *) echo "usage: $0 start|stop [kafka] [postgres] | status | env" >&2; exit 2 ;;
+    kcat)   install_kcat ;;
+    *) echo "usage: $0 start|stop [kafka] [postgres] | status | env | kcat" >&2; exit 2 ;;
 esac

@@ -18,6 +18,17 @@ in_ci() { [[ "${CI:-}" == "true" ]]; }
 
 [[ -x "$PYTEST" ]] || { say "ERROR: $PYTEST not found: run 'make test' (it creates .venv)"; exit 1; }
 
+# The report test opens the HTML report in a real headless Chromium (Debian's package).
+if [[ ! -x /usr/bin/chromium ]] && ! command -v chromium >/dev/null; then
+    say "installing chromium for the report test"
+    if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+        apt-get install -y chromium >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; } \
+            || say "WARNING: could not install chromium: the report test will be skipped"
+    else
+        say "WARNING: chromium missing and apt-get unusable (not root?): the report test will be skipped"
+    fi
+fi
+
 STOP_AT_EXIT=()
 stop_started() {
     if ((${#STOP_AT_EXIT[@]})); then
@@ -64,6 +75,12 @@ else
         exit 1
     fi
     say "services: CDP_KAFKA_BOOTSTRAP=${CDP_KAFKA_BOOTSTRAP:-<none>} CDP_POSTGRES_DSN=${CDP_POSTGRES_DSN:-<none>}"
+fi
+
+if [[ -n "${CDP_KAFKA_BOOTSTRAP:-}" ]] && ! command -v kcat >/dev/null; then
+    # the Kafka tests publish and read with kcat too; CI starts from a bare machine
+    scripts/services.sh kcat || { in_ci && { say "ERROR: kcat could not be installed and CI=true"; exit 1; }
+                                  say "WARNING: kcat could not be installed: its test will be skipped"; }
 fi
 
 status=0

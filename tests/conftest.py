@@ -122,3 +122,38 @@ def cdp(tmp_path: Path) -> CdpRunner:
            if k not in ("CDP_KAFKA_BOOTSTRAP", "CDP_EVENT_STORE") and not k.startswith("CDP_")}
     env["CDP_HOME"] = str(home)
     return CdpRunner(home=home, env=env)
+
+
+# ------------------------------------------------------------------------------ unified view metrics
+
+DEMO_AS_OF = "2026-11-01"
+
+
+def _cdp_at(home: Path, as_of: str = DEMO_AS_OF, **extra_env: str) -> CdpRunner:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    return CdpRunner(home=home, env={**env, "CDP_HOME": str(home), "CDP_AS_OF": as_of, **extra_env})
+
+
+@pytest.fixture(scope="session")
+def cdp_at():
+    """`cdp_at(home, as_of, **CDP_vars)`: the `cdp` command on CDP_HOME=home with a fixed CDP_AS_OF."""
+    return _cdp_at
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory):
+    """Demo CloudEvents for 400 people (three JSONL files, no CSV), generated once per session."""
+    from cdp.demo import DemoSpec, generate
+
+    return generate(tmp_path_factory.mktemp("demo-input"), DemoSpec(people=400, seed=5))
+
+
+@pytest.fixture(scope="session")
+def demo_view(tmp_path_factory, demo_files) -> CdpRunner:
+    """A view built incrementally from the demo: two `cdp ingest` runs with small projection batches
+    (so the projector catches up many times), CDP_AS_OF fixed."""
+    cdp = _cdp_at(tmp_path_factory.mktemp("demo-view"), CDP_PROJECTION_BATCH="700", CDP_BATCH_SIZE="500")
+    files = [str(p) for p in demo_files.event_files]
+    cdp("ingest", *files[:2])
+    cdp("ingest", *files[2:])
+    return cdp

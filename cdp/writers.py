@@ -1,0 +1,76 @@
+"""Several writers on one PostgreSQL event store without races (cdp worker ×N, cdp ingest).
+
+Every writer keeps in memory what it needs to resolve a batch (identity index, customers' heads,
+seen event keys). Two rules keep those copies honest:
+
+* **one writer at a time**: a batch is resolved and committed while holding a PostgreSQL advisory
+  lock (`pg_advisory_lock` on a connection of its own, so a killed process releases it with its
+  connection);
+* **refresh before resolving**: right after taking the lock, the writer reads what the others
+  committed since its last look. Side tables carry a `cdp_seq` column filled from one sequence by
+  a trigger on every insert and update; since sequence values are drawn under the lock, the rows
+  with `cdp_seq` above the last value seen are exactly the other writers' changes. Heads come from
+  stored events after the last notification id seen.
+
+SQLite has a single writer per file anyway: there the lock is a no-op and nothing is refreshed.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+LOCK_KEY = 0x0CD9_0001  # the advisory lock all writers of one database agree on
+SEQUENCE = "cdp_change_seq"
+FUNCTION = f"""
+CREATE OR REPLACE FUNCTION cdp_stamp_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.cdp_seq := nextval('{SEQUENCE}'); RETURN NEW; END $$
+"""
+
+
+def tracking_ddl(table: str) -> list[str]:
+    """Statements that make `table`'s changes readable as `cdp_seq > last seen` (idempotent)."""
+    return [
+        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS cdp_seq BIGINT",
+        f"CREATE INDEX IF NOT EXISTS {table}_cdp_seq ON {table} (cdp_seq)",
+        f"CREATE OR REPLACE TRIGGER {table}_cdp_seq BEFORE INSERT OR UPDATE ON {table} "
+        "FOR EACH ROW EXECUTE FUNCTION cdp_stamp_change()",
+    ]
+
+
+def install(cursor: Any, tables: Sequence[str]) -> None:
+    """Run under the writers' lock (EventStore does), as concurrent DDL races in PostgreSQL."""
+    cursor.execute(f"CREATE SEQUENCE IF NOT EXISTS {SEQUENCE}")
+    cursor.execute(FUNCTION)
+    for table in tables:
+        for statement in tracking_ddl(table):
+            cursor.execute(statement)
+
+
+def table_name(ddl: str) -> str:
+    """`CREATE TABLE IF NOT EXISTS name (…` → name."""
+    return ddl.split("(", 1)[0].split()[-1]
+
+
+class WriterLock:
+    """The writers' advisory lock, on a dedicated autocommit connection."""
+
+    def __init__(self, dsn: str):
+        import psycopg
+
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            yield
+        finally:
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+    def last_change(self) -> int:
+        """The highest `cdp_seq` handed out so far (0 before the first)."""
+        row = self.conn.execute(f"SELECT last_value, is_called FROM {SEQUENCE}").fetchone()
+        return row[0] if row[1] else 0
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,39 @@
+"""The profile changelog for CRMs (`cdp.profiles`, compacted, keyed by customer_id).
+
+Messages are read from the unified view after it has caught up with the store, so a CRM only ever
+sees committed data:
+
+* a changed customer: its current unified profile (golden record and metrics), `"position"` being
+  the store position the view had reached;
+* a customer merged away: a redirect `{"customer_id": absorbed, "merged_into": survivor}`, so a CRM
+  holding the old id knows where it went (compaction keeps it as that key's last word);
+* an erased customer (once `cdp erase` exists): a tombstone, no value.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import duckdb
+import orjson
+
+Message = tuple[bytes, bytes | None]  # (key, value)
+
+
+def profile_messages(con: duckdb.DuckDBPyConnection, changed: Iterable[str], merged: Mapping[str, str],
+                     position: int) -> list[Message]:
+    """Messages for `changed` customers (current ids) and `merged` ones (absorbed id -> survivor)."""
+    messages: list[Message] = [
+        (absorbed.encode(), orjson.dumps({"customer_id": absorbed, "merged_into": survivor, "position": position}))
+        for absorbed, survivor in sorted(merged.items())
+    ]
+    ids = sorted(set(changed) - set(merged))
+    if not ids:
+        return messages
+    cursor = con.execute("SELECT * FROM customers WHERE customer_id IN (SELECT unnest(?::VARCHAR[])) "
+                         "ORDER BY customer_id", [ids])
+    columns = [d[0] for d in cursor.description]
+    for row in cursor.fetchall():
+        profile = dict(zip(columns, row))
+        profile["position"] = position
+        messages.append((profile["customer_id"].encode(), orjson.dumps(profile, default=str)))
+    return messages

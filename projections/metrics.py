@@ -1,0 +1,219 @@
+"""Customer metrics in the unified view, as set-based SQL (exact definitions: docs/metrics.md).
+
+Two kinds, kept apart so that the incremental view and a rebuild always agree:
+
+* **facts** depend only on one customer's own events (orders, spend, email rates, complaints,
+  consent …). They are aggregates in the GROUP BY that derives `customers` (`FACT_COLUMNS`), and in
+  `customer_business_units`, re-derived for the customers a batch touched.
+* **scores** depend on the as-of date (`CDP_AS_OF`) or on the whole population (RFM quintiles, the
+  fitted MBG/NBD + Gamma-Gamma model): recency, RFM, segment, lifecycle stage, churn risk,
+  predicted value, tier; and the `business_unit_overlap` table, an aggregate over everyone. `refresh()` recomputes them for *all* customers in one statement whenever
+  the view has moved on or the as-of date changed, and records both in `metric_state`, so no
+  customer keeps a stale score because no event touched them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import date
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from projections import clv
+from projections.transactions import transaction
+
+CONSENT_PURPOSES = ("email_marketing", "sms_marketing", "phone_marketing", "profiling", "third_party_sharing")
+NEW_DAYS = 90          # first purchase at most this many days before as-of: new
+AT_RISK_DAYS = 180     # no purchase for more than this: at_risk
+CHURNED_DAYS = 365     # no purchase for more than this: churned
+AT_RISK_CHURN = 0.5    # churn_risk at or above this: at_risk
+
+_PURCHASE = "e.type = 'cdp.purchase'"
+_EMAIL = "e.type = 'cdp.email'"
+_TOUCH_CHANNEL = """CASE
+      WHEN e.type = 'cdp.purchase' AND e.channel IN ('web', 'online', 'app') THEN 'online'
+      WHEN e.type = 'cdp.purchase' AND e.channel IN ('pos', 'store', 'branch') THEN 'store'
+      WHEN e.type = 'cdp.purchase' THEN e.channel
+      WHEN e.type = 'cdp.call' AND e.direction = 'inbound' THEN 'phone'
+      WHEN e.type = 'cdp.email' AND e.action IN ('opened', 'clicked') THEN 'email'
+      WHEN e.type = 'cdp.social' THEN 'social' END"""
+
+
+def _campaign_rate(action: str) -> str:
+    return (f"round(count(DISTINCT e.campaign) FILTER (WHERE {_EMAIL} AND e.action = '{action}') / "
+            f"nullif(count(DISTINCT e.campaign) FILTER (WHERE {_EMAIL} AND e.action = 'sent'), 0), 4)")
+
+
+# name -> (DuckDB type, aggregate over customer_events e of one customer)
+FACT_COLUMNS: dict[str, tuple[str, str]] = {
+    "orders": ("BIGINT", f"count(*) FILTER (WHERE {_PURCHASE})"),
+    "lifetime_value": ("DOUBLE", f"round(coalesce(sum(e.amount) FILTER (WHERE {_PURCHASE}), 0), 2)"),
+    "avg_order_value": ("DOUBLE", f"round(sum(e.amount) FILTER (WHERE {_PURCHASE}) / "
+                                  f"nullif(count(*) FILTER (WHERE {_PURCHASE}), 0), 2)"),
+    "first_purchase_at": ("TIMESTAMPTZ", f"min(e.time) FILTER (WHERE {_PURCHASE})"),
+    "last_purchase_at": ("TIMESTAMPTZ", f"max(e.time) FILTER (WHERE {_PURCHASE})"),
+    "purchase_days": ("INTEGER", f"count(DISTINCT e.time::DATE) FILTER (WHERE {_PURCHASE})::INTEGER"),
+    "preferred_channel": ("VARCHAR", f"list_sort(list_transform(map_entries(histogram({_TOUCH_CHANNEL})), "
+                                     "lambda c: {'n': -(c.value::BIGINT), 'channel': c.key}))[1].channel"),
+    "emails_sent": ("BIGINT", f"count(DISTINCT e.campaign) FILTER (WHERE {_EMAIL} AND e.action = 'sent')"),
+    "email_open_rate": ("DOUBLE", _campaign_rate("opened")),
+    "email_click_rate": ("DOUBLE", _campaign_rate("clicked")),
+    "email_unsubscribed": ("BOOLEAN", f"coalesce(max(e.time) FILTER (WHERE {_EMAIL} AND e.action = 'unsubscribed') > "
+                                      "coalesce(max(e.time) FILTER (WHERE e.type = 'cdp.consent' AND e.purpose = "
+                                      "'email_marketing' AND e.granted), '-infinity'::TIMESTAMPTZ), false)"),
+    "calls": ("BIGINT", "count(*) FILTER (WHERE e.type = 'cdp.call')"),
+    "complaints": ("BIGINT", "count(*) FILTER (WHERE (e.type = 'cdp.call' AND e.outcome = 'complaint') OR "
+                             "(e.type = 'cdp.feedback' AND e.kind = 'csat' AND e.score <= 2))"),
+    "nps_score": ("DOUBLE", "arg_max(e.score, (e.time, e.position)) FILTER (WHERE e.type = 'cdp.feedback' "
+                            "AND e.kind = 'nps')"),
+    "nps_class": ("VARCHAR", "CASE WHEN nps_score >= 9 THEN 'promoter' WHEN nps_score >= 7 THEN 'passive' "
+                             "WHEN nps_score >= 0 THEN 'detractor' END"),
+    "csat_avg": ("DOUBLE", "round(avg(e.score) FILTER (WHERE e.type = 'cdp.feedback' AND e.kind = 'csat'), 2)"),
+    **{f"consent_{purpose}": ("BOOLEAN", "arg_max(e.granted, (e.time, e.position)) FILTER (WHERE "
+                                         f"e.type = 'cdp.consent' AND e.purpose = '{purpose}')")
+       for purpose in CONSENT_PURPOSES},
+}
+
+SCORE_COLUMNS: dict[str, str] = {
+    "recency_days": "INTEGER", "rfm_recency": "TINYINT", "rfm_frequency": "TINYINT", "rfm_monetary": "TINYINT",
+    "rfm_segment": "VARCHAR", "lifecycle_stage": "VARCHAR", "churn_risk": "DOUBLE",
+    "predicted_value_12m": "DOUBLE", "tier": "VARCHAR",
+}
+
+FACTS_SELECT = ",\n  ".join(f"{sql} AS {name}" for name, (_, sql) in FACT_COLUMNS.items())
+CUSTOMER_METRIC_COLUMNS = ", ".join(
+    [f"{name} {kind}" for name, (kind, _) in FACT_COLUMNS.items()] + [f"{n} {k}" for n, k in SCORE_COLUMNS.items()])
+
+UNITS_DDL = (
+    "CREATE TABLE IF NOT EXISTS customer_business_units (customer_id VARCHAR NOT NULL, "
+    "business_unit VARCHAR NOT NULL, spend DOUBLE NOT NULL, orders BIGINT NOT NULL, first_seen TIMESTAMPTZ, "
+    "last_seen TIMESTAMPTZ, interactions BIGINT NOT NULL)"
+)
+UNITS_SELECT = f"""
+SELECT e.customer_id, e.business_unit,
+  round(coalesce(sum(e.amount) FILTER (WHERE {_PURCHASE}), 0), 2) AS spend,
+  count(*) FILTER (WHERE {_PURCHASE}) AS orders,
+  min(e.time) AS first_seen, max(e.time) AS last_seen,
+  count(*) FILTER (WHERE e.type IN ('cdp.call', 'cdp.email', 'cdp.social', 'cdp.feedback')) AS interactions
+FROM customer_events e
+"""
+OVERLAP_DDL = (
+    "CREATE TABLE IF NOT EXISTS business_unit_overlap (unit_x VARCHAR NOT NULL, unit_y VARCHAR NOT NULL, "
+    "customers_x BIGINT NOT NULL, customers_both BIGINT NOT NULL, share_of_x DOUBLE NOT NULL, "
+    "spend_in_x DOUBLE NOT NULL, spend_in_y DOUBLE NOT NULL, value_both DOUBLE NOT NULL)"
+)
+# Materialised by refresh (a self-join of 1.5M unit rows is too slow to run at query time).
+OVERLAP_SELECT = """
+WITH pairs AS (
+  SELECT x.business_unit AS unit_x, y.business_unit AS unit_y, count(*) AS customers_both,
+         round(sum(x.spend), 2) AS spend_in_x, round(sum(y.spend), 2) AS spend_in_y
+  FROM customer_business_units x JOIN customer_business_units y ON x.customer_id = y.customer_id
+  GROUP BY ALL)
+SELECT p.unit_x, p.unit_y, t.customers_both AS customers_x, p.customers_both,
+       round(p.customers_both / t.customers_both, 4) AS share_of_x, p.spend_in_x, p.spend_in_y,
+       round(p.spend_in_x + CASE WHEN p.unit_x = p.unit_y THEN 0 ELSE p.spend_in_y END, 2) AS value_both
+FROM pairs p JOIN pairs t ON t.unit_x = p.unit_x AND t.unit_y = p.unit_x
+"""
+STATE_DDL = "CREATE TABLE IF NOT EXISTS metric_state (as_of DATE, position BIGINT, model JSON)"
+DDL = (UNITS_DDL, OVERLAP_DDL, STATE_DDL)
+
+
+def units_sql(scope: str | None) -> list[str]:
+    """Statements that re-derive `customer_business_units` (scope as in tables.recompute_customers_sql)."""
+    if scope is None:
+        return ["DELETE FROM customer_business_units",
+                f"INSERT INTO customer_business_units {UNITS_SELECT} GROUP BY ALL"]
+    return [
+        f"DELETE FROM customer_business_units WHERE customer_id IN (SELECT customer_id FROM {scope})",
+        f"INSERT INTO customer_business_units {UNITS_SELECT} "
+        f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY ALL",
+    ]
+
+
+# The buyers' summary the model is fitted on, in whole days: x repeat purchase days, tx from first
+# to last purchase day, T from first purchase day to as-of (never below tx).
+_SUMMARY = """
+SELECT customer_id, (purchase_days - 1)::DOUBLE AS x,
+       date_diff('day', first_purchase_at::DATE, last_purchase_at::DATE)::DOUBLE AS tx,
+       greatest(date_diff('day', first_purchase_at::DATE, $as_of::DATE),
+                date_diff('day', first_purchase_at::DATE, last_purchase_at::DATE))::DOUBLE AS T,
+       lifetime_value / purchase_days AS monetary
+FROM customers WHERE orders > 0 ORDER BY customer_id
+"""
+
+_SCORES = f"""
+WITH scored AS (
+  SELECT c.customer_id, c.orders, c.lifetime_value, c.first_purchase_at,
+         CASE WHEN c.orders > 0 THEN greatest(0, date_diff('day', c.last_purchase_at::DATE, $as_of::DATE)) END
+           AS recency_days,
+         round(m.churn_risk, 4) AS churn_risk, round(coalesce(m.predicted_value_12m, 0), 2) AS predicted_value_12m
+  FROM customers c LEFT JOIN model_scores m ON m.customer_id = c.customer_id),
+ranked AS (
+  SELECT customer_id,
+         least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY recency_days DESC)))::TINYINT AS rfm_recency,
+         least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY orders)))::TINYINT AS rfm_frequency,
+         least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY lifetime_value)))::TINYINT AS rfm_monetary
+  FROM scored WHERE orders > 0),
+staged AS (
+  SELECT s.*, r.rfm_recency, r.rfm_frequency, r.rfm_monetary,
+    CASE WHEN s.orders = 0 THEN 'prospect'
+         WHEN rfm_recency >= 4 AND rfm_frequency >= 4 THEN 'champions'
+         WHEN rfm_recency >= 3 AND rfm_frequency >= 3 THEN 'loyal'
+         WHEN rfm_recency >= 4 AND rfm_frequency = 1 THEN 'new'
+         WHEN rfm_recency >= 3 THEN 'potential'
+         WHEN rfm_frequency >= 3 THEN 'at_risk'
+         WHEN rfm_recency = 2 THEN 'hibernating'
+         ELSE 'lost' END AS rfm_segment,
+    CASE WHEN s.orders = 0 THEN 'prospect'
+         WHEN date_diff('day', s.first_purchase_at::DATE, $as_of::DATE) <= {NEW_DAYS} THEN 'new'
+         WHEN s.recency_days > {CHURNED_DAYS} THEN 'churned'
+         WHEN s.recency_days > {AT_RISK_DAYS} OR s.churn_risk >= {AT_RISK_CHURN} THEN 'at_risk'
+         ELSE 'active' END AS lifecycle_stage,
+    CASE WHEN rfm_recency + rfm_frequency + rfm_monetary >= 12 THEN 'high_value'
+         WHEN rfm_recency + rfm_frequency + rfm_monetary >= 8 THEN 'potential'
+         ELSE 'regular' END AS tier
+  FROM scored s LEFT JOIN ranked r ON r.customer_id = s.customer_id)
+UPDATE customers SET {", ".join(f"{name} = staged.{name}" for name in SCORE_COLUMNS)}
+FROM staged WHERE customers.customer_id = staged.customer_id
+"""
+
+
+def _model_scores(con: duckdb.DuckDBPyConnection, as_of: date) -> tuple[pa.Table, clv.Params]:
+    summary = con.sql(_SUMMARY, params={"as_of": as_of}).to_arrow_table()
+    x, tx, T, monetary = (summary.column(c).to_numpy() for c in ("x", "tx", "T", "monetary"))
+    params = clv.fit(x, tx, T, monetary)
+    alive, value = clv.predict(params, x, tx, T, monetary)
+    return pa.table({"customer_id": summary.column("customer_id"), "churn_risk": pa.array(1.0 - alive),
+                     "predicted_value_12m": pa.array(value)}), params
+
+
+def check_columns(con: duckdb.DuckDBPyConnection, path: object) -> None:
+    """A view written before these metrics existed cannot take them incrementally: say so."""
+    present = {row[0] for row in con.execute("DESCRIBE customers").fetchall()}
+    missing = [name for name in (*FACT_COLUMNS, *SCORE_COLUMNS) if name not in present]
+    if missing:
+        raise ValueError(f"the view {path} was built by an older version (no {', '.join(missing[:3])} …): "
+                         "run `cdp projections rebuild`")
+
+
+def state(con: duckdb.DuckDBPyConnection) -> tuple[date | None, int | None]:
+    rows = con.execute("SELECT as_of, position FROM metric_state").fetchall()
+    return rows[0] if rows else (None, None)
+
+
+def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int) -> None:
+    """Recomputes every customer's scores against `as_of`, in one transaction with metric_state."""
+    scores, params = _model_scores(con, as_of)
+    model = json.dumps({k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in asdict(params).items()})
+    con.register("model_scores", scores)
+    try:
+        with transaction(con):
+            con.execute(_SCORES, {"as_of": as_of})
+            con.execute("DELETE FROM business_unit_overlap")
+            con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
+            con.execute("DELETE FROM metric_state")
+            con.execute("INSERT INTO metric_state VALUES (?, ?, ?)", [as_of, position, model])
+    finally:
+        con.unregister("model_scores")
