@@ -174,3 +174,18 @@ def test_bad_arguments_print_one_line(cdp: Cdp, args, env, message):
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_train_estimates_and_stores_a_model_used_from_then_on(cdp: Cdp, tmp_path: Path):
+    from cdp.demo import DemoSpec, generate
+
+    demo = generate(tmp_path / "demo", DemoSpec(people=400, seed=9, hard=True))
+    cdp("ingest", *map(str, demo.event_files))
+    out = cdp("identity", "train", "--seed", "3").stdout
+    assert "model v1 trained on" in out and "first_name" in out
+    import sqlite3
+
+    with sqlite3.connect(cdp.home / "events.sqlite") as db:
+        [(version, model)] = db.execute("SELECT version, model FROM identity_model").fetchall()
+    assert version == 1 and json.loads(model)["trained_on"]["seed"] == 3
+    assert "model v2" in cdp("identity", "train", "--seed", "3").stdout
