@@ -18,6 +18,7 @@ TABLES = {
 _CUSTOMERS = {
     "customer_id": "Unified customer id.",
     **{c: f"Golden-record {c.replace('_', ' ')}." for c in PROFILE_COLUMNS},
+    "golden_sources": "For each golden-record field, the business_unit:source_id its value came from (survivorship rules: CDP_SURVIVORSHIP).",
     "business_units": "Business units the customer is known to, sorted.",
     "sources": "Number of distinct (business_unit, source_id) records merged into the customer.",
     "events": "Number of events on the customer's timeline.",
