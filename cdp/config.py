@@ -127,6 +127,7 @@ class Settings:
     projection_batch: int = 50000
     parse_processes: int = 0
     duckdb_memory: str = "256MB"
+    score_interval: int = 60
     as_of: date = field(default_factory=date.today)
     schemas_dir: Path = REPO_ROOT / "schemas"
     topic_prefix: str = ""
@@ -163,7 +164,8 @@ class Settings:
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
             duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
-            parse_processes=_count(env, "CDP_PARSE_PROCESSES", 1 if (os.cpu_count() or 1) > 1 else 0),
+            score_interval=_int(env, "CDP_SCORE_INTERVAL", 60),
+            parse_processes=_count(env, "CDP_PARSE_PROCESSES", 0),
             as_of=_as_of(env),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
             topic_prefix=env.get("CDP_TOPIC_PREFIX", ""),

@@ -87,6 +87,7 @@ class BatchHandler:
         self.consumed = 0
         self.published = 0
         self.last_batch = (0, 0.0)  # events, seconds
+        self.scored_at = 0.0
 
     def parse(self, messages: Sequence[tuple[bytes | None, str]]) -> list[Accepted | Rejected]:
         ingestor = self.pipeline.ingestor
@@ -104,7 +105,8 @@ class BatchHandler:
             return
         pipeline = self.pipeline
         projector = pipeline.projector
-        projector.catch_up(pipeline.store, self.cfg.projection_batch)
+        projector.catch_up(pipeline.store, self.cfg.projection_batch, score=False)
+        self.refresh_scores()
         changed, merged = set(), {}
         for event in batch.events:
             cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
@@ -118,9 +120,18 @@ class BatchHandler:
             self.published += 1
         self.producer.flush()
 
+    def refresh_scores(self, force: bool = False) -> None:
+        """Scores (RFM, lifecycle, churn, value model, tier) rank every customer against all the
+        others, so they are refreshed every CDP_SCORE_INTERVAL seconds, not after every batch."""
+        now = time.monotonic()
+        if force or now - self.scored_at >= self.cfg.score_interval:
+            self.pipeline.projector.refresh_metrics()
+            self.scored_at = now
+
     def follow(self) -> None:
         """Idle: keep this worker's view up with what the other workers commit."""
-        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch)
+        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch, score=False)
+        self.refresh_scores()
 
     def close(self) -> None:
         self.pipeline.close()
