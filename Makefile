@@ -27,6 +27,7 @@ test-fast: install
 	$(BIN)/pytest -q -m "not kafka and not postgres"
 
 bench: install
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 services: install
