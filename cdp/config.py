@@ -124,7 +124,7 @@ class Settings:
     phone_regions: dict[str, str] = field(default_factory=dict)
     max_event_bytes: int = 256 * 1024
     batch_size: int = 10000
-    projection_batch: int = 50000
+    projection_batch: int = 25000
     parse_processes: int = 0
     duckdb_memory: str = "256MB"
     score_interval: int = 60
@@ -162,7 +162,7 @@ class Settings:
             phone_regions=_parse_regions(env.get("CDP_PHONE_REGIONS", "")),
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
-            projection_batch=_int(env, "CDP_PROJECTION_BATCH", 50000),
+            projection_batch=_int(env, "CDP_PROJECTION_BATCH", 25000),
             duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
             score_interval=_int(env, "CDP_SCORE_INTERVAL", 60),
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 0),

@@ -50,7 +50,7 @@ def email(raw: str) -> str | None:
     return value if _EMAIL.match(value) else None
 
 
-@lru_cache(maxsize=262144)
+@lru_cache(maxsize=65536)
 def phone(raw: str, region: str) -> str | None:
     """E.164 form, or None when the value is not a possible number in that region."""
     try:
@@ -97,7 +97,7 @@ def event_time(raw: str) -> str:
 
 
 _customers: dict[tuple, tuple[dict[str, Any], dict[str, str]]] = {}
-_CUSTOMER_CACHE = 100_000
+_CUSTOMER_CACHE = 20_000
 
 
 def _customer_key(raw: dict[str, Any], region: str) -> tuple:
