@@ -79,15 +79,8 @@ def run_ingest(cfg: Settings, paths: list[str], mapping: Path | None):
 
     paths = check_inputs(paths)
     total = total_bytes(paths)
-    with Pipeline(cfg) as pipeline, console.progress_bar("ingest", total, unit_bytes=True) as advance:
-        seen = 0
-
-        def progress(_: int) -> None:
-            nonlocal seen
-            advance(pipeline.ingestor.bytes_read - seen)
-            seen = pipeline.ingestor.bytes_read
-
-        summary = pipeline.ingest(paths, mapping, progress)
+    with Pipeline(cfg) as pipeline, console.progress_bar("ingest", total, unit_bytes=True) as bar:
+        summary = pipeline.ingest(paths, mapping, lambda _: bar.reach(pipeline.ingestor.bytes_read))
     return summary
 
 
@@ -144,15 +137,8 @@ def demo(people: int, seed: int, hard: bool) -> None:
     directory = cfg.home / "demo-input"
     spec = DemoSpec(people=people, seed=seed, hard=hard, invalid_rate=0.005)
     console.err.print(f"Generating demo data for {people:,} people in {directory} …")
-    with console.progress_bar("generate", people * 12.4) as advance:
-        done = 0
-
-        def progress(n: int) -> None:
-            nonlocal done
-            advance(n - done)
-            done = n
-
-        files = generate(directory, spec, progress, csv_unit="telecom")
+    with console.progress_bar("generate", people * 12.4) as bar:
+        files = generate(directory, spec, bar.reach, csv_unit="telecom")
     summary = run_ingest(cfg, [str(p) for p in files.event_files], None)
     print_summary(summary, f"demo: {files.people:,} people, {files.source_records:,} source records in 3 business units")
     con = open_view(cfg)

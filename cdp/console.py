@@ -21,12 +21,23 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @contextmanager
 def progress_bar(label: str, total: float | None, unit_bytes: bool = False) -> Iterator[Any]:
-    """Yields `advance(n)`; shows a bar on a terminal, stays silent when output is piped."""
+    """Yields a `Bar`: call it with a step, or `.reach(done)` with a running total. Shows on a
+    terminal, stays silent when output is piped."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                MofNCompleteColumn() if not unit_bytes else TextColumn(""), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task, n)
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        yield Bar(progress, progress.add_task(label, total=total))
+
+
+class Bar:
+    def __init__(self, progress: Progress, task: Any):
+        self._progress, self._task = progress, task
+
+    def __call__(self, n: float = 1) -> None:
+        self._progress.advance(self._task, n)
+
+    def reach(self, done: float) -> None:
+        self._progress.update(self._task, completed=done)
 
 
 def _plain(value: Any) -> Any:

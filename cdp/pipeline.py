@@ -100,8 +100,9 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def make_ingestor(settings: Settings) -> Ingestor:
-    return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes)
+def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
+    return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes,
+                    parse_workers)
 
 
 class Pipeline:
@@ -113,8 +114,7 @@ class Pipeline:
         workers = None
         if settings.parse_processes:
             workers = partial(ParseWorkers, partial(make_ingestor, settings), settings.parse_processes)
-        self.ingestor = Ingestor(EventValidator(settings.schemas_dir), settings.phone_region,
-                                 settings.max_event_bytes, workers)
+        self.ingestor = make_ingestor(settings, workers)
         self.store = EventStore(settings, side_tables=IDENTITY_TABLES)
         self.resolver = load_resolver(self.store, settings)
         self.index = self.resolver.index
