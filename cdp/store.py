@@ -20,7 +20,7 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.application import Application
-from eventsourcing.persistence import Notification, StoredEvent, Transcoder
+from eventsourcing.persistence import StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
@@ -304,9 +304,6 @@ class EventStore:
         with self.recorder.datastore.transaction(commit=True) as cursor:
             cursor.execute(sql, params)
 
-    def notifications(self, after: int, limit: int) -> Sequence[Notification]:
-        return self.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
-
     def raw_notifications(self, after: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         """(position, customer id hex, topic, state) after `after`, in order: the projector's input,
         read without building domain objects because the view parses the state in bulk."""
@@ -323,9 +320,6 @@ class EventStore:
 
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
-
-    def decode(self, notification: Notification) -> dict[str, Any]:
-        return self.transcoder.decode(notification.state)
 
     # -- writing ---------------------------------------------------------------------------
 
