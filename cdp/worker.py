@@ -24,8 +24,9 @@ import duckdb
 
 from cdp import topics
 from cdp.config import ConfigError, Settings
-from cdp.pipeline import Pipeline, Summary
+from cdp.pipeline import Pipeline
 from cdp.store import Batch
+from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
@@ -105,12 +106,12 @@ class BatchHandler:
             return
         pipeline = self.pipeline
         projector = pipeline.projector
-        projector.catch_up(pipeline.store, self.cfg.projection_batch, score=False)
+        pipeline.catch_up(score=False)
         self.refresh_scores()
         changed, merged = set(), {}
         for event in batch.events:
             cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
-            survivor = pipeline.index.survivor(cid)
+            survivor = pipeline.app.survivor(cid)
             changed.add(survivor)
             if survivor != cid:
                 merged[cid] = survivor
@@ -130,7 +131,7 @@ class BatchHandler:
 
     def follow(self) -> None:
         """Idle: keep this worker's view up with what the other workers commit."""
-        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch, score=False)
+        self.pipeline.catch_up(score=False)
         self.refresh_scores()
 
     def close(self) -> None:
