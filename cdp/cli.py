@@ -271,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}")
+        console.err.print(f"cdp: error: {error.format_message()}", markup=False)  # messages quote input verbatim
         return EXIT_FAILURE
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):
             raise
-        console.err.print(f"cdp: error: {error}")
+        console.err.print(f"cdp: error: {error}", markup=False)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")

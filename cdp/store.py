@@ -18,6 +18,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import blake2b
+from importlib.util import find_spec
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
@@ -148,12 +149,9 @@ def store_environment(settings: Settings) -> dict[str, str]:
 
 def require_postgres_driver() -> None:
     """PostgreSQL support is the `postgres` extra: a plain install runs the embedded default."""
-    try:
-        import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
-    except ImportError:
+    if find_spec("psycopg") is None or find_spec("psycopg_pool") is None:
         raise ConfigError("CDP_EVENT_STORE is a postgresql:// URL but the PostgreSQL driver is not installed: "
-                          "pip install 'cdp[postgres]'") from None
+                          "pip install 'cdp[postgres]'")
 
 
 @dataclass
@@ -190,7 +188,10 @@ class EventStore:
                 cursor.execute(ddl)
             if self.is_postgres:
                 writers.install(cursor, list(map(writers.table_name, tables)))
-        self._insert_events_sql = self._postgres_insert() if self.is_postgres else recorder.insert_events_statement
+        if self.is_postgres:
+            self._insert_events_sql, self._notify_sql = self._postgres_statements()
+        else:
+            self._insert_events_sql = recorder.insert_events_statement
         self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
         self._mark = self._position = 0
         self.heads: dict[str, int] = {}
@@ -199,14 +200,16 @@ class EventStore:
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
         self._reader: sqlite3.Connection | None = None
 
-    def _postgres_insert(self) -> Any:
-        # The library sends one composite value per event, dumped in Python; four arrays dump in C.
+    def _postgres_statements(self) -> tuple[Any, Any]:
+        """The INSERT of a batch of stored events and the NOTIFY of the recorder's channel. The
+        library sends one composite value per event, dumped in Python; four arrays dump in C."""
         from psycopg.sql import SQL, Identifier
 
+        notify = SQL("NOTIFY {}").format(Identifier(self.recorder.channel_name))
         return SQL("INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
                    "SELECT * FROM unnest(%b::{}[], %b::bigint[], %b::text[], %b::bytea[])").format(
             Identifier(self.recorder.datastore.schema), Identifier(self.recorder.events_table_name),
-            Identifier(self.recorder.datastore.originator_id_type))
+            Identifier(self.recorder.datastore.originator_id_type)), notify
 
     def _heads_sql(self, after: int = 0) -> str:
         table = self.recorder.events_table_name
@@ -334,9 +337,7 @@ class EventStore:
         # readers never pass a gap filled later), and listeners on the channel are notified.
         for statement in self.recorder.lock_table_statements:
             cursor.execute(statement)
-        from psycopg.sql import SQL, Identifier
-
-        cursor.execute(SQL("NOTIFY {}").format(Identifier(self.recorder.channel_name)))
+        cursor.execute(self._notify_sql)
         cursor.execute(self._insert_events_sql, [
             [e.originator_id for e in events], [e.originator_version for e in events],
             [e.topic for e in events], [e.state for e in events]])
