@@ -111,3 +111,11 @@ def test_stored_event_topics_name_the_domain_classes():
     assert {value.rsplit(".", 1)[1] for value in names.values()} == classes
     for value in names.values():
         assert get_topic(getattr(Customer, value.rsplit(".", 1)[1])) == value
+
+
+def test_only_the_application_holds_the_event_store():
+    """One write path: the store's writer (cdp/store.py EventStore) is built and used by the
+    application's commands alone; everyone else calls the commands."""
+    users = sorted(str(path.relative_to(ROOT)) for layer in LAYERS for path in (ROOT / layer).rglob("*.py")
+                   if "EventStore" in path.read_text(encoding="utf-8") or "transaction(commit=True)" in path.read_text(encoding="utf-8"))
+    assert users == ["cdp/application.py", "cdp/store.py"]
