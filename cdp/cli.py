@@ -13,6 +13,7 @@ import orjson
 from cdp import console
 from cdp.commandline import UserError, open_view, settings
 from cdp.config import ConfigError, Settings
+from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
 
 EXIT_USAGE = 2
@@ -254,6 +255,8 @@ def projections_rebuild() -> None:
 
 
 cli.add_command(identity)  # `cdp identity …`
+cli.add_command(audiences)  # `cdp audiences …`
+cli.add_command(destinations)  # `cdp destinations …`
 
 
 def main(argv: list[str] | None = None) -> int:

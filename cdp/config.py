@@ -53,6 +53,13 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, float, "a number of seconds")
+    if value < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value}")
+    return value
+
+
 def _pairs(env: dict[str, str], name: str, example: str) -> dict[str, str]:
     """'key=value,key=value' as a dict; an empty or unset variable is {}."""
     out: dict[str, str] = {}
@@ -141,6 +148,13 @@ class Settings:
     identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
     max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # delivery of audience changes to destinations (README: "Audiences and destinations")
+    secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
+    delivery_attempts: int = 6               # CDP_DELIVERY_ATTEMPTS: tries per change before the dead-letter
+    delivery_backoff: float = 0.5            # CDP_DELIVERY_BACKOFF: first wait between tries, doubled each time
+    delivery_max_wait: float = 60.0          # CDP_DELIVERY_MAX_WAIT: longest wait, Retry-After included
+    delivery_concurrency: int = 32           # CDP_DELIVERY_CONCURRENCY: requests in flight per destination
+    delivery_timeout: float = 10.0           # CDP_DELIVERY_TIMEOUT: seconds per request
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -172,6 +186,12 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
+            secret_key=env.get("CDP_SECRET_KEY") or None,
+            delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),
+            delivery_backoff=_seconds(env, "CDP_DELIVERY_BACKOFF", 0.5),
+            delivery_max_wait=_seconds(env, "CDP_DELIVERY_MAX_WAIT", 60.0),
+            delivery_concurrency=_int(env, "CDP_DELIVERY_CONCURRENCY", 32),
+            delivery_timeout=_seconds(env, "CDP_DELIVERY_TIMEOUT", 10.0),
             **_identity(env),
         )
 
