@@ -41,7 +41,7 @@ from cdp.config import Settings
 from cdp.contracts.profile import PROFILE_COLUMNS
 from projections.transactions import transaction
 
-WINDOW = 2000                  # changes sent before the cursor moves
+WINDOW = 5000                  # changes sent before the cursor moves
 KAFKA_CURSOR = "kafka:cdp.audiences"
 SIGNATURE_HEADER = "X-CDP-Signature"
 RETRIABLE = {408, 425, 429}
@@ -151,23 +151,30 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Webhook:
-    """Sends changes to one destination's URL: one keep-alive session, bounded concurrency."""
+    """Sends changes to one destination's URL: one keep-alive session for its whole run (`async
+    with`), at most CDP_DELIVERY_CONCURRENCY requests in flight."""
 
     def __init__(self, destination: Destination, secret: str | None, settings: Settings):
         self.destination, self.secret, self.settings = destination, secret, settings
+        self._session: Any = None
 
-    async def send(self, changes: Sequence[Change]) -> list[Outcome]:
+    async def __aenter__(self) -> "Webhook":
         import aiohttp
 
         limit = self.settings.delivery_concurrency
-        timeout = aiohttp.ClientTimeout(total=self.settings.delivery_timeout)
-        connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=30)
-        gate = asyncio.Semaphore(limit)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            async def one(change: Change) -> Outcome:
-                async with gate:
-                    return await self._deliver(session, change)
-            return list(await asyncio.gather(*(one(c) for c in changes)))
+        self._gate = asyncio.Semaphore(limit)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30),
+                                              timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def send(self, changes: Sequence[Change]) -> list[Outcome]:
+        async def one(change: Change) -> Outcome:
+            async with self._gate:
+                return await self._deliver(self._session, change)
+        return list(await asyncio.gather(*(one(c) for c in changes)))
 
     async def _deliver(self, session: Any, change: Change) -> Outcome:
         import aiohttp
@@ -213,21 +220,26 @@ def _fields(destination: Destination) -> list[str]:
 
 def deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings, destination: Destination) -> tuple[int, int]:
     """Sends everything pending for one destination; returns (delivered, dead-lettered)."""
-    webhook = Webhook(destination, _secret(settings, destination), settings)
+    return asyncio.run(_deliver_destination(con, settings, destination))
+
+
+async def _deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings,
+                               destination: Destination) -> tuple[int, int]:
     delivered = failed = 0
-    while True:
-        cursor = _cursor(con, destination.name)
-        last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchone()[0]
-        if last <= cursor:
-            return delivered, failed
-        through = min(last, cursor + WINDOW)
-        changes = _changes(con, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
-                           "AND list_contains(?, c.audience)", [cursor, through, destination.audiences])
-        outcomes = asyncio.run(webhook.send(changes)) if changes else []
-        bad = [o for o in outcomes if o.error is not None]
-        _advance(con, destination.name, through, bad)
-        delivered += len(outcomes) - len(bad)
-        failed += len(bad)
+    async with Webhook(destination, _secret(settings, destination), settings) as webhook:
+        while True:
+            cursor = _cursor(con, destination.name)
+            last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchone()[0]
+            if last <= cursor:
+                return delivered, failed
+            through = min(last, cursor + WINDOW)
+            changes = _changes(con, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
+                               "AND list_contains(?, c.audience)", [cursor, through, destination.audiences])
+            outcomes = await webhook.send(changes) if changes else []
+            bad = [o for o in outcomes if o.error is not None]
+            _advance(con, destination.name, through, bad)
+            delivered += len(outcomes) - len(bad)
+            failed += len(bad)
 
 
 def publish_pending(con: duckdb.DuckDBPyConnection, settings: Settings) -> int:
@@ -272,6 +284,11 @@ def deliver_pending(con: duckdb.DuckDBPyConnection, settings: Settings) -> Repor
     return report
 
 
+async def _send_once(webhook: Webhook, changes: Sequence[Change]) -> list[Outcome]:
+    async with webhook:
+        return await webhook.send(changes)
+
+
 def retry_dead_letters(con: duckdb.DuckDBPyConnection, settings: Settings, name: str | None = None) -> tuple[int, int]:
     """Sends the dead-lettered changes again (same idempotency keys); the delivered ones leave the
     dead-letter, the others stay with their attempts counted. Returns (delivered, still failing)."""
@@ -283,7 +300,7 @@ def retry_dead_letters(con: duckdb.DuckDBPyConnection, settings: Settings, name:
                            "WHERE destination = ?)", [destination.name])
         if not changes:
             continue
-        outcomes = asyncio.run(Webhook(destination, _secret(settings, destination), settings).send(changes))
+        outcomes = asyncio.run(_send_once(Webhook(destination, _secret(settings, destination), settings), changes))
         with transaction(con):
             for outcome in outcomes:  # a few rows by nature: the dead-letter holds what the receiver refused
                 if outcome.error is None:
