@@ -246,3 +246,16 @@ def test_audiences_topic_read_by_kcat(shop, kafka_bootstrap, fresh_topic_prefix,
     assert set(by_key) == {f"big:{ids['ann']}", f"big:{ids['bob']}"}
     assert by_key[f"big:{ids['ann']}"][-1]["profile"]["email"] == "ann@example.com"
     assert by_key[f"big:{ids['bob']}"][-1] is None  # exited: a tombstone
+
+
+def test_definition_topics_name_the_domain_classes():
+    """The projector selects definitions by these names; the library reads stored events back by them."""
+    from eventsourcing.utils import get_topic
+
+    from cdp.contracts import audience_events
+    from cdp.domain import Audience, Destination
+
+    names = {v for k, v in vars(audience_events).items() if k.isupper() and not k.startswith("_")}
+    expected = {get_topic(cls) for cls in (Audience, Destination)}
+    expected |= {get_topic(getattr(cls, n)) for cls in (Audience, Destination) for n in ("Defined", "Redefined", "Deleted")}
+    assert names == expected
