@@ -52,6 +52,17 @@ def _names(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
     return {row[0] for row in con.execute(f"SELECT name FROM {table} WHERE NOT deleted").fetchall()}
 
 
+def _delete(kind: str, name: str) -> None:
+    """Deletes the audience or destination `name` (a command) and takes it into the view."""
+    cfg = settings()
+    with _view_writer(cfg) as (app, projector):
+        if name not in _names(projector.con, f"{kind}s"):
+            raise UserError(f"no {kind} {name!r} (see `cdp {kind}s list`)")
+        app.delete_definition(kind, name)
+        projector.catch_up(app, cfg.projection_batch)
+    console.out.print(f"{kind} {name} deleted")
+
+
 def _checked(where: str, consent: str | None) -> str:
     if consent is not None and not model.PURPOSE_PATTERN.match(consent):
         raise UserError(f"consent purpose {consent!r}: use letters, digits, '_', '.', '-'")
@@ -126,13 +137,7 @@ def audiences_preview(where: str, consent: str | None, sample: int, fmt: str) ->
 @click.argument("name")
 def audiences_delete(name: str) -> None:
     """Delete an audience: its members exit (and destinations are told)."""
-    cfg = settings()
-    with _view_writer(cfg) as (app, projector):
-        if name not in _names(projector.con, "audiences"):
-            raise UserError(f"no audience {name!r} (see `cdp audiences list`)")
-        app.delete_definition("audience", name)
-        projector.catch_up(app, cfg.projection_batch)
-    console.out.print(f"audience {name} deleted")
+    _delete("audience", name)
 
 
 @audiences.command("sync")
@@ -225,13 +230,7 @@ def destinations_list(fmt: str) -> None:
 @click.argument("name")
 def destinations_delete(name: str) -> None:
     """Stop delivering to a destination."""
-    cfg = settings()
-    with _view_writer(cfg) as (app, projector):
-        if name not in _names(projector.con, "destinations"):
-            raise UserError(f"no destination {name!r} (see `cdp destinations list`)")
-        app.delete_definition("destination", name)
-        projector.catch_up(app, cfg.projection_batch)
-    console.out.print(f"destination {name} deleted")
+    _delete("destination", name)
 
 
 @destinations.command("retry")
