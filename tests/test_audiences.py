@@ -259,3 +259,23 @@ def test_definition_topics_name_the_domain_classes():
     expected = {get_topic(cls) for cls in (Audience, Destination)}
     expected |= {get_topic(getattr(cls, n)) for cls in (Audience, Destination) for n in ("Defined", "Redefined", "Deleted")}
     assert names == expected
+
+
+@pytest.mark.postgres
+def test_definitions_are_events_in_a_postgresql_store(cdp_at, fresh_postgres_dsn, tmp_path):
+    cdp = cdp_at(tmp_path / "home", AS_OF, CDP_EVENT_STORE=fresh_postgres_dsn)
+    cdp("ingest", str(write(tmp_path / "one.jsonl", [event("p1", "retail", "ann", "cdp.purchase", amount=70.0)])))
+    cdp("audiences", "create", "buyers", "--where", "orders > 0")
+    cdp("audiences", "delete", "buyers")
+    cdp("audiences", "create", "buyers", "--where", "lifetime_value > 50")
+    import psycopg
+
+    with psycopg.connect(fresh_postgres_dsn) as db:
+        topics = [r[0] for r in db.execute("SELECT topic FROM cdp_events WHERE topic LIKE 'cdp.domain:Audience%' "
+                                           "ORDER BY notification_id").fetchall()]
+    assert [t.rsplit(".", 1)[1] for t in topics] == ["Defined", "Deleted", "Redefined"]
+    # the view rebuilt from the store comes out with the same definition and members
+    cdp("projections", "rebuild")
+    assert cdp.query("SELECT name, predicate, deleted FROM audiences") == [
+        {"name": "buyers", "predicate": "(lifetime_value > 50)", "deleted": False}]
+    assert cdp.query("SELECT count(*) AS n FROM audience_members WHERE until IS NULL") == [{"n": 1}]
