@@ -313,3 +313,41 @@ def retry_dead_letters(con: duckdb.DuckDBPyConnection, settings: Settings, name:
         delivered += sum(o.error is None for o in outcomes)
         failing += sum(o.error is not None for o in outcomes)
     return delivered, failing
+
+
+class DeliveryLoop:
+    """Delivers continuously beside the view's owner (`cdp serve`): a thread of its own, on its own
+    cursor of the view's connection, woken after each projected batch (`wake()`) and every
+    `interval` seconds (retries waiting on a slow receiver never hold up the projection)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, settings: Settings, interval: float = 5.0):
+        import threading
+
+        self.settings, self.interval = settings, interval
+        self.con = con.cursor()
+        self.error: BaseException | None = None
+        self.last = Report()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cdp-delivery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.con.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.last = deliver_pending(self.con, self.settings)
+                self.error = None
+            except Exception as error:  # a broker or key away: reported (e.g. on /health), tried again
+                self.error = error
+            self._wake.wait(self.interval)
+            self._wake.clear()

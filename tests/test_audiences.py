@@ -279,3 +279,26 @@ def test_definitions_are_events_in_a_postgresql_store(cdp_at, fresh_postgres_dsn
     assert cdp.query("SELECT name, predicate, deleted FROM audiences") == [
         {"name": "buyers", "predicate": "(lifetime_value > 50)", "deleted": False}]
     assert cdp.query("SELECT count(*) AS n FROM audience_members WHERE until IS NULL") == [{"n": 1}]
+
+
+def test_delivery_loop_delivers_continuously_beside_the_view_owner(shop, receiver):
+    """What `cdp serve` runs: a delivery thread on the view owner's connection, woken after batches."""
+    from cdp.config import Settings
+    from cdp.delivery import DeliveryLoop
+    from projections.projector import Projector
+
+    hook = receiver(plan=[(503, "0")])
+    shop("audiences", "create", "all", "--where", "orders > 0")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "all")
+    cfg = Settings.from_env(shop.env)
+    projector = Projector(cfg.duckdb_path, cfg.as_of)
+    loop = DeliveryLoop(projector.con, cfg, interval=0.2)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(hook.kept()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        loop.stop()
+        projector.close()
+    assert loop.error is None and len(hook.kept()) == 3 and len(hook.requests) == 4
