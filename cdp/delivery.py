@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from cdp.config import Settings
 from cdp.contracts.profile import PROFILE_COLUMNS
@@ -301,15 +302,19 @@ def retry_dead_letters(con: duckdb.DuckDBPyConnection, settings: Settings, name:
         if not changes:
             continue
         outcomes = asyncio.run(_send_once(Webhook(destination, _secret(settings, destination), settings), changes))
-        with transaction(con):
-            for outcome in outcomes:  # a few rows by nature: the dead-letter holds what the receiver refused
-                if outcome.error is None:
-                    con.execute("DELETE FROM destination_deadletter WHERE destination = ? AND change_id = ?",
-                                [destination.name, outcome.change.change_id])
-                else:
-                    con.execute("UPDATE destination_deadletter SET attempts = attempts + ?, error = ?, failed_at = now() "
-                                "WHERE destination = ? AND change_id = ?",
-                                [outcome.attempts, outcome.error, destination.name, outcome.change.change_id])
+        con.register("retried", pa.table({
+            "change_id": [o.change.change_id for o in outcomes], "attempts": [o.attempts for o in outcomes],
+            "error": [o.error for o in outcomes]}))
+        try:
+            with transaction(con):
+                con.execute("UPDATE destination_deadletter SET attempts = destination_deadletter.attempts + r.attempts, "
+                            "error = r.error, failed_at = now() FROM retried r WHERE destination = ? "
+                            "AND destination_deadletter.change_id = r.change_id AND r.error IS NOT NULL",
+                            [destination.name])
+                con.execute("DELETE FROM destination_deadletter WHERE destination = ? AND change_id IN "
+                            "(SELECT change_id FROM retried WHERE error IS NULL)", [destination.name])
+        finally:
+            con.unregister("retried")
         delivered += sum(o.error is None for o in outcomes)
         failing += sum(o.error is not None for o in outcomes)
     return delivered, failing
