@@ -209,14 +209,14 @@ def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
                 f"FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
 
 
-def _members_sql(name: str, predicate: str, consent: str | None, source: str, scope: str | None) -> str:
+def _members_sql(name: str, predicate: str, consent: str | None, source: str) -> str:
+    """Who of `source` (customers, or a table/subquery of some of them) is in the audience."""
     conditions = [f"({predicate})"]
-    if scope:
-        conditions.append(f"customer_id IN (SELECT customer_id FROM {scope})")
     if consent:
         conditions.append(
             "customer_id IN (SELECT customer_id FROM customer_events WHERE type = 'cdp.consent' "
-            f"AND purpose = {_literal(consent)} GROUP BY customer_id HAVING arg_max(granted, (time, position)))")
+            f"AND purpose = {_literal(consent)} AND customer_id IN (SELECT customer_id FROM {source}) "
+            "GROUP BY customer_id HAVING arg_max(granted, (time, position)))")
     return f"SELECT {_literal(name)} AS audience, customer_id FROM {source} AS customers WHERE " + " AND ".join(conditions)
 
 
@@ -227,8 +227,10 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
     redefined_all = con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()
     if not active and not redefined_all:
         return 0
-    source = _WITH_PRIOR_SCORES if _has_table(con, "audience_prior_scores") else "customers"
-    should = [_members_sql(name, predicate, consent, source, None if again else scope)
+    # the touched customers alone, once, so that every predicate reads a batch's rows, not the view
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_candidates AS SELECT * FROM {_WITH_PRIOR_SCORES} "
+                f"WHERE customer_id IN (SELECT customer_id FROM {scope})")
+    should = [_members_sql(name, predicate, consent, _WITH_PRIOR_SCORES if again else "audience_candidates")
               for name, predicate, consent, again in active]
     current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND "
                f"(audience IN (SELECT name FROM audiences_redefined) OR customer_id IN (SELECT customer_id FROM {scope}))")
@@ -238,7 +240,7 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
 def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
     """Everyone's membership in every audience (after the scores were refreshed); returns the changes."""
     active = _active(con)
-    should = [_members_sql(name, predicate, consent, "customers", None) for name, predicate, consent, _ in active]
+    should = [_members_sql(name, predicate, consent, "customers") for name, predicate, consent, _ in active]
     current = "SELECT audience, customer_id FROM audience_members WHERE until IS NULL"
     return _record(con, should, current, position)
 
@@ -294,7 +296,7 @@ FROM audience_changes WHERE audience = ? GROUP BY changed_at ORDER BY changed_at
 
 def preview_sql(predicate: str, consent: str | None, sample: int) -> tuple[str, str]:
     """(count, sample) queries of who a checked predicate would select now."""
-    members = _members_sql("preview", predicate, consent, "customers", None)
+    members = _members_sql("preview", predicate, consent, "customers")
     columns = "customer_id, email, first_name, last_name, business_units, lifetime_value, churn_risk"
     return (f"SELECT count(*) FROM ({members})",
             f"SELECT {columns} FROM customers WHERE customer_id IN (SELECT customer_id FROM ({members})) "
