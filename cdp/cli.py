@@ -116,11 +116,18 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
 
 
 @cli.command()
-def worker() -> None:
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="Address the health port listens on (0.0.0.0 in a container, for the probes).")
+@click.option("--reset-group", is_flag=True,
+              help="Forget the consumer group's offsets first, so cdp.events is read from the start "
+                   "(after the store was replaced; stop the group's other workers first).")
+def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
     """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
     from cdp.worker import run
 
-    run(settings())
+    run(settings(), health_host, health_port, reset_group)
 
 
 @cli.command()

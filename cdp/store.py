@@ -27,7 +27,7 @@ from eventsourcing.utils import get_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from cdp import writers
+from cdp import faults, store_identity, writers
 from cdp.config import Settings
 from cdp.domain import Customer
 
@@ -186,6 +186,7 @@ def store_environment(settings: Settings) -> dict[str, str]:
             "POSTGRES_USER": unquote(url.username or "cdp"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
             "POSTGRES_POOL_SIZE": "4",
+            "POSTGRES_CONNECT_TIMEOUT": "5",  # an unreachable server fails fast; the worker waits it out
             "CREATE_TABLE": "y",
         }
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -217,6 +218,7 @@ class EventStore:
 
     def __init__(self, settings: Settings, side_tables: Sequence[str] = ()):
         self.settings = settings
+        self.where = faults.postgres_address(settings) if settings.event_store else str(settings.sqlite_path)
         # PostgreSQL: `CREATE … IF NOT EXISTS` races when several workers start at once, so the
         # schema is created under the writers' lock
         self._lock = writers.WriterLock(settings.event_store) if settings.event_store else None
@@ -230,6 +232,7 @@ class EventStore:
                     cursor.execute(ddl)
                 if self.is_postgres:
                     writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
+                self.store_id = store_identity.ensure(cursor, "%s" if self.is_postgres else "?", self.where)
         self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
         self.load()
         self._topics = {cls: get_topic(cls) for cls in (
