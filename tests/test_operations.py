@@ -42,8 +42,9 @@ def recorded(dsn: str) -> int:
 
 
 def worker_env(home: Path, bootstrap: str, prefix: str, store: str, **extra: str) -> dict[str, str]:
+    settings = {"CDP_KAFKA_PARTITIONS": "4", "CDP_WORKER_BATCH": "100", "CDP_WORKER_LINGER_MS": "20", **extra}
     return environment(home, CDP_KAFKA_BOOTSTRAP=bootstrap, CDP_TOPIC_PREFIX=prefix, CDP_EVENT_STORE=store,
-                       CDP_KAFKA_PARTITIONS="4", CDP_WORKER_BATCH="100", CDP_WORKER_LINGER_MS="20", **extra)
+                       **settings)
 
 
 def stop_cleanly(worker: subprocess.Popen, log: Path) -> str:
