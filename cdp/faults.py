@@ -82,8 +82,12 @@ def _is_broker(error: BaseException) -> bool:
     import importlib
 
     for module, names in _BROKER_ERRORS.items():
-        found = tuple(filter(None, (getattr(importlib.import_module(module), n, None) for n in names)))
+        errors = importlib.import_module(module)
+        found = tuple(filter(None, (getattr(errors, n, None) for n in names)))
         if isinstance(error, found):
+            return True
+        # what the client itself would retry (coordinator moving or loading, leader elections …)
+        if isinstance(error, errors.KafkaError) and getattr(error, "retriable", False):
             return True
     return False
 
