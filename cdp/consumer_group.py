@@ -29,10 +29,11 @@ class ConsumerGroup:
 
         if self._admin is None:
             self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="cdp-group",
-                                           request_timeout_ms=TIMEOUT_MS)
+                                           request_timeout_ms=TIMEOUT_MS, bootstrap_timeout_ms=TIMEOUT_MS)
         if self._consumer is None:  # no group: only asks for end offsets
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id="cdp-group",
-                                           request_timeout_ms=TIMEOUT_MS + 1000, enable_auto_commit=False)
+                                           request_timeout_ms=TIMEOUT_MS + 1000, enable_auto_commit=False,
+                                           bootstrap_timeout_ms=TIMEOUT_MS)
         return self._admin, self._consumer
 
     def committed(self) -> dict[Any, Any]:

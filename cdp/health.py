@@ -71,6 +71,12 @@ class Health:
         metrics.WAITING_SECONDS.labels(component).set(0)
         return time.monotonic() - entry[1]
 
+    def back(self, component: str) -> None:
+        """`component` answered: ends a wait for it (saying how long it was), if there was one."""
+        seconds = self.wait_ended(component)
+        if seconds is not None:
+            say(f"{component} at {self.address(component)} is back after {seconds:,.0f} s")
+
     def waiting_line(self) -> str | None:
         """`waiting for PostgreSQL at host:port/db (12 s)`, or None."""
         with self.lock:
@@ -124,12 +130,7 @@ def wait_out(action: Callable[[], T], health: Health, say: Callable[[str], None]
             attempt += 1
             continue
         if waited_for is not None:
-            with health.lock:
-                components = list(health.waiting)
-            for component in components:
-                seconds = health.wait_ended(component)
-                if seconds is not None:
-                    say(f"{component} at {health.address(component)} is back after {seconds:,.0f} s")
+            health.back(waited_for)
         return result
 
 

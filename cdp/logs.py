@@ -38,6 +38,8 @@ class OncePerInterval(logging.Filter):
 def plain(interval: float = INTERVAL) -> None:
     """Applies both rules to every handler of the root logger (call again after a framework
     configured logging its own way)."""
+    # kafka-python 3 warns whenever one of its tasks takes over 100 ms: on two busy cores, always
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))

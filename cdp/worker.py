@@ -131,6 +131,7 @@ class BatchHandler:
             self.pipeline.process_batch(next(chunks, accepted), self.summary, committed=self.queue_profiles)
 
         wait_out(attempt, self.health, say, recover=self.pipeline.reload)
+        self.health.back(faults.POSTGRES)
         self.send_queued_profiles()
         seconds = time.perf_counter() - started
         self.consumed += len(records)
@@ -168,6 +169,8 @@ class BatchHandler:
         """After the lock: send what `queue_profiles` queued, waiting for the broker if need be."""
         queued = len(self.producer.pending)
         wait_out(self.producer.flush, self.health, say)
+        if queued:
+            self.health.back(faults.BROKER)
         self.published += queued
         metrics.PROFILES_PUBLISHED.inc(queued)
 
@@ -192,10 +195,7 @@ class BatchHandler:
             if self.health.wait_started(fault.component):
                 say(f"{fault.line}; waiting")
             return
-        for component in (faults.POSTGRES,):
-            seconds = self.health.wait_ended(component)
-            if seconds is not None:
-                say(f"{component} at {self.health.address(component)} is back after {seconds:,.0f} s")
+        self.health.back(faults.POSTGRES)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -296,6 +296,7 @@ class EventConsumer:
         try:
             await loop.run_in_executor(self.commit_pool, wait_out, lambda: self.commit(offsets, loop),
                                        self.health, say)
+            self.health.back(faults.BROKER)
         except Abandoned:
             pass  # stopping while the broker is away: the store dropped nothing, redelivery is harmless
 
@@ -350,10 +351,14 @@ def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, heal
 
     @app.task
     async def report() -> None:
+        """The progress line every few seconds; the group's lag is asked for alongside, and a
+        broker slow to answer does not hold the line up (it shows the last figure meanwhile)."""
         loop = asyncio.get_running_loop()
+        observing: asyncio.Future | None = None
         while True:
+            if observing is None or observing.done():
+                observing = loop.run_in_executor(observe_pool, observe_group, group, health)
             await asyncio.sleep(PROGRESS_SECONDS)
-            await loop.run_in_executor(observe_pool, observe_group, group, health)
             say(progress.line(handler, health))
 
     @app.task
@@ -371,13 +376,11 @@ def observe_group(group: ConsumerGroup, health: Health) -> None:
         health.lag = group.lag()
         health.broker_ok = True
         metrics.CONSUMER_LAG.labels(group.group).set(health.lag)
-        seconds = health.wait_ended(faults.BROKER)
-        if seconds is not None:
-            say(f"{faults.BROKER} at {health.address(faults.BROKER)} is back after {seconds:,.0f} s")
+        health.back(faults.BROKER)
     except Exception as error:
         group.close()  # fresh clients next time
         fault = faults.describe(error, health.settings)
-        health.broker_ok = False
+        health.broker_ok, health.lag = False, None  # no stale figure while the broker does not say
         if fault.component == faults.BROKER and health.wait_started(faults.BROKER):
             say(f"{fault.line}; waiting")
 
