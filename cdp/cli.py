@@ -309,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
         return 130
+    except Exception as error:  # a full disk, an unreachable store …: one line naming it, if known
+        from cdp.faults import UNKNOWN, describe
+
+        fault = describe(error, settings())
+        if os.environ.get("CDP_DEBUG") or fault.component == UNKNOWN:
+            raise
+        console.err.print(f"cdp: error: {fault.line}")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

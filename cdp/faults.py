@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from cdp.config import Settings
 
-POSTGRES, BROKER, DISK, STORE, VIEW = "PostgreSQL", "Kafka broker", "disk", "event store", "view"
+POSTGRES, BROKER, DISK, STORE, VIEW, UNKNOWN = "PostgreSQL", "Kafka broker", "disk", "event store", "view", "unknown"
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def describe(error: BaseException, settings: Settings) -> Fault:
         if _is_broker(e):
             return Fault(BROKER, f"Kafka broker unreachable at {settings.kafka_bootstrap} "
                                  f"({type(e).__name__}): start it or fix CDP_KAFKA_BOOTSTRAP", True)
-    return Fault("worker", f"unexpected failure: {error!r} (CDP_DEBUG=1 shows the traceback)", False)
+    return Fault(UNKNOWN, f"unexpected failure: {error!r} (CDP_DEBUG=1 shows the traceback)", False)
 
 
 def _user() -> str:

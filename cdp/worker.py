@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -287,8 +288,8 @@ class EventConsumer:
         await asyncio.wait([future])
         error = future.exception()
         if isinstance(error, Abandoned):
-            say(f"[worker {os.getpid()}] stopping: the batch in hand is left uncommitted ({error}); "
-                "it is redelivered to the next worker")
+            say(f"[worker {os.getpid()}] stopping while waiting ({error}): the offsets of the batch in hand "
+                "are not committed; it is redelivered, and what of it was stored is recognised and dropped")
             return
         if error is not None:
             fail(faults.describe(error, self.cfg))
@@ -416,14 +417,21 @@ def run(cfg: Settings, health_host: str = "127.0.0.1", health_port: int | None =
     health = Health(cfg)
     if health_port is not None:
         serve(health, health_host, health_port)
+    # until Faust takes the signals over: SIGTERM while waiting for a dependency stops cleanly
+    previous = signal.signal(signal.SIGTERM, lambda *_: health.stopping.set())
     try:
         handler, producer, group = start(cfg, health, reset_group)
+    except Abandoned as waiting:
+        say(f"[worker {os.getpid()}] stopped before consuming ({waiting})")
+        return
     except ConfigError:
         raise
     except Exception as error:  # one line saying which component and what to do
         if os.environ.get("CDP_DEBUG"):
             raise
         raise ConfigError(faults.describe(error, cfg).line) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     store = handler.pipeline.store
     app = build_app(cfg, handler, producer, health, group, store.store_id)
     say(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
