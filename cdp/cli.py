@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):
             raise
+        if isinstance(error, OSError) and error.errno is not None:  # disk full, read-only …: say which
+            from cdp.faults import DISK, describe
+
+            fault = describe(error, settings())
+            error = fault.line if fault.component == DISK else error
         console.err.print(f"cdp: error: {error}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -316,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CDP_DEBUG") or fault.component == UNKNOWN:
             raise
         console.err.print(f"cdp: error: {fault.line}")
-        return EXIT_FAILURE
+        # without the interpreter's teardown: DuckDB objects a failed write left behind would
+        # otherwise print a page of nanobind leak reports after the one line
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

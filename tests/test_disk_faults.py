@@ -1,0 +1,49 @@
+"""A full disk or a read-only one, met by the embedded `cdp ingest`: one line naming the disk and
+what to do, a failure exit code, no traceback (the worker's side is in test_operations.py)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cdp.demo import DemoSpec, generate
+
+
+def tmpfs(directory: Path, options: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
+
+
+@pytest.fixture
+def mounted(tmp_path: Path):
+    mounts: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        directory = tmp_path / name
+        tmpfs(directory, options)
+        mounts.append(directory)
+        return directory
+
+    yield mount
+    for directory in mounts:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("size=1m", "disk full: no space left on the disk holding {home}: free space there or point CDP_HOME "
+                "at a larger disk"),
+    ("size=1m,ro", "permission denied: {home}"),
+])
+def test_ingest_on_a_full_or_read_only_disk_says_so_in_one_line(cdp, mounted, tmp_path: Path, options: str,
+                                                                expected: str) -> None:
+    files = generate(tmp_path / "input", DemoSpec(people=200, seed=3))
+    home = mounted("disk", options) / "home"
+    done = cdp("ingest", *map(str, files.event_files), check=False, extra_env={"CDP_HOME": str(home)})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("cdp: error: " + expected.format(home=home)), lines
