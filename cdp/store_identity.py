@@ -33,6 +33,8 @@ def ensure(cursor: Any, placeholder: str, where: str) -> str:
     if version > SCHEMA_VERSION:
         raise StoreMismatch(f"the event store at {where} has schema version {version}, this cdp knows "
                             f"up to {SCHEMA_VERSION}: upgrade cdp to the version the other writers run")
+    if version < SCHEMA_VERSION:  # the idempotent DDL run just before brought the tables up to date
+        cursor.execute(f"UPDATE cdp_store SET schema_version = {placeholder}", (SCHEMA_VERSION,))
     return store_id
 
 

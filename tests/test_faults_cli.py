@@ -1,5 +1,5 @@
-"""A full disk or a read-only one, met by the embedded `cdp ingest`: one line naming the disk and
-what to do, a failure exit code, no traceback (the worker's side is in test_operations.py)."""
+"""Faults met by the embedded `cdp ingest`, each one line naming the component and the remedy, a
+failure exit code, no traceback: a full disk, a read-only one, a store a newer cdp wrote."""
 from __future__ import annotations
 
 import subprocess
@@ -47,3 +47,22 @@ def test_ingest_on_a_full_or_read_only_disk_says_so_in_one_line(cdp, mounted, tm
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("cdp: error: " + expected.format(home=home)), lines
+
+
+def test_a_store_written_by_a_newer_cdp_is_refused_in_one_line(cdp, tmp_path: Path) -> None:
+    import sqlite3
+
+    from tests.events import event, write
+
+    events = write(tmp_path / "e.jsonl", [event("e1", "retail", "R1", customer={"email": "a@example.org"})])
+    cdp("ingest", str(events))
+    store = cdp.home / "events.sqlite"
+    with sqlite3.connect(store) as conn:
+        (store_id,), = conn.execute("SELECT store_id FROM cdp_store").fetchall()
+        conn.execute("UPDATE cdp_store SET schema_version = schema_version + 1")
+    assert len(store_id) == 32
+    done = cdp("ingest", str(events), check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"cdp: error: the event store at {store} has schema version 2, this cdp knows up to 1: upgrade cdp "
+        "to the version the other writers run"]
