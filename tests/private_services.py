@@ -1,6 +1,6 @@
 """A PostgreSQL or Kafka of a test's own, for tests that stop a service mid-stream (the shared ones
 serve every engineer and run: never stop them). Started and stopped with scripts/services.sh, its
-state in the test's temporary folder, on free ports."""
+state in the test's temporary folder, on free ports. And a small disk of its own (a tmpfs)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "scripts" / "services.sh"
@@ -50,3 +52,16 @@ class PrivateService:
         if datadir.exists():  # may live outside the state folder (the postgres user must reach it)
             shutil.rmtree(Path(datadir.read_text().strip()).parent, ignore_errors=True)
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+def mount_tmpfs(directory: Path, options: str) -> None:
+    """A tmpfs at `directory` (`size=1m`, `size=1m,ro` …); skips the test where mounting is not allowed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
+
+
+def unmount(directory: Path) -> None:
+    subprocess.run(["umount", "-l", str(directory)], check=False)

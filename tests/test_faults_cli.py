@@ -8,14 +8,7 @@ from pathlib import Path
 import pytest
 
 from cdp.demo import DemoSpec, generate
-
-
-def tmpfs(directory: Path, options: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
+from tests.private_services import mount_tmpfs, unmount
 
 
 @pytest.fixture
@@ -24,13 +17,13 @@ def mounted(tmp_path: Path):
 
     def mount(name: str, options: str) -> Path:
         directory = tmp_path / name
-        tmpfs(directory, options)
+        mount_tmpfs(directory, options)
         mounts.append(directory)
         return directory
 
     yield mount
     for directory in mounts:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
+        unmount(directory)
 
 
 @pytest.mark.parametrize("options, expected", [

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from cdp.demo import DemoSpec, generate
-from tests.private_services import PrivateService, free_port
+from tests.private_services import PrivateService, free_port, mount_tmpfs, unmount
 from tests.test_streaming import CDP, cdp, environment, facts, start_worker, stop, stored_keys, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
@@ -63,20 +63,19 @@ def get(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
-@pytest.fixture
-def private_postgres(tmp_path: Path):
-    service = PrivateService("postgres", tmp_path / "pg-service")
-    service.start()
-    yield service
-    service.remove()
+def private(name: str):
+    """A fixture: a private `name` service, started for the test and removed after it."""
+    @pytest.fixture(name=f"private_{name}")
+    def service(tmp_path: Path):
+        started = PrivateService(name, tmp_path / f"{name}-service")
+        started.start()
+        yield started
+        started.remove()
+    return service
 
 
-@pytest.fixture
-def private_kafka(tmp_path: Path):
-    service = PrivateService("kafka", tmp_path / "kafka-service")
-    service.start()
-    yield service
-    service.remove()
+private_postgres = private("postgres")
+private_kafka = private("kafka")
 
 
 # ----------------------------------------------------------------------------------- outages
@@ -154,20 +153,12 @@ def test_broker_outage_leaves_the_store_to_other_writers(private_kafka: PrivateS
 # ------------------------------------------------------------------------------ faults named
 
 
-def mount_tmpfs(directory: Path, options: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path):
     directory = tmp_path / "small-disk"
     mount_tmpfs(directory, "size=2m")
     yield directory
-    subprocess.run(["umount", "-l", str(directory)], check=False)
+    unmount(directory)
 
 
 def test_disk_full_is_one_line_naming_the_disk(small_disk: Path, kafka_bootstrap: str, fresh_postgres_dsn: str,
@@ -200,7 +191,7 @@ def test_read_only_home_is_one_line_and_a_failure(tmp_path: Path, kafka_bootstra
         done = subprocess.run([*CDP, "worker"], env=env,
                               capture_output=True, text=True, timeout=120)
     finally:
-        subprocess.run(["umount", "-l", str(home)], check=False)
+        unmount(home)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr
     assert lines[-1].startswith("cdp: error: permission denied: ") and str(home) in lines[-1], lines
