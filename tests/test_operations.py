@@ -104,7 +104,8 @@ def test_postgres_outage_is_waited_out_by_the_same_worker(private_postgres: Priv
         time.sleep(2)  # the view follows the store within a second
     finally:
         text = stop_cleanly(worker, log)
-    print(f"PostgreSQL down {back - down:.0f} s; every event stored {recovered:.1f} s after it was back")
+    print(f"PostgreSQL down {back - down:.0f} s; every event stored {recovered:.1f} s after it was back; "
+          f"the worker said: {[line for line in text.splitlines() if 'is back after' in line]}")
     assert "PostgreSQL unreachable at 127.0.0.1:" in text and "is back after" in text
     assert recorded(dsn) == expected
     assert facts(tmp_path / "worker") == embedded
@@ -179,6 +180,7 @@ def test_disk_full_is_one_line_naming_the_disk(small_disk: Path, kafka_bootstrap
     assert lines[-1].startswith(("cdp: error: disk full: no space left on the disk holding ",
                                  "cdp worker: error: disk full: no space left on the disk holding ")), lines[-5:]
     assert str(small_disk) in lines[-1] and "CDP_HOME" in lines[-1]
+    print(lines[-1])
     assert not any("Traceback" in line for line in lines)
 
 
@@ -195,6 +197,7 @@ def test_read_only_home_is_one_line_and_a_failure(tmp_path: Path, kafka_bootstra
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr
     assert lines[-1].startswith("cdp: error: permission denied: ") and str(home) in lines[-1], lines
+    print(lines[-1])
 
 
 # --------------------------------------------------------------------- identity, SIGTERM, health
