@@ -388,7 +388,7 @@ def observe_group(group: ConsumerGroup, health: Health) -> None:
 
 def fail(fault: faults.Fault) -> None:
     """A batch that cannot be stored: stop now, acknowledging nothing (a restart retries it)."""
-    say(f"cdp worker: error: {fault.line} (the batch in hand was not committed)")
+    say(f"cdp worker: error: {fault.line} (the batch in hand's offsets were not committed: a restart takes it up again)")
     os._exit(EXIT_BATCH_FAILED)
 
 
