@@ -300,16 +300,21 @@ class EventConsumer:
             self.health.back(faults.BROKER)
         except Abandoned:
             pass  # stopping while the broker is away: the store dropped nothing, redelivery is harmless
+        except Exception as error:  # not a crash with a traceback: one line, the batch redelivered
+            fail(faults.describe(error, self.cfg))
 
     def commit(self, offsets: dict, loop: asyncio.AbstractEventLoop) -> None:
         """Commits `offsets` with this store's id beside them (runs on a thread, retried by wait_out)."""
-        from aiokafka.errors import CommitFailedError
+        from aiokafka.errors import CommitFailedError, IllegalStateError
 
         try:
             asyncio.run_coroutine_threadsafe(
                 self.consumer.commit({tp: (offset, self.metadata) for tp, offset in offsets.items()}), loop).result()
-        except CommitFailedError:
-            pass  # partitions moved to another worker meanwhile: it re-reads them, the event keys drop them
+        except (CommitFailedError, IllegalStateError):
+            # partitions moved to another worker meanwhile (a rebalance: the group's generation
+            # changed, or the partition is no longer assigned here): it re-reads them from the last
+            # committed offsets, and the event keys drop what this batch stored
+            pass
 
 
 def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, health: Health,
