@@ -32,8 +32,9 @@ from cdp import faults, logs, metrics, store_identity, topics
 from cdp.config import ConfigError, Settings
 from cdp.consumer_group import ConsumerGroup
 from cdp.health import Abandoned, Health, say, serve, wait_out
-from cdp.pipeline import Pipeline, Summary
+from cdp.pipeline import Pipeline
 from cdp.store import Batch
+from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
@@ -131,7 +132,7 @@ class BatchHandler:
         def attempt() -> None:
             self.pipeline.process_batch(next(chunks, accepted), self.summary, committed=self.queue_profiles)
 
-        wait_out(attempt, self.health, say, recover=self.pipeline.reload)
+        wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
         self.health.back(faults.POSTGRES)
         self.send_queued_profiles()
         seconds = time.perf_counter() - started
@@ -153,12 +154,12 @@ class BatchHandler:
             return
         pipeline = self.pipeline
         projector = pipeline.projector
-        projector.catch_up(pipeline.store, self.cfg.projection_batch, score=False)
+        pipeline.catch_up(score=False)
         self.refresh_scores()
         changed, merged = set(), {}
         for event in batch.events:
             cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
-            survivor = pipeline.index.survivor(cid)
+            survivor = pipeline.app.survivor(cid)
             changed.add(survivor)
             if survivor != cid:
                 merged[cid] = survivor
@@ -187,7 +188,7 @@ class BatchHandler:
         """Idle: keep this worker's view up with what the other workers commit. A store that does
         not answer is reported (and waited for by the next batch), not fatal."""
         try:
-            self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch, score=False)
+            self.pipeline.catch_up(score=False)
             self.refresh_scores()
         except Exception as error:
             fault = faults.describe(error, self.cfg)
@@ -404,7 +405,7 @@ def start(cfg: Settings, health: Health, reset_group: bool) -> tuple[BatchHandle
         say(f"[worker] created topics: {', '.join(created)}")
     producer = LoopProducer(cfg.require_kafka())
     handler = wait_out(lambda: BatchHandler(cfg, producer, health), health, say)
-    store = handler.pipeline.store
+    store = handler.pipeline.app.store
     group = ConsumerGroup(cfg)
     if reset_group:
         wait_out(group.reset, health, say)
@@ -437,7 +438,7 @@ def run(cfg: Settings, health_host: str = "127.0.0.1", health_port: int | None =
         raise ConfigError(faults.describe(error, cfg).line) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    store = handler.pipeline.store
+    store = handler.pipeline.app.store
     app = build_app(cfg, handler, producer, health, group, store.store_id)
     say(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
         f"{cfg.topic(cfg.worker_group)}; store {store.where} (id {store.store_id}); view {cfg.duckdb_path}"
