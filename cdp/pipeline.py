@@ -47,6 +47,7 @@ class Summary:
     linked_sources: int = 0
     merges: int = 0
     suggestions: int = 0  # grey-zone pairs queued for review
+    retrained: str | None = None  # self-training ran at the end: what it changed
     stored_events: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -136,6 +137,10 @@ class Pipeline:
                 progress(len(chunk))
         if follower is not None:
             follower.finish()
+        from cdp.retraining import describe, retrain_if_due  # imports this module
+
+        outcome = retrain_if_due(self)
+        summary.retrained = describe(outcome) if outcome else None
         summary.seconds = time.perf_counter() - started
         return summary
 

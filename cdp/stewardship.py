@@ -10,24 +10,33 @@ from cdp.pipeline import Pipeline, split_key
 from identity.resolver import review_id, source_key
 
 
-def _commit(pipeline: Pipeline, batch) -> None:
+def commit(pipeline: Pipeline, batch) -> None:
+    """Commits the batch with the resolver state it changed, then projects it."""
     batch.writes.extend(pipeline.resolver.take_writes())
     pipeline.store.commit(batch)
     if pipeline.projector is not None:
         pipeline.projector.catch_up(pipeline.store, pipeline.settings.projection_batch)
 
 
+def append_split(store, batch, customer_id: str, new_customer_id: str, source_keys: list[str], reason: str) -> None:
+    moved = [list(split_key(s)) for s in source_keys]
+    store.append(batch, Customer.Split, customer_id, new_customer_id=new_customer_id, sources=moved, reason=reason)
+    store.append(batch, Customer.SplitOff, new_customer_id, business_unit=moved[0][0], source_id=moved[0][1],
+                 split_from=customer_id, sources=moved)
+
+
+def append_merge(store, batch, survivor: str, absorbed: str, link) -> None:
+    store.append(batch, Customer.Merged, survivor, absorbed_id=absorbed, rule=link.rule, evidence=link.evidence)
+    store.append(batch, Customer.Absorbed, absorbed, survivor_id=survivor)
+
+
 def split(pipeline: Pipeline, customer_id: str, sources: list[str] | None, reason: str) -> list:
     """Moves source records out of a customer (all but one when `sources` is None)."""
     decisions = pipeline.resolver.split(customer_id, sources)
-    store, batch = pipeline.store, pipeline.store.begin()
+    batch = pipeline.store.begin()
     for d in decisions:
-        moved = [list(split_key(s)) for s in d.source_keys]
-        store.append(batch, Customer.Split, d.customer_id, new_customer_id=d.new_customer_id, sources=moved,
-                     reason=reason)
-        store.append(batch, Customer.SplitOff, d.new_customer_id, business_unit=moved[0][0],
-                     source_id=moved[0][1], split_from=d.customer_id, sources=moved)
-    _commit(pipeline, batch)
+        append_split(pipeline.store, batch, d.customer_id, d.new_customer_id, d.source_keys, reason)
+    commit(pipeline, batch)
     return decisions
 
 
@@ -41,14 +50,13 @@ def decide(pipeline: Pipeline, a: str, b: str, confirmed: bool) -> str:
     if confirmed:
         survivor, absorbed, link = resolver.confirm(a, b)
         if absorbed is not None:
-            store.append(batch, Customer.Merged, survivor, absorbed_id=absorbed, rule=link.rule, evidence=link.evidence)
-            store.append(batch, Customer.Absorbed, absorbed, survivor_id=survivor)
+            append_merge(store, batch, survivor, absorbed, link)
         store.append(batch, Customer.MatchConfirmed, survivor, **pair)
         customer = survivor
     else:
         customer, _ = resolver.reject(a, b)
         store.append(batch, Customer.MatchRejected, customer, **pair)
-    _commit(pipeline, batch)
+    commit(pipeline, batch)
     return customer
 
 

@@ -349,7 +349,7 @@ class EventStore:
         batch.keys.append((key,))
 
     def commit(self, batch: Batch) -> None:
-        if not batch.events and not batch.keys:
+        if not batch.events and not batch.keys and not any(rows for _, rows in batch.writes):
             return
         writes = [(INSERT_EVENT_KEY, batch.keys), *batch.writes]
         self.recorder.insert_events(batch.events, writes=writes)

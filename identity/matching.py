@@ -49,4 +49,5 @@ class ProbabilisticMatcher:
 
     def evidence(self, scored: Scored) -> dict:
         return {"matched": scored.source_key, "probability": round(scored.probability, 4),
-                "weight": round(scored.weight, 2), "fields": self.model.evidence(scored.vector)}
+                "weight": round(scored.weight, 2), "fields": self.model.evidence(scored.vector),
+                "model_version": self.model.version}

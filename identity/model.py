@@ -18,7 +18,8 @@ from identity.comparisons import COMPARISONS, Comparison
 
 DEFAULT_MODEL = Path(__file__).with_name("default_model.json")
 TABLES = ("CREATE TABLE IF NOT EXISTS identity_model (version INTEGER PRIMARY KEY, model TEXT NOT NULL)",)
-SELECT_LATEST = "SELECT model FROM identity_model ORDER BY version DESC LIMIT 1"
+SELECT_LATEST = "SELECT model, version FROM identity_model ORDER BY version DESC LIMIT 1"
+SELECT_LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
 INSERT_MODEL = "INSERT INTO identity_model (version, model) VALUES (?, ?)"
 
 
@@ -28,6 +29,7 @@ class Model:
     m: dict[str, list[float]]             # comparison name -> m per level
     u: dict[str, list[float]]             # comparison name -> u per level
     trained_on: dict[str, Any]            # what it was estimated from (pairs, records, seed)
+    version: int = 0                      # its row in identity_model; 0: the shipped default
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in COMPARISONS]
@@ -63,13 +65,17 @@ class Model:
                           indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Model":
+    def from_json(cls, text: str, version: int = 0) -> "Model":
         raw = json.loads(text)
-        return cls(prior=raw["prior"], m=raw["m"], u=raw["u"], trained_on=raw.get("trained_on", {}))
+        return cls(prior=raw["prior"], m=raw["m"], u=raw["u"], trained_on=raw.get("trained_on", {}), version=version)
+
+    def same_estimate(self, other: "Model") -> bool:
+        """Whether two models weigh every pair alike (retraining on unchanged records gives one)."""
+        return (self.prior, self.m, self.u) == (other.prior, other.m, other.u)
 
 
 def load(store_rows: list[tuple]) -> Model:
     """The latest trained model in the store, else the shipped default."""
     if store_rows:
-        return Model.from_json(store_rows[0][0])
+        return Model.from_json(store_rows[0][0], int(store_rows[0][1]))
     return Model.from_json(DEFAULT_MODEL.read_text(encoding="utf-8"))
