@@ -70,7 +70,8 @@ def retrain(pipeline: Pipeline, seed: int = 1, dry_run: bool = False,
     with store.exclusive():
         take_in_changes(pipeline.resolver, store.changed)
         resolver = pipeline.resolver
-        trained = train(resolver.blocks.records.values(), seed=seed, max_block=settings.max_block)
+        records = resolver.blocks.records  # in source-key order: the same model whatever the arrival order
+        trained = train([records[k] for k in sorted(records)], seed=seed, max_block=settings.max_block)
         latest = resolver.matcher.model
         new_model = not (latest.version and trained.same_estimate(latest))
         if new_model:
