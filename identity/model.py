@@ -21,6 +21,8 @@ TABLES = ("CREATE TABLE IF NOT EXISTS identity_model (version INTEGER PRIMARY KE
 SELECT_LATEST = "SELECT model, version FROM identity_model ORDER BY version DESC LIMIT 1"
 SELECT_LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
 INSERT_MODEL = "INSERT INTO identity_model (version, model) VALUES (?, ?)"
+TF_BOUND = 10.0  # a term-frequency adjustment moves a weight by at most this many bits
+TF_PSEUDO_RECORDS = 1000  # records' worth of the average (u) a value's observed share is smoothed with
 
 
 @dataclass
@@ -43,17 +45,30 @@ class Model:
                 total += weights[level]
         return total
 
+    def frequency_adjustment(self, comparison: int, level: int, carrying: int, held: int) -> float:
+        """Splink's term-frequency adjustment: the level's u says how often two different people
+        agree there on average; the share of records carrying the shared value replaces it. The
+        share is smoothed toward u by TF_PSEUDO_RECORDS, so a handful of records does not swing it."""
+        u = self.u[self.names[comparison]][level]
+        share = (max(carrying, 1) + TF_PSEUDO_RECORDS * u) / (held + TF_PSEUDO_RECORDS)
+        return max(-TF_BOUND, min(TF_BOUND, math.log2(u / share)))
+
     @staticmethod
     def probability(weight: float) -> float:
         return 1.0 / (1.0 + 2.0 ** -weight)
 
-    def evidence(self, vector: tuple[int | None, ...], comparisons: tuple[Comparison, ...] = COMPARISONS) -> dict:
-        """Field by field: the level each comparison reached and the weight it added."""
+    def evidence(self, vector: tuple[int | None, ...], adjustments: dict[int, float] | None = None,
+                 comparisons: tuple[Comparison, ...] = COMPARISONS) -> dict:
+        """Field by field: the level each comparison reached and the weight it added (with its
+        term-frequency adjustment, when the shared value's rarity moved it)."""
         fields = {}
-        for comparison, weights, level in zip(comparisons, self.weights, vector):
+        for i, (comparison, weights, level) in enumerate(zip(comparisons, self.weights, vector)):
             if level is not None:
+                adjustment = (adjustments or {}).get(i, 0.0)
                 fields[comparison.name] = {"level": comparison.levels[level].label,
-                                           "weight": round(weights[level], 2)}
+                                           "weight": round(weights[level] + adjustment, 2)}
+                if adjustment:
+                    fields[comparison.name]["term_frequency"] = round(adjustment, 2)
         return fields
 
     def describe(self) -> list[tuple[str, tuple[str, ...], list[float]]]:

@@ -119,6 +119,8 @@ class Resolver:
         self.blocks = blocks if blocks is not None else BlockingIndex()
         self.guardrails = guardrails if guardrails is not None else Guardrails(records=self.blocks.records.values())
         self.cannot_link = cannot_link if cannot_link is not None else CannotLink()
+        if matcher is not None and getattr(matcher, "frequencies", False) is None:
+            matcher.frequencies = self.guardrails  # term frequencies from the records held
 
     def cluster_of(self, src: str) -> str | None:
         return self.index.find("source", src)
