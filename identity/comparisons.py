@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional
 
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler, Levenshtein
 
 from identity.features import Features
 
@@ -65,6 +65,12 @@ def jaro_winkler(threshold: float) -> Level:
 
 def edits(limit: int) -> Level:
     return Level(f"edits<={limit}", lambda x, y: Levenshtein.distance(x, y, score_cutoff=limit) <= limit)
+
+
+def transpositions(limit: int) -> Level:
+    """Damerau–Levenshtein: two swapped neighbours (4086030 / 4086300) count as one edit."""
+    return Level(f"damerau<={limit}",
+                 lambda x, y: DamerauLevenshtein.distance(x, y, score_cutoff=limit) <= limit)
 
 
 def day_month_swapped() -> Level:
@@ -160,10 +166,12 @@ COMPARISONS: tuple[Comparison, ...] = (
     # independent fields would add their weights up to a match between family members.
     Comparison("address_phone", _contact, (
         parts_equal("address_and_phone", 0, 1, 2, 3), parts_equal("address", 0, 1, 2),
-        parts_equal("phone", 3), parts_equal("postcode", 0), outward_code_equal(), anything_else()),
-        frequency="postcode", frequency_levels=(3,)),
+        parts_equal("street", 1, 2), parts_equal("phone", 3), parts_equal("postcode", 0), outward_code_equal(),
+        anything_else()),
+        frequency="postcode", frequency_levels=(4,)),
     Comparison("email", _field("email"), (exact(), same_local_part(), anything_else()), frequency="email"),
-    Comparison("national_id", _field("national_id"), (exact(), edits(1), anything_else()), frequency="national_id"),
+    Comparison("national_id", _field("national_id"), (exact(), transpositions(1), transpositions(2), anything_else()),
+               frequency="national_id"),
 )
 
 

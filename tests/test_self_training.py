@@ -10,14 +10,14 @@ import pytest
 
 from tests.test_identity_cli import Cdp
 
-SMALL = {"CDP_TRAIN_MIN_RECORDS": "200"}  # a first import of a few hundred records trains itself
+SMALL = {"CDP_TRAIN_MIN_RECORDS": "100"}  # a first import of a few hundred records trains itself
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from cdp.demo import DemoSpec, generate
 
-    return generate(tmp_path_factory.mktemp("demo"), DemoSpec(people=300, seed=12, hard=True))
+    return generate(tmp_path_factory.mktemp("demo"), DemoSpec(people=150, seed=12, hard=True))
 
 
 def partition(cdp: Cdp) -> set[frozenset]:
@@ -70,7 +70,7 @@ def test_retraining_is_previewed_applied_once_explained_and_keeps_ids_and_people
     # ids stay stable: every survivor is a customer that existed before; absorbed ids keep resolving
     ids_after = {r["customer_id"] for r in cdp.query("SELECT customer_id FROM customers")}
     assert ids_after <= ids_before
-    for absorbed in ids_before - ids_after:
+    for absorbed in sorted(ids_before - ids_after)[:3]:
         shown = json.loads(cdp("customer", "show", absorbed, "--format", "json").stdout)
         assert shown["customer_id"] in ids_after
     # each merge is explained, naming the model version that made it
