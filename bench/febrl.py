@@ -79,11 +79,16 @@ def event(unit: str, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def ours(data: Dataset, order_seed: int, env: dict[str, str] | None = None) -> tuple[dict, float, str | None]:
+    return ingested([event(unit, row) for unit, rows in data.units for row in rows], data.truth, order_seed, env)
+
+
+def ingested(events: list[dict], truth: dict, order_seed: int,
+             env: dict[str, str] | None = None) -> tuple[dict, float, str | None]:
     """Clusters after `cdp ingest` of the events (in a shuffled order) into a fresh CDP_HOME:
-    (clusters, seconds, what self-training did)."""
-    events = [event(unit, row) for unit, rows in data.units for row in rows]
+    (clusters of the records in `truth`, seconds, what self-training did)."""
+    events = events[:]
     random.Random(order_seed).shuffle(events)
-    with tempfile.TemporaryDirectory(prefix=f"cdp-{data.name}-") as home:
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-") as home:
         path = Path(home) / "events.jsonl"
         path.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
         settings = Settings.from_env({"CDP_HOME": str(Path(home) / "cdp"), **(env or {})})
@@ -91,7 +96,7 @@ def ours(data: Dataset, order_seed: int, env: dict[str, str] | None = None) -> t
         with Pipeline(settings, project=False) as pipeline:
             summary = pipeline.ingest([str(path)])
             seconds = time.perf_counter() - started
-            clusters = {key: pipeline.resolver.cluster_of(f"{key[0]}:{key[1]}") for key in data.truth}
+            clusters = {key: pipeline.resolver.cluster_of(f"{key[0]}:{key[1]}") for key in truth}
     return clusters, seconds, summary.retrained
 
 
@@ -161,7 +166,7 @@ def compare(names: list[str], thresholds: tuple[float, ...] = (0.95, 0.99)) -> l
         truth = data.truth
         first, seconds, trained = ours(data, 1)
         second, _, _ = ours(data, 2)
-        same = _partition(first) == _partition(second)
+        same = partition(first) == partition(second)
         s = pairwise_scores(first, truth)
         print(f"  {name} ({data.size} records): ours  precision {s.precision:.4f}  recall {s.recall:.4f}  "
               f"F1 {s.f1:.4f}  ({seconds:.1f} s incl. self-training: {trained}; same clusters in another order: {same})")
@@ -183,7 +188,7 @@ def compare(names: list[str], thresholds: tuple[float, ...] = (0.95, 0.99)) -> l
     return table
 
 
-def _partition(clusters: dict) -> frozenset:
+def partition(clusters: dict) -> frozenset:
     groups: dict[str, set] = {}
     for key, cluster in clusters.items():
         groups.setdefault(cluster, set()).add(key)
