@@ -126,7 +126,7 @@ def _deterministic_edges(resolver: Resolver, order: Sequence[str]) -> Iterable[_
         phone = f.phone
         if phone is not None and guardrails.allows("phone", phone):
             for holder in resolver.blocks.blocks.get(f"ph:{phone}", ()):
-                if holder < src and compatible(f, records[holder]):
+                if holder != src and compatible(f, records[holder]):
                     yield _Edge(holder, src, "shared_phone", {"phone": phone, "matched": holder})
 
 

@@ -116,3 +116,14 @@ def test_retraining_splits_what_the_new_threshold_no_longer_links(demo, tmp_path
     assert "0 merges, 0 splits" in cdp("identity", "train", env={"CDP_MATCH_THRESHOLD": "0.9999"}).stdout
     cdp("projections", "rebuild")
     assert partition(cdp) == after  # the view rebuilt from the events says the same
+
+
+@pytest.mark.postgres
+def test_retraining_on_postgresql(demo, tmp_path: Path, fresh_postgres_dsn: str):
+    cdp = Cdp(tmp_path / "home", {"CDP_TRAIN_MIN_RECORDS": "0", "CDP_EVENT_STORE": fresh_postgres_dsn})
+    cdp("ingest", *map(str, demo.event_files), env={"CDP_MATCH_THRESHOLD": "0.999999999"})
+    before = partition(cdp)
+    out = cdp("identity", "train").stdout
+    merges = int(out.split("model v1: ")[-1].split(" merges")[0].replace(",", ""))
+    assert merges > 0 and len(partition(cdp)) == len(before) - merges
+    assert "0 merges, 0 splits" in cdp("identity", "train").stdout
