@@ -96,7 +96,7 @@ def ingested(events: list[dict], truth: dict, order_seed: int,
         with Pipeline(settings, project=False) as pipeline:
             summary = pipeline.ingest([str(path)])
             seconds = time.perf_counter() - started
-            clusters = {key: pipeline.resolver.cluster_of(f"{key[0]}:{key[1]}") for key in truth}
+            clusters = {key: pipeline.app.resolver.cluster_of(f"{key[0]}:{key[1]}") for key in truth}
     return clusters, seconds, summary.retrained
 
 

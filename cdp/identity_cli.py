@@ -7,12 +7,7 @@ import click
 import orjson
 
 from cdp import console
-
-
-def _cli():
-    from cdp import cli  # the shared helpers (settings, open_view, UserError); imported late: cli imports us
-
-    return cli
+from cdp.commandline import UserError, open_view, settings
 
 
 @click.group()
@@ -27,11 +22,10 @@ def explain(customer_id: str, fmt: str) -> None:
     """Every source record of a customer and the rule or field-by-field score behind each link."""
     from projections.identity_views import describe_link, explain as explain_customer
 
-    cli = _cli()
-    con = cli.open_view(cli.settings())
+    con = open_view(settings())
     picture = explain_customer(con, customer_id.replace("-", "").lower())
     if picture is None:
-        raise cli.UserError(f"no customer {customer_id}")
+        raise UserError(f"no customer {customer_id}")
     if fmt == "json":
         sys.stdout.write(orjson.dumps(picture, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
@@ -58,12 +52,11 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
     """List grey-zone pairs (between the review and match thresholds), or confirm/reject one."""
     from projections.identity_views import describe_link, review_pair, review_queue
 
-    cli = _cli()
-    cfg = cli.settings()
+    cfg = settings()
     if confirm_id and reject_id:
         raise click.UsageError("give --confirm or --reject, not both")
     chosen = confirm_id or reject_id
-    con = cli.open_view(cfg)
+    con = open_view(cfg)
     if chosen is None:
         rows = review_queue(con, limit)
         con.close()
@@ -81,15 +74,18 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
     pair = review_pair(con, chosen)
     con.close()
     if pair is None:
-        raise cli.UserError(f"no review {chosen!r}: see `cdp identity review`")
+        raise UserError(f"no review {chosen!r}: see `cdp identity review`")
     from cdp.pipeline import Pipeline
-    from cdp.stewardship import decide
 
     with Pipeline(cfg) as pipeline:
         try:
-            customer = decide(pipeline, pair[0], pair[1], confirmed=confirm_id is not None)
+            if confirm_id is not None:
+                customer = pipeline.app.confirm_match(pair[0], pair[1])
+            else:
+                customer = pipeline.app.reject_match(pair[0], pair[1])
         except ValueError as error:
-            raise cli.UserError(str(error)) from None
+            raise UserError(str(error)) from None
+        pipeline.catch_up()
     verdict = "confirmed: merged into" if confirm_id else "rejected: kept apart, remembered for"
     console.out.print(f"review {chosen} {verdict} customer {customer}")
 
@@ -102,17 +98,16 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
 def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
     """Undo a wrong merge; the split is remembered, so the same evidence will not merge them again."""
     from cdp.pipeline import Pipeline
-    from cdp.stewardship import split as split_customer
 
-    cli = _cli()
     for s in sources:
         if ":" not in s:
             raise click.BadParameter(f"expected UNIT:SOURCE_ID, got {s!r}", param_hint="--source")
-    with Pipeline(cli.settings()) as pipeline:
+    with Pipeline(settings()) as pipeline:
         try:
-            decisions = split_customer(pipeline, customer_id.replace("-", "").lower(), list(sources) or None, reason)
+            decisions = pipeline.app.split(customer_id.replace("-", "").lower(), list(sources) or None, reason)
         except ValueError as error:
-            raise cli.UserError(str(error)) from None
+            raise UserError(str(error)) from None
+        pipeline.catch_up()
     for d in decisions:
         console.out.print(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id} (from {d.customer_id})")
 
@@ -125,17 +120,14 @@ def train(seed: int, dry_run: bool, limit: int) -> None:
     """Estimate the match model (Fellegi–Sunter m/u by EM) from the records in the store and
     re-resolve them with it: its merges and splits are appended as identity events."""
     from cdp.pipeline import Pipeline
-    from cdp.retraining import describe, retrain
 
-    cli = _cli()
-    with Pipeline(cli.settings(), project=not dry_run) as pipeline:
-        if pipeline.resolver.matcher is None:
-            raise cli.UserError("CDP_MATCHING is deterministic: there is no model to train")
-        with console.progress_bar("re-resolving", len(pipeline.resolver.blocks)) as bar:
+    with Pipeline(settings(), project=not dry_run) as pipeline:
+        with console.progress_bar("re-resolving", len(pipeline.app.resolver.blocks)) as bar:
             try:
-                outcome = retrain(pipeline, seed=seed, dry_run=dry_run, progress=bar)
+                outcome = pipeline.app.retrain(seed=seed, dry_run=dry_run, progress=bar)
             except ValueError as error:
-                raise cli.UserError(str(error)) from None
+                raise UserError(str(error)) from None
+        pipeline.catch_up()
     model, changes = outcome.model, outcome.plan
     console.out.print(f"model v{model.version} trained on {model.trained_on.get('records', 0):,} records "
                       f"({model.trained_on.get('blocked_pairs', 0):,} candidate pairs)"
@@ -149,4 +141,4 @@ def train(seed: int, dry_run: bool, limit: int) -> None:
         console.render_rows(["change", "customer", "into / new customer", "why / records"], rows, "table",
                             title=f"re-resolution (first {limit} of each)")
     verdict = "would change (dry run, nothing written)" if dry_run else "applied"
-    console.out.print(f"re-resolution {verdict}: {describe(outcome)}")
+    console.out.print(f"re-resolution {verdict}: {outcome.describe()}")

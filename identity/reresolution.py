@@ -64,6 +64,21 @@ class Plan:
         return bool(self.splits or self.merges)
 
 
+@dataclass
+class Retrained:
+    """What training and re-resolution did (or, in a dry run, would do)."""
+
+    model: object  # identity.model.Model
+    new_model: bool  # False: retraining gave the latest model again (not stored twice)
+    plan: Plan
+
+    def describe(self) -> str:
+        p = self.plan
+        model = f"model v{self.model.version}" + ("" if self.new_model else " (unchanged)")
+        return (f"{model}: {len(p.merges):,} merges, {len(p.splits):,} splits, "
+                f"customers {p.customers_before:,} → {p.customers_after:,}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Edge:
     a: str
