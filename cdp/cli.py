@@ -36,6 +36,7 @@ def print_summary(summary, title: str) -> None:
         ("source records linked", f"{summary.linked_sources:,}"),
         ("merges", f"{summary.merges:,}"),
         ("stored events", f"{summary.stored_events:,}"),
+        *([("self-training", summary.retrained)] if summary.retrained else []),
         ("time", f"{summary.seconds:.1f} s ({rate:,.0f} events/s)"),
     ]
     for name, value in rows:
