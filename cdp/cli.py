@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -26,17 +27,37 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
-    from projections.projector import connect, refresh_view
+def refresh_view(cfg: Settings) -> None:
+    """Brings the view's scores up to CDP_AS_OF if they are not; a missing or damaged view is one line."""
+    from projections.projector import refresh_view as refresh
 
     if not cfg.duckdb_path.exists():
         raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
     try:
-        refresh_view(cfg.duckdb_path, cfg.as_of)
+        refresh(cfg.duckdb_path, cfg.as_of)
+    except duckdb.Error as error:
+        raise view_error(cfg, error) from None
+
+
+def view_error(cfg: Settings, error: Exception) -> UserError:
+    return UserError(f"cannot use the view {cfg.duckdb_path} ({first_line(error)}): if it is damaged, "
+                     "`cdp projections rebuild` recreates it from the event store")
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return console.escape_controls(lines[0] if lines else type(error).__name__)
+
+
+def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
+    from projections.projector import connect
+
+    refresh_view(cfg)
+    try:
         return connect(cfg.duckdb_path, read_only=True)
-    except duckdb.IOException as error:
-        raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
+    except duckdb.Error as error:
+        raise view_error(cfg, error) from None
 
 
 def print_summary(summary, title: str) -> None:
@@ -166,17 +187,19 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against the unified view."""
-    con = open_view(settings())
+    """Run one read-only SQL statement against the unified view (no files, no settings, bounded)."""
+    from projections.sandbox import QueryLimits, QueryRejected, check_statement, run_query
+
+    cfg = settings()
     try:
-        cursor = con.execute(sql)
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
-    except duckdb.Error as error:
-        raise UserError(f"query failed: {' '.join(str(error).split())}") from None
-    text = console.render_rows(columns, rows, fmt)
+        check_statement(sql)  # an empty or writing statement fails before the view is touched
+        refresh_view(cfg)  # user SQL then runs in the sandbox, on a connection of its own
+        result = run_query(cfg.duckdb_path, sql, QueryLimits(rows=cfg.query_rows, seconds=cfg.query_seconds,
+                                                             memory=cfg.duckdb_memory))
+    except QueryRejected as error:
+        raise UserError(str(error)) from None
+    table = result.table
+    text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
     if text is not None:
         sys.stdout.write(text)
 
@@ -277,6 +300,14 @@ def projections_rebuild() -> None:
 cli.add_command(__import__("cdp.identity_cli", fromlist=["identity"]).identity)  # `cdp identity …`
 
 
+def store_location() -> str:
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        return "(CDP_EVENT_STORE)"
+    return "in PostgreSQL (CDP_EVENT_STORE)" if cfg.event_store else str(cfg.sqlite_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cdp", standalone_mode=False)
@@ -297,7 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):
             raise
-        console.err.print(f"cdp: error: {error}")
+        console.err.print(f"cdp: error: {console.escape_controls(' '.join(str(error).split()))}")
+        return EXIT_FAILURE
+    except sqlite3.DatabaseError as error:
+        if os.environ.get("CDP_DEBUG"):
+            raise
+        console.err.print(f"cdp: error: the event store {store_location()} cannot be read ({first_line(error)}): "
+                          "restore it from a backup; the view can then be rebuilt with `cdp projections rebuild`")
+        return EXIT_FAILURE
+    except duckdb.Error as error:
+        if os.environ.get("CDP_DEBUG"):
+            raise
+        console.err.print(f"cdp: error: {view_error(Settings.from_env(), error).format_message()}")
+        return EXIT_FAILURE
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if os.environ.get("CDP_DEBUG"):
+            raise
+        console.err.print(f"cdp: error: unexpected {type(error).__name__}: {first_line(error)} "
+                          "(CDP_DEBUG=1 shows the traceback)")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
