@@ -27,6 +27,7 @@ from identity.matching import ProbabilisticMatcher
 from identity.resolver import Decision, Resolver
 from ingest.deadletter import DeadLetterFile
 from ingest.parallel import ParseWorkers
+from ingest.ranges import Ranges
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
@@ -94,6 +95,16 @@ def take_in_changes(resolver: Resolver, changed: Callable[[str], list[tuple]]) -
     resolver.take_in(changed(blocking.SELECT_RECORDS), changed(constraints.SELECT_PAIRS))
 
 
+def conflict(record: Accepted, first: str) -> Rejected:
+    """A re-sent `source` + `id` whose content differs from what was stored first: the first
+    version stays, the sender learns their correction was not taken."""
+    return Rejected(reason=f"event {record.event_id!r} from {record.source!r} was already stored with other "
+                           f"content (stored digest {first}, this one {record.digest}); the first version is kept",
+                    origin=record.origin, kind="conflict", raw=record.as_sent(),
+                    event_id=record.event_id, source=record.source,
+                    extra={"stored_digest": first, "digest": record.digest})
+
+
 def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -102,7 +113,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
     return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes,
-                    parse_workers)
+                    parse_workers, Ranges(settings.max_future, settings.max_amount))
 
 
 class Pipeline:
@@ -120,6 +131,7 @@ class Pipeline:
         self.index = self.resolver.index
         self.projector = Projector(settings.duckdb_path, settings.as_of, settings.duckdb_memory) if project else None
         self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
+        self.conflicts: list[Rejected] = []  # of the batch being resolved
 
     def process(self, records: Iterable[Accepted | Rejected],
                 progress: Callable[[int], None] | None = None) -> Summary:
@@ -171,16 +183,25 @@ class Pipeline:
                     raise
         summary.add(part)
         summary.stored_events += len(batch)
+        for rejected in self.conflicts:  # after the commit: a retried batch must not write them twice
+            self.deadletter.write(rejected)
+            summary.add_rejection(rejected.kind)
+        self.deadletter.flush()
         return len(batch)
 
     def resolve(self, records: Iterable[Accepted], summary: Summary) -> Batch:
         batch = self.store.begin()
+        self.conflicts = []
         for record in records:
             if record.key in self.store.seen:
-                summary.duplicates += 1
+                first = self.store.seen.content(record.key)
+                if first is not None and record.digest and first != record.digest:
+                    self.conflicts.append(conflict(record, first))
+                else:
+                    summary.duplicates += 1
             else:
                 self.record(batch, record, self.resolver.resolve(record), summary)
-                self.store.mark_seen(batch, record.key)
+                self.store.mark_seen(batch, record.key, record.digest)
         batch.writes.extend(self.resolver.take_writes())
         return batch
 

@@ -61,6 +61,7 @@ __all__ = ["MappingError", "Mapping", "load_mapping", "mapping_for", "iter_tabul
 
 CSV_SUFFIXES = frozenset({".csv", ".tsv", ".txt"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+TABULAR_SUFFIXES = CSV_SUFFIXES | PARQUET_SUFFIXES  # every other file is CloudEvents JSONL
 
 _TOP_KEYS = {"type", "business_unit", "source", "id", "time", "columns", "constants"}
 _BUSINESS_UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
