@@ -139,13 +139,21 @@ class Pipeline:
         started = time.perf_counter()
         pending = 0  # stored events the view has not been told about
         follower = ViewFollower(self.projector, self.store, self.settings.projection_batch) if self.projector else None
-        for chunk in batched(records, self.settings.batch_size):
-            pending += self.process_batch(chunk, summary)
-            if follower is not None and pending >= self.settings.projection_batch:
-                follower.notify()
-                pending = 0
-            if progress:
-                progress(len(chunk))
+        try:
+            for chunk in batched(records, self.settings.batch_size):
+                pending += self.process_batch(chunk, summary)
+                if follower is not None and pending >= self.settings.projection_batch:
+                    follower.notify()
+                    pending = 0
+                if progress:
+                    progress(len(chunk))
+        except BaseException:
+            if follower is not None:  # the view still takes in what was committed, and the thread ends
+                try:
+                    follower.finish()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            raise
         if follower is not None:
             follower.finish()
         summary.seconds = time.perf_counter() - started

@@ -219,8 +219,11 @@ class Ingestor:
         for origin, item, row in iter_tabular(file, spec, self.validator):
             if isinstance(item, str):
                 yield Rejected(reason=item, origin=origin, kind="mapping", raw=row)
-            else:
-                yield self.from_event(item, origin)
+                continue
+            record = self.from_event(item, origin)
+            if row is not None and type(record) is Rejected:
+                record.raw, record.extra = row, {"event": record.raw}  # the row as sent, and what it became
+            yield record
         self.bytes_read += file.stat().st_size
 
 
