@@ -24,15 +24,18 @@ appear in [columns] or [constants], not both; every scalar field the schema requ
 one of them (``customer.source_id`` always).
 
 Reading (``iter_tabular``) streams: the ``csv`` module row by row, ``ParquetFile.iter_batches`` for
-Parquet. It yields ``(origin, event)`` with origin like ``"legacy.csv:row 12"`` (rows are numbered
-from 1, the header not counted) and event a full CloudEvent dict, or ``(origin, reason)`` (a str)
-when a row does not fit its mapping. It never stops on one bad row. Events are NOT schema-validated
-here: the ingest pipeline validates every event whatever its origin.
+Parquet. It yields ``(origin, event, input)`` with origin like ``"legacy.csv:row 12"`` (rows are
+numbered from 1, the header not counted) and event a full CloudEvent dict, or ``(origin, reason,
+input)`` (reason a str) when a row does not fit its mapping; input is the row as written. It never
+stops on one bad row. Events are NOT schema-validated here: the ingest pipeline validates every
+event whatever its origin.
 
 * CSV: UTF-8 with or without BOM; delimiter among ``,`` ``;`` tab found by ``csv.Sniffer`` on the
   header line (fallback ``,``). Cells are stripped; empty cells are omitted from the event. A row
   with fewer cells than the header is rejected (extra cells are tolerated only when empty); a row
-  that is not valid UTF-8 is rejected; fully empty rows are skipped.
+  that is not valid UTF-8 is rejected; fully empty rows are skipped. A quoted value may span lines,
+  but when a record spanning lines does not parse or has the wrong width, a quote was left open:
+  only its first line is rejected and the others are read again (``_Lines``).
 * A mapped column missing from the header rejects the whole file: one ``(<file>:header, reason)``.
 * Coercion to the schema type: number -> float (``1234.50`` or decimal comma ``1234,50``; no
   thousands separators), integer -> int (``12``, also ``12.0``), boolean -> true/false/yes/no/y/n/1/0
