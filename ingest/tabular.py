@@ -395,13 +395,43 @@ def _iter_parquet(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict 
         except Exception as exc:  # noqa: BLE001 - a corrupt row group ends the file
             yield f"{name}:row {n + 1}", f"unreadable Parquet data from here on: {exc}", None
             return
-        for row in batch.to_pylist():
+        first = n + 1
+        for row in _batch_rows(batch):
             n += 1
+            if isinstance(row, str):  # a value Python cannot hold (a timestamp past year 9999, say)
+                yield f"{name}:row {n}", row, _row_text(batch, n - first)
+                continue
             try:
                 event = builder.build(row)
             except Exception as exc:  # noqa: BLE001 - an odd value type must not stop the file
                 event = f"cannot convert row: {exc}"
             yield f"{name}:row {n}", event, _row_json(row) if isinstance(event, str) else None
+
+
+def _row_text(batch: Any, index: int) -> str | None:
+    """One row as JSON with every value as Arrow prints it, for rows Python cannot convert."""
+    import pyarrow as pa
+
+    try:
+        return json.dumps({name: column.slice(index, 1).cast(pa.string())[0].as_py()
+                           for name, column in zip(batch.schema.names, batch.columns)}, ensure_ascii=False)
+    except Exception:  # noqa: BLE001 - then the reason alone must do
+        return None
+
+
+def _batch_rows(batch: Any) -> list[dict[str, Any] | str]:
+    """The batch's rows as dicts in one conversion; when a value cannot be converted, row by row, so
+    only the rows holding such a value are lost (as a reason string)."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # noqa: BLE001 - Arrow raises ValueError/OverflowError/ArrowException
+        rows: list[dict[str, Any] | str] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except Exception as exc:  # noqa: BLE001
+                rows.append(f"cannot convert row: {exc}")
+        return rows
 
 
 # ---------------------------------------------------------------------------------------- values

@@ -306,3 +306,20 @@ def test_a_header_over_128_kib_is_dead_lettered_not_a_traceback(cdp, tmp_path):
     (tmp_path / "huge.mapping.toml").write_text(MAPPING)
     cdp("ingest", str(tmp_path / "huge.csv"))
     assert any(e["origin"] == "huge.csv:header" for e in deadletter(cdp))
+
+
+def test_parquet_values_out_of_range_cost_only_their_rows(cdp, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    microseconds = [1_700_000_000_000_000, 300_000_000_000_000_000, 253_402_214_400_000_000 - 1, 1_700_000_100_000_000]
+    pq.write_table(pa.table({"CustNo": ["C1", "C2", "C3", "C4"], "Email": ["a@b.org"] * 4, "Total": [1.0, 2.0, 3.0, 1e308],
+                             "Date": pa.array(microseconds, pa.timestamp("us"))}), tmp_path / "legacy.parquet")
+    (tmp_path / "legacy.mapping.toml").write_text(MAPPING)
+    cdp("ingest", str(tmp_path / "legacy.parquet"))
+    entries = {e["origin"]: e for e in deadletter(cdp)}
+    assert set(entries) == {"legacy.parquet:row 2", "legacy.parquet:row 3", "legacy.parquet:row 4"}
+    assert json.loads(entries["legacy.parquet:row 2"]["input"])["CustNo"] == "C2"  # year 11476: not a Python date
+    assert "CDP_MAX_FUTURE" in entries["legacy.parquet:row 3"]["reason"]  # 9999-12-31
+    assert "CDP_MAX_AMOUNT" in entries["legacy.parquet:row 4"]["reason"]
+    assert cdp.query("SELECT source_id FROM customer_events") == [{"source_id": "C1"}]
