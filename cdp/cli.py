@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}")
+        console.err.print(f"cdp: error: {console.escape_controls(error.format_message())}")
         return EXIT_FAILURE
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):

@@ -68,6 +68,9 @@ class SeenKeys:
         for key, digest in rows:
             self.add(key, digest)
 
+    def __len__(self) -> int:
+        return len(self._digests)
+
 
 def migrate_event_keys(cursor: Any, is_postgres: bool) -> None:
     """Stores from before issue 14: adds the digest column and rewrites `source\x1fid` keys in the
@@ -88,9 +91,6 @@ def migrate_event_keys(cursor: Any, is_postgres: bool) -> None:
     for old in legacy:
         source, _, event_id = old.partition(LEGACY_KEY_SEPARATOR)
         cursor.execute(update, (event_key(source, event_id), old))
-
-    def __len__(self) -> int:
-        return len(self._digests)
 
 
 class CompactJSONTranscoder(Transcoder):
