@@ -111,6 +111,13 @@ def _duration(env: dict[str, str], name: str, default: float) -> float:
     return float(match.group(1)) * _DURATION_UNITS.get(match.group(2) or "s")
 
 
+def _positive_duration(env: dict[str, str], name: str, default: float) -> float:
+    value = _duration(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}: must be more than 0 seconds")
+    return value
+
+
 def _positive_number(env: dict[str, str], name: str, default: float) -> float:
     value = _number(env, name, default, float, "a number")
     if not (0 < value < float("inf")):
@@ -213,7 +220,7 @@ class Settings:
             max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),
             max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
-            query_seconds=_duration(env, "CDP_QUERY_TIMEOUT", 60.0) or 60.0,
+            query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             **_identity(env),
         )
 
