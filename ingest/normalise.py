@@ -52,39 +52,39 @@ def email(raw: str) -> str | None:
     return value if _EMAIL.match(value) else None
 
 
-# Numbers shared by many callers (freephone, premium, shared-cost …) say nothing about who a person is.
-_SHARED_TYPES = frozenset({phonenumbers.PhoneNumberType.TOLL_FREE, phonenumbers.PhoneNumberType.PREMIUM_RATE,
-                           phonenumbers.PhoneNumberType.SHARED_COST, phonenumbers.PhoneNumberType.UAN,
-                           phonenumbers.PhoneNumberType.VOICEMAIL, phonenumbers.PhoneNumberType.PAGER})
+# Numbers that are not one person's: unknown to the numbering plan (not valid, only possible), or
+# shared by many callers (freephone, premium, shared-cost …).
+_NOT_PERSONAL = frozenset({phonenumbers.PhoneNumberType.UNKNOWN, phonenumbers.PhoneNumberType.TOLL_FREE,
+                           phonenumbers.PhoneNumberType.PREMIUM_RATE, phonenumbers.PhoneNumberType.SHARED_COST,
+                           phonenumbers.PhoneNumberType.UAN, phonenumbers.PhoneNumberType.VOICEMAIL,
+                           phonenumbers.PhoneNumberType.PAGER})
 
 
 @lru_cache(maxsize=65536)
 def phone(raw: str, region: str) -> str | None:
     """E.164 form, or None when the value is not a possible number in that region."""
-    parsed = _parse_phone(raw, region)
-    if parsed is None:
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-@lru_cache(maxsize=65536)
-def linking_phone(raw: str, region: str) -> str | None:
-    """E.164 form when the number may join two records: valid (not only possible) in its region,
-    written in digits (no vanity letters like 0800 FLOWERS) and a number one person answers."""
-    parsed = _parse_phone(raw, region)
-    if parsed is None or any(ch.isalpha() for ch in raw) or not phonenumbers.is_valid_number(parsed):
-        return None
-    if phonenumbers.number_type(parsed) in _SHARED_TYPES:
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-def _parse_phone(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
     try:
         parsed = phonenumbers.parse(raw, region)
     except phonenumbers.NumberParseException:
         return None
-    return parsed if phonenumbers.is_possible_number(parsed) else None
+    if not phonenumbers.is_possible_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def linking_phone(raw: str, region: str) -> str | None:
+    """E.164 form when the number may join two records: valid (not only possible) in the numbering
+    plan, written in digits (no vanity letters like 0800 FLOWERS) and a number one person answers."""
+    normal = phone(raw, region)
+    if normal is None or any(ch.isalpha() for ch in raw) or not _personal(normal):
+        return None
+    return normal
+
+
+@lru_cache(maxsize=65536)
+def _personal(e164: str) -> bool:
+    # number_type is UNKNOWN exactly when is_valid_number is False; one call answers both questions
+    return phonenumbers.number_type(phonenumbers.parse(e164)) not in _NOT_PERSONAL
 
 
 def compact_id(raw: str) -> str | None:

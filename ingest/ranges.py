@@ -75,10 +75,11 @@ def _check_non_negative(path: str, value: Any) -> None:
 
 def check_event(event: dict[str, Any], ranges: Ranges) -> None:
     """Raises OutOfRange for the first value of a schema-valid event that is outside its range."""
-    check_id("id", event["id"])
-    check_id("source", event["source"])
     data = event["data"]
-    check_id("data.customer.source_id", data["customer"]["source_id"])
+    ids = (event["id"], event["source"], data["customer"]["source_id"])
+    if _CONTROL.search("".join(ids)) or not (ids[0].strip() and ids[1].strip() and ids[2].strip()):
+        for path, value in zip(("id", "source", "data.customer.source_id"), ids):  # which one, and why
+            check_id(path, value)
     if "order_id" in data:
         check_id("data.order_id", data["order_id"])
     if "amount" in data:
