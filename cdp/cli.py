@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,51 +12,12 @@ import duckdb
 import orjson
 
 from cdp import console
+from cdp.commandline import UserError, first_line, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
+from cdp.identity_cli import identity
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class UserError(click.ClickException):
-    """A failure the user can fix; printed as one line."""
-
-
-def settings() -> Settings:
-    return Settings.from_env()
-
-
-def refresh_view(cfg: Settings) -> None:
-    """Brings the view's scores up to CDP_AS_OF if they are not; a missing or damaged view is one line."""
-    from projections.projector import refresh_view as refresh
-
-    if not cfg.duckdb_path.exists():
-        raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
-    try:
-        refresh(cfg.duckdb_path, cfg.as_of)
-    except duckdb.Error as error:
-        raise view_error(cfg, error) from None
-
-
-def view_error(cfg: Settings, error: Exception) -> UserError:
-    return UserError(f"cannot use the view {cfg.duckdb_path} ({first_line(error)}): if it is damaged, "
-                     "`cdp projections rebuild` recreates it from the event store")
-
-
-def first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return console.escape_controls(lines[0] if lines else type(error).__name__)
-
-
-def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
-    from projections.projector import connect
-
-    refresh_view(cfg)
-    try:
-        return connect(cfg.duckdb_path, read_only=True)
-    except duckdb.Error as error:
-        raise view_error(cfg, error) from None
 
 
 def print_summary(summary, title: str) -> None:
@@ -279,25 +239,24 @@ def projections() -> None:
 @projections.command("rebuild")
 def projections_rebuild() -> None:
     """Recreate the unified view from the event store (the result equals the incremental view)."""
-    from cdp.store import EventStore
-    from identity.index import TABLES
+    from cdp.application import CustomerApplication
     from projections.projector import rebuild
 
     cfg = settings()
-    store = EventStore(cfg, side_tables=TABLES)
+    app = CustomerApplication(cfg)
     try:
-        total = store.max_position()
+        total = app.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
-            applied = rebuild(store, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
-                              memory_limit=cfg.duckdb_memory)
+            applied = rebuild(app, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
+                              memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship)
         seconds = time.perf_counter() - started
     finally:
-        store.close()
+        app.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
 
 
-cli.add_command(__import__("cdp.identity_cli", fromlist=["identity"]).identity)  # `cdp identity …`
+cli.add_command(identity)  # `cdp identity …`
 
 
 def store_location() -> str:

@@ -24,8 +24,9 @@ import duckdb
 
 from cdp import topics
 from cdp.config import ConfigError, Settings
-from cdp.pipeline import Pipeline, Summary
+from cdp.pipeline import Pipeline
 from cdp.store import Batch
+from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
@@ -105,12 +106,12 @@ class BatchHandler:
             return
         pipeline = self.pipeline
         projector = pipeline.projector
-        projector.catch_up(pipeline.store, self.cfg.projection_batch, score=False)
+        pipeline.catch_up(score=False)
         self.refresh_scores()
         changed, merged = set(), {}
         for event in batch.events:
             cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
-            survivor = pipeline.index.survivor(cid)
+            survivor = pipeline.app.survivor(cid)
             changed.add(survivor)
             if survivor != cid:
                 merged[cid] = survivor
@@ -130,7 +131,7 @@ class BatchHandler:
 
     def follow(self) -> None:
         """Idle: keep this worker's view up with what the other workers commit."""
-        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch, score=False)
+        self.pipeline.catch_up(score=False)
         self.refresh_scores()
 
     def close(self) -> None:
@@ -209,7 +210,7 @@ class EventConsumer:
             await consumer.stop()
 
     async def finish(self, pending: tuple[asyncio.Future, dict]) -> None:
-        from aiokafka.errors import CommitFailedError
+        from aiokafka.errors import CommitFailedError, IllegalStateError
 
         future, offsets = pending
         await asyncio.wait([future])
@@ -218,8 +219,9 @@ class EventConsumer:
         try:
             await self.consumer.commit(offsets)
             self.committed.update(offsets)
-        except CommitFailedError:
-            # partitions moved to another worker meanwhile: it re-reads them, the event keys drop them
+        except (CommitFailedError, IllegalStateError):
+            # partitions moved to another worker meanwhile (a rebalance during the batch, or just
+            # before the commit: "partition is not assigned"): it re-reads them, the event keys drop them
             pass
 
     def lag(self) -> int | None:
