@@ -54,7 +54,7 @@ from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
 from identity.model import Model
 from identity.resolver import Decision, Resolver, SplitDecision, review_id
-from ingest.records import Accepted
+from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
 IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
