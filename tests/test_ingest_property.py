@@ -103,7 +103,7 @@ def test_every_good_event_is_stored_once_and_every_bad_one_dead_lettered_with_it
         path.write_bytes(b"\n".join(lines) + b"\n")
         with Pipeline(Settings.from_env({"CDP_HOME": str(home)}), project=False) as pipeline:
             summary = pipeline.ingest([str(path)])
-            keys = [k for (k,) in pipeline.store.query("SELECT key FROM cdp_event_keys")]
+            keys = [k for (k,) in pipeline.app.store.query("SELECT key FROM cdp_event_keys")]
         dead = [json.loads(x) for x in (home / "deadletter.jsonl").read_bytes().split(b"\n") if x] \
             if (home / "deadletter.jsonl").exists() else []  # JSON lines: split at \n only (names may hold U+2028)
 
