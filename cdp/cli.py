@@ -259,6 +259,21 @@ def projections_rebuild() -> None:
 cli.add_command(identity)  # `cdp identity …`
 
 
+def error_line(error: Exception) -> str:
+    """What went wrong, in one line, naming the file and the way out when one of ours is damaged."""
+    if isinstance(error, sqlite3.DatabaseError):
+        return (f"the event store {store_location()} cannot be read ({first_line(error)}): restore it from a "
+                "backup; the view can then be rebuilt with `cdp projections rebuild`")
+    if isinstance(error, duckdb.Error):
+        try:
+            return view_error(Settings.from_env(), error).format_message()
+        except ConfigError:
+            return f"the view cannot be used: {first_line(error)}"
+    if isinstance(error, (ConfigError, ValueError, OSError)):
+        return console.escape_controls(" ".join(str(error).split()))
+    return f"unexpected {type(error).__name__}: {first_line(error)} (CDP_DEBUG=1 shows the traceback)"
+
+
 def store_location() -> str:
     try:
         cfg = Settings.from_env()
@@ -284,27 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as error:
         console.err.print(f"cdp: error: {console.escape_controls(error.format_message())}")
         return EXIT_FAILURE
-    except (ConfigError, ValueError, OSError) as error:
-        if os.environ.get("CDP_DEBUG"):
-            raise
-        console.err.print(f"cdp: error: {console.escape_controls(' '.join(str(error).split()))}")
-        return EXIT_FAILURE
-    except sqlite3.DatabaseError as error:
-        if os.environ.get("CDP_DEBUG"):
-            raise
-        console.err.print(f"cdp: error: the event store {store_location()} cannot be read ({first_line(error)}): "
-                          "restore it from a backup; the view can then be rebuilt with `cdp projections rebuild`")
-        return EXIT_FAILURE
-    except duckdb.Error as error:
-        if os.environ.get("CDP_DEBUG"):
-            raise
-        console.err.print(f"cdp: error: {view_error(Settings.from_env(), error).format_message()}")
-        return EXIT_FAILURE
     except Exception as error:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if os.environ.get("CDP_DEBUG"):
             raise
-        console.err.print(f"cdp: error: unexpected {type(error).__name__}: {first_line(error)} "
-                          "(CDP_DEBUG=1 shows the traceback)")
+        console.err.print(f"cdp: error: {error_line(error)}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
