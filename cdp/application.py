@@ -56,7 +56,7 @@ from identity import reresolution
 from identity.reresolution import Retrained
 from identity.resolver import Decision, Link, Resolver, SplitDecision, review_id
 from identity.training import due, train
-from ingest.records import Accepted
+from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
 IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
@@ -151,15 +151,20 @@ class CustomerApplication(Application):
 
     def ingest(self, records: Sequence[Accepted], committed: Callable[[Batch], None] | None = None) -> Summary:
         """Resolves accepted records and stores their events (duplicates by event key are counted
-        and dropped); returns what this batch did."""
+        and dropped; the same key with other content is refused as a conflict, in
+        `summary.conflicts` for the caller's dead-letter); returns what this batch did."""
         def work(batch: Batch) -> Summary:
             summary = Summary()
             for record in records:
                 if record.key in self.store.seen:
-                    summary.duplicates += 1
+                    first = self.store.seen.content(record.key)
+                    if first is not None and record.digest and first != record.digest:
+                        summary.conflicts.append(conflict(record, first))
+                    else:
+                        summary.duplicates += 1
                 else:
                     self._append_decision(batch, record, self.resolver.resolve(record), summary)
-                    self.store.mark_seen(batch, record.key)
+                    self.store.mark_seen(batch, record.key, record.digest)
             summary.stored_events = len(batch)
             return summary
 
@@ -355,6 +360,16 @@ class CustomerApplication(Application):
         if self._writers is not None:
             self._writers.close()
         super().close()
+
+
+def conflict(record: Accepted, first: str) -> Rejected:
+    """A re-sent `source` + `id` whose content differs from what was stored first: the first
+    version stays, the sender learns their correction was not taken."""
+    return Rejected(reason=f"event {record.event_id!r} from {record.source!r} was already stored with other "
+                           f"content (stored digest {first}, this one {record.digest}); the first version is kept",
+                    origin=record.origin, kind="conflict", raw=record.as_sent(),
+                    event_id=record.event_id, source=record.source,
+                    extra={"stored_digest": first, "digest": record.digest})
 
 
 def _pair(a: str, b: str) -> dict[str, str]:

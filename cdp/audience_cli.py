@@ -125,12 +125,23 @@ def audiences_show(name: str, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def audiences_preview(where: str, consent: str | None, sample: int, fmt: str) -> None:
     """How many customers a definition selects now, and a few of them; nothing is saved."""
+    from projections.sandbox import QueryLimits, QueryRejected, run_query
+
     predicate = _checked(where, consent)
     count_sql, sample_sql = model.preview_sql(predicate, consent, sample)
-    con = open_view(settings())
-    count = con.execute(count_sql).fetchone()[0]
+    cfg = settings()
+    open_view(cfg).close()  # scores brought up to CDP_AS_OF first
+    limits = QueryLimits(seconds=cfg.query_seconds)
+    try:  # user SQL: on the sandbox's connection (no files, read-only, bounded)
+        count = run_query(cfg.duckdb_path, count_sql, limits).table.column(0)[0].as_py()
+        rows = run_query(cfg.duckdb_path, sample_sql, limits).table
+    except QueryRejected as error:
+        raise UserError(str(error)) from None
     console.err.print(f"{count:,} customers match")
-    _render(con.execute(sample_sql), fmt, f"sample of {min(sample, count)} of {count:,}")
+    text = console.render_rows(rows.column_names, [tuple(r.values()) for r in rows.to_pylist()], fmt,
+                               title=f"sample of {min(sample, count)} of {count:,}")
+    if text is not None:
+        sys.stdout.write(text)
 
 
 @audiences.command("delete")

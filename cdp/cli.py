@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, open_view, settings
+from cdp.commandline import UserError, first_line, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
 from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
@@ -155,17 +156,19 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against the unified view."""
-    con = open_view(settings())
+    """Run one read-only SQL statement against the unified view (no files, no settings, bounded)."""
+    from projections.sandbox import QueryLimits, QueryRejected, check_statement, run_query
+
+    cfg = settings()
     try:
-        cursor = con.execute(sql)
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
-    except duckdb.Error as error:
-        raise UserError(f"query failed: {' '.join(str(error).split())}") from None
-    text = console.render_rows(columns, rows, fmt)
+        check_statement(sql)  # an empty or writing statement fails before the view is touched
+        refresh_view(cfg)  # user SQL then runs in the sandbox, on a connection of its own
+        result = run_query(cfg.duckdb_path, sql, QueryLimits(rows=cfg.query_rows, seconds=cfg.query_seconds,
+                                                             memory=cfg.duckdb_memory))
+    except QueryRejected as error:
+        raise UserError(str(error)) from None
+    table = result.table
+    text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
     if text is not None:
         sys.stdout.write(text)
 
@@ -267,6 +270,39 @@ cli.add_command(audiences)  # `cdp audiences …`
 cli.add_command(destinations)  # `cdp destinations …`
 
 
+def error_line(error: Exception) -> str:
+    """What went wrong, in one line, naming the file and the way out when one of ours is damaged.
+
+    A fault cdp/faults.py knows (full disk, permission denied, store or broker unreachable …) is
+    named first: a full disk also surfaces as an SQLite error, and the remedy differs."""
+    from cdp.faults import UNKNOWN, describe
+
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        cfg = None
+    if cfg is not None and (fault := describe(error, cfg)).component != UNKNOWN:
+        return console.escape_controls(fault.line)
+    if isinstance(error, sqlite3.DatabaseError):
+        return (f"the event store {store_location()} cannot be read ({first_line(error)}): restore it from a "
+                "backup; the view can then be rebuilt with `cdp projections rebuild`")
+    if isinstance(error, duckdb.Error):
+        if cfg is None:
+            return f"the view cannot be used: {first_line(error)}"
+        return view_error(cfg, error).format_message()
+    if isinstance(error, (ConfigError, ValueError, OSError)):
+        return console.escape_controls(" ".join(str(error).split()))
+    return f"unexpected {type(error).__name__}: {first_line(error)} (CDP_DEBUG=1 shows the traceback)"
+
+
+def store_location() -> str:
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        return "(CDP_EVENT_STORE)"
+    return "in PostgreSQL (CDP_EVENT_STORE)" if cfg.event_store else str(cfg.sqlite_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cdp", standalone_mode=False)
@@ -282,33 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}", markup=False)  # messages quote input verbatim
+        console.err.print(f"cdp: error: {console.escape_controls(error.format_message())}")
         return EXIT_FAILURE
-    except (ConfigError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if os.environ.get("CDP_DEBUG"):
             raise
-        if isinstance(error, OSError) and error.errno is not None:  # disk full, read-only …: say which
-            from cdp.faults import DISK, describe
-
-            fault = describe(error, settings())
-            error = fault.line if fault.component == DISK else error
-        console.err.print(f"cdp: error: {error}", markup=False)
+        console.err.print(f"cdp: error: {error_line(error)}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
         return 130
-    except Exception as error:  # a full disk, an unreachable store …: one line naming it, if known
-        from cdp.faults import UNKNOWN, describe
-
-        fault = describe(error, settings())
-        if os.environ.get("CDP_DEBUG") or fault.component == UNKNOWN:
-            raise
-        console.err.print(f"cdp: error: {fault.line}", markup=False)
-        # without the interpreter's teardown: DuckDB objects a failed write left behind would
-        # otherwise print a page of nanobind leak reports after the one line
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":
