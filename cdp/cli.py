@@ -27,9 +27,14 @@ def settings() -> Settings:
 
 
 def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not; when
+    `cdp serve` owns it, a stand-in that sends every query to the server."""
+    from cdp.server.client import RemoteView, running_server
     from projections.projector import connect, refresh_view
 
+    server = running_server(cfg)
+    if server is not None:
+        return RemoteView(*server)
     if not cfg.duckdb_path.exists():
         raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
     try:
@@ -166,7 +171,9 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against the unified view."""
+    """Run a read-only SQL query against the unified view (through `cdp serve` when it runs)."""
+    from cdp.server.client import ServerError
+
     con = open_view(settings())
     try:
         cursor = con.execute(sql)
@@ -174,7 +181,7 @@ def query(sql: str, fmt: str) -> None:
             return
         columns = [d[0] for d in cursor.description]
         rows = cursor.fetchall()
-    except duckdb.Error as error:
+    except (duckdb.Error, ServerError) as error:
         raise UserError(f"query failed: {' '.join(str(error).split())}") from None
     text = console.render_rows(columns, rows, fmt)
     if text is not None:
@@ -272,6 +279,74 @@ def projections_rebuild() -> None:
     finally:
         store.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+def serve(host: str, port: int) -> None:
+    """Run the live service: owns the view, follows the store, publishes cdp.profiles, answers HTTP."""
+    from cdp.server.service import run
+
+    run(settings(), host, port)
+
+
+@cli.group()
+def keys() -> None:
+    """API keys for `cdp serve`: who may publish for which unit, read or administer."""
+
+
+def _key_store(cfg: Settings):
+    from cdp.store import EventStore
+
+    return EventStore(cfg)
+
+
+@keys.command("create")
+@click.option("--unit", default=None, help="The business unit the key acts for (default: the whole group).")
+@click.option("--scope", required=True, type=click.Choice(["publish", "read", "admin"]), help="What the key may do.")
+def keys_create(unit: str | None, scope: str) -> None:
+    """Make a key; it is printed once, alone on the last line (only its digest is stored)."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        token, key = api_keys.create(store, scope, unit)
+    finally:
+        store.close()
+    console.err.print(f"key {key.key_id} ({scope}, {unit or 'group-wide'}); keep it now, it cannot be shown again")
+    sys.stdout.write(token + "\n")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Keys made so far (ids, scopes, units, state), never the keys themselves."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        ring = api_keys.load(store)
+    finally:
+        store.close()
+    rows = [(k.key_id, k.prefix, k.scope, k.unit or "(group)", k.created[:19], "revoked" if k.revoked else "active")
+            for k in ring.all()]
+    text = console.render_rows(["key_id", "key", "scope", "unit", "created", "state"], rows, "table", title="API keys")
+    if text is not None:
+        sys.stdout.write(text)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (or a unique start of it), at once and for good."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        key = api_keys.revoke(store, key_id)
+    finally:
+        store.close()
+    console.out.print(f"revoked key {key.key_id} ({key.scope}, {key.unit or 'group-wide'})")
 
 
 cli.add_command(__import__("cdp.identity_cli", fromlist=["identity"]).identity)  # `cdp identity …`

@@ -142,6 +142,10 @@ class Settings:
     identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
     max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # cdp serve (README: "The live service")
+    rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
+    query_rows: int = 100_000                # CDP_QUERY_ROWS: rows one POST /v1/query returns at most
+    query_seconds: int = 30                  # CDP_QUERY_SECONDS: time one POST /v1/query may run
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -173,6 +177,9 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
+            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
+            query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
+            query_seconds=_int(env, "CDP_QUERY_SECONDS", 30),
             **_identity(env),
         )
 
@@ -195,6 +202,11 @@ class Settings:
         if not self.kafka_bootstrap:
             raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
         return self.kafka_bootstrap
+
+    @property
+    def server_file(self) -> Path:
+        """Where a running `cdp serve` leaves its address and local key for the CLI (mode 0600)."""
+        return self.home / "server.json"
 
     @property
     def deadletter_path(self) -> Path:

@@ -1,8 +1,10 @@
 """`cdp worker`: the streaming worker, a Faust (faust-streaming) app.
 
     cdp.events ──► ingest (validate, normalise; bad → cdp.deadletter) ──► Pipeline.process_batch
-                   (identity → event store, under the writers' lock) ──► projector catch-up ──►
-                   changed profiles → cdp.profiles
+                   (identity → event store, under the writers' lock)
+
+Workers resolve and commit, nothing else: the view and `cdp.profiles` belong to `cdp serve`, which
+follows the store (cdp/server/readside.py).
 
 A Faust task consumes the topic in batches (`CDP_WORKER_BATCH` messages, or what arrived within
 `CDP_WORKER_LINGER_MS`) and hands each batch to threads that run the same stages as the embedded
@@ -20,20 +22,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-import duckdb
-
 from cdp import topics
-from cdp.config import ConfigError, Settings
+from cdp.config import Settings
 from cdp.pipeline import Pipeline, Summary
-from cdp.store import Batch
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
-from projections.changelog import profile_messages
 
 EXIT_BATCH_FAILED = 70
 PROGRESS_SECONDS = 5.0
-FOLLOW_SECONDS = 1.0
 SESSION_TIMEOUT = 10.0
 
 
@@ -76,18 +73,16 @@ class LoopProducer:
 
 
 class BatchHandler:
-    """Everything the worker thread owns: pipeline (store, index, view) and the producer."""
+    """Everything the worker thread owns: pipeline (store, index) and the producer."""
 
     def __init__(self, cfg: Settings, producer: LoopProducer):
         self.cfg = cfg
         self.producer = producer
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
-        self.pipeline = Pipeline(cfg, project=True, deadletter=self.deadletter)
+        self.pipeline = Pipeline(cfg, project=False, deadletter=self.deadletter)
         self.summary = Summary()
         self.consumed = 0
-        self.published = 0
         self.last_batch = (0, 0.0)  # events, seconds
-        self.scored_at = 0.0
 
     def parse(self, messages: Sequence[tuple[bytes | None, str]]) -> list[Accepted | Rejected]:
         ingestor = self.pipeline.ingestor
@@ -95,43 +90,9 @@ class BatchHandler:
 
     def store(self, records: Sequence[Accepted | Rejected]) -> None:
         started = time.perf_counter()
-        self.pipeline.process_batch(records, self.summary, committed=self.publish_profiles)
+        self.pipeline.process_batch(records, self.summary)
         self.consumed += len(records)
         self.last_batch = (len(records), time.perf_counter() - started)
-
-    def publish_profiles(self, batch: Batch) -> None:
-        """Runs after the commit, under the writers' lock: profiles leave in commit order."""
-        if not batch.events:
-            return
-        pipeline = self.pipeline
-        projector = pipeline.projector
-        projector.catch_up(pipeline.store, self.cfg.projection_batch, score=False)
-        self.refresh_scores()
-        changed, merged = set(), {}
-        for event in batch.events:
-            cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
-            survivor = pipeline.index.survivor(cid)
-            changed.add(survivor)
-            if survivor != cid:
-                merged[cid] = survivor
-        topic = self.cfg.topic(topics.PROFILES)
-        for key, value in profile_messages(projector.con, changed, merged, projector.position):
-            self.producer.send(topic, key=key, value=value)
-            self.published += 1
-        self.producer.flush()
-
-    def refresh_scores(self, force: bool = False) -> None:
-        """Scores (RFM, lifecycle, churn, value model, tier) rank every customer against all the
-        others, so they are refreshed every CDP_SCORE_INTERVAL seconds, not after every batch."""
-        now = time.monotonic()
-        if force or now - self.scored_at >= self.cfg.score_interval:
-            self.pipeline.projector.refresh_metrics()
-            self.scored_at = now
-
-    def follow(self) -> None:
-        """Idle: keep this worker's view up with what the other workers commit."""
-        self.pipeline.projector.catch_up(self.pipeline.store, self.cfg.projection_batch, score=False)
-        self.refresh_scores()
 
     def close(self) -> None:
         self.pipeline.close()
@@ -152,7 +113,7 @@ class Progress:
         return (f"[worker {os.getpid()}] consumed {handler.consumed:,} ({rate:,.0f}/s) "
                 f"lag {'?' if lag is None else f'{lag:,}'} | stored {s.stored_events:,} "
                 f"new customers {s.new_customers:,} merges {s.merges:,} duplicates {s.duplicates:,} "
-                f"dead-lettered {s.rejected:,} | profiles published {handler.published:,} | "
+                f"dead-lettered {s.rejected:,} | "
                 f"last batch {handler.last_batch[0]:,} in {handler.last_batch[1] * 1000:,.0f} ms")
 
 
@@ -260,10 +221,6 @@ def build_app(cfg: Settings) -> Any:
             await producer.stop()
             print(progress.line(handler, None), file=sys.stderr, flush=True)
 
-    @app.timer(FOLLOW_SECONDS)
-    async def follow() -> None:
-        await asyncio.get_running_loop().run_in_executor(consumer.store_pool, handler.follow)
-
     @app.timer(PROGRESS_SECONDS)
     async def report() -> None:
         print(progress.line(handler, consumer.lag()), file=sys.stderr, flush=True)
@@ -285,13 +242,9 @@ def run(cfg: Settings) -> None:
     created = topics.ensure(cfg)
     if created:
         print(f"[worker] created topics: {', '.join(created)}", file=sys.stderr)
-    try:
-        app = build_app(cfg)
-    except duckdb.IOException as error:  # the view is single-writer
-        raise ConfigError(f"cannot open the view {cfg.duckdb_path} ({str(error).splitlines()[0]}): "
-                          "give each worker its own CDP_HOME") from None
+    app = build_app(cfg)
     print(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
-          f"{cfg.topic(cfg.worker_group)}; store {'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; "
-          f"view {cfg.duckdb_path}", file=sys.stderr, flush=True)
+          f"{cfg.topic(cfg.worker_group)}; store {'PostgreSQL' if cfg.event_store else cfg.sqlite_path} "
+          "(the view and cdp.profiles: cdp serve)", file=sys.stderr, flush=True)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -22,6 +22,7 @@ DATA_COLUMNS = {
     "campaign": "VARCHAR", "action": "VARCHAR", "platform": "VARCHAR",
     "score": "DOUBLE", "kind": "VARCHAR", "comment": "VARCHAR",
     "purpose": "VARCHAR", "granted": "BOOLEAN",
+    "event_name": "VARCHAR", "properties": "JSON",  # cdp.track, cdp.page … (HTTP collector)
 }
 EVENT_COLUMNS = {
     "event_id": "VARCHAR NOT NULL",
