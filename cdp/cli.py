@@ -319,7 +319,8 @@ def keys_create(unit: str | None, scope: str) -> None:
 
 
 @keys.command("list")
-def keys_list() -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def keys_list(fmt: str) -> None:
     """Keys made so far (ids, scopes, units, state), never the keys themselves."""
     from cdp import keys as api_keys
 
@@ -330,7 +331,8 @@ def keys_list() -> None:
         store.close()
     rows = [(k.key_id, k.prefix, k.scope, k.unit or "(group)", k.created[:19], "revoked" if k.revoked else "active")
             for k in ring.all()]
-    text = console.render_rows(["key_id", "key", "scope", "unit", "created", "state"], rows, "table", title="API keys")
+    text = console.render_rows(["key_id", "key", "scope", "unit", "created", "state"], rows, fmt,
+                               title="API keys" if fmt == "table" else None)
     if text is not None:
         sys.stdout.write(text)
 

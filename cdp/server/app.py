@@ -123,7 +123,7 @@ def build_app(service: Any) -> FastAPI:
     @app.get("/health", summary="Liveness and how far the view is behind the store")
     async def health() -> JSONResponse:
         read = service.read
-        position, head = await run_in_threadpool(lambda: (read.position, read.head))
+        head, position = await run_in_threadpool(lambda: (read.head(), read.position))
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
                 "store_head": head, "behind": max(head - position, 0)}
@@ -135,8 +135,9 @@ def build_app(service: Any) -> FastAPI:
     async def metrics(request: Request) -> Response:
         admit(request, "read")
         read = service.read
-        telemetry.view_position.set(await run_in_threadpool(lambda: read.position))
-        telemetry.store_head.set(read.head)
+        head, position = await run_in_threadpool(lambda: (read.head(), read.position))
+        telemetry.view_position.set(position)
+        telemetry.store_head.set(head)
         telemetry.profiles_published.set(read.published)
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 

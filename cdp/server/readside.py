@@ -36,7 +36,6 @@ class ReadSide:
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.keyring = api_keys.load(store)
-        self.head = store.max_position()
         self.published = 0
         self.error: BaseException | None = None
         self.scored_at = 0.0
@@ -78,6 +77,10 @@ class ReadSide:
             with self._cursor_lock:
                 self._cursors.append(cursor)
         return cursor
+
+    def head(self) -> int:
+        """The store's highest position now (what the view should reach)."""
+        return self.store.max_position()
 
     @property
     def position(self) -> int:
@@ -127,7 +130,6 @@ class ReadSide:
                 self._caught_up.notify_all()
             if self.on_batch is not None:
                 self.on_batch(len(notifications))
-        self.head = store.max_position()
         now = time.monotonic()
         if now - self.scored_at >= self.cfg.score_interval or (applied and not self.scored_at):
             projector.refresh_metrics()
