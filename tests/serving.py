@@ -69,6 +69,19 @@ def new_key(cdp, scope: str, unit: str | None = None) -> str:
     return cdp(*args).stdout.strip().splitlines()[-1]
 
 
+def new_keys(env: dict[str, str], wanted: dict[str, tuple[str, str | None]]) -> dict[str, str]:
+    """Several keys at once, made in this process through the same command `cdp keys create` runs."""
+    from cdp import keys
+    from cdp.config import Settings
+    from cdp.store import EventStore
+
+    store = EventStore(Settings.from_env(env))
+    try:
+        return {name: keys.create(store, scope, unit)[0] for name, (scope, unit) in wanted.items()}
+    finally:
+        store.close()
+
+
 def cloudevent(event_id: str, unit: str, source_id: str, kind: str = "cdp.identify", **data) -> dict:
     customer = data.pop("customer", {})
     return {"specversion": "1.0", "id": event_id, "source": f"{unit}/web", "type": kind,
