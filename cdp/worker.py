@@ -242,6 +242,7 @@ def run(cfg: Settings) -> None:
     created = topics.ensure(cfg)
     if created:
         print(f"[worker] created topics: {', '.join(created)}", file=sys.stderr)
+    cfg.home.mkdir(parents=True, exist_ok=True)  # Faust's data folder; no view lives here any more
     app = build_app(cfg)
     print(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
           f"{cfg.topic(cfg.worker_group)}; store {'PostgreSQL' if cfg.event_store else cfg.sqlite_path} "
