@@ -89,6 +89,12 @@ def test_segment_sdk_identify_and_track_become_one_profile(served, cdp) -> None:
                     [("cdp.identify", 1), ("cdp.page", 1), ("cdp.purchase", 2), ("cdp.track", 1)]]
     shown = json.loads(cdp("customer", "show", "ann.lee@example.org", "--format", "json").stdout)
     assert shown["customer_id"] == body["customer_id"]
+    cdp("export", str(cdp.home / "out"))
+    assert pq.read_table(cdp.home / "out" / "customer_events.parquet").num_rows == 5
+    cdp("report", str(cdp.home / "report"))
+    assert "<svg" in (cdp.home / "report" / "report.html").read_text()
+    refused = cdp("query", "DELETE FROM customers", check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("cdp: error: query failed: only SELECT")
 
 
 def curl(server, key: str, *args: str) -> tuple[int, dict]:
