@@ -202,7 +202,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="cdp-bench-serve-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600")
+        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600",
+                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))
         keys = new_keys(env, {"publish": ("publish", None), "shop": ("publish", "shop"), "read": ("read", None)})
         keys_for_segment = new_keys(env, {"retail": ("publish", "retail")})
         server = start_server(env, tmp_path / "serve.log")

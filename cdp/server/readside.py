@@ -46,8 +46,7 @@ class ReadSide:
         self.projector = Projector(cfg.duckdb_path, cfg.as_of, cfg.duckdb_memory)
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
-        for statement in LOOKUP_INDEXES:
-            self.projector.con.execute(statement)
+        self.missing_indexes = self.create_indexes()
         self.keyring = api_keys.load(store)
         self.published = 0
         self.error: BaseException | None = None
@@ -61,6 +60,17 @@ class ReadSide:
         self._threads = [threading.Thread(target=self._follow, name="cdp-read-side", daemon=True)]
         if store.is_postgres:
             self._threads.append(threading.Thread(target=self._listen, name="cdp-store-listener", daemon=True))
+
+    def create_indexes(self) -> list[str]:
+        """DuckDB keeps ART indexes in memory: one that does not fit CDP_DUCKDB_MEMORY is left out
+        (look-ups then scan that table); returns the names left out."""
+        missing = []
+        for statement in LOOKUP_INDEXES:
+            try:
+                self.projector.con.execute(statement)
+            except duckdb.OutOfMemoryException:
+                missing.append(statement.split()[5])
+        return missing
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -13,9 +13,10 @@ import secrets
 import sys
 from typing import Any, Sequence
 
+import duckdb
 import orjson
 
-from cdp.config import Settings
+from cdp.config import ConfigError, Settings
 from cdp.keys import Key
 from cdp.server.access import Gate, RateLimiter
 from cdp.server.readside import ReadSide
@@ -96,12 +97,18 @@ def run(cfg: Settings, host: str, port: int) -> None:
 
     if cfg.kafka_bootstrap:
         topics.ensure(cfg)
-    service = Service(cfg)
+    try:
+        service = Service(cfg)
+    except duckdb.Error as error:
+        raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
     app = build_app(service)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     service.start()
+    if service.read.missing_indexes:
+        Service.log(f"look-up indexes left out for want of memory (raise CDP_DUCKDB_MEMORY): "
+                    f"{', '.join(service.read.missing_indexes)}")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     Service.log(f"serving {url} ({service.mode}; store "
                 f"{'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; view {cfg.duckdb_path}); docs at {url}/docs")
