@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,27 +108,39 @@ class SteadyPublisher(threading.Thread):
         self.sent = 0
 
     def run(self) -> None:
+        """Batches leave on a fixed clock from 16 sender threads, so a slow answer does not slow the pace."""
+        from concurrent.futures import ThreadPoolExecutor
+
         interval = 10 / self.rate
+        local = threading.local()
         probes: list[threading.Thread] = []
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30) as http:
+
+        def send(n: int) -> None:
+            http = getattr(local, "http", None)
+            if http is None:
+                http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
+                                                 timeout=30)
+            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
+                      "time": "2026-03-01T10:00:00Z",
+                      "data": {"business_unit": "shop", "customer": {"source_id": f"P{n}-{i}"}}} for i in range(10)]
+            started = time.monotonic()
+            answer = http.post("/events", content=orjson.dumps(batch),
+                               headers={"Content-Type": "application/cloudevents-batch+json"})
+            done = time.monotonic()
+            if answer.status_code == 200:
+                self.accept.append(done - started)
+                self.sent += 10
+                if n % 10 == 0:
+                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
+                    probe.start()
+                    probes.append(probe)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
             next_at = time.monotonic()
             end = next_at + self.seconds
             n = 0
             while time.monotonic() < end:
-                batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
-                          "time": "2026-03-01T10:00:00Z",
-                          "data": {"business_unit": "shop", "customer": {"source_id": f"P{n}-{i}"}}} for i in range(10)]
-                started = time.monotonic()
-                answer = http.post("/events", content=orjson.dumps(batch),
-                                   headers={"Content-Type": "application/cloudevents-batch+json"})
-                done = time.monotonic()
-                if answer.status_code == 200:
-                    self.accept.append(done - started)
-                    self.sent += 10
-                    if n % 10 == 0:
-                        probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
-                        probe.start()
-                        probes.append(probe)
+                pool.submit(send, n)
                 n += 1
                 next_at += interval
                 time.sleep(max(0.0, next_at - time.monotonic()))
@@ -239,8 +250,8 @@ def main(argv: list[str]) -> None:
         finally:
             server.stop()
         ms = 1000
-        print(f"\n== publish-to-visible at a steady 1,000 events/s for {args.seconds:g} s (embedded; "
-              f"{publisher.sent:,} events sent, {len(publisher.visible)} probes)")
+        print(f"\n== publish-to-visible, 1,000 events/s offered for {args.seconds:g} s (embedded; "
+              f"{publisher.sent:,} events accepted, {len(publisher.visible)} probes)")
         print(f"  accepted → profile readable over HTTP   p50 {percentile(publisher.visible, .5) * ms:7.1f} ms   "
               f"p99 {percentile(publisher.visible, .99) * ms:7.1f} ms")
         print(f"  baseline: the accepting request itself  p50 {percentile(publisher.accept, .5) * ms:7.1f} ms   "
