@@ -40,6 +40,11 @@ VALID = {
     "cdp.social": {"platform": "instagram", "action": "comment"},
     "cdp.feedback": {"kind": "nps", "score": 9, "comment": None},
     "cdp.consent": {"purpose": "marketing_email", "granted": False},
+    "cdp.track": {"event_name": "Product Viewed", "properties": {"sku": "S1"}},
+    "cdp.page": {"event_name": "Home", "properties": {}},
+    "cdp.screen": {"event_name": "Cart"},
+    "cdp.group": {"event_name": "acme", "properties": {"plan": "pro"}},
+    "cdp.alias": {"properties": {"previous_id": "anon-1"}},
 }
 
 
@@ -131,8 +136,9 @@ def test_more_rules(validator, mutate, fragment):
 
 def test_unknown_type(validator):
     msg = validator.check(envelope("cdp.foo", {}))
-    assert msg == ("event 'abc-1': type: unknown event type 'cdp.foo' (known: cdp.call, cdp.consent, "
-                   "cdp.email, cdp.feedback, cdp.identify, cdp.purchase, cdp.social)")
+    assert msg == ("event 'abc-1': type: unknown event type 'cdp.foo' (known: cdp.alias, cdp.call, cdp.consent, "
+                   "cdp.email, cdp.feedback, cdp.group, cdp.identify, cdp.page, cdp.purchase, cdp.screen, "
+                   "cdp.social, cdp.track)")
 
 
 def test_not_an_object_missing_id_and_missing_type(validator):
