@@ -16,7 +16,6 @@ COPY cdp ./cdp
 COPY ingest ./ingest
 COPY identity ./identity
 COPY projections ./projections
-COPY contracts ./contracts
 COPY schemas ./schemas
 
 RUN pip install '.[postgres]'

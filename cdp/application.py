@@ -21,7 +21,7 @@ Every command runs the same sequence, in `CustomerApplication._command`:
 How to add a command
 --------------------
 1. If it records a new fact, add the event class to `Customer` in cdp/domain.py and its topic to
-   contracts/stored_events.py (a test checks they agree); teach projections/ to read it.
+   cdp/contracts/stored_events.py (a test checks they agree); teach projections/ to read it.
 2. Add one small public method here that calls `self._command(work)`, where `work(batch)` does
    the deciding. `work` may run more than once (retry): read state only inside it, through
    `self.resolver` and `self.store`, and keep no effects outside the batch.
@@ -40,7 +40,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import Environment
 
-from contracts import stored_events as topics
+from cdp.contracts import stored_events as topics
 from cdp import writers
 from cdp.config import Settings
 from cdp.store import Batch, CompactJSONTranscoder, EventStore, store_environment

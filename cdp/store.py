@@ -27,7 +27,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.persistence import StoredEvent, Transcoder
 
-from contracts import stored_events
+from cdp.contracts import stored_events
 from cdp import writers
 from cdp.config import ConfigError, Settings
 
@@ -294,7 +294,7 @@ class EventStore:
         return Batch()
 
     def append(self, batch: Batch, topic: str, customer_id: str, **fields: Any) -> None:
-        """Adds the customer's next event (`topic`: one of contracts.stored_events) to the batch and
+        """Adds the customer's next event (`topic`: one of cdp.contracts.stored_events) to the batch and
         advances its head."""
         version = self.heads.get(customer_id, 0) + 1
         self.heads[customer_id] = version

@@ -11,7 +11,7 @@ customer, set-based.
 """
 from __future__ import annotations
 
-from contracts.stored_events import (IDENTIFIER_IGNORED as TOPIC_IGNORED, MATCH_CONFIRMED as TOPIC_CONFIRMED,
+from cdp.contracts.stored_events import (IDENTIFIER_IGNORED as TOPIC_IGNORED, MATCH_CONFIRMED as TOPIC_CONFIRMED,
                                      MATCH_REJECTED as TOPIC_REJECTED, MATCH_SUGGESTED as TOPIC_SUGGESTED,
                                      SPLIT as TOPIC_SPLIT)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-from contracts import stored_events
+from cdp.contracts import stored_events
 from projections import metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction

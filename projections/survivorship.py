@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from contracts.profile import PROFILE_COLUMNS
+from cdp.contracts.profile import PROFILE_COLUMNS
 
 RULES = ("most_recent", "most_frequent", "trusted")
 

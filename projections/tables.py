@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from contracts.profile import PROFILE_COLUMNS
+from cdp.contracts.profile import PROFILE_COLUMNS
 from projections import metrics
 from projections.survivorship import events_source, golden_columns, golden_sources_type
 DATA_COLUMNS = {

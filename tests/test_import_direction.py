@@ -1,9 +1,11 @@
 """Imports go one way, along the data flow, with `cdp` on top wiring the others:
 
-    cdp → projections → identity → ingest → contracts
+    cdp → projections → identity → ingest → cdp.contracts
 
-A package imports only packages to its right (contracts/__init__.py says why), and no module is
-part of an import cycle. Every import counts: at module level and inside functions alike.
+A package imports only packages to its right (cdp/contracts/__init__.py says why): `cdp.contracts`,
+the names every package agrees on, is a leaf layer of its own below all the others, although it
+lives in the `cdp` folder beside the domain events it names. No module is part of an import cycle.
+Every import counts: at module level and inside functions alike.
 """
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("cdp", "projections", "identity", "ingest", "contracts")  # top → bottom
+LAYERS = ("cdp", "projections", "identity", "ingest", "cdp.contracts")  # top → bottom
+PACKAGES = ("cdp", "projections", "identity", "ingest")  # the folders the layers live in
+
+
+def _layer(module: str) -> int:
+    """The rank of the most specific layer `module` belongs to (cdp.contracts.x → cdp.contracts)."""
+    return max((i for i, layer in enumerate(LAYERS) if module == layer or module.startswith(layer + ".")),
+               key=lambda i: len(LAYERS[i]))
 
 
 def _module_name(path: Path) -> str:
@@ -33,23 +42,29 @@ def _imports(path: Path) -> set[str]:
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("__import__", "import_module"):
             found.update(arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str))
-    return {name for name in found if name.split(".")[0] in LAYERS}
+    return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")}
+    modules = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
     return {name: {m for m in _imports(path) if m in modules} for name, path in modules.items()}
 
 
 def test_packages_import_only_downstream_layers():
     wrong = []
     for module, targets in _graph().items():
-        rank = LAYERS.index(module.split(".")[0])
+        rank = _layer(module)
         for target in targets:
-            target_rank = LAYERS.index(target.split(".")[0])
+            target_rank = _layer(target)
             if target_rank < rank:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "imports against the data flow:\n" + "\n".join(sorted(wrong))
+
+
+def test_importing_the_contracts_leaf_runs_none_of_cdp():
+    """Lower layers import `cdp.contracts`, which runs `cdp/__init__.py` first: it must stay empty."""
+    assert _imports(ROOT / "cdp" / "__init__.py") == set()
+    assert _graph()["cdp.contracts"] == set()
 
 
 def test_no_module_is_part_of_an_import_cycle():
@@ -97,12 +112,12 @@ def test_the_walk_sees_imports_in_functions_and_dunder_import(tmp_path):
 
 
 def test_stored_event_topics_name_the_domain_classes():
-    """contracts.stored_events holds the names the store writes and the projections select; the
+    """cdp.contracts.stored_events holds the names the store writes and the projections select; the
     library reads stored events back by the same names, so they must be the classes' topics."""
     from eventsourcing.utils import get_topic
 
     from cdp.domain import Customer
-    from contracts import stored_events
+    from cdp.contracts import stored_events
 
     names = {name: value for name, value in vars(stored_events).items() if name.isupper() and name[0] != "_"}
     assert names.pop("CUSTOMER") == get_topic(Customer)
@@ -116,6 +131,6 @@ def test_stored_event_topics_name_the_domain_classes():
 def test_only_the_application_holds_the_event_store():
     """One write path: the store's writer (cdp/store.py EventStore) is built and used by the
     application's commands alone; everyone else calls the commands."""
-    users = sorted(str(path.relative_to(ROOT)) for layer in LAYERS for path in (ROOT / layer).rglob("*.py")
+    users = sorted(str(path.relative_to(ROOT)) for package in PACKAGES for path in (ROOT / package).rglob("*.py")
                    if "EventStore" in path.read_text(encoding="utf-8") or "transaction(commit=True)" in path.read_text(encoding="utf-8"))
     assert users == ["cdp/application.py", "cdp/store.py"]

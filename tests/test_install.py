@@ -16,7 +16,7 @@ from tests.events import event, write
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "cdp", "contracts", "ingest", "identity", "projections", "schemas")
+SOURCES = ("pyproject.toml", "README.md", "cdp", "ingest", "identity", "projections", "schemas")
 
 
 def _copy_sources(target: Path) -> Path:
