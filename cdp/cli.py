@@ -106,7 +106,7 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
               help="Forget the consumer group's offsets first, so cdp.events is read from the start "
                    "(after the store was replaced; stop the group's other workers first).")
 def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
-    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+    """Consume cdp.events: validate, resolve, store (the view and cdp.profiles belong to `cdp serve`)."""
     from cdp.worker import run
 
     run(settings(), health_host, health_port, reset_group)
