@@ -191,6 +191,8 @@ class Settings:
     train_min_records: int = 1000            # CDP_TRAIN_MIN_RECORDS: records held before the first self-training (0: never)
     retrain_growth: float = 1.0              # CDP_RETRAIN_GROWTH: train again once the records grew by this share
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # cdp serve (README: "The live service")
+    rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -226,6 +228,7 @@ class Settings:
             max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
+            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             **_identity(env),
         )
 
@@ -248,6 +251,11 @@ class Settings:
         if not self.kafka_bootstrap:
             raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
         return self.kafka_bootstrap
+
+    @property
+    def server_file(self) -> Path:
+        """Where a running `cdp serve` leaves its address and local key for the CLI (mode 0600)."""
+        return self.home / "server.json"
 
     @property
     def deadletter_path(self) -> Path:
