@@ -193,6 +193,28 @@ class CustomerApplication(Application):
 
         return self._command(work)
 
+    def merge_visitor(self, user: str, visitor: str) -> str | None:
+        """An anonymous visitor's source record turned out to be a known user's (the collector's
+        Segment identify or alias): the visitor's customer is merged into the user's, rule
+        `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
+        one customer already, or a person's "not the same" or a split keeps them apart."""
+        def work(batch: Batch) -> str | None:
+            resolver = self.resolver
+            ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
+            pair = (user, visitor) if user <= visitor else (visitor, user)
+            if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
+                return None
+            try:
+                survivor, absorbed, _ = resolver.confirm(user, visitor)
+            except ValueError:  # a remembered split keeps them apart
+                return None
+            self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
+                              evidence={"user": user, "anonymous": visitor})
+            self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+            return survivor
+
+        return self._command(work)
+
     def reject_match(self, a: str, b: str) -> str:
         """A person says source records a and b are different people: they stay apart from now
         on; returns the customer of a."""

@@ -107,7 +107,7 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
               help="Forget the consumer group's offsets first, so cdp.events is read from the start "
                    "(after the store was replaced; stop the group's other workers first).")
 def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
-    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+    """Consume cdp.events: validate, resolve, store (the view and cdp.profiles belong to `cdp serve`)."""
     from cdp.worker import run
 
     run(settings(), health_host, health_port, reset_group)
@@ -157,9 +157,20 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
     """Run one read-only SQL statement against the unified view (no files, no settings, bounded)."""
+    from cdp.server.client import RemoteView, ServerError, running_server
     from projections.sandbox import QueryLimits, QueryRejected, check_statement, run_query
 
     cfg = settings()
+    server = running_server(cfg)
+    if server is not None:  # `cdp serve` owns the view: it runs the query (in its own sandbox)
+        try:
+            table = RemoteView(*server).execute(sql).table
+        except ServerError as error:
+            raise UserError(f"query failed: {' '.join(str(error).split())}") from None
+        text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
+        if text is not None:
+            sys.stdout.write(text)
+        return
     try:
         check_statement(sql)  # an empty or writing statement fails before the view is touched
         refresh_view(cfg)  # user SQL then runs in the sandbox, on a connection of its own
@@ -263,6 +274,76 @@ def projections_rebuild() -> None:
     finally:
         app.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+def serve(host: str, port: int) -> None:
+    """Run the live service: owns the view, follows the store, publishes cdp.profiles, answers HTTP."""
+    from cdp.server.service import run
+
+    run(settings(), host, port)
+
+
+@cli.group()
+def keys() -> None:
+    """API keys for `cdp serve`: who may publish for which unit, read or administer."""
+
+
+def _key_store(cfg: Settings):
+    from cdp.application import CustomerApplication
+
+    return CustomerApplication(cfg)
+
+
+@keys.command("create")
+@click.option("--unit", default=None, help="The business unit the key acts for (default: the whole group).")
+@click.option("--scope", required=True, type=click.Choice(["publish", "read", "admin"]), help="What the key may do.")
+def keys_create(unit: str | None, scope: str) -> None:
+    """Make a key; it is printed once, alone on the last line (only its digest is stored)."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        token, key = api_keys.create(store, scope, unit)
+    finally:
+        store.close()
+    console.err.print(f"key {key.key_id} ({scope}, {unit or 'group-wide'}); keep it now, it cannot be shown again")
+    sys.stdout.write(token + "\n")
+
+
+@keys.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def keys_list(fmt: str) -> None:
+    """Keys made so far (ids, scopes, units, state), never the keys themselves."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        ring = api_keys.load(store)
+    finally:
+        store.close()
+    rows = [(k.key_id, k.prefix, k.scope, k.unit or "(group)", k.created[:19], "revoked" if k.revoked else "active")
+            for k in ring.all()]
+    text = console.render_rows(["key_id", "key", "scope", "unit", "created", "state"], rows, fmt,
+                               title="API keys" if fmt == "table" else None)
+    if text is not None:
+        sys.stdout.write(text)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (or a unique start of it), at once and for good."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        key = api_keys.revoke(store, key_id)
+    finally:
+        store.close()
+    console.out.print(f"revoked key {key.key_id} ({key.scope}, {key.unit or 'group-wide'})")
 
 
 cli.add_command(identity)  # `cdp identity …`

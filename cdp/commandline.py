@@ -41,9 +41,14 @@ def first_line(error: Exception) -> str:
 
 
 def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not; when
+    `cdp serve` owns it, a stand-in that sends every query to the server."""
+    from cdp.server.client import RemoteView, running_server
     from projections.projector import connect
 
+    server = running_server(cfg)
+    if server is not None:
+        return RemoteView(*server)
     refresh_view(cfg)
     try:
         return connect(cfg.duckdb_path, read_only=True)

@@ -198,6 +198,8 @@ class Settings:
     train_min_records: int = 1000            # CDP_TRAIN_MIN_RECORDS: records held before the first self-training (0: never)
     retrain_growth: float = 1.0              # CDP_RETRAIN_GROWTH: train again once the records grew by this share
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # cdp serve (README: "The live service")
+    rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     # delivery of audience changes to destinations (README: "Audiences and destinations")
     secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
     delivery_attempts: int = 6               # CDP_DELIVERY_ATTEMPTS: tries per change before the dead-letter
@@ -240,6 +242,7 @@ class Settings:
             max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
+            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             secret_key=env.get("CDP_SECRET_KEY") or None,
             delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),
             delivery_backoff=_seconds(env, "CDP_DELIVERY_BACKOFF", 0.5),
@@ -268,6 +271,11 @@ class Settings:
         if not self.kafka_bootstrap:
             raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
         return self.kafka_bootstrap
+
+    @property
+    def server_file(self) -> Path:
+        """Where a running `cdp serve` leaves its address and local key for the CLI (mode 0600)."""
+        return self.home / "server.json"
 
     @property
     def deadletter_path(self) -> Path:
