@@ -249,6 +249,9 @@ def publish_pending(con: duckdb.DuckDBPyConnection, settings: Settings) -> int:
 
     from cdp import topics
 
+    last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchone()[0]
+    if last <= _cursor(con, KAFKA_CURSOR):
+        return 0
     topics.ensure(settings)
     producer = KafkaProducer(bootstrap_servers=settings.require_kafka(), acks="all", linger_ms=5,
                              client_id="cdp-audiences")
