@@ -146,6 +146,7 @@ class Settings:
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     query_rows: int = 100_000                # CDP_QUERY_ROWS: rows one POST /v1/query returns at most
     query_seconds: int = 30                  # CDP_QUERY_SECONDS: time one POST /v1/query may run
+    console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -180,6 +181,7 @@ class Settings:
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_int(env, "CDP_QUERY_SECONDS", 30),
+            console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             **_identity(env),
         )
 

@@ -78,3 +78,16 @@ def describe_link(rule: str, evidence: Any) -> str:
         return (f"{rule}: p={evidence.get('probability')} vs {evidence.get('matched')} — {parts}")
     shown = ", ".join(f"{k}={v}" for k, v in evidence.items())
     return f"{rule} ({shown})" if shown else rule
+
+
+def record_values(con: duckdb.DuckDBPyConnection, customer_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each source record of these customers ('unit:source_id') with the latest value it gave for
+    every golden-record field: what a person compares when judging a link."""
+    from projections.tables import PROFILE_COLUMNS
+
+    picks = ", ".join(f"arg_max({c}, position) FILTER (WHERE {c} IS NOT NULL) AS {c}" for c in PROFILE_COLUMNS)
+    cursor = con.execute(f"SELECT business_unit || ':' || source_id AS record, {picks} FROM customer_events "
+                         "WHERE customer_id IN (SELECT unnest($ids)) GROUP BY business_unit, source_id",
+                         {"ids": customer_ids})
+    columns = [d[0] for d in cursor.description]
+    return {row[0]: {c: v for c, v in zip(columns[1:], row[1:]) if v is not None} for row in cursor.fetchall()}
