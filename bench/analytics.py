@@ -25,8 +25,7 @@ import pyarrow as pa
 from cdp.config import Settings
 from cdp.demo import DemoSpec, generate
 from cdp.pipeline import Pipeline
-from cdp.store import EventStore
-from identity.index import TABLES
+from cdp.application import CustomerApplication
 from projections import metrics
 from projections.projector import Projector, connect, rebuild
 
@@ -65,7 +64,7 @@ def _store(people: int, directory: Path) -> Settings:
 
 def bench_rebuild(people: int, directory: Path) -> None:
     cfg = _store(people, directory)
-    store = EventStore(cfg, side_tables=TABLES)
+    store = CustomerApplication(cfg)
     try:
         total = store.max_position()
         work = Path(tempfile.mkdtemp(prefix="rebuild-", dir=directory))

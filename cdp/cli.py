@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,36 +11,12 @@ import duckdb
 import orjson
 
 from cdp import console
+from cdp.commandline import UserError, open_view, settings
 from cdp.config import ConfigError, Settings
+from cdp.identity_cli import identity
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class UserError(click.ClickException):
-    """A failure the user can fix; printed as one line."""
-
-
-def settings() -> Settings:
-    return Settings.from_env()
-
-
-def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not; when
-    `cdp serve` owns it, a stand-in that sends every query to the server."""
-    from cdp.server.client import RemoteView, running_server
-    from projections.projector import connect, refresh_view
-
-    server = running_server(cfg)
-    if server is not None:
-        return RemoteView(*server)
-    if not cfg.duckdb_path.exists():
-        raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
-    try:
-        refresh_view(cfg.duckdb_path, cfg.as_of)
-        return connect(cfg.duckdb_path, read_only=True)
-    except duckdb.IOException as error:
-        raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
 
 
 def print_summary(summary, title: str) -> None:
@@ -263,21 +238,20 @@ def projections() -> None:
 @projections.command("rebuild")
 def projections_rebuild() -> None:
     """Recreate the unified view from the event store (the result equals the incremental view)."""
-    from cdp.store import EventStore
-    from identity.index import TABLES
+    from cdp.application import CustomerApplication
     from projections.projector import rebuild
 
     cfg = settings()
-    store = EventStore(cfg, side_tables=TABLES)
+    app = CustomerApplication(cfg)
     try:
-        total = store.max_position()
+        total = app.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
-            applied = rebuild(store, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
-                              memory_limit=cfg.duckdb_memory)
+            applied = rebuild(app, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
+                              memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship)
         seconds = time.perf_counter() - started
     finally:
-        store.close()
+        app.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
 
 
@@ -297,9 +271,9 @@ def keys() -> None:
 
 
 def _key_store(cfg: Settings):
-    from cdp.store import EventStore
+    from cdp.application import CustomerApplication
 
-    return EventStore(cfg)
+    return CustomerApplication(cfg)
 
 
 @keys.command("create")
@@ -351,7 +325,7 @@ def keys_revoke(key_id: str) -> None:
     console.out.print(f"revoked key {key.key_id} ({key.scope}, {key.unit or 'group-wide'})")
 
 
-cli.add_command(__import__("cdp.identity_cli", fromlist=["identity"]).identity)  # `cdp identity …`
+cli.add_command(identity)  # `cdp identity …`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,12 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}")
+        console.err.print(f"cdp: error: {error.format_message()}", markup=False)  # messages quote input verbatim
         return EXIT_FAILURE
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):
             raise
-        console.err.print(f"cdp: error: {error}")
+        console.err.print(f"cdp: error: {error}", markup=False)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")

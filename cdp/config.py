@@ -64,10 +64,9 @@ def _pairs(env: dict[str, str], name: str, example: str) -> dict[str, str]:
     return out
 
 
-IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
-
-
 def _limits(env: dict[str, str]) -> dict[str, int]:
+    from ingest.normalise import IDENTIFIER_KINDS
+
     name = "CDP_IDENTIFIER_LIMITS"
     limits = {}
     for kind, raw in _pairs(env, name, "email=8,phone=8").items():

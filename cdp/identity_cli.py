@@ -7,12 +7,7 @@ import click
 import orjson
 
 from cdp import console
-
-
-def _cli():
-    from cdp import cli  # the shared helpers (settings, open_view, UserError); imported late: cli imports us
-
-    return cli
+from cdp.commandline import UserError, open_view, settings
 
 
 @click.group()
@@ -27,11 +22,10 @@ def explain(customer_id: str, fmt: str) -> None:
     """Every source record of a customer and the rule or field-by-field score behind each link."""
     from projections.identity_views import describe_link, explain as explain_customer
 
-    cli = _cli()
-    con = cli.open_view(cli.settings())
+    con = open_view(settings())
     picture = explain_customer(con, customer_id.replace("-", "").lower())
     if picture is None:
-        raise cli.UserError(f"no customer {customer_id}")
+        raise UserError(f"no customer {customer_id}")
     if fmt == "json":
         sys.stdout.write(orjson.dumps(picture, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
@@ -58,12 +52,11 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
     """List grey-zone pairs (between the review and match thresholds), or confirm/reject one."""
     from projections.identity_views import describe_link, review_pair, review_queue
 
-    cli = _cli()
-    cfg = cli.settings()
+    cfg = settings()
     if confirm_id and reject_id:
         raise click.UsageError("give --confirm or --reject, not both")
     chosen = confirm_id or reject_id
-    con = cli.open_view(cfg)
+    con = open_view(cfg)
     if chosen is None:
         rows = review_queue(con, limit)
         con.close()
@@ -81,15 +74,18 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
     pair = review_pair(con, chosen)
     con.close()
     if pair is None:
-        raise cli.UserError(f"no review {chosen!r}: see `cdp identity review`")
+        raise UserError(f"no review {chosen!r}: see `cdp identity review`")
     from cdp.pipeline import Pipeline
-    from cdp.stewardship import decide
 
     with Pipeline(cfg) as pipeline:
         try:
-            customer = decide(pipeline, pair[0], pair[1], confirmed=confirm_id is not None)
+            if confirm_id is not None:
+                customer = pipeline.app.confirm_match(pair[0], pair[1])
+            else:
+                customer = pipeline.app.reject_match(pair[0], pair[1])
         except ValueError as error:
-            raise cli.UserError(str(error)) from None
+            raise UserError(str(error)) from None
+        pipeline.catch_up()
     verdict = "confirmed: merged into" if confirm_id else "rejected: kept apart, remembered for"
     console.out.print(f"review {chosen} {verdict} customer {customer}")
 
@@ -102,17 +98,16 @@ def review(limit: int, confirm_id: str | None, reject_id: str | None, fmt: str) 
 def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
     """Undo a wrong merge; the split is remembered, so the same evidence will not merge them again."""
     from cdp.pipeline import Pipeline
-    from cdp.stewardship import split as split_customer
 
-    cli = _cli()
     for s in sources:
         if ":" not in s:
             raise click.BadParameter(f"expected UNIT:SOURCE_ID, got {s!r}", param_hint="--source")
-    with Pipeline(cli.settings()) as pipeline:
+    with Pipeline(settings()) as pipeline:
         try:
-            decisions = split_customer(pipeline, customer_id.replace("-", "").lower(), list(sources) or None, reason)
+            decisions = pipeline.app.split(customer_id.replace("-", "").lower(), list(sources) or None, reason)
         except ValueError as error:
-            raise cli.UserError(str(error)) from None
+            raise UserError(str(error)) from None
+        pipeline.catch_up()
     for d in decisions:
         console.out.print(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id} (from {d.customer_id})")
 
@@ -121,24 +116,19 @@ def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
 @click.option("--seed", default=1, show_default=True, type=int, help="Sampling seed (same seed, same model).")
 def train(seed: int) -> None:
     """Estimate the match model (Fellegi–Sunter m/u by EM) from the records in the store."""
-    from cdp.store import EventStore
-    from cdp.pipeline import IDENTITY_TABLES
-    from identity import blocking, model as identity_model
-    from identity.features import Features
+    from cdp.application import CustomerApplication
     from identity.training import train as train_model
 
-    cli = _cli()
-    store = EventStore(cli.settings(), side_tables=IDENTITY_TABLES)
+    app = CustomerApplication(settings())
     try:
-        records = [Features.from_json(orjson.loads(text)) for _, text in store.query(blocking.SELECT_RECORDS)]
+        records = app.training_records()
         try:
             trained = train_model(records, seed=seed)
         except ValueError as error:
-            raise cli.UserError(str(error)) from None
-        version = (store.query("SELECT COALESCE(MAX(version), 0) FROM identity_model")[0][0] or 0) + 1
-        store.execute(identity_model.INSERT_MODEL, (version, trained.to_json()))
+            raise UserError(str(error)) from None
+        version = app.store_model(trained)
     finally:
-        store.close()
+        app.close()
     console.out.print(f"model v{version} trained on {len(records):,} records "
                       f"({trained.trained_on['blocked_pairs']:,} candidate pairs); used from the next ingest")
     console.render_rows(["comparison", "level weights (log2 m/u)"],

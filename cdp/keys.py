@@ -116,9 +116,10 @@ class KeyRing:
         return sorted(self.by_id.values(), key=lambda k: k.created)
 
 
-def load(store: Any) -> KeyRing:
-    """Every key event in the store (one pass filtered by topic)."""
+def load(app: Any) -> KeyRing:
+    """Every key event in the store (one pass filtered by topic); `app` is the CustomerApplication."""
     ring = KeyRing()
+    store = app.store
     table = store.recorder.events_table_name
     position, originator = ("notification_id", "originator_id::text") if store.is_postgres else ("rowid", "originator_id")
     ring.take(store.query(f"SELECT {position}, {originator}, topic, state FROM {table} "
@@ -126,18 +127,19 @@ def load(store: Any) -> KeyRing:
     return ring
 
 
-def create(store: Any, scope: str, unit: str | None) -> tuple[str, Key]:
-    """A new key saved through the application; returns the token (shown once) and the key."""
+def create(app: Any, scope: str, unit: str | None) -> tuple[str, Key]:
+    """A new key saved through the application (`Application.save`, the library's own command
+    path for a new aggregate); returns the token (shown once) and the key."""
     check(scope, unit)
     token = new_token(scope, unit)
     aggregate = ApiKey(digest(token), token[:len(token) - 28] + "…", scope, unit)
-    store.app.save(aggregate)
+    app.save(aggregate)
     key = Key(aggregate.id.hex, aggregate.prefix, scope, unit, aggregate.created_on.isoformat())
     return token, key
 
 
-def revoke(store: Any, key_id: str) -> Key:
-    ring = load(store)
+def revoke(app: Any, key_id: str) -> Key:
+    ring = load(app)
     matches = [k for k in ring.all() if k.key_id.startswith(key_id.replace("-", "").lower())] if key_id else []
     if len(matches) != 1:
         raise ValueError(f"no key {key_id!r}" if not matches else f"key id {key_id!r} is ambiguous")
@@ -145,7 +147,7 @@ def revoke(store: Any, key_id: str) -> Key:
     if key.revoked:
         raise ValueError(f"key {key.key_id} is already revoked")
     # ids as the recorder keeps them: uuid in PostgreSQL, hex text in SQLite (cdp/store.py)
-    aggregate = store.app.repository.get(UUID(key.key_id) if store.is_postgres else key.key_id)
+    aggregate = app.repository.get(UUID(key.key_id) if app.store.is_postgres else key.key_id)
     aggregate.revoke()
-    store.app.save(aggregate)
+    app.save(aggregate)
     return key

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cdp import topics
 from cdp.config import Settings
-from cdp.pipeline import Summary
+from cdp.summary import Summary
 from ingest.deadletter import DeadLetterFile
 from ingest.producer import Publisher
 from ingest.validation import EventValidator

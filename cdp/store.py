@@ -1,35 +1,35 @@
-"""The system of record: an `eventsourcing` application whose recorder also keeps, in the same
-transaction as the stored events, the small side tables the pipeline needs to stay idempotent and
-to resume after a restart (the keys of ingested CloudEvents, the identity index).
+"""The event store's fast write path and its reads, on the recorder of the eventsourcing
+application (cdp/application.py), which is the only thing that uses it.
 
-SQLite in CDP_HOME by default; PostgreSQL when CDP_EVENT_STORE is a postgresql:// URL. The
-recorder subclasses use the library's own hook for writing more in the same transaction
-(`_insert_events(cursor, stored_events, **kwargs)`, as its process recorder does for tracking).
+Beside the stored events, one transaction also writes the small side tables the platform needs
+to stay idempotent and to resume after a restart (the keys of ingested CloudEvents, the identity
+resolver's state). The store writes through the library's public surface only: the datastore's
+`transaction()`, the recorder's table name, insert statement (SQLite), table-lock statements and
+notification channel (PostgreSQL); it neither overrides nor calls the recorders' underscore
+methods, so a new library version cannot silently skip a part of the write.
+
+SQLite in CDP_HOME by default; PostgreSQL when CDP_EVENT_STORE is a postgresql:// URL (the driver
+is the `postgres` extra and is imported only then).
 """
 from __future__ import annotations
 
 import re
 import sqlite3
-from hashlib import blake2b
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from hashlib import blake2b
+from importlib.util import find_spec
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 from uuid import UUID
 
 import orjson
-from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent, Transcoder
-from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.sqlite import SQLiteApplicationRecorder
-from eventsourcing.utils import get_topic
-from psycopg.rows import tuple_row
-from psycopg.sql import SQL, Identifier
 
+from cdp.contracts import stored_events
 from cdp import writers
-from cdp.config import Settings
-from cdp.domain import Customer
+from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
 SQLITE_CACHE_PAGES = -32768  # 32 MiB page cache for the writer: index pages of a large store stay hot
@@ -91,9 +91,9 @@ class CompactJSONTranscoder(Transcoder):
         return state
 
 
-def _side_writes(cursor: Any, kwargs: dict[str, Any], placeholder: str) -> None:
-    """The pipeline's extra rows, written in the events' transaction: `writes=[(sql, rows), …]`."""
-    for sql, rows in kwargs.get("writes", ()):
+def _side_writes(cursor: Any, writes: Sequence[tuple[str, list[tuple]]], placeholder: str) -> None:
+    """Extra rows written in the events' transaction: `[(sql with ? placeholders, rows), …]`."""
+    for sql, rows in writes:
         if not rows:
             continue
         if placeholder == "?":
@@ -119,83 +119,39 @@ def _as_arrays(sql: str, rows: list[tuple]) -> tuple[str, list[list]] | None:
     return sql[:match.start()] + unnest + sql[match.end():], [list(column) for column in zip(*rows)]
 
 
-class SQLiteCustomerRecorder(SQLiteApplicationRecorder):
-    def construct_create_table_statements(self) -> list[str]:
-        return [*super().construct_create_table_statements(), EVENT_KEYS_DDL + " WITHOUT ROWID"]
-
-    def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        # One executemany instead of the library's row-by-row loop: notification ids are not
-        # needed here and SQLite's single writer keeps rowids in commit order.
-        c.execute(f"PRAGMA cache_size = {SQLITE_CACHE_PAGES}")
-        _side_writes(c, kwargs, "?")
-        c.executemany(
-            self.insert_events_statement,
-            [(e.originator_id if type(e.originator_id) is str else e.originator_id.hex,
-              e.originator_version, e.topic, e.state) for e in stored_events],
-        )
-        return None
-
-
-class PostgresCustomerRecorder(PostgresApplicationRecorder):
-    # The PostgreSQL recorders keep their DDL in `sql_create_statements` (there is no
-    # `construct_create_table_statements` to override as for SQLite).
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.sql_create_statements.append(SQL(EVENT_KEYS_DDL))
-
-    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        _side_writes(curs, kwargs, "%s")
-
-    def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        # The library sends one composite value per event, dumped in Python; four arrays dump in C.
-        # Same table lock and notification as the library (commit order = notification id order).
-        self._lock_table(curs)
-        self._notify_channel(curs)
-        curs.execute(SQL(
-            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%b::{}[], %b::bigint[], %b::text[], %b::bytea[])").format(
-                Identifier(self.datastore.schema), Identifier(self.events_table_name),
-                Identifier(self.datastore.originator_id_type)),
-            [[e.originator_id for e in stored_events], [e.originator_version for e in stored_events],
-             [e.topic for e in stored_events], [e.state for e in stored_events]])
-
-    def _fetch_ids_after_insert_events(self, curs: Any, stored_events: Sequence[StoredEvent],
-                                       **kwargs: Any) -> None:
-        return None  # the pipeline does not use the new notification ids
-
-
-class CustomerApplication(Application):
-    """The eventsourcing application that is the platform's system of record."""
-
-    name = "cdp"
-
-    def construct_transcoder(self) -> Transcoder:
-        return CompactJSONTranscoder()
-
-
 def store_environment(settings: Settings) -> dict[str, str]:
-    """eventsourcing's own configuration keys, derived from the platform's settings."""
+    """eventsourcing's own configuration keys, derived from the platform's settings (the library
+    reads nothing else: see CustomerApplication.construct_env)."""
     if settings.event_store:
+        require_postgres_driver()
         url = urlparse(settings.event_store)
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
-            "APPLICATION_RECORDER_TOPIC": get_topic(PostgresCustomerRecorder),
             "POSTGRES_DBNAME": url.path.lstrip("/") or "cdp",
             "POSTGRES_HOST": url.hostname or "127.0.0.1",
             "POSTGRES_PORT": str(url.port or 5432),
             "POSTGRES_USER": unquote(url.username or "cdp"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
             "POSTGRES_POOL_SIZE": "4",
+            # EventStore.commit writes the rows itself, never through the library's stored
+            # functions; said explicitly so that no other setting turns them on
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "CREATE_TABLE": "y",
         }
     settings.home.mkdir(parents=True, exist_ok=True)
     return {
         "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-        "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteCustomerRecorder),
         "SQLITE_DBNAME": str(settings.sqlite_path),
         "SQLITE_LOCK_TIMEOUT": "30",
         "CREATE_TABLE": "y",
     }
+
+
+def require_postgres_driver() -> None:
+    """PostgreSQL support is the `postgres` extra: a plain install runs the embedded default."""
+    if find_spec("psycopg") is None or find_spec("psycopg_pool") is None:
+        raise ConfigError("CDP_EVENT_STORE is a postgresql:// URL but the PostgreSQL driver is not installed: "
+                          "pip install 'cdp[postgres]'")
 
 
 @dataclass
@@ -211,35 +167,49 @@ class Batch:
 
 
 class EventStore:
-    """Appends customer events fast, without rebuilding aggregates: the pipeline knows each
+    """Appends customer events fast, without rebuilding aggregates: the application knows each
     customer's current version (`heads`) and writes the next events directly, one stored event
-    per fact, in one transaction per batch."""
+    per fact, in one transaction per batch.
 
-    def __init__(self, settings: Settings, side_tables: Sequence[str] = ()):
+    `recorder` and `transcoder` are the application's; `lock` is the writers' lock (PostgreSQL)
+    or None. Run the constructor under that lock: it creates the side tables."""
+
+    def __init__(self, recorder: Any, transcoder: Transcoder, settings: Settings,
+                 lock: "writers.WriterLock | None", side_tables: Sequence[str] = ()):
         self.settings = settings
-        # PostgreSQL: `CREATE … IF NOT EXISTS` races when several workers start at once, so the
-        # schema is created under the writers' lock
-        self._lock = writers.WriterLock(settings.event_store) if settings.event_store else None
-        with self._lock.held() if self._lock else nullcontext():
-            self.app = CustomerApplication(env=store_environment(settings))
-            self.recorder = self.app.recorder
-            self.transcoder = self.app.mapper.transcoder
-            self.is_postgres = isinstance(self.recorder, PostgresCustomerRecorder)
-            with self.recorder.datastore.transaction(commit=True) as cursor:
-                for ddl in side_tables:  # tables of the stages whose state commits with the events
-                    cursor.execute(ddl)
-                if self.is_postgres:
-                    writers.install(cursor, ["cdp_event_keys", *map(writers.table_name, side_tables)])
+        self.recorder = recorder
+        self.transcoder = transcoder
+        self._lock = lock
+        self.is_postgres = settings.event_store is not None
+        keys_ddl = EVENT_KEYS_DDL if self.is_postgres else EVENT_KEYS_DDL + " WITHOUT ROWID"
+        tables = (keys_ddl, *side_tables)
+        with self.recorder.datastore.transaction(commit=True) as cursor:
+            for ddl in tables:  # tables of the stages whose state commits with the events
+                cursor.execute(ddl)
+            if self.is_postgres:
+                writers.install(cursor, list(map(writers.table_name, tables)))
+        if self.is_postgres:
+            self._insert_events_sql, self._notify_sql = self._postgres_statements()
+        else:
+            self._insert_events_sql = recorder.insert_events_statement
         self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
-        self.load()
-        self._topics = {cls: get_topic(cls) for cls in (
-            Customer.Registered, Customer.SourceLinked, Customer.EventRecorded, Customer.Merged, Customer.Absorbed,
-            Customer.Split, Customer.SplitOff, Customer.MatchSuggested, Customer.MatchConfirmed,
-            Customer.MatchRejected, Customer.IdentifierIgnored)}
-        self._customer_topic = get_topic(Customer)
+        self._mark = self._position = 0
+        self.heads: dict[str, int] = {}
+        self.seen = SeenKeys()
         self._stamp: dict[str, str] = {}
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
         self._reader: sqlite3.Connection | None = None
+
+    def _postgres_statements(self) -> tuple[Any, Any]:
+        """The INSERT of a batch of stored events and the NOTIFY of the recorder's channel. The
+        library sends one composite value per event, dumped in Python; four arrays dump in C."""
+        from psycopg.sql import SQL, Identifier
+
+        notify = SQL("NOTIFY {}").format(Identifier(self.recorder.channel_name))
+        return SQL("INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
+                   "SELECT * FROM unnest(%b::{}[], %b::bigint[], %b::text[], %b::bytea[])").format(
+            Identifier(self.recorder.datastore.schema), Identifier(self.recorder.events_table_name),
+            Identifier(self.recorder.datastore.originator_id_type)), notify
 
     def _heads_sql(self, after: int = 0) -> str:
         table = self.recorder.events_table_name
@@ -292,17 +262,12 @@ class EventStore:
             sql = sql.replace("?", "%s")
         with self.recorder.datastore.transaction(commit=False) as cursor:
             if self.is_postgres:
+                from psycopg.rows import tuple_row
+
                 cursor.row_factory = tuple_row  # the library's cursors make a dict per row
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         return [tuple(row) for row in rows]
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """One write outside a batch, in its own transaction (a trained model, say)."""
-        if self.is_postgres:
-            sql = sql.replace("?", "%s")
-        with self.recorder.datastore.transaction(commit=True) as cursor:
-            cursor.execute(sql, params)
 
     def raw_notifications(self, after: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         """(position, customer id hex, topic, state) after `after`, in order: the projector's input,
@@ -328,18 +293,19 @@ class EventStore:
         self._stamp = {"_type_": "datetime_iso", "_data_": datetime.now(timezone.utc).isoformat()}
         return Batch()
 
-    def append(self, batch: Batch, event_class: type, customer_id: str, **fields: Any) -> None:
-        """Adds the customer's next event to the batch (and advances its head)."""
+    def append(self, batch: Batch, topic: str, customer_id: str, **fields: Any) -> None:
+        """Adds the customer's next event (`topic`: one of cdp.contracts.stored_events) to the batch and
+        advances its head."""
         version = self.heads.get(customer_id, 0) + 1
         self.heads[customer_id] = version
         state: dict[str, Any] = {"timestamp": self._stamp, **fields}
         if version == 1:
-            state["originator_topic"] = self._customer_topic
+            state["originator_topic"] = stored_events.CUSTOMER
         batch.events.append(
             StoredEvent(
                 originator_id=self._id(customer_id),
                 originator_version=version,
-                topic=self._topics[event_class],
+                topic=topic,
                 state=self.transcoder.encode(state),
             )
         )
@@ -349,14 +315,34 @@ class EventStore:
         batch.keys.append((key,))
 
     def commit(self, batch: Batch) -> None:
-        if not batch.events and not batch.keys:
-            return
+        """Writes the batch in one transaction: side rows first, then the stored events."""
         writes = [(INSERT_EVENT_KEY, batch.keys), *batch.writes]
-        self.recorder.insert_events(batch.events, writes=writes)
+        if not batch.events and not any(rows for _, rows in writes):
+            return
+        with self.recorder.datastore.transaction(commit=True) as cursor:
+            if self.is_postgres:
+                _side_writes(cursor, writes, "%s")
+                if batch.events:
+                    self._insert_postgres(cursor, batch.events)
+            else:
+                cursor.execute(f"PRAGMA cache_size = {SQLITE_CACHE_PAGES}")
+                _side_writes(cursor, writes, "?")
+                # notification ids are not needed, and SQLite's single writer keeps rowids in commit order
+                cursor.executemany(self._insert_events_sql, [
+                    (e.originator_id if type(e.originator_id) is str else e.originator_id.hex,
+                     e.originator_version, e.topic, e.state) for e in batch.events])
+
+    def _insert_postgres(self, cursor: Any, events: Sequence[StoredEvent]) -> None:
+        # As the library does: the table lock makes commit order equal notification id order (so
+        # readers never pass a gap filled later), and listeners on the channel are notified.
+        for statement in self.recorder.lock_table_statements:
+            cursor.execute(statement)
+        cursor.execute(self._notify_sql)
+        cursor.execute(self._insert_events_sql, [
+            [e.originator_id for e in events], [e.originator_version for e in events],
+            [e.topic for e in events], [e.state for e in events]])
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
         if self._reader is not None:
             self._reader.close()
-        self.app.close()
+            self._reader = None

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 from cdp import topics
 from cdp.config import Settings
-from cdp.pipeline import Pipeline, Summary
+from cdp.pipeline import Pipeline
+from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
@@ -170,7 +171,7 @@ class EventConsumer:
             await consumer.stop()
 
     async def finish(self, pending: tuple[asyncio.Future, dict]) -> None:
-        from aiokafka.errors import CommitFailedError
+        from aiokafka.errors import CommitFailedError, IllegalStateError
 
         future, offsets = pending
         await asyncio.wait([future])
@@ -179,8 +180,9 @@ class EventConsumer:
         try:
             await self.consumer.commit(offsets)
             self.committed.update(offsets)
-        except CommitFailedError:
-            # partitions moved to another worker meanwhile: it re-reads them, the event keys drop them
+        except (CommitFailedError, IllegalStateError):
+            # partitions moved to another worker meanwhile (a rebalance during the batch, or just
+            # before the commit: "partition is not assigned"): it re-reads them, the event keys drop them
             pass
 
     def lag(self) -> int | None:

@@ -38,7 +38,7 @@ def tracking_ddl(table: str) -> list[str]:
 
 
 def install(cursor: Any, tables: Sequence[str]) -> None:
-    """Run under the writers' lock (EventStore does), as concurrent DDL races in PostgreSQL."""
+    """Run under the writers' lock (CustomerApplication does), as concurrent DDL races in PostgreSQL."""
     cursor.execute(f"CREATE SEQUENCE IF NOT EXISTS {SEQUENCE}")
     cursor.execute(FUNCTION)
     for table in tables:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from identity.features import Features
+from ingest.normalise import IDENTIFIER_KINDS as KINDS
 
-KINDS = ("email", "phone", "national_id", "loyalty_id")
 DEFAULT_LIMITS = {"email": 8, "phone": 8, "national_id": 4, "loyalty_id": 4}
 
 

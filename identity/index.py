@@ -56,10 +56,6 @@ class IdentityIndex:
         owner = self._keys.get((kind, value))
         return None if owner is None else self.survivor(owner)
 
-    def owner_of(self, kind: str, value: str) -> str | None:
-        """The customer the key was assigned to, without following merges."""
-        return self._keys.get((kind, value))
-
     def assign(self, kind: str, value: str, customer_id: str) -> None:
         self._keys[(kind, value)] = customer_id
         self._dirty_keys[(kind, value)] = customer_id

@@ -32,6 +32,7 @@ from identity.constraints import CannotLink
 from identity.features import Features, features
 from identity.guardrails import Guardrails
 from identity.index import IdentityIndex
+from ingest.normalise import IDENTIFIER_KINDS
 from ingest.records import Accepted
 
 NAMESPACE = uuid.UUID("5c1f6a8e-2f43-4d0e-9a52-6f1b2c9d7e10")
@@ -242,11 +243,10 @@ class Resolver:
 
     def _move_identifiers(self, customer: str, new_id: str, moved: list[str], remaining: list[str]) -> None:
         records = self.blocks.records
-        kept = {(kind, getattr(records[s], kind)) for s in remaining if s in records for kind in
-                ("email", "phone", "national_id", "loyalty_id")}
+        kept = {(kind, getattr(records[s], kind)) for s in remaining if s in records for kind in IDENTIFIER_KINDS}
         for src in moved:
             f = records.get(src)
-            for kind in ("email", "phone", "national_id", "loyalty_id"):
+            for kind in IDENTIFIER_KINDS:
                 value = getattr(f, kind) if f else None
                 if value is not None and (kind, value) not in kept and self.index.find(kind, value) == customer:
                     self.index.assign(kind, value, new_id)

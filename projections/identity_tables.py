@@ -11,15 +11,9 @@ customer, set-based.
 """
 from __future__ import annotations
 
-from eventsourcing.utils import get_topic
-
-from cdp.domain import Customer
-
-TOPIC_SUGGESTED = get_topic(Customer.MatchSuggested)
-TOPIC_CONFIRMED = get_topic(Customer.MatchConfirmed)
-TOPIC_REJECTED = get_topic(Customer.MatchRejected)
-TOPIC_IGNORED = get_topic(Customer.IdentifierIgnored)
-TOPIC_SPLIT = get_topic(Customer.Split)
+from cdp.contracts.stored_events import (IDENTIFIER_IGNORED as TOPIC_IGNORED, MATCH_CONFIRMED as TOPIC_CONFIRMED,
+                                     MATCH_REJECTED as TOPIC_REJECTED, MATCH_SUGGESTED as TOPIC_SUGGESTED,
+                                     SPLIT as TOPIC_SPLIT)
 
 DDL = (
     "CREATE TABLE IF NOT EXISTS identity_decisions (kind VARCHAR NOT NULL, review_id VARCHAR, "

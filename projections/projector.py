@@ -10,25 +10,23 @@ from __future__ import annotations
 import os
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-from eventsourcing.utils import get_topic
-
-from cdp.domain import Customer
+from cdp.contracts import stored_events
 from projections import metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
 
 NAME = "unified_view"
-TOPIC_EVENT = get_topic(Customer.EventRecorded)
-TOPIC_REGISTERED = get_topic(Customer.Registered)
-TOPIC_LINKED = get_topic(Customer.SourceLinked)
-TOPIC_MERGED = get_topic(Customer.Merged)
-TOPIC_SPLIT = get_topic(Customer.Split)
-TOPIC_SPLIT_OFF = get_topic(Customer.SplitOff)
+TOPIC_EVENT = stored_events.EVENT_RECORDED
+TOPIC_REGISTERED = stored_events.REGISTERED
+TOPIC_LINKED = stored_events.SOURCE_LINKED
+TOPIC_MERGED = stored_events.MERGED
+TOPIC_SPLIT = stored_events.SPLIT
+TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 
 def _struct(columns: dict[str, str]) -> str:
     return "{" + ", ".join(f'"{name}": "{kind}"' for name, kind in columns.items()) + "}"
@@ -115,9 +113,13 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
 
 
 class Projector:
-    def __init__(self, path: Path | str, as_of: date | None = None, memory_limit: str | None = None):
+    """`survivorship` is the golden record's rule per field (CDP_SURVIVORSHIP, parsed by the caller)."""
+
+    def __init__(self, path: Path | str, as_of: date | None = None, memory_limit: str | None = None,
+                 survivorship: Mapping[str, str] | None = None):
         self.path = Path(path)
         self.as_of = as_of or date.today()
+        self.survivorship = dict(survivorship or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = connect(self.path, memory_limit=memory_limit)
         for statement in (*DDL, *IDENTITY_DDL):
@@ -134,20 +136,14 @@ class Projector:
         """Projects one batch of (position, customer_id, topic, state) rows; returns how many."""
         if not notifications:
             return 0
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(self.con) as con:
             con.execute("CREATE OR REPLACE TEMP TABLE touched (customer_id VARCHAR)")
             for segment in segments(notifications):
                 self._apply_segment(segment, recompute)
             if recompute:
-                for statement in recompute_customers_sql("touched"):
+                for statement in recompute_customers_sql("touched", self.survivorship):
                     con.execute(statement)
             con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [notifications[-1][0], NAME])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return len(notifications)
 
     def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
@@ -209,7 +205,7 @@ class Projector:
 
     def recompute_all(self) -> None:
         with transaction(self.con):
-            for statement in recompute_customers_sql(None):
+            for statement in recompute_customers_sql(None, self.survivorship):
                 self.con.execute(statement)
         self.refresh_metrics()
 
@@ -247,13 +243,13 @@ def refresh_view(path: Path, as_of: date) -> bool:
 
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
             progress: Callable[[int], None] | None = None, as_of: date | None = None,
-            memory_limit: str | None = None) -> int:
+            memory_limit: str | None = None, survivorship: Mapping[str, str] | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
     live view stays queryable until the new one is complete."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
-    projector = Projector(staging, as_of, memory_limit)
+    projector = Projector(staging, as_of, memory_limit, survivorship)
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()

@@ -6,7 +6,6 @@ from typing import Any
 
 import duckdb
 
-from projections.tables import PROFILE_COLUMNS
 
 _HEX_ID = re.compile(r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F-]{36}$")
 _SOURCE_KEY = re.compile(r"^([a-z][a-z0-9_-]{0,63}):(.+)$")
@@ -93,6 +92,3 @@ def customer_picture(con: duckdb.DuckDBPyConnection, customer_id: str, limit: in
         "timeline": [dict(zip(timeline[0], r)) for r in timeline[1]],
     }
 
-
-GOLDEN_FIELDS = ("customer_id", *PROFILE_COLUMNS, "business_units", "sources", "events", "orders",
-                 "lifetime_value", "first_seen", "last_seen")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from cdp.contracts.profile import PROFILE_COLUMNS
+
 RULES = ("most_recent", "most_frequent", "trusted")
 
 
 def parse_rules(raw: Mapping[str, str]) -> dict[str, str]:
     """Validated {field: rule}; raises ValueError naming the bad part."""
-    from projections.tables import PROFILE_COLUMNS
-
     rules = {}
     for name, rule in raw.items():
         if name not in PROFILE_COLUMNS:
@@ -73,9 +73,3 @@ def events_source(rules: Mapping[str, str], where: str = "") -> str:
         return "customer_events"
     counts = ", ".join(f"count(*) OVER (PARTITION BY customer_id, {c}) AS {c}__freq" for c in frequent)
     return f"(SELECT *, {counts} FROM customer_events {where})"
-
-
-def rules_from_env() -> dict[str, str]:
-    from cdp.config import Settings
-
-    return Settings.from_env().survivorship

@@ -9,13 +9,11 @@ built incrementally and the view rebuilt in one pass come out identical.
 """
 from __future__ import annotations
 
-from projections import metrics
-from projections.survivorship import events_source, golden_columns, golden_sources_type, rules_from_env
+from typing import Mapping
 
-PROFILE_COLUMNS = (
-    "email", "phone", "first_name", "last_name", "date_of_birth", "national_id", "loyalty_id",
-    "street", "line2", "city", "postcode", "state", "country",
-)
+from cdp.contracts.profile import PROFILE_COLUMNS
+from projections import metrics
+from projections.survivorship import events_source, golden_columns, golden_sources_type
 DATA_COLUMNS = {
     "amount": "DOUBLE", "currency": "VARCHAR", "order_id": "VARCHAR", "channel": "VARCHAR", "items": "JSON",
     "direction": "VARCHAR", "duration_seconds": "DOUBLE", "outcome": "VARCHAR",
@@ -73,10 +71,10 @@ FROM {events} e
 """
 
 
-def recompute_customers_sql(scope: str | None) -> list[str]:
+def recompute_customers_sql(scope: str | None, rules: Mapping[str, str]) -> list[str]:
     """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
-    touched customer_ids, None = all. Scores stay NULL until metrics.refresh (see there)."""
-    rules = rules_from_env()
+    touched customer_ids, None = all; `rules` are the survivorship rules per field. Scores stay NULL
+    until metrics.refresh (see there)."""
     where = f"WHERE customer_id IN (SELECT customer_id FROM {scope})" if scope else ""
     select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), facts=metrics.FACTS_SELECT,
                                      events=events_source(rules, where))

@@ -72,14 +72,14 @@ def new_key(cdp, scope: str, unit: str | None = None) -> str:
 def new_keys(env: dict[str, str], wanted: dict[str, tuple[str, str | None]]) -> dict[str, str]:
     """Several keys at once, made in this process through the same command `cdp keys create` runs."""
     from cdp import keys
+    from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from cdp.store import EventStore
 
-    store = EventStore(Settings.from_env(env))
+    app = CustomerApplication(Settings.from_env(env))
     try:
-        return {name: keys.create(store, scope, unit)[0] for name, (scope, unit) in wanted.items()}
+        return {name: keys.create(app, scope, unit)[0] for name, (scope, unit) in wanted.items()}
     finally:
-        store.close()
+        app.close()
 
 
 def cloudevent(event_id: str, unit: str, source_id: str, kind: str = "cdp.identify", **data) -> dict:

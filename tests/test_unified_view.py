@@ -107,8 +107,8 @@ def test_stored_events_rebuild_the_customer_aggregate_with_the_library(cdp, tmp_
     """The fast append path writes what eventsourcing itself can read back."""
     from uuid import UUID
 
+    from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from cdp.store import EventStore
 
     write(tmp_path / "e.jsonl", [
         event("1", "retail", "R1", customer={"email": "a@example.org", "first_name": "Ann"}),
@@ -117,11 +117,11 @@ def test_stored_events_rebuild_the_customer_aggregate_with_the_library(cdp, tmp_
     ])
     cdp("ingest", str(tmp_path / "e.jsonl"))
     customer_id = cdp.query("SELECT customer_id FROM customers")[0]["customer_id"]
-    store = EventStore(Settings.from_env({"CDP_HOME": str(cdp.home)}))
+    app = CustomerApplication(Settings.from_env({"CDP_HOME": str(cdp.home)}))
     try:
-        customer = store.app.repository.get(UUID(customer_id))
+        customer = app.repository.get(UUID(customer_id))
     finally:
-        store.close()
+        app.close()
     assert customer.version == 5  # Registered, EventRecorded, SourceLinked, EventRecorded, EventRecorded
     assert customer.sources == [("retail", "R1"), ("bank", "B1")]
     assert customer.events == 3 and customer.profile["first_name"] == "Ann"

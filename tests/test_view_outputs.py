@@ -57,6 +57,12 @@ def test_export_writes_parquet_for_every_table_with_a_dictionary(demo_view, tmp_
     assert "| `predicted_value_12m` | DOUBLE |" in dictionary
 
 
+def test_export_into_a_folder_whose_name_has_quotes(demo_view, tmp_path):
+    out = tmp_path / "bob's export; DROP TABLE customers"
+    demo_view("export", str(out))
+    assert pq.read_table(out / "customers.parquet").num_rows == len(snapshot(demo_view.home)["customers"])
+
+
 def _chromium() -> str:
     found = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium")
     if found:

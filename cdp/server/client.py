@@ -1,10 +1,12 @@
 """The CLI's way to the view while `cdp serve` owns it: `CDP_HOME/server.json` names the server
 and a local key (cdp/server/service.py); `RemoteView` answers the few connection calls the CLI's
 readers make (`execute(sql, params).fetchall()`, `.description`, `sql(q).to_arrow_reader(n)`) by
-sending each query to `POST /v1/query?format=arrow`."""
+sending each query to `POST /v1/query?format=arrow`; the export's `COPY table TO 'file.parquet'`
+fetches the table and writes the file on the client's side (the server touches no files)."""
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -15,6 +17,7 @@ import pyarrow as pa
 from cdp.config import Settings
 
 TIMEOUT = 3600.0
+_COPY_TO_PARQUET = re.compile(r"^COPY (\w+) TO '((?:[^']|'')*)' \(FORMAT parquet\b", re.I)
 
 
 class ServerError(ValueError):
@@ -69,6 +72,14 @@ class RemoteView:
             raise ServerError(f"{message} (server {self.url})") from None
 
     def execute(self, sql: str, params: Any = None) -> "RemoteView":
+        copy = _COPY_TO_PARQUET.match(sql)
+        if copy is not None:  # the export's `COPY t TO 'file'`: the file is written here, by the client
+            import pyarrow.parquet as pq
+
+            table = self._post(f"SELECT * FROM {copy.group(1)}", None)
+            pq.write_table(table, copy.group(2).replace("''", "'"), compression="zstd")
+            self.table = pa.table({"Count": [table.num_rows]})
+            return self
         self.table = self._post(sql, params)
         return self
 

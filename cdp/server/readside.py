@@ -19,7 +19,6 @@ import duckdb
 from cdp import keys as api_keys
 from cdp.config import Settings
 from projections.changelog import profile_messages
-from projections.projector import Projector
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
 POLL_SECONDS = 0.2
@@ -37,17 +36,20 @@ LOOKUP_INDEXES = (
 
 
 class ReadSide:
-    def __init__(self, cfg: Settings, store: Any, producer: Any = None,
+    def __init__(self, cfg: Settings, app: Any, producer: Any = None,
                  on_batch: Callable[[int], None] | None = None):
+        """`app` is the CustomerApplication: read here (notifications, head), never written."""
+        from cdp.pipeline import make_projector
+
         self.cfg = cfg
-        self.store = store
+        self.store = app
         self.producer = producer  # None: embedded without Kafka, no changelog
         self.on_batch = on_batch
-        self.projector = Projector(cfg.duckdb_path, cfg.as_of, cfg.duckdb_memory)
+        self.projector = make_projector(cfg)
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.missing_indexes = self.create_indexes()
-        self.keyring = api_keys.load(store)
+        self.keyring = api_keys.load(app)
         self.published = 0
         self.error: BaseException | None = None
         self.scored_at = 0.0
@@ -58,7 +60,7 @@ class ReadSide:
         self._cursor_lock = threading.Lock()
         self._caught_up = threading.Condition()
         self._threads = [threading.Thread(target=self._follow, name="cdp-read-side", daemon=True)]
-        if store.is_postgres:
+        if app.store.is_postgres:
             self._threads.append(threading.Thread(target=self._listen, name="cdp-store-listener", daemon=True))
 
     def create_indexes(self) -> list[str]:

@@ -36,14 +36,14 @@ class Service:
         if cfg.kafka_bootstrap:
             from kafka import KafkaProducer
 
+            from cdp.application import CustomerApplication
             from cdp.server.writes import KafkaWriter
-            from cdp.store import EventStore
             from ingest.producer import PRODUCER_CONFIG
 
             self.mode = "kafka"
             self.ingestor.keep_raw = True
             self.writer: Any = KafkaWriter(cfg)
-            store = EventStore(cfg)
+            app = CustomerApplication(cfg)  # read here: the workers run the commands
             profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
                                               **PRODUCER_CONFIG)
         else:
@@ -51,9 +51,9 @@ class Service:
 
             self.mode = "embedded"
             self.writer = EmbeddedWriter(cfg, committed=lambda: self.read.wake())
-            store = self.writer.store
-        self.store = store
-        self.read = ReadSide(cfg, store, profiles_producer)
+            app = self.writer.app
+        self.app = app
+        self.read = ReadSide(cfg, app, profiles_producer)
         # user SQL runs on this database: no files, no network, no ATTACH, for good
         self.read.projector.con.execute("SET enable_external_access = false")
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
@@ -90,7 +90,7 @@ class Service:
         if self._profiles_producer is not None:
             self._profiles_producer.close(timeout=10)
         if self.mode == "kafka":
-            self.store.close()
+            self.app.close()
 
     @staticmethod
     def log(text: str) -> None:

@@ -17,8 +17,6 @@ from typing import Any, Callable, Sequence
 
 from cdp import topics
 from cdp.config import Settings
-from cdp.domain import Customer
-from cdp.pipeline import take_in_changes
 from identity.resolver import source_key
 from ingest.deadletter import DeadLetterFile, DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG, message_key
@@ -33,7 +31,8 @@ class EmbeddedWriter:
     """One thread owns the pipeline (store, resolver); requests queue their records and wait."""
 
     def __init__(self, cfg: Settings, committed: Callable[[], None]):
-        from cdp.pipeline import Pipeline, Summary  # noqa: the one place the server calls the write path
+        from cdp.pipeline import Pipeline
+        from cdp.summary import Summary
 
         self.pipeline = Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path))
         self.summary = Summary()
@@ -44,8 +43,9 @@ class EmbeddedWriter:
         self._thread.start()
 
     @property
-    def store(self) -> Any:
-        return self.pipeline.store
+    def app(self) -> Any:
+        """The application (the store's reader for the read side, in this process)."""
+        return self.pipeline.app
 
     def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
         """Returns once every accepted record is committed (or already was), and the stitches
@@ -94,32 +94,10 @@ class EmbeddedWriter:
 
     def stitch(self, stitch: Stitch) -> None:
         """An anonymous visitor turned out to be a known user (Segment identify or alias): the
-        visitor's customer is merged into the user's, as a `Merged` event with rule `anonymous_id`
-        (explained and split like any other link). A person's "not the same" or a split wins."""
+        application's `merge_visitor` command merges them (explained and split like any link)."""
         unit, user_id, earlier = stitch
-        pipeline = self.pipeline
-        store = pipeline.store
-        with store.exclusive():
-            take_in_changes(pipeline.resolver, store.changed)
-            resolver = pipeline.resolver
-            user = source_key(unit, user_id)
-            for candidate in earlier:
-                other = source_key(unit, candidate)
-                ours, theirs = resolver.cluster_of(user), resolver.cluster_of(other)
-                pair = (user, other) if user <= other else (other, user)
-                if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
-                    continue
-                try:
-                    survivor, absorbed, _ = resolver.confirm(user, other)
-                except ValueError:  # a remembered split keeps them apart
-                    continue
-                batch = store.begin()
-                evidence = {"user": user, "anonymous": other}
-                store.append(batch, Customer.Merged, survivor, absorbed_id=absorbed, rule="anonymous_id",
-                             evidence=evidence)
-                store.append(batch, Customer.Absorbed, absorbed, survivor_id=survivor)
-                batch.writes.extend(resolver.take_writes())
-                store.commit(batch)
+        for candidate in earlier:
+            self.pipeline.app.merge_visitor(source_key(unit, user_id), source_key(unit, candidate))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -138,7 +116,6 @@ class KafkaWriter:
                                       **{**PRODUCER_CONFIG, "linger_ms": 2})
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
-        self.store = None
 
     def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
         """Stitches need the resolver: in Kafka mode they are not made here (see the README)."""

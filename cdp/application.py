@@ -1,0 +1,298 @@
+"""The command layer: the eventsourcing application whose methods are the only way anything is
+committed to the event store. The CLI, the worker and the HTTP layer call these methods and
+nothing below them (not the store, the resolver or the recorder).
+
+Every command runs the same sequence, in `CustomerApplication._command`:
+
+    lock → refresh → decide → commit → (retry)
+
+* **lock**: on PostgreSQL, the writers' advisory lock (cdp/writers.py), so one writer at a time
+  decides and commits; on SQLite the file has a single writer anyway;
+* **refresh**: take in what other writers committed since this one last looked (customers'
+  heads, seen event keys, the identity resolver's tables);
+* **decide**: the command's own `work(batch)`: asks the resolver, appends domain events to the
+  batch (`self.store.append(batch, stored_events.X, customer_id, **fields)`) and side-table rows
+  (`batch.writes.append((sql, rows))`), and returns the command's result;
+* **commit**: the batch (events, event keys, the resolver's changed rows) in one transaction;
+* **retry**: should the commit still meet a uniqueness violation, every in-memory copy is reloaded
+  from the store and `work` runs again (COMMIT_ATTEMPTS in all); any other error reloads the
+  copies (they may hold the failed batch's changes) and is raised.
+
+How to add a command
+--------------------
+1. If it records a new fact, add the event class to `Customer` in cdp/domain.py and its topic to
+   cdp/contracts/stored_events.py (a test checks they agree); teach projections/ to read it.
+2. Add one small public method here that calls `self._command(work)`, where `work(batch)` does
+   the deciding. `work` may run more than once (retry): read state only inside it, through
+   `self.resolver` and `self.store`, and keep no effects outside the batch.
+3. Callers call the method, then bring their view up to date if they have one
+   (`Pipeline.catch_up`). Nothing else writes to the store.
+
+Reads the write side needs (the model's training records, a customer's survivor) are plain
+methods beside the commands; everything else is read from the DuckDB view.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Mapping, Sequence, TypeVar
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import IntegrityError, Transcoder
+from eventsourcing.utils import Environment
+
+from cdp.contracts import stored_events as topics
+from cdp import writers
+from cdp.config import Settings
+from cdp.store import Batch, CompactJSONTranscoder, EventStore, store_environment
+from cdp.summary import Summary
+from identity import blocking, constraints, index as identity_index, model as identity_model
+from identity.blocking import BlockingIndex
+from identity.constraints import CannotLink
+from identity.features import Features
+from identity.guardrails import Guardrails
+from identity.index import IdentityIndex
+from identity.matching import ProbabilisticMatcher
+from identity.model import Model
+from identity.resolver import Decision, Resolver, SplitDecision, review_id
+from ingest.records import Accepted
+
+COMMIT_ATTEMPTS = 5
+IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
+LAST_MODEL_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
+T = TypeVar("T")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'business_unit:source_id' -> (business_unit, source_id); units never contain ':'."""
+    unit, _, source_id = key.partition(":")
+    return unit, source_id
+
+
+def load_resolver(store: EventStore, settings: Settings) -> Resolver:
+    """The resolver with its state as the store last committed it."""
+    index = IdentityIndex(store.query(identity_index.SELECT_KEYS), store.query(identity_index.SELECT_REDIRECTS))
+    blocks = BlockingIndex(store.query(blocking.SELECT_RECORDS), settings.max_block)
+    matcher = None
+    if settings.matching == "probabilistic":
+        model = identity_model.load(store.query(identity_model.SELECT_LATEST))
+        matcher = ProbabilisticMatcher(model, blocks, settings.match_threshold, settings.review_threshold)
+    return Resolver(index, matcher, blocks, Guardrails(settings.identifier_limits, blocks.records.values()),
+                    CannotLink(store.query(constraints.SELECT_PAIRS)))
+
+
+def take_in_changes(resolver: Resolver, changed: Callable[[str], list[tuple]]) -> None:
+    """What other writers on the same store committed since our last look (cdp/writers.py)."""
+    resolver.index.load(changed(identity_index.SELECT_KEYS), changed(identity_index.SELECT_REDIRECTS))
+    resolver.take_in(changed(blocking.SELECT_RECORDS), changed(constraints.SELECT_PAIRS))
+
+
+class CustomerApplication(Application):
+    """The platform's system of record and its commands (see the module's docstring)."""
+
+    name = "cdp"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        env = store_environment(settings)  # first: it names the extra when PostgreSQL's driver is missing
+        self._writers = writers.WriterLock(settings.event_store) if settings.event_store else None
+        # PostgreSQL: `CREATE … IF NOT EXISTS` races when several writers start at once, so the
+        # schema is created under the writers' lock
+        with self._writers.held() if self._writers else nullcontext():
+            super().__init__(env=env)
+            self.store = EventStore(self.recorder, self.mapper.transcoder, settings, self._writers,
+                                    side_tables=IDENTITY_TABLES)
+        self._resolver: Resolver | None = None  # loaded by the first command: readers never need it
+
+    def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
+        """Only the settings derived from ours (store_environment): the library's other variables
+        in the process environment (POSTGRES_ENABLE_DB_FUNCTIONS, CDP_PERSISTENCE_MODULE …) must not
+        change how the store is written behind the platform's back."""
+        return Environment(name, dict(env or {}))
+
+    def construct_transcoder(self) -> Transcoder:
+        return CompactJSONTranscoder()
+
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            self.reload()
+        return self._resolver
+
+    def reload(self) -> None:
+        """Drops the in-memory copies and reads them again from the store."""
+        self.store.load()
+        self._resolver = load_resolver(self.store, self.settings)
+
+    def _command(self, work: Callable[[Batch], T], committed: Callable[[Batch], None] | None = None) -> T:
+        """lock → refresh → work(batch) → commit → retry; `committed(batch)` runs after the
+        commit, still under the lock (the worker publishes profiles there, in commit order)."""
+        resolver = self.resolver  # loads the copies on first use, before the lock's refresh
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                with self.store.exclusive():
+                    take_in_changes(resolver, self.store.changed)
+                    batch = self.store.begin()
+                    result = work(batch)
+                    batch.writes.extend(resolver.take_writes())
+                    self.store.commit(batch)
+                    if committed is not None:
+                        committed(batch)
+                return result
+            except Exception as error:
+                self.reload()  # the copies may hold the failed batch's changes
+                resolver = self.resolver
+                if not isinstance(error, IntegrityError) or attempt == COMMIT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def ingest(self, records: Sequence[Accepted], committed: Callable[[Batch], None] | None = None) -> Summary:
+        """Resolves accepted records and stores their events (duplicates by event key are counted
+        and dropped); returns what this batch did."""
+        def work(batch: Batch) -> Summary:
+            summary = Summary()
+            for record in records:
+                if record.key in self.store.seen:
+                    summary.duplicates += 1
+                else:
+                    self._append_decision(batch, record, self.resolver.resolve(record), summary)
+                    self.store.mark_seen(batch, record.key)
+            summary.stored_events = len(batch)
+            return summary
+
+        return self._command(work, committed)
+
+    def split(self, customer_id: str, sources: list[str] | None, reason: str) -> list[SplitDecision]:
+        """Moves source records out of a customer (all but one when `sources` is None); the
+        resolver remembers they must not be linked again."""
+        def work(batch: Batch) -> list[SplitDecision]:
+            decisions = self.resolver.split(customer_id, sources)
+            for d in decisions:
+                moved = [list(split_key(s)) for s in d.source_keys]
+                self.store.append(batch, topics.SPLIT, d.customer_id, new_customer_id=d.new_customer_id,
+                                  sources=moved, reason=reason)
+                self.store.append(batch, topics.SPLIT_OFF, d.new_customer_id, business_unit=moved[0][0],
+                                  source_id=moved[0][1], split_from=d.customer_id, sources=moved)
+            return decisions
+
+        return self._command(work)
+
+    def confirm_match(self, a: str, b: str) -> str:
+        """A person says source records a and b are one person: merges their customers; returns
+        the survivor."""
+        def work(batch: Batch) -> str:
+            survivor, absorbed, link = self.resolver.confirm(a, b)
+            if absorbed is not None:
+                self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule=link.rule,
+                                  evidence=link.evidence)
+                self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+            self.store.append(batch, topics.MATCH_CONFIRMED, survivor, **_pair(a, b))
+            return survivor
+
+        return self._command(work)
+
+    def merge_visitor(self, user: str, visitor: str) -> str | None:
+        """An anonymous visitor's source record turned out to be a known user's (the collector's
+        Segment identify or alias): the visitor's customer is merged into the user's, rule
+        `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
+        one customer already, or a person's "not the same" or a split keeps them apart."""
+        def work(batch: Batch) -> str | None:
+            resolver = self.resolver
+            ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
+            pair = (user, visitor) if user <= visitor else (visitor, user)
+            if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
+                return None
+            try:
+                survivor, absorbed, _ = resolver.confirm(user, visitor)
+            except ValueError:  # a remembered split keeps them apart
+                return None
+            self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
+                              evidence={"user": user, "anonymous": visitor})
+            self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+            return survivor
+
+        return self._command(work)
+
+    def reject_match(self, a: str, b: str) -> str:
+        """A person says source records a and b are different people: they stay apart from now
+        on; returns the customer of a."""
+        def work(batch: Batch) -> str:
+            customer, _ = self.resolver.reject(a, b)
+            self.store.append(batch, topics.MATCH_REJECTED, customer, **_pair(a, b))
+            return customer
+
+        return self._command(work)
+
+    def store_model(self, model: Model) -> int:
+        """Stores a trained match model as the next version (numbered under the lock, so two
+        trainers never take the same one); the resolver uses it from the next load. Returns it."""
+        def work(batch: Batch) -> int:
+            version = self.store.query(LAST_MODEL_VERSION)[0][0] + 1
+            batch.writes.append((identity_model.INSERT_MODEL, [(version, model.to_json())]))
+            return version
+
+        return self._command(work)
+
+    # -- reads the write side needs ------------------------------------------------------------
+
+    def training_records(self) -> list[Features]:
+        """Every source record's matching features, as committed (the model's training data)."""
+        import orjson
+
+        return [Features.from_json(orjson.loads(text)) for _, text in self.store.query(blocking.SELECT_RECORDS)]
+
+    def survivor(self, customer_id: str) -> str:
+        """The customer an id resolves to now (itself unless merged away)."""
+        return self.resolver.index.survivor(customer_id)
+
+    def raw_notifications(self, after: int, limit: int) -> list[tuple[int, str, str, bytes]]:
+        """The stored events after a position, for the read side (projections)."""
+        return self.store.raw_notifications(after, limit)
+
+    def max_position(self) -> int:
+        return self.store.max_position()
+
+    # -- the domain events of one resolved record ----------------------------------------------
+
+    def _append_decision(self, batch: Batch, record: Accepted, decision: Decision, summary: Summary) -> None:
+        store, customer = self.store, decision.customer_id
+        unit, source_id = record.business_unit, record.source_id
+        summary.accepted += 1
+        if decision.registered:
+            store.append(batch, topics.REGISTERED, customer, business_unit=unit, source_id=source_id)
+            summary.new_customers += 1
+        for absorbed, link in decision.merges:
+            store.append(batch, topics.MERGED, customer, absorbed_id=absorbed, rule=link.rule, evidence=link.evidence)
+            store.append(batch, topics.ABSORBED, absorbed, survivor_id=customer)
+            summary.merges += 1
+        if decision.link is not None:
+            store.append(batch, topics.SOURCE_LINKED, customer, business_unit=unit, source_id=source_id,
+                         rule=decision.link.rule, evidence=decision.link.evidence)
+            summary.linked_sources += 1
+        for suggestion in decision.suggestions:
+            other_unit, other_source_id = split_key(suggestion.other_source_key)
+            store.append(batch, topics.MATCH_SUGGESTED, customer, review_id=suggestion.review_id,
+                         business_unit=unit, source_id=source_id, other_business_unit=other_unit,
+                         other_source_id=other_source_id, probability=suggestion.probability,
+                         evidence=suggestion.evidence)
+        for kind, value, records, limit in decision.ignored:
+            store.append(batch, topics.IDENTIFIER_IGNORED, customer, business_unit=unit, source_id=source_id,
+                         kind=kind, value=value, records=records, limit=limit)
+        store.append(batch, topics.EVENT_RECORDED, customer,
+                     event_id=record.event_id, event_source=record.source, event_type=record.type,
+                     time=record.time, business_unit=unit, source_id=source_id,
+                     profile=record.profile, data=record.data)
+
+    def close(self) -> None:
+        self.store.close()
+        if self._writers is not None:
+            self._writers.close()
+        super().close()
+
+
+def _pair(a: str, b: str) -> dict[str, str]:
+    """The fields naming a reviewed pair of source records."""
+    (unit, source_id), (other_unit, other_source_id) = split_key(a), split_key(b)
+    return dict(review_id=review_id(a, b), business_unit=unit, source_id=source_id,
+                other_business_unit=other_unit, other_source_id=other_source_id)

@@ -1,0 +1,33 @@
+"""What a run of ingestion did, for the CLI's closing summary and the worker's progress line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class Summary:
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    new_customers: int = 0
+    linked_sources: int = 0
+    merges: int = 0
+    stored_events: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def read(self) -> int:
+        return self.accepted + self.rejected + self.duplicates
+
+    def add_rejection(self, kind: str) -> None:
+        self.rejected += 1
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+    def add(self, other: "Summary") -> None:
+        """Adds another summary's counts (not its time) to this one."""
+        for f in fields(self):
+            if f.type == "int":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for kind, count in other.reasons.items():
+            self.reasons[kind] = self.reasons.get(kind, 0) + count
