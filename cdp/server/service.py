@@ -67,16 +67,17 @@ class Service:
         self.writer.write(records, [(unit, user, earlier) for user, earlier in stitches] if unit else [])
 
     def steward(self, work: Callable[[Any], T]) -> T:
-        """A person's identity decision, `work(pipeline)` (cdp/stewardship.py: the commands
-        `cdp identity split|review` run), returned once the view shows it. Embedded: on the
-        writer's pipeline; with Kafka: on a pipeline of its own, under the writers' lock like the CLI."""
+        """A person's identity decision, `work(app)` calling the application's command (the one
+        `cdp identity split|review` calls), returned once the view shows it. Embedded: on the
+        writer's application, between batches; with Kafka: on an application of its own (the
+        command takes the writers' lock, as the CLI's does)."""
         if self.mode == "embedded":
             result = self.writer.command(work)
         else:
             from cdp.pipeline import Pipeline
 
             with Pipeline(self.cfg, project=False) as pipeline:
-                result = work(pipeline)
+                result = work(pipeline.app)
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
@@ -111,7 +112,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from cdp import topics
-    from cdp.server import console
+    from cdp.server.console.pages import mount as mount_console
     from cdp.server.app import build_app
 
     if cfg.kafka_bootstrap:
@@ -121,7 +122,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     except duckdb.Error as error:
         raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
     app = build_app(service)
-    console.mount(app, service)
+    mount_console(app, service)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)

@@ -82,13 +82,10 @@ class EmbeddedWriter:
             self.committed()
 
     def command(self, work: Callable[[Any], Any]) -> Any:
-        """`work(pipeline)` (a split, a review verdict: cdp/stewardship.py) between batches, after
-        taking in what other writers committed."""
+        """`work(app)`, a person's command (a split, a review verdict) on this writer's
+        application, between two batches."""
         with self._lock:
-            store = self.pipeline.store
-            with store.exclusive():
-                take_in_changes(self.pipeline.resolver, store.changed)
-                result = work(self.pipeline)
+            result = work(self.pipeline.app)
         self.committed()
         return result
 

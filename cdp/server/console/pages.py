@@ -21,7 +21,6 @@ from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from cdp import stewardship
 from cdp.server.access import Denied
 from cdp.server.console import lookup
 from cdp.server.console.sessions import Session, Sessions
@@ -229,7 +228,7 @@ def mount(app: FastAPI, service: Any) -> None:
         session = checked(request, csrf, "admin", group=True)
         body = _customer(service, customer_id)
         try:
-            decisions = service.steward(lambda pipeline: stewardship.split(pipeline, body["customer_id"], [record], reason))
+            decisions = service.steward(lambda app: app.split(body["customer_id"], [record], reason))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)
@@ -259,7 +258,8 @@ def mount(app: FastAPI, service: Any) -> None:
         if pair is None:
             raise Refused(404, f"No review {review_id}.")
         try:
-            customer_id = service.steward(lambda pipeline: stewardship.decide(pipeline, pair[0], pair[1], action == "confirm"))
+            customer_id = service.steward(
+                lambda app: (app.confirm_match if action == "confirm" else app.reject_match)(pair[0], pair[1]))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         session.flash = (f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}." if action == "confirm"
