@@ -108,6 +108,9 @@ def test_agent_signs_in_searches_and_reads_a_customer(console) -> None:
     for label in ("Lifetime value", "Predicted 12-month value", "RFM segment", "Churn risk", "Preferred channel"):
         assert page.locator("dl.tiles dt", has_text=label).count() == 1
     assert page.locator("#churn-drivers").inner_text().strip()
+    page.set_viewport_size({"width": 390, "height": 800})  # a phone: nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.set_viewport_size({"width": 1280, "height": 800})
     # filter by type
     page.get_by_label("Type").select_option("cdp.purchase")
     page.get_by_role("button", name="Filter").click()
