@@ -198,7 +198,8 @@ def main(argv: list[str]) -> None:
         print(f"view of {args.customers:,} customers built in {time.perf_counter() - started:.0f} s", flush=True)
         raw = baseline(home / "view.duckdb", args.customers, args.rounds, 7)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-        env.update(CDP_HOME=str(home), CDP_RATE_LIMIT="10000", CDP_AS_OF="2026-11-01")
+        env.update(CDP_HOME=str(home), CDP_RATE_LIMIT="10000", CDP_AS_OF="2026-11-01",
+                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))  # as bench.serve: the indexes fit
         key = new_keys(env, {"admin": ("admin", None)})["admin"]
         server = start_server(env, Path(tmp) / "serve.log", timeout=300)
         try:
