@@ -211,7 +211,7 @@ def mount(app: FastAPI, service: Any) -> None:
         return page(request, "customer.html", session=session, c=body, events=events, types=types,
                     units=body["metrics"]["business_units"] or [], records=records, filters=filters,
                     next_page=(f"?{urlencode({**filters, 'before': after})}" if after is not None else None),
-                    rules=service.cfg.survivorship, merged_from=merged_from if merged_from != wanted else None,
+                    rules=service.cfg.survivorship, merged_from=_merged_into(con, merged_from, wanted),
                     admin=key.may("admin") and key.group)
 
     @app.get("/customers/{customer_id}/split", include_in_schema=False)
@@ -282,6 +282,14 @@ def _customer(service: Any, customer_id: str) -> dict[str, Any]:
     if not profiles.knows(con, wanted, None):
         raise Refused(404, f"No customer {customer_id}.")
     return profiles.profile(con, wanted, None)
+
+
+def _merged_into(con: Any, absorbed: str | None, survivor: str) -> str | None:
+    """`absorbed` when it really was merged into `survivor` (the notice is not the link's to make)."""
+    if not absorbed:
+        return None
+    found = profiles.find(con, "customer_id", absorbed.replace("-", "").lower(), None)
+    return absorbed if found and found[0].merged_from and found[0].customer_id == survivor else None
 
 
 def _json(text: Any) -> Any:
