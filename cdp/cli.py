@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, open_view, settings
+from cdp.commandline import UserError, first_line, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
 from cdp.identity_cli import identity
 
@@ -36,6 +37,7 @@ def print_summary(summary, title: str) -> None:
         ("source records linked", f"{summary.linked_sources:,}"),
         ("merges", f"{summary.merges:,}"),
         ("stored events", f"{summary.stored_events:,}"),
+        *([("self-training", summary.retrained)] if summary.retrained else []),
         ("time", f"{summary.seconds:.1f} s ({rate:,.0f} events/s)"),
     ]
     for name, value in rows:
@@ -96,11 +98,18 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
 
 
 @cli.command()
-def worker() -> None:
-    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="Address the health port listens on (0.0.0.0 in a container, for the probes).")
+@click.option("--reset-group", is_flag=True,
+              help="Forget the consumer group's offsets first, so cdp.events is read from the start "
+                   "(after the store was replaced; stop the group's other workers first).")
+def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
+    """Consume cdp.events: validate, resolve, store (the view and cdp.profiles belong to `cdp serve`)."""
     from cdp.worker import run
 
-    run(settings())
+    run(settings(), health_host, health_port, reset_group)
 
 
 @cli.command()
@@ -146,19 +155,30 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against the unified view (through `cdp serve` when it runs)."""
-    from cdp.server.client import ServerError
+    """Run one read-only SQL statement against the unified view (no files, no settings, bounded)."""
+    from cdp.server.client import RemoteView, ServerError, running_server
+    from projections.sandbox import QueryLimits, QueryRejected, check_statement, run_query
 
-    con = open_view(settings())
+    cfg = settings()
+    server = running_server(cfg)
+    if server is not None:  # `cdp serve` owns the view: it runs the query (in its own sandbox)
+        try:
+            table = RemoteView(*server).execute(sql).table
+        except ServerError as error:
+            raise UserError(f"query failed: {' '.join(str(error).split())}") from None
+        text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
+        if text is not None:
+            sys.stdout.write(text)
+        return
     try:
-        cursor = con.execute(sql)
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
-    except (duckdb.Error, ServerError) as error:
-        raise UserError(f"query failed: {' '.join(str(error).split())}") from None
-    text = console.render_rows(columns, rows, fmt)
+        check_statement(sql)  # an empty or writing statement fails before the view is touched
+        refresh_view(cfg)  # user SQL then runs in the sandbox, on a connection of its own
+        result = run_query(cfg.duckdb_path, sql, QueryLimits(rows=cfg.query_rows, seconds=cfg.query_seconds,
+                                                             memory=cfg.duckdb_memory))
+    except QueryRejected as error:
+        raise UserError(str(error)) from None
+    table = result.table
+    text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
     if text is not None:
         sys.stdout.write(text)
 
@@ -328,6 +348,39 @@ def keys_revoke(key_id: str) -> None:
 cli.add_command(identity)  # `cdp identity …`
 
 
+def error_line(error: Exception) -> str:
+    """What went wrong, in one line, naming the file and the way out when one of ours is damaged.
+
+    A fault cdp/faults.py knows (full disk, permission denied, store or broker unreachable …) is
+    named first: a full disk also surfaces as an SQLite error, and the remedy differs."""
+    from cdp.faults import UNKNOWN, describe
+
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        cfg = None
+    if cfg is not None and (fault := describe(error, cfg)).component != UNKNOWN:
+        return console.escape_controls(fault.line)
+    if isinstance(error, sqlite3.DatabaseError):
+        return (f"the event store {store_location()} cannot be read ({first_line(error)}): restore it from a "
+                "backup; the view can then be rebuilt with `cdp projections rebuild`")
+    if isinstance(error, duckdb.Error):
+        if cfg is None:
+            return f"the view cannot be used: {first_line(error)}"
+        return view_error(cfg, error).format_message()
+    if isinstance(error, (ConfigError, ValueError, OSError)):
+        return console.escape_controls(" ".join(str(error).split()))
+    return f"unexpected {type(error).__name__}: {first_line(error)} (CDP_DEBUG=1 shows the traceback)"
+
+
+def store_location() -> str:
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        return "(CDP_EVENT_STORE)"
+    return "in PostgreSQL (CDP_EVENT_STORE)" if cfg.event_store else str(cfg.sqlite_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cdp", standalone_mode=False)
@@ -343,12 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}", markup=False)  # messages quote input verbatim
+        console.err.print(f"cdp: error: {console.escape_controls(error.format_message())}")
         return EXIT_FAILURE
-    except (ConfigError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if os.environ.get("CDP_DEBUG"):
             raise
-        console.err.print(f"cdp: error: {error}", markup=False)
+        console.err.print(f"cdp: error: {error_line(error)}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")

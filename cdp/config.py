@@ -6,6 +6,7 @@ the others tune the pipeline and are documented in the README.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -85,6 +86,44 @@ def _count(env: dict[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _memory(env: dict[str, str], name: str, default: str) -> str:
+    """A DuckDB memory size like 256MB; checked here because DuckDB is handed it as a setting."""
+    from projections.sandbox import MEMORY_PATTERN
+
+    raw = env.get(name) or default
+    if not MEMORY_PATTERN.match(raw):
+        raise ConfigError(f"{name}: expected a size like 256MB or 2GiB, got {raw!r}")
+    return raw.strip()
+
+
+def _duration(env: dict[str, str], name: str, default: float) -> float:
+    """Seconds, from '86400', '90s', '15m', '12h' or '1d'."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", raw.lower())
+    if not match:
+        raise ConfigError(f"{name}: expected a duration like 3600, 90s, 15m, 12h or 1d, got {raw!r}")
+    return float(match.group(1)) * _DURATION_UNITS.get(match.group(2) or "s")
+
+
+def _positive_duration(env: dict[str, str], name: str, default: float) -> float:
+    value = _duration(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}: must be more than 0 seconds")
+    return value
+
+
+def _positive_number(env: dict[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, float, "a number")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"{name}: must be a positive finite number, got {value}")
+    return value
+
+
 def _as_of(env: dict[str, str]) -> date:
     raw = env.get("CDP_AS_OF")
     if not raw:
@@ -109,7 +148,11 @@ def _identity(env: dict[str, str]) -> dict:
         survivorship = parse_rules(_pairs(env, "CDP_SURVIVORSHIP", "email=most_frequent,phone=trusted:bank>retail"))
     except ValueError as error:
         raise ConfigError(f"CDP_SURVIVORSHIP: {error}") from None
+    growth = _number(env, "CDP_RETRAIN_GROWTH", 1.0, float, "a number")
+    if growth <= 0:
+        raise ConfigError(f"CDP_RETRAIN_GROWTH: expected a number above 0, got {growth}")
     return {"matching": matching, "match_threshold": match, "review_threshold": review,
+            "train_min_records": _count(env, "CDP_TRAIN_MIN_RECORDS", 1000), "retrain_growth": growth,
             "identifier_limits": _limits(env), "max_block": _int(env, "CDP_MAX_BLOCK", 50),
             "survivorship": survivorship}
 
@@ -134,17 +177,22 @@ class Settings:
     worker_group: str = "cdp-worker"
     worker_batch: int = 5000
     worker_linger_ms: int = 100
+    # hardening (README: "Limits")
+    max_future: float = 86400.0              # CDP_MAX_FUTURE: event times later than now + this are refused
+    max_amount: float = 1e9                  # CDP_MAX_AMOUNT: |amount| and prices above this are refused
+    query_rows: int = 100_000                # CDP_QUERY_ROWS: rows one user query may return
+    query_seconds: float = 60.0              # CDP_QUERY_TIMEOUT: seconds before a user query is stopped
     # identity resolution (README: "Identity resolution")
     matching: str = "probabilistic"          # CDP_MATCHING: probabilistic | deterministic
     match_threshold: float = 0.95            # CDP_MATCH_THRESHOLD: match probability that links
     review_threshold: float = 0.5            # CDP_REVIEW_THRESHOLD: from here up to the match threshold: review
     identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
     max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
+    train_min_records: int = 1000            # CDP_TRAIN_MIN_RECORDS: records held before the first self-training (0: never)
+    retrain_growth: float = 1.0              # CDP_RETRAIN_GROWTH: train again once the records grew by this share
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
-    query_rows: int = 100_000                # CDP_QUERY_ROWS: rows one POST /v1/query returns at most
-    query_seconds: int = 30                  # CDP_QUERY_SECONDS: time one POST /v1/query may run
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
 
     @classmethod
@@ -167,7 +215,7 @@ class Settings:
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 25000),
-            duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
+            duckdb_memory=_memory(env, "CDP_DUCKDB_MEMORY", "256MB"),
             score_interval=_int(env, "CDP_SCORE_INTERVAL", 60),
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 0),
             as_of=_as_of(env),
@@ -177,9 +225,11 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
-            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
+            max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),
+            max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
-            query_seconds=_int(env, "CDP_QUERY_SECONDS", 30),
+            query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
+            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             **_identity(env),
         )

@@ -13,8 +13,10 @@ class Summary:
     linked_sources: int = 0
     merges: int = 0
     stored_events: int = 0
+    retrained: str | None = None  # self-training ran at the end of the run: what it changed
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
+    conflicts: list = field(default_factory=list)  # ingest.records.Rejected: a re-sent id with other content
 
     @property
     def read(self) -> int:

@@ -23,7 +23,7 @@ def served(cdp, tmp_path):
     retail read, admin."""
     keys = new_keys(cdp.env, {"retail": ("publish", "retail"), "bank": ("publish", "bank"), "read": ("read", None),
                               "retail_read": ("read", "retail"), "admin": ("admin", None)})
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_QUERY_SECONDS": "2"}, tmp_path / "serve.log")
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_QUERY_TIMEOUT": "2"}, tmp_path / "serve.log")
     yield server, keys
     server.stop()
 
@@ -94,7 +94,7 @@ def test_segment_sdk_identify_and_track_become_one_profile(served, cdp) -> None:
     cdp("report", str(cdp.home / "report"))
     assert "<svg" in (cdp.home / "report" / "report.html").read_text()
     refused = cdp("query", "DELETE FROM customers", check=False)
-    assert refused.returncode == 1 and refused.stderr.startswith("cdp: error: query failed: only SELECT")
+    assert refused.returncode == 1 and refused.stderr.startswith("cdp: error: query failed: only read-only queries")
 
 
 def curl(server, key: str, *args: str) -> tuple[int, dict]:

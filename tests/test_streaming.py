@@ -228,13 +228,13 @@ def test_kcat_publishes_and_reads_profiles_with_a_merge(kafka_env, kafka_bootstr
         wait_for(lambda: "consuming" in (tmp_path / "worker.log").read_text(), 60, "the worker", [worker])
         first = [
             f"retail:R1\t{kcat_event('e1', 'retail', 'R1', email='Ann@Example.org', first_name='Ann')}",
-            f"bank:B7\t{kcat_event('e2', 'bank', 'B7', phone='+44 7700 900123', last_name='Lee')}",
+            f"bank:B7\t{kcat_event('e2', 'bank', 'B7', phone='+44 7911 123123', last_name='Lee')}",
             "bank:B8\t{\"not\": \"a cloudevent\"}",
         ]
         kcat("-b", kafka_bootstrap, "-P", "-t", events_topic, "-K", "\t", stdin="\n".join(first) + "\n")
         wait_for(lambda: len(read_topic(kafka_bootstrap, profiles)) >= 2, 90, "two profiles", [worker])
         # one record carrying both identifiers proves the two customers are one person
-        both = kcat_event("e3", "telecom", "T3", email="ann@example.org", phone="07700900123")
+        both = kcat_event("e3", "telecom", "T3", email="ann@example.org", phone="07911123123")
         kcat("-b", kafka_bootstrap, "-P", "-t", events_topic, "-K", "\t", stdin=f"telecom:T3\t{both}\n")
         wait_for(lambda: any(v and "merged_into" in v for _, v in read_topic(kafka_bootstrap, profiles)),
                  90, "a redirect", [worker])
@@ -248,7 +248,7 @@ def test_kcat_publishes_and_reads_profiles_with_a_merge(kafka_env, kafka_bootstr
     profile = latest[survivor]
     assert profile["customer_id"] == survivor and absorbed != survivor
     assert (profile["email"], profile["phone"], profile["first_name"], profile["last_name"]) == \
-        ("ann@example.org", "+447700900123", "Ann", "Lee")
+        ("ann@example.org", "+447911123123", "Ann", "Lee")
     assert profile["business_units"] == ["bank", "retail", "telecom"] and profile["events"] == 3
     dead = read_topic(kafka_bootstrap, f"{fresh_topic_prefix}cdp.deadletter")
     assert len(dead) == 1 and dead[0][1]["input"] == '{"not": "a cloudevent"}' and dead[0][1]["reason"]

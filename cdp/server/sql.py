@@ -1,7 +1,7 @@
 """User SQL over HTTP: the one function every query path of the server goes through.
 
-Read-only by construction: exactly one statement, and it must be a SELECT (DuckDB's own parser
-says which kind a statement is); the view's database runs with external access off (no files,
+Read-only by construction: exactly one read statement, by the sandbox's own allow-list
+(projections/sandbox.py `check_statement`); the view's database runs with external access off (no files,
 no network, no ATTACH: see ReadSide), so a query sees the view's tables and nothing of the
 machine. A row limit and a time limit (the query is interrupted) bound what one request costs.
 """
@@ -34,14 +34,12 @@ class Result:
 
 def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, seconds: float,
                   params: list | dict | None = None) -> Result:
+    from projections.sandbox import QueryRejected, check_statement
+
     try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as error:
-        raise QueryRefused(f"cannot parse the query: {' '.join(str(error).split())}") from None
-    if len(statements) != 1:
-        raise QueryRefused(f"send exactly one statement (got {len(statements)})")
-    if statements[0].type != duckdb.StatementType.SELECT:
-        raise QueryRefused(f"only SELECT queries are allowed (got {statements[0].type.name})")
+        sql = check_statement(sql)  # the project's one statement allow-list (projections/sandbox.py)
+    except QueryRejected as problem:
+        raise QueryRefused(str(problem)) from None
     timer = threading.Timer(seconds, con.interrupt)
     timer.start()
     try:
@@ -54,7 +52,7 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, secon
                 break
         table = pa.Table.from_batches(batches, reader.schema)
     except duckdb.InterruptException:
-        raise QueryTimeout(f"the query ran longer than {seconds:g} s (CDP_QUERY_SECONDS)") from None
+        raise QueryTimeout(f"the query ran longer than {seconds:g} s (CDP_QUERY_TIMEOUT)") from None
     finally:
         timer.cancel()
     return Result(table.slice(0, max_rows), table.num_rows > max_rows)
