@@ -33,7 +33,8 @@ def _misspelt(word: str) -> str:
 def console(tmp_path_factory, demo_files, cdp_at):
     """The demo ingested, keys made, facts picked from the view before `cdp serve` takes it over."""
     home = tmp_path_factory.mktemp("console")
-    cdp = cdp_at(home / "home")
+    # a strict match threshold and a low review one, so the demo leaves pairs for a person to judge
+    cdp = cdp_at(home / "home", CDP_MATCH_THRESHOLD="0.999", CDP_REVIEW_THRESHOLD="0.3")
     cdp("ingest", *map(str, demo_files.event_files))
     facts = {
         "both": cdp.query("""
