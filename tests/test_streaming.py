@@ -265,4 +265,4 @@ def test_cli_without_a_reachable_broker_says_so_in_one_line(tmp_path: Path) -> N
     nobody = cdp({**env, "CDP_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "ingest", "--kafka", str(event), check=False)
     assert nobody.returncode == 1
     assert nobody.stderr.strip().splitlines() == [
-        "cdp: error: CDP_KAFKA_BOOTSTRAP: no Kafka broker answers at 127.0.0.1:1 (KafkaTimeoutError)"]
+        "cdp: error: Kafka broker unreachable at 127.0.0.1:1 (KafkaTimeoutError): start it or fix CDP_KAFKA_BOOTSTRAP"]
