@@ -200,6 +200,7 @@ class Settings:
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
+    console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
     # delivery of audience changes to destinations (README: "Audiences and destinations")
     secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
     delivery_attempts: int = 6               # CDP_DELIVERY_ATTEMPTS: tries per change before the dead-letter
@@ -243,6 +244,7 @@ class Settings:
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
+            console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             secret_key=env.get("CDP_SECRET_KEY") or None,
             delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),
             delivery_backoff=_seconds(env, "CDP_DELIVERY_BACKOFF", 0.5),
