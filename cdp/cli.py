@@ -166,16 +166,11 @@ def customer() -> None:
     """Look at one unified customer."""
 
 
-@customer.command("show")
-@click.argument("who")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Timeline events to show.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def customer_show(who: str, limit: int, fmt: str) -> None:
-    """Golden record, source records and timeline, by customer id, email, phone or business_unit:source_id."""
+def find_who(cfg: Settings, con: duckdb.DuckDBPyConnection, who: str) -> list[str]:
+    """The customer ids WHO names (a customer id, an e-mail, a phone or unit:source_id)."""
     from ingest import normalise
-    from projections.queries import LookupError_, classify, customer_picture, find_customers
+    from projections.queries import LookupError_, classify, find_customers
 
-    cfg = settings()
     try:
         kind, value = classify(who)
     except LookupError_ as error:
@@ -184,10 +179,23 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
         value = normalise.email(value) or value.strip().lower()
     elif kind == "phone":
         value = normalise.phone(value, cfg.default_phone_region) or value
-    con = open_view(cfg)
     ids = find_customers(con, kind, value)
     if not ids:
         raise UserError(f"no customer found for {kind} {value!r}")
+    return ids
+
+
+@customer.command("show")
+@click.argument("who")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Timeline events to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def customer_show(who: str, limit: int, fmt: str) -> None:
+    """Golden record, source records and timeline, by customer id, email, phone or business_unit:source_id."""
+    from projections.queries import customer_picture
+
+    cfg = settings()
+    con = open_view(cfg)
+    ids = find_who(cfg, con, who)
     pictures = [customer_picture(con, cid, limit) for cid in ids]
     if fmt == "json":
         sys.stdout.write(orjson.dumps(pictures if len(pictures) > 1 else pictures[0], default=console._plain,
@@ -204,6 +212,43 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
             cols = list(picture["timeline"][0])
             console.render_rows(cols, [tuple(t.values()) for t in picture["timeline"]], "table",
                                 title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
+
+
+@cli.command("erase")
+@click.argument("who")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-suppression", type=click.Choice(["yes", "no"]), default="yes", show_default=True,
+              help="Keep the person's identifiers as keyed hashes so later events carrying them are dropped.")
+def erase(who: str, yes: bool, keep_suppression: str) -> None:
+    """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
+    from cdp.erasure import erase_customer
+
+    cfg = settings()
+    con = open_view(cfg)
+    try:
+        ids = find_who(cfg, con, who)
+    finally:
+        con.close()
+    if len(ids) > 1:
+        raise UserError(f"{who!r} names {len(ids)} customers ({', '.join(ids)}): erase them one by one by customer id")
+    if not yes and not click.confirm(f"Erase customer {ids[0]} and everything held about them?", err=True):
+        raise UserError("not erased")
+    done = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
+    e = done.erasure
+    console.out.print(f"erased customer {e.customer_id}: {len(e.sources)} source record(s), "
+                      f"{len(e.customer_ids)} customer id(s), {done.deadletter_entries} dead-letter entr(ies); "
+                      f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
+                      f"({done.seconds:.2f} s)")
+
+
+def local_user() -> str:
+    """Who runs a command locally, for the audit trail."""
+    import getpass
+
+    try:
+        return "local:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "local"
 
 
 @cli.command("export")

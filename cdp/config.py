@@ -141,6 +141,9 @@ class Settings:
     identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
     max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # privacy (README: "Privacy")
+    master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key
+    encrypt_personal_data: bool = True       # off only for bench/ (the cost of encryption, measured)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -172,6 +175,7 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
+            master_key=env.get("CDP_MASTER_KEY") or None,
             **_identity(env),
         )
 
@@ -194,6 +198,10 @@ class Settings:
         if not self.kafka_bootstrap:
             raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
         return self.kafka_bootstrap
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / "master.key"
 
     @property
     def deadletter_path(self) -> Path:

@@ -12,6 +12,8 @@ Every fact is an explicit event on the customer it concerns:
 * `MatchSuggested` — a grey-zone pair (between the review and match thresholds) for people to judge;
   `MatchConfirmed` / `MatchRejected` — their verdict, honoured from then on.
 * `IdentifierIgnored` — a record carried an identifier over its guardrail limit, so it did not link.
+* `Erased` — the person was erased (cdp/erasure.py): their records' data keys are destroyed, so the
+  personal fields of their earlier events can no longer be read; it carries no personal data.
 
 Ids inside events are hex strings, not UUID objects, so events serialise without custom types.
 """
@@ -113,6 +115,17 @@ class Customer(Aggregate, created_event_name="Registered"):
         value: str
         records: int
         limit: int
+
+    class Erased(Aggregate.Event):
+        customer_ids: list[str]  # the erased customer and every customer merged into it
+        sources: int             # how many source records were erased
+        suppressed: bool         # whether their identifiers are suppressed from now on
+        actor: str               # who erased (a key's name or the local user)
+
+        def apply(self, customer: "Customer") -> None:
+            customer.sources = []
+            customer.profile = {}
+            customer.erased = True
 
     def __init__(self, business_unit: str, source_id: str):
         self.sources: list[tuple[str, str]] = [(business_unit, source_id)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import blake2b
@@ -28,7 +29,7 @@ import orjson
 from eventsourcing.persistence import StoredEvent, Transcoder
 
 from cdp.contracts import stored_events
-from cdp import writers
+from cdp import shredding, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
@@ -105,7 +106,7 @@ def _side_writes(cursor: Any, writes: Sequence[tuple[str, list[tuple]]], placeho
 
 
 _VALUES = re.compile(r"VALUES\s*\((\s*\?\s*(?:,\s*\?\s*)*)\)")
-_ARRAY_TYPES = {str: "text", int: "bigint", float: "float8", bool: "boolean"}
+_ARRAY_TYPES = {str: "text", int: "bigint", float: "float8", bool: "boolean", bytes: "bytea"}
 
 
 def _as_arrays(sql: str, rows: list[tuple]) -> tuple[str, list[list]] | None:
@@ -160,6 +161,7 @@ class Batch:
 
     events: list[StoredEvent] = field(default_factory=list)
     keys: list[tuple[str]] = field(default_factory=list)
+    data_keys: list[tuple[str, bytes]] = field(default_factory=list)  # new wrapped data keys (cdp/shredding.py)
     writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -286,6 +288,24 @@ class EventStore:
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 
+    def head(self, customer_id: str) -> int:
+        """One customer's current version, read from the store (a command that needs no other head)."""
+        table = self.recorder.events_table_name
+        return self.query(f"SELECT COALESCE(MAX(originator_version), 0) FROM {table} WHERE originator_id = ?",
+                          (self._id(customer_id),))[0][0]
+
+    def scrub(self) -> None:
+        """SQLite: moves the write-ahead log into the file and truncates it, so freed (zeroed) pages
+        are all that remains of deleted rows (PostgreSQL: nothing to do here)."""
+        if self.is_postgres:
+            return
+        with sqlite3.connect(self.settings.sqlite_path, timeout=30) as con:
+            for _ in range(50):
+                busy, *_ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+                time.sleep(0.05)
+
     # -- writing ---------------------------------------------------------------------------
 
     def begin(self) -> Batch:
@@ -298,9 +318,10 @@ class EventStore:
         advances its head."""
         version = self.heads.get(customer_id, 0) + 1
         self.heads[customer_id] = version
-        state: dict[str, Any] = {"timestamp": self._stamp, **fields}
+        state: dict[str, Any] = {"timestamp": self._stamp}
         if version == 1:
             state["originator_topic"] = stored_events.CUSTOMER
+        state.update(fields)  # in the given order: a sealed field stays last (cdp/shredding.py)
         batch.events.append(
             StoredEvent(
                 originator_id=self._id(customer_id),
@@ -316,7 +337,7 @@ class EventStore:
 
     def commit(self, batch: Batch) -> None:
         """Writes the batch in one transaction: side rows first, then the stored events."""
-        writes = [(INSERT_EVENT_KEY, batch.keys), *batch.writes]
+        writes = [(INSERT_EVENT_KEY, batch.keys), (shredding.INSERT_KEY, batch.data_keys), *batch.writes]
         if not batch.events and not any(rows for _, rows in writes):
             return
         with self.recorder.datastore.transaction(commit=True) as cursor:
@@ -326,6 +347,7 @@ class EventStore:
                     self._insert_postgres(cursor, batch.events)
             else:
                 cursor.execute(f"PRAGMA cache_size = {SQLITE_CACHE_PAGES}")
+                cursor.execute("PRAGMA secure_delete = ON")  # deleted or overwritten rows leave zeros (erasure)
                 _side_writes(cursor, writes, "?")
                 # notification ids are not needed, and SQLite's single writer keeps rowids in commit order
                 cursor.executemany(self._insert_events_sql, [
