@@ -32,6 +32,7 @@ def print_summary(summary, title: str) -> None:
         ("rejected (dead-letter)", f"{summary.rejected:,}" + (
             "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary.reasons.items())) + ")" if summary.reasons else "")),
         ("duplicates ignored", f"{summary.duplicates:,}"),
+        ("suppressed (erased people)", f"{summary.suppressed:,}"),
         ("new customers", f"{summary.new_customers:,}"),
         ("source records linked", f"{summary.linked_sources:,}"),
         ("merges", f"{summary.merges:,}"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import orjson
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cdp.config import ConfigError
@@ -155,6 +156,10 @@ class KeyRing:
                 out.append(state[:cut] + b"}")
                 continue
             blob = base64.b64decode(state[start + 33:-2])
-            personal = aead.decrypt(blob[:NONCE], blob[NONCE:], key_id.encode())
+            try:
+                personal = aead.decrypt(blob[:NONCE], blob[NONCE:], key_id.encode())
+            except InvalidTag:  # sealed by a destroyed key; the record came back with a new one
+                out.append(state[:cut] + b"}")
+                continue
             out.append(state[:cut] + b"," + personal[1:] if len(personal) > 2 else state[:cut] + b"}")
         return out
