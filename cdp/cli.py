@@ -215,6 +215,22 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
                                 title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
 
 
+@customer.command("export")
+@click.argument("who")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def customer_export(who: str, directory: Path) -> None:
+    """Write everything held about a person (golden record, sources, events, decisions, consents,
+    scores) as JSON and CSV into DIRECTORY."""
+    from projections.access import export_customer
+
+    cfg = settings()
+    con = open_view(cfg)
+    ids = find_who(cfg, con, who)
+    for customer_id in ids:
+        paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory)
+        console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
+
+
 @cli.command("erase")
 @click.argument("who")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

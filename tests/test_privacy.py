@@ -84,6 +84,27 @@ def test_personal_data_is_encrypted_in_the_store(cdp, tmp_path):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
 
+def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
+    events = people_events() + [event("a5", "retail", "R-1", "cdp.consent", purpose="profiling", granted=False,
+                                      time="2025-02-01T00:00:00Z")]
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(events))
+    out = tmp_path / "ann"
+    cdp("customer", "export", "retail:R-1", str(out))
+    document = json.loads((out / "customer.json").read_text())
+    assert sorted(e["event_id"] for e in document["events"]) == ["a1", "a2", "a3", "a4", "a5"]
+    assert document["golden_record"]["last_name"] == "Zephyrine"
+    assert sorted((s["business_unit"], s["source_id"]) for s in document["source_records"]) == [
+        ("bank", "B-1"), ("retail", "R-1")]
+    assert [(c["purpose"], c["granted"], c["business_unit"]) for c in document["consents"]] == [
+        ("profiling", False, "retail")]
+    import csv
+
+    with open(out / "events.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4", "a5"]
+    assert any("Wobblesworth branch" in r["comment"] for r in rows)
+
+
 def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     path = tmp_path / "bad.jsonl"
