@@ -103,6 +103,12 @@ def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4", "a5"]
     assert any("Wobblesworth branch" in r["comment"] for r in rows)
+    # profiling consent withdrawn: her scores are withheld, the others' are computed
+    scores = {r["last_name"]: r for r in cdp.query(
+        "SELECT last_name, scores_withheld, rfm_segment, tier, churn_risk, predicted_value_12m FROM customers")}
+    assert scores["Zephyrine"] == {"last_name": "Zephyrine", "scores_withheld": True, "rfm_segment": None,
+                                   "tier": None, "churn_risk": None, "predicted_value_12m": None}
+    assert scores["Other"]["scores_withheld"] is False and scores["Other"]["tier"] is not None
 
 
 def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
