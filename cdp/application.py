@@ -37,6 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
+import orjson
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import Environment
@@ -210,11 +211,15 @@ class CustomerApplication(Application):
 
         return self._command(work, committed)
 
-    def split(self, customer_id: str, sources: list[str] | None, reason: str) -> list[SplitDecision]:
+    def split(self, customer_id: str, sources: list[str] | None, reason: str,
+              actor: str = "local") -> list[SplitDecision]:
         """Moves source records out of a customer (all but one when `sources` is None); the
         resolver remembers they must not be linked again."""
         def work(batch: Batch) -> list[SplitDecision]:
             decisions = self.resolver.split(customer_id, sources)
+            if decisions:
+                self._audit(batch, actor, "split", customer_id,
+                            {"new_customer_ids": [d.new_customer_id for d in decisions], "reason": reason})
             for d in decisions:
                 moved = [list(split_key(s)) for s in d.source_keys]
                 self.store.append(batch, topics.SPLIT, d.customer_id, new_customer_id=d.new_customer_id,
@@ -269,6 +274,8 @@ class CustomerApplication(Application):
             ]
             self.store.append(batch, topics.ERASED, erasure.customer_id, customer_ids=erasure.customer_ids,
                               sources=len(erasure.sources), suppressed=suppress, actor=actor)
+            self._audit(batch, actor, "erase", erasure.customer_id,
+                        {"customer_ids": erasure.customer_ids, "sources": len(erasure.sources), "suppressed": suppress})
             return erasure
 
         erasure = self._command(work, needs_resolver=False)
@@ -303,6 +310,24 @@ class CustomerApplication(Application):
         return fingerprint("source", f"{record.business_unit}:{record.source_id}") in suppressed or any(
             fingerprint(kind, value) in suppressed for kind, value in record.identifiers.items())
 
+    def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
+        """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""
+        self._command(lambda batch: self._audit(batch, actor, action, customer_id, detail), needs_resolver=False)
+
+    def _audit(self, batch: Batch, actor: str, action: str, customer_id: str | None, detail: dict) -> None:
+        self.store.heads[topics.AUDIT_LOG_ID] = self.store.head(topics.AUDIT_LOG_ID)  # read under the lock
+        self.store.append(batch, topics.AUDIT_ENTRY, topics.AUDIT_LOG_ID, aggregate=topics.AUDIT_LOG,
+                          actor=actor, action=action, customer_id=customer_id, detail=detail)
+
+    def audit_entries(self) -> list[dict]:
+        """Every audit entry, oldest first: `at` (when it was recorded), actor, action, customer_id, detail."""
+        entries = []
+        for version, state in self.store.stream(topics.AUDIT_LOG_ID):
+            entry = orjson.loads(state)
+            entries.append({"entry": version, "at": entry["timestamp"]["_data_"], "actor": entry["actor"],
+                            "action": entry["action"], "customer_id": entry["customer_id"], "detail": entry["detail"]})
+        return entries
+
     def store_model(self, model: Model) -> int:
         """Stores a trained match model as the next version (numbered under the lock, so two
         trainers never take the same one); the resolver uses it from the next load. Returns it."""
@@ -317,8 +342,6 @@ class CustomerApplication(Application):
 
     def training_records(self) -> list[Features]:
         """Every source record's matching features, as committed (the model's training data)."""
-        import orjson
-
         return [Features.from_json(orjson.loads(text)) for _, text in self.store.query(blocking.SELECT_RECORDS)]
 
     def survivor(self, customer_id: str) -> str:

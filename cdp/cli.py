@@ -11,7 +11,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, open_view, settings
+from cdp.commandline import UserError, local_user, open_view, settings
 from cdp.config import ConfigError, Settings
 from cdp.identity_cli import identity
 
@@ -198,6 +198,7 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
     con = open_view(cfg)
     ids = find_who(cfg, con, who)
     pictures = [customer_picture(con, cid, limit) for cid in ids]
+    record_access(cfg, "read", ids, via="cli")
     if fmt == "json":
         sys.stdout.write(orjson.dumps(pictures if len(pictures) > 1 else pictures[0], default=console._plain,
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -228,6 +229,7 @@ def customer_export(who: str, directory: Path) -> None:
     ids = find_who(cfg, con, who)
     for customer_id in ids:
         paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory)
+        record_access(cfg, "export", [customer_id], via="cli", files=len(paths))
         console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
 
 
@@ -258,14 +260,56 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
                       f"({done.seconds:.2f} s)")
 
 
-def local_user() -> str:
-    """Who runs a command locally, for the audit trail."""
-    import getpass
+def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:
+    """An audit-trail entry per customer read or exported by the local user."""
+    from cdp.application import CustomerApplication
 
+    app = CustomerApplication(cfg)
     try:
-        return "local:" + getpass.getuser()
-    except (KeyError, OSError):
-        return "local"
+        for customer_id in customer_ids:
+            app.record_access(local_user(), action, customer_id, **detail)
+    finally:
+        app.close()
+
+
+@cli.command("audit")
+@click.option("--customer", "who", help="Only entries about this customer (id, e-mail, phone or unit:source_id).")
+@click.option("--since", help="Only entries recorded at or after this date or time (ISO 8601, UTC if no zone).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def audit(who: str | None, since: str | None, fmt: str) -> None:
+    """List the audit trail: who read, exported, erased or split which customer, and when."""
+    from datetime import datetime, timezone
+
+    from cdp.application import CustomerApplication
+    from projections.queries import classify
+
+    cfg = settings()
+    start = None
+    if since:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            raise UserError(f"--since: expected an ISO 8601 date or time, got {since!r}") from None
+        start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    ids = None
+    if who:  # an erased customer is no longer in the view: their id is taken as given
+        kind, value = classify(who) if who.strip() else ("", "")
+        ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg), who))
+    app = CustomerApplication(cfg)
+    try:
+        entries = app.audit_entries()
+    finally:
+        app.close()
+    entries = [e for e in entries if (ids is None or e["customer_id"] in ids)
+               and (start is None or datetime.fromisoformat(e["at"]) >= start)]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    columns = ["entry", "at", "actor", "action", "customer_id", "detail"]
+    rows = [tuple(orjson.dumps(e[c]).decode() if c == "detail" else e[c] for c in columns) for e in entries]
+    text = console.render_rows(columns, rows, fmt, title="audit trail")
+    if text is not None:
+        sys.stdout.write(text)
 
 
 @cli.command("export")

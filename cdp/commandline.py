@@ -1,5 +1,6 @@
 """What every `cdp` command shares (cdp/cli.py, cdp/identity_cli.py): the settings, read once
-from the environment here and passed down; the read-only view; the one-line user error."""
+from the environment here and passed down; the read-only view; the one-line user error; the local
+user named in the audit trail."""
 from __future__ import annotations
 
 import click
@@ -27,3 +28,13 @@ def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.IOException as error:
         raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
+
+
+def local_user() -> str:
+    """Who runs a command locally, for the audit trail."""
+    import getpass
+
+    try:
+        return "local:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "local"

@@ -134,3 +134,15 @@ class Customer(Aggregate, created_event_name="Registered"):
         self.profile: dict[str, Any] = {}
         self.absorbed: list[str] = []
         self.merged_into: str | None = None
+
+
+class AuditLog(Aggregate):
+    """The audit trail: one aggregate (AUDIT_LOG_ID) whose entries say who read, exported, erased
+    or split which customer, or created or revoked which key, and when (the stored event's
+    timestamp). Entries carry no personal data, so they outlive an erasure."""
+
+    class Entry(Aggregate.Event):
+        actor: str               # a key's name or `local:<user>`
+        action: str              # read, export, erase, split, key_created, key_revoked …
+        customer_id: str | None  # the customer touched, if any
+        detail: dict[str, Any]

@@ -294,6 +294,12 @@ class EventStore:
         return self.query(f"SELECT COALESCE(MAX(originator_version), 0) FROM {table} WHERE originator_id = ?",
                           (self._id(customer_id),))[0][0]
 
+    def stream(self, originator_id: str) -> list[tuple[int, bytes]]:
+        """(version, state) of one aggregate's events, in order (read by its primary key)."""
+        table = self.recorder.events_table_name
+        return self.query(f"SELECT originator_version, state FROM {table} WHERE originator_id = ? "
+                          "ORDER BY originator_version", (self._id(originator_id),))
+
     def scrub(self) -> None:
         """SQLite: moves the write-ahead log into the file and truncates it, so freed (zeroed) pages
         are all that remains of deleted rows (PostgreSQL: nothing to do here)."""
@@ -313,14 +319,15 @@ class EventStore:
         self._stamp = {"_type_": "datetime_iso", "_data_": datetime.now(timezone.utc).isoformat()}
         return Batch()
 
-    def append(self, batch: Batch, topic: str, customer_id: str, **fields: Any) -> None:
+    def append(self, batch: Batch, topic: str, customer_id: str, /, *, aggregate: str = stored_events.CUSTOMER,
+               **fields: Any) -> None:
         """Adds the customer's next event (`topic`: one of cdp.contracts.stored_events) to the batch and
-        advances its head."""
+        advances its head (`aggregate`: the topic of the aggregate, when not a customer)."""
         version = self.heads.get(customer_id, 0) + 1
         self.heads[customer_id] = version
         state: dict[str, Any] = {"timestamp": self._stamp}
         if version == 1:
-            state["originator_topic"] = stored_events.CUSTOMER
+            state["originator_topic"] = aggregate
         state.update(fields)  # in the given order: a sealed field stays last (cdp/shredding.py)
         batch.events.append(
             StoredEvent(

@@ -110,6 +110,15 @@ def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
                                    "tier": None, "churn_risk": None, "predicted_value_12m": None}
     assert scores["Other"]["scores_withheld"] is False and scores["Other"]["tier"] is not None
 
+    cdp("customer", "show", "quorra.zephyrine@example.org")
+    entries = json.loads(cdp("audit", "--customer", "retail:R-1", "--format", "json").stdout)
+    ann = document["customer_id"]
+    assert [(e["action"], e["customer_id"]) for e in entries] == [("export", ann), ("read", ann)]
+    assert all(e["actor"].startswith("local") and e["at"] for e in entries)
+    assert json.loads(cdp("audit", "--since", "2999-01-01", "--format", "json").stdout) == []
+    bad = cdp("audit", "--since", "yesterday", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("cdp: error: --since")
+
 
 def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
@@ -126,6 +135,8 @@ def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
 
     assert files_holding(cdp.home, NEEDLES) == {}
     assert others(cdp) == before
+    erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
+    assert len(erased) == 1 and erased[0]["detail"]["sources"] == 2 and erased[0]["detail"]["suppressed"] is True
     missing = cdp("customer", "show", "quorra.zephyrine@example.org", check=False)
     assert missing.returncode == 1 and "no customer found" in missing.stderr
 
