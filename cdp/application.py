@@ -122,6 +122,7 @@ class CustomerApplication(Application):
                                     side_tables=(*IDENTITY_TABLES, key_table, SUPPRESSED_TABLE))
         self.keys = shredding.KeyRing(shredding.load_master_key(settings.master_key, settings.master_key_path),
                                       self._stored_keys)
+        self.mapper.transcoder.unseal = self.keys.unseal
         self._resolver: Resolver | None = None  # loaded by the first command: readers never need it
         self._suppressed: set[str] | None = None  # fingerprints of erased identifiers, loaded with the resolver
 

@@ -52,7 +52,8 @@ class Customer(Aggregate, created_event_name="Registered"):
 
         def apply(self, customer: "Customer") -> None:
             customer.events += 1
-            customer.profile.update(self.profile)
+            # no profile once the person's data key was destroyed (cdp/shredding.py)
+            customer.profile.update(getattr(self, "profile", None) or {})
 
     class Merged(Aggregate.Event):
         absorbed_id: str
