@@ -144,6 +144,7 @@ class Settings:
     # privacy (README: "Privacy")
     master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key
     encrypt_personal_data: bool = True       # off only for bench/ (the cost of encryption, measured)
+    events_retention_days: int = 7           # CDP_EVENTS_RETENTION_DAYS: how long cdp.events keeps raw events
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -176,6 +177,7 @@ class Settings:
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
             master_key=env.get("CDP_MASTER_KEY") or None,
+            events_retention_days=_int(env, "CDP_EVENTS_RETENTION_DAYS", 7),
             **_identity(env),
         )
 
