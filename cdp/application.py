@@ -144,7 +144,7 @@ class CustomerApplication(Application):
     def reload(self) -> None:
         """Drops the in-memory copies and reads them again from the store."""
         self.store.load()
-        self.keys.forget()
+        self.keys.forget(row[0] for row in self.store.query(shredding.SELECT_KEY_IDS))
         self._resolver = load_resolver(self.store, self.settings)
         self._suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
 
@@ -176,6 +176,7 @@ class CustomerApplication(Application):
                     if resolver is not None:
                         take_in_changes(resolver, self.store.changed)
                         self._suppressed.update(row[0] for row in self.store.changed(SELECT_SUPPRESSED))
+                        self.keys.take_in(row[0] for row in self.store.changed(shredding.SELECT_KEY_IDS))
                     batch = self.store.begin()
                     result = work(batch)
                     if resolver is not None:
@@ -198,6 +199,8 @@ class CustomerApplication(Application):
         and dropped); returns what this batch did."""
         def work(batch: Batch) -> Summary:
             summary = Summary()
+            if self.settings.encrypt_personal_data:
+                self.keys.prepare(f"{r.business_unit}:{r.source_id}" for r in records)
             for record in records:
                 if record.key in self.store.seen:
                     summary.duplicates += 1

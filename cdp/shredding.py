@@ -35,6 +35,7 @@ KEY_TABLE_POSTGRES = KEY_TABLE.replace("BLOB", "BYTEA")
 INSERT_KEY = "INSERT INTO cdp_data_keys (key_id, wrapped) VALUES (?, ?)"
 DELETE_KEY = "DELETE FROM cdp_data_keys WHERE key_id = ?"
 SELECT_KEYS = "SELECT key_id, wrapped FROM cdp_data_keys"
+SELECT_KEY_IDS = "SELECT key_id FROM cdp_data_keys"
 
 # The personal fields of each stored event type (top-level fields of its state).
 SEALED_FIELDS: dict[str, tuple[str, ...]] = {
@@ -82,22 +83,42 @@ class KeyRing:
         self._suppress_key = hmac.new(master, b"cdp suppression", hashlib.sha256).digest()
         self._fetch = fetch
         self._keys: dict[str, AESGCM | None] = {}
+        self._stored: set[bytes] | None = None  # ids of the stored keys (16 bytes each), when known
+        self._by_source: dict[str, tuple[str, AESGCM]] = {}  # source record -> its key, once used here
+        self._nonces, self._next_nonce = b"", 0
 
     # -- names ---------------------------------------------------------------------------------
 
     def key_id(self, source_key: str) -> str:
-        """The keyed hash naming a source record's data key (no identifier in the clear)."""
-        return hmac.new(self._hash_key, source_key.encode(), hashlib.sha256).hexdigest()[:32]
+        """The keyed hash naming a source record's data key (no identifier in the clear); keyed
+        BLAKE2b, a MAC in one call (several times cheaper than HMAC on the ingest path)."""
+        return hashlib.blake2b(source_key.encode(), key=self._hash_key, digest_size=16).hexdigest()
 
     def fingerprint(self, kind: str, value: str) -> str:
         """The keyed hash an erased identifier is suppressed by."""
-        return hmac.new(self._suppress_key, f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
+        return hashlib.blake2b(f"{kind}\x1f{value}".encode(), key=self._suppress_key, digest_size=32).hexdigest()
 
     # -- keys ----------------------------------------------------------------------------------
 
-    def forget(self) -> None:
-        """Drops the cached keys (after a failed commit or an erasure)."""
+    def forget(self, stored_ids: Iterable[str] | None = None) -> None:
+        """Drops the cached keys (after a failed commit or an erasure); `stored_ids`, when given,
+        are the ids of every stored key, so a writer asks the store only for keys that exist."""
         self._keys.clear()
+        self._by_source.clear()
+        self._stored = None if stored_ids is None else {bytes.fromhex(k) for k in stored_ids}
+
+    def take_in(self, stored_ids: Iterable[str]) -> None:
+        """Ids of keys other writers stored since our last look (they exist: read them when needed)."""
+        if self._stored is not None:
+            for key_id in stored_ids:
+                self._stored.add(bytes.fromhex(key_id))
+                if self._keys.get(key_id, 0) is None:
+                    del self._keys[key_id]
+
+    def prepare(self, source_keys: Iterable[str]) -> None:
+        """Caches the keys a batch of records will seal with, in one read of the store."""
+        wanted = {self.key_id(s) for s in source_keys}
+        self.load(k for k in wanted if k not in self._keys)
 
     def _unwrap(self, key_id: str, wrapped: bytes) -> AESGCM:
         return AESGCM(self._master.decrypt(bytes(wrapped[:NONCE]), bytes(wrapped[NONCE:]), key_id.encode()))
@@ -105,6 +126,11 @@ class KeyRing:
     def load(self, key_ids: Iterable[str]) -> None:
         """Makes sure the keys among `key_ids` are cached (None: no such key, e.g. destroyed)."""
         missing = [k for k in set(key_ids) if k not in self._keys]
+        if self._stored is not None:  # keys that do not exist need no read
+            for key_id in missing:
+                if bytes.fromhex(key_id) not in self._stored:
+                    self._keys[key_id] = None
+            missing = [k for k in missing if self._keys.get(k, 0) is not None]
         if not missing:
             return
         found = {key_id: wrapped for key_id, wrapped in self._fetch(missing)}
@@ -112,8 +138,20 @@ class KeyRing:
             wrapped = found.get(key_id)
             self._keys[key_id] = None if wrapped is None else self._unwrap(key_id, wrapped)
 
+    def _nonce(self) -> bytes:
+        """A fresh random nonce, cut from a block read from the OS now and then (one read per
+        thousands of events instead of one per event)."""
+        at = self._next_nonce
+        if at + NONCE > len(self._nonces):
+            self._nonces, at = os.urandom(NONCE * 4096), 0
+        self._next_nonce = at + NONCE
+        return self._nonces[at:at + NONCE]
+
     def key_for(self, source_key: str, new_rows: list[tuple]) -> tuple[str, AESGCM]:
         """The record's key, created (its wrapped row added to `new_rows`) when it has none."""
+        known = self._by_source.get(source_key)
+        if known is not None:
+            return known
         key_id = self.key_id(source_key)
         if key_id not in self._keys:
             self.load([key_id])
@@ -123,6 +161,9 @@ class KeyRing:
             nonce = os.urandom(NONCE)
             new_rows.append((key_id, nonce + self._master.encrypt(nonce, raw, key_id.encode())))
             aead = self._keys[key_id] = AESGCM(raw)
+            if self._stored is not None:
+                self._stored.add(bytes.fromhex(key_id))
+        self._by_source[source_key] = (key_id, aead)
         return key_id, aead
 
     # -- sealing -------------------------------------------------------------------------------
@@ -134,7 +175,7 @@ class KeyRing:
             return fields
         personal = {name: fields.pop(name) for name in names if name in fields}
         key_id, aead = self.key_for(source_key, new_rows)
-        nonce = os.urandom(NONCE)
+        nonce = self._nonce()
         box = aead.encrypt(nonce, orjson.dumps(personal), key_id.encode())
         fields["sealed"] = key_id + "." + base64.b64encode(nonce + box).decode()
         return fields
