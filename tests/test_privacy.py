@@ -193,3 +193,15 @@ def test_erase_on_postgresql_leaves_nothing_in_a_dump(cdp, tmp_path, fresh_postg
     ingest(cdp, tmp_path, "resent.jsonl", jsonl([event("n1", "bank", "B-9", customer={"email": ANN["email"]})]))
     dump = subprocess.run(["pg_dump", "-d", fresh_postgres_dsn], capture_output=True, check=True).stdout.lower()
     assert [n for n in NEEDLES if n.encode() in dump] == []
+
+
+def test_a_split_is_audited_and_an_erased_customer_stays_listed(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    cdp("identity", "split", ann, "--source", "bank:B-1", "--reason", "two people")
+    cdp("erase", ann, "--yes")
+    entries = json.loads(cdp("audit", "--customer", ann, "--format", "json").stdout)
+    assert [e["action"] for e in entries] == ["split", "erase"]
+    assert entries[0]["detail"]["reason"] == "two people" and entries[1]["detail"]["sources"] == 1
+    # the split-off record is another person: still there, with its own data
+    assert cdp.query("SELECT sources FROM customers WHERE first_name = 'Quorralind'") == [{"sources": 1}]
