@@ -48,7 +48,28 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
         app.store.scrub()
     finally:
         app.close()
-    return Erased(erasure, removed, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if settings.kafka_bootstrap:
+        publish_tombstones(settings, erasure.customer_ids)
+    return Erased(erasure, removed, seconds)
+
+
+def publish_tombstones(settings: Settings, customer_ids: list[str]) -> None:
+    """Tombstones on `cdp.profiles` for the erased ids, so CRMs following the changelog drop the
+    person and compaction removes their last profile."""
+    from kafka import KafkaProducer
+
+    from cdp import topics
+    from projections.changelog import tombstones
+
+    topics.ensure(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        for key, value in tombstones(customer_ids):
+            producer.send(settings.topic(topics.PROFILES), key=key, value=value)
+        producer.flush()
+    finally:
+        producer.close()
 
 
 def _needles(erasure: Erasure) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes]]]:

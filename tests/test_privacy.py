@@ -205,3 +205,15 @@ def test_a_split_is_audited_and_an_erased_customer_stays_listed(cdp, tmp_path):
     assert entries[0]["detail"]["reason"] == "two people" and entries[1]["detail"]["sources"] == 1
     # the split-off record is another person: still there, with its own data
     assert cdp.query("SELECT sources FROM customers WHERE first_name = 'Quorralind'") == [{"sources": 1}]
+
+
+@pytest.mark.kafka
+def test_erase_publishes_a_tombstone_on_the_profile_changelog(cdp, tmp_path, kafka_bootstrap, fresh_topic_prefix):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    cdp.env.update(CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
+    cdp("erase", ann, "--yes")
+    out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles", "-e",
+                          "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.splitlines() == [f"{ann}\t-1"]  # key, value size -1: a tombstone (null value)
