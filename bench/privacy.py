@@ -82,7 +82,7 @@ def erase_time(events: int) -> None:
         show = time.perf_counter() - started
         out = subprocess.run([sys.executable, "-m", "cdp", "erase", who, "--yes"], env=run, check=True,
                              capture_output=True, text=True).stdout
-        seconds = float(out.rsplit("(", 1)[1].split(" s)")[0])
+        seconds = float(out.rsplit("(", 1)[1].split(" s")[0])
     print(f"\n== erase one person on a store of {files.events:,} events")
     print(f"  {out.strip()}")
     print(f"  erase (inside the command, store + view + dead-letter): {seconds:.2f} s; "

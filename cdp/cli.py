@@ -257,7 +257,7 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
     console.out.print(f"erased customer {e.customer_id}: {len(e.sources)} source record(s), "
                       f"{len(e.customer_ids)} customer id(s), {done.deadletter_entries} dead-letter entr(ies); "
                       f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
-                      f"({done.seconds:.2f} s)")
+                      f"({done.seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in done.phases.items()) + ")")
 
 
 def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:

@@ -27,6 +27,7 @@ class Erased:
     erasure: Erasure
     deadletter_entries: int
     seconds: float
+    phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, checkpoint
 
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
@@ -34,24 +35,34 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
     from cdp.pipeline import make_projector
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        phases[name] = time.perf_counter() - started - sum(phases.values())
+
     app = CustomerApplication(settings)
     try:
         erasure = app.erase(customer_id, suppress, actor)
+        lap("store")
         if settings.duckdb_path.exists():
             projector = make_projector(settings)
             try:
                 projector.catch_up(app, settings.projection_batch, score=False)
             finally:
                 projector.close()
+            lap("view")
             view_erasure.rewrite(settings.duckdb_path)
+            lap("view_rewrite")
         removed = scrub_deadletter(settings.deadletter_path, erasure)
+        lap("deadletter")
         app.store.scrub()
+        lap("checkpoint")
     finally:
         app.close()
     seconds = time.perf_counter() - started
     if settings.kafka_bootstrap:
         publish_tombstones(settings, erasure.customer_ids)
-    return Erased(erasure, removed, seconds)
+    return Erased(erasure, removed, seconds, phases)
 
 
 def publish_tombstones(settings: Settings, customer_ids: list[str]) -> None:
