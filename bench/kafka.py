@@ -29,16 +29,28 @@ import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
+SERVICES = REPO / "scripts" / "services.sh"
 
 
-def services() -> tuple[str, str]:
+def services() -> tuple[str, str, list[str]]:
+    """The services' addresses, and the services this call started (to be stopped at the end):
+    ones that were running already are left as they were."""
+    started: list[str] = []
     if not (os.environ.get("CDP_KAFKA_BOOTSTRAP") and os.environ.get("CDP_POSTGRES_DSN")):
-        out = subprocess.run([str(REPO / "scripts" / "services.sh"), "start"], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([str(SERVICES), "start"], check=True, capture_output=True, text=True).stdout
         for line in out.splitlines():
             name, _, value = line.removeprefix("export ").partition("=")
             os.environ.setdefault(name, value)
-    return os.environ["CDP_KAFKA_BOOTSTRAP"], os.environ["CDP_POSTGRES_DSN"]
+        state = Path(os.environ.get("CDP_SERVICES_DIR", REPO / ".services"))
+        last = state / "last-start"
+        started = last.read_text().split() if last.exists() else []
+    return os.environ["CDP_KAFKA_BOOTSTRAP"], os.environ["CDP_POSTGRES_DSN"], started
+
+
+def stop_services(started: list[str]) -> None:
+    if started:
+        print(f"bench.kafka: stopping the services it started: {', '.join(started)}")
+        subprocess.run([str(SERVICES), "stop", *started], check=False, capture_output=True)
 
 
 def fresh_database(dsn: str) -> str:
@@ -262,7 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=20, help="length of the latency run")
     parser.add_argument("--part", choices=("all", "throughput", "latency"), default="all")
     args = parser.parse_args(argv)
-    bootstrap, dsn = services()
+    bootstrap, dsn, started = services()
+    try:
+        run(args, bootstrap, dsn)
+    finally:
+        stop_services(started)
+
+
+def run(args: argparse.Namespace, bootstrap: str, dsn: str) -> None:
     files = demo_events(args.events)
     prefix = f"bench.{uuid.uuid4().hex[:8]}."
     work = Path(tempfile.mkdtemp(prefix="cdp-bench-kafka-"))

@@ -28,7 +28,7 @@ How to add a command
 3. Callers call the method, then bring their view up to date if they have one
    (`Pipeline.catch_up`). Nothing else writes to the store.
 
-Reads the write side needs (the model's training records, a customer's survivor) are plain
+Reads the write side needs (confirmed pairs, a customer's age, a customer's survivor) are plain
 methods beside the commands; everything else is read from the DuckDB view.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
+from uuid import UUID
 
 import orjson
 from eventsourcing.application import Application
@@ -50,12 +51,13 @@ from cdp.summary import Summary
 from identity import blocking, constraints, index as identity_index, model as identity_model
 from identity.blocking import BlockingIndex
 from identity.constraints import CannotLink
-from identity.features import Features
 from identity.guardrails import Guardrails
 from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
-from identity.model import Model
-from identity.resolver import Decision, Resolver, SplitDecision, review_id
+from identity import reresolution
+from identity.reresolution import Retrained
+from identity.resolver import Decision, Link, Resolver, SplitDecision, review_id
+from identity.training import due, train
 from ingest.records import Accepted
 
 COMMIT_ATTEMPTS = 5
@@ -225,11 +227,7 @@ class CustomerApplication(Application):
                 self._audit(batch, actor, "split", customer_id,
                             {"new_customer_ids": [d.new_customer_id for d in decisions], "reason": reason})
             for d in decisions:
-                moved = [list(split_key(s)) for s in d.source_keys]
-                self.store.append(batch, topics.SPLIT, d.customer_id, new_customer_id=d.new_customer_id,
-                                  sources=moved, reason=reason)
-                self.store.append(batch, topics.SPLIT_OFF, d.new_customer_id, business_unit=moved[0][0],
-                                  source_id=moved[0][1], split_from=d.customer_id, sources=moved)
+                self._append_split(batch, d.customer_id, d.new_customer_id, d.source_keys, reason)
             return decisions
 
         return self._command(work)
@@ -240,9 +238,7 @@ class CustomerApplication(Application):
         def work(batch: Batch) -> str:
             survivor, absorbed, link = self.resolver.confirm(a, b)
             if absorbed is not None:
-                self._append(batch, topics.MERGED, survivor, a, absorbed_id=absorbed, rule=link.rule,
-                             evidence=link.evidence)
-                self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+                self._append_merge(batch, survivor, absorbed, link)
             self.store.append(batch, topics.MATCH_CONFIRMED, survivor, **_pair(a, b))
             return survivor
 
@@ -268,7 +264,8 @@ class CustomerApplication(Application):
             self.store.heads[erasure.customer_id] = self.store.head(erasure.customer_id)
             ids, sources = [(c,) for c in erasure.customer_ids], [(s,) for s in erasure.sources]
             batch.writes += [
-                (shredding.DELETE_KEY, [(self.keys.key_id(s),) for s in erasure.sources]),
+                (shredding.DELETE_KEY, [(self.keys.key_id(s),) for s in
+                                        [*erasure.sources, *map(shredding.customer_key, erasure.customer_ids)]]),
                 ("DELETE FROM identity_keys WHERE customer_id = ?", ids),
                 ("DELETE FROM identity_redirects WHERE absorbed_id = ?", ids),
                 ("DELETE FROM identity_records WHERE source_key = ?", sources),
@@ -332,21 +329,74 @@ class CustomerApplication(Application):
                             "action": entry["action"], "customer_id": entry["customer_id"], "detail": entry["detail"]})
         return entries
 
-    def store_model(self, model: Model) -> int:
-        """Stores a trained match model as the next version (numbered under the lock, so two
-        trainers never take the same one); the resolver uses it from the next load. Returns it."""
-        def work(batch: Batch) -> int:
-            version = self.store.query(LAST_MODEL_VERSION)[0][0] + 1
-            batch.writes.append((identity_model.INSERT_MODEL, [(version, model.to_json())]))
-            return version
+    def retrain(self, seed: int = 1, dry_run: bool = False,
+                progress: Callable[[int], None] | None = None) -> Retrained:
+        """Trains a model on the records held and re-resolves them with it (identity/reresolution.py):
+        the model row, the merges and the splits commit together; `dry_run` decides and writes nothing."""
+        def work(batch: Batch) -> Retrained:
+            resolver, settings = self.resolver, self.settings
+            records = resolver.blocks.records  # in source-key order: the same model whatever the arrival order
+            trained = train([records[k] for k in sorted(records)], seed=seed, max_block=settings.max_block)
+            latest = resolver.matcher.model
+            new_model = not (latest.version and trained.same_estimate(latest))
+            if new_model:
+                trained.version = self.store.query(LAST_MODEL_VERSION)[0][0] + 1
+            model = trained if new_model else latest
+            matcher = ProbabilisticMatcher(model, resolver.blocks, settings.match_threshold, settings.review_threshold)
+            candidate = Resolver(resolver.index, matcher, resolver.blocks, resolver.guardrails, resolver.cannot_link)
+            changes = reresolution.plan(candidate, self._confirmed_pairs(), self._oldest, progress)
+            if dry_run:
+                return Retrained(model, new_model, changes)
+            if new_model:
+                batch.writes.append((identity_model.INSERT_MODEL, [(model.version, model.to_json())]))
+            reresolution.apply(candidate, changes)
+            for s in changes.splits:
+                self._append_split(batch, s.customer_id, s.new_customer_id, s.source_keys, s.reason)
+            for m in changes.merges:
+                self._append_merge(batch, m.survivor, m.absorbed, m.link)
+            resolver.matcher = matcher
+            return Retrained(model, new_model, changes)
 
+        if self.resolver.matcher is None:
+            raise ValueError("CDP_MATCHING is deterministic: there is no model to train")
         return self._command(work)
+
+    def retrain_if_due(self) -> Retrained | None:
+        """Self-training: `retrain` once enough records arrived since the latest model
+        (CDP_TRAIN_MIN_RECORDS, CDP_RETRAIN_GROWTH); None when not due or nothing to learn from."""
+        settings, resolver = self.settings, self.resolver
+        if resolver.matcher is None or not due(len(resolver.blocks), resolver.matcher.model,
+                                               settings.train_min_records, settings.retrain_growth):
+            return None
+        try:
+            return self.retrain()
+        except ValueError:  # too few candidate pairs to learn from: keep the model until more arrive
+            return None
 
     # -- reads the write side needs ------------------------------------------------------------
 
-    def training_records(self) -> list[Features]:
-        """Every source record's matching features, as committed (the model's training data)."""
-        return [Features.from_json(orjson.loads(text)) for _, text in self.store.query(blocking.SELECT_RECORDS)]
+    def _confirmed_pairs(self) -> list[tuple[str, str]]:
+        """The pairs people confirmed in review (few: read from their events)."""
+        rows = self.store.query(f"SELECT state FROM {self.recorder.events_table_name} WHERE topic = ?",
+                                (topics.MATCH_CONFIRMED,))
+        pairs = []
+        for (state,) in rows:
+            e = self.store.transcoder.decode(bytes(state))
+            pairs.append((f"{e['business_unit']}:{e['source_id']}", f"{e['other_business_unit']}:{e['other_source_id']}"))
+        return pairs
+
+    def _oldest(self, ids: list[str]) -> str:
+        """Of several customer ids, the one whose first event the store recorded first."""
+        table = self.recorder.events_table_name
+        if self.store.is_postgres:
+            rows = self.store.query(f"SELECT replace(originator_id::text, '-', ''), notification_id FROM {table} "
+                                    "WHERE originator_version = 1 AND originator_id = ANY(?)", ([UUID(i) for i in ids],))
+        else:
+            marks = ",".join("?" * len(ids))
+            rows = self.store.query(f"SELECT originator_id, rowid FROM {table} "
+                                    f"WHERE originator_version = 1 AND originator_id IN ({marks})", ids)
+        position = dict(rows)
+        return min(ids, key=lambda i: (position.get(i, float("inf")), i))
 
     def survivor(self, customer_id: str) -> str:
         """The customer an id resolves to now (itself unless merged away)."""
@@ -362,7 +412,22 @@ class CustomerApplication(Application):
     def max_position(self) -> int:
         return self.store.max_position()
 
-    # -- the domain events of one resolved record ----------------------------------------------
+    # -- domain events ---------------------------------------------------------------------------
+
+    def _append_split(self, batch: Batch, customer_id: str, new_customer_id: str, source_keys: list[str],
+                      reason: str) -> None:
+        moved = [list(split_key(s)) for s in source_keys]
+        self.store.append(batch, topics.SPLIT, customer_id, new_customer_id=new_customer_id, sources=moved,
+                          reason=reason)
+        self.store.append(batch, topics.SPLIT_OFF, new_customer_id, business_unit=moved[0][0],
+                          source_id=moved[0][1], split_from=customer_id, sources=moved)
+
+    def _append_merge(self, batch: Batch, survivor: str, absorbed: str, link: Link) -> None:
+        # the evidence (e.g. a shared phone) is sealed under the absorbed customer's own key
+        self._append(batch, topics.MERGED, survivor, shredding.customer_key(absorbed), absorbed_id=absorbed,
+                     rule=link.rule, evidence=link.evidence)
+        self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+
 
     def _append_decision(self, batch: Batch, record: Accepted, decision: Decision, summary: Summary) -> None:
         store, customer = self.store, decision.customer_id
@@ -373,9 +438,7 @@ class CustomerApplication(Application):
             store.append(batch, topics.REGISTERED, customer, business_unit=unit, source_id=source_id)
             summary.new_customers += 1
         for absorbed, link in decision.merges:
-            self._append(batch, topics.MERGED, customer, src, absorbed_id=absorbed, rule=link.rule,
-                         evidence=link.evidence)
-            store.append(batch, topics.ABSORBED, absorbed, survivor_id=customer)
+            self._append_merge(batch, customer, absorbed, link)
             summary.merges += 1
         if decision.link is not None:
             self._append(batch, topics.SOURCE_LINKED, customer, src, business_unit=unit, source_id=source_id,

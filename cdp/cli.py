@@ -37,6 +37,7 @@ def print_summary(summary, title: str) -> None:
         ("source records linked", f"{summary.linked_sources:,}"),
         ("merges", f"{summary.merges:,}"),
         ("stored events", f"{summary.stored_events:,}"),
+        *([("self-training", summary.retrained)] if summary.retrained else []),
         ("time", f"{summary.seconds:.1f} s ({rate:,.0f} events/s)"),
     ]
     for name, value in rows:
@@ -97,11 +98,18 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
 
 
 @cli.command()
-def worker() -> None:
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="Address the health port listens on (0.0.0.0 in a container, for the probes).")
+@click.option("--reset-group", is_flag=True,
+              help="Forget the consumer group's offsets first, so cdp.events is read from the start "
+                   "(after the store was replaced; stop the group's other workers first).")
+def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
     """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
     from cdp.worker import run
 
-    run(settings())
+    run(settings(), health_host, health_port, reset_group)
 
 
 @cli.command()
@@ -382,11 +390,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as error:
         if os.environ.get("CDP_DEBUG"):
             raise
+        if isinstance(error, OSError) and error.errno is not None:  # disk full, read-only …: say which
+            from cdp.faults import DISK, describe
+
+            fault = describe(error, settings())
+            error = fault.line if fault.component == DISK else error
         console.err.print(f"cdp: error: {error}", markup=False)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
         return 130
+    except Exception as error:  # a full disk, an unreachable store …: one line naming it, if known
+        from cdp.faults import UNKNOWN, describe
+
+        fault = describe(error, settings())
+        if os.environ.get("CDP_DEBUG") or fault.component == UNKNOWN:
+            raise
+        console.err.print(f"cdp: error: {fault.line}", markup=False)
+        # without the interpreter's teardown: DuckDB objects a failed write left behind would
+        # otherwise print a page of nanobind leak reports after the one line
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,11 @@ def _identity(env: dict[str, str]) -> dict:
         survivorship = parse_rules(_pairs(env, "CDP_SURVIVORSHIP", "email=most_frequent,phone=trusted:bank>retail"))
     except ValueError as error:
         raise ConfigError(f"CDP_SURVIVORSHIP: {error}") from None
+    growth = _number(env, "CDP_RETRAIN_GROWTH", 1.0, float, "a number")
+    if growth <= 0:
+        raise ConfigError(f"CDP_RETRAIN_GROWTH: expected a number above 0, got {growth}")
     return {"matching": matching, "match_threshold": match, "review_threshold": review,
+            "train_min_records": _count(env, "CDP_TRAIN_MIN_RECORDS", 1000), "retrain_growth": growth,
             "identifier_limits": _limits(env), "max_block": _int(env, "CDP_MAX_BLOCK", 50),
             "survivorship": survivorship}
 
@@ -140,6 +144,8 @@ class Settings:
     review_threshold: float = 0.5            # CDP_REVIEW_THRESHOLD: from here up to the match threshold: review
     identifier_limits: dict[str, int] = field(default_factory=dict)  # CDP_IDENTIFIER_LIMITS: email=8,phone=8,…
     max_block: int = 50                      # CDP_MAX_BLOCK: records compared per blocking key at most
+    train_min_records: int = 1000            # CDP_TRAIN_MIN_RECORDS: records held before the first self-training (0: never)
+    retrain_growth: float = 1.0              # CDP_RETRAIN_GROWTH: train again once the records grew by this share
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
     # privacy (README: "Privacy")
     master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key

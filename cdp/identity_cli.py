@@ -115,23 +115,31 @@ def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
 
 @identity.command()
 @click.option("--seed", default=1, show_default=True, type=int, help="Sampling seed (same seed, same model).")
-def train(seed: int) -> None:
-    """Estimate the match model (Fellegi–Sunter m/u by EM) from the records in the store."""
-    from cdp.application import CustomerApplication
-    from identity.training import train as train_model
+@click.option("--dry-run", is_flag=True, help="Print what re-resolution would change; write nothing.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(0, 100_000), help="Changes to list.")
+def train(seed: int, dry_run: bool, limit: int) -> None:
+    """Estimate the match model (Fellegi–Sunter m/u by EM) from the records in the store and
+    re-resolve them with it: its merges and splits are appended as identity events."""
+    from cdp.pipeline import Pipeline
 
-    app = CustomerApplication(settings())
-    try:
-        records = app.training_records()
-        try:
-            trained = train_model(records, seed=seed)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        version = app.store_model(trained)
-    finally:
-        app.close()
-    console.out.print(f"model v{version} trained on {len(records):,} records "
-                      f"({trained.trained_on['blocked_pairs']:,} candidate pairs); used from the next ingest")
+    with Pipeline(settings(), project=not dry_run) as pipeline:
+        with console.progress_bar("re-resolving", len(pipeline.app.resolver.blocks)) as bar:
+            try:
+                outcome = pipeline.app.retrain(seed=seed, dry_run=dry_run, progress=bar)
+            except ValueError as error:
+                raise UserError(str(error)) from None
+        pipeline.catch_up()
+    model, changes = outcome.model, outcome.plan
+    console.out.print(f"model v{model.version} trained on {model.trained_on.get('records', 0):,} records "
+                      f"({model.trained_on.get('blocked_pairs', 0):,} candidate pairs)"
+                      + ("" if outcome.new_model else ": the same as the latest model"))
     console.render_rows(["comparison", "level weights (log2 m/u)"],
                         [(name, "  ".join(f"{label} {w:+.1f}" for label, w in zip(labels, weights)))
-                         for name, labels, weights in trained.describe()], "table", title="match weights")
+                         for name, labels, weights in model.describe()], "table", title="match weights")
+    rows = [("merge", m.absorbed, m.survivor, m.link.rule) for m in changes.merges[:limit]]
+    rows += [("split", s.customer_id, s.new_customer_id, ", ".join(s.source_keys)) for s in changes.splits[:limit]]
+    if rows:
+        console.render_rows(["change", "customer", "into / new customer", "why / records"], rows, "table",
+                            title=f"re-resolution (first {limit} of each)")
+    verdict = "would change (dry run, nothing written)" if dry_run else "applied"
+    console.out.print(f"re-resolution {verdict}: {outcome.describe()}")

@@ -72,6 +72,10 @@ class Pipeline:
                 progress(len(chunk))
         if follower is not None:
             follower.finish()
+        outcome = self.app.retrain_if_due()
+        if outcome is not None:
+            summary.retrained = outcome.describe()
+            self.catch_up()
         summary.seconds = time.perf_counter() - started
         return summary
 

@@ -49,6 +49,11 @@ MARK = b',"sealed":"'
 NONCE = 12
 
 
+def customer_key(customer_id: str) -> str:
+    """The key name of data about a customer rather than one record (a merge's evidence)."""
+    return f"customer:{customer_id}"
+
+
 def load_master_key(env_value: str | None, key_file: Path) -> bytes:
     """The 32-byte master key: CDP_MASTER_KEY if set, else the key file (created 0600 if missing)."""
     if env_value:

@@ -29,7 +29,7 @@ import orjson
 from eventsourcing.persistence import StoredEvent, Transcoder
 
 from cdp.contracts import stored_events
-from cdp import shredding, writers
+from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
@@ -140,6 +140,7 @@ def store_environment(settings: Settings) -> dict[str, str]:
             "POSTGRES_USER": unquote(url.username or "cdp"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
             "POSTGRES_POOL_SIZE": "4",
+            "POSTGRES_CONNECT_TIMEOUT": "5",  # an unreachable server fails fast; the worker waits it out
             # EventStore.commit writes the rows itself, never through the library's stored
             # functions; said explicitly so that no other setting turns them on
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
@@ -185,6 +186,7 @@ class EventStore:
     def __init__(self, recorder: Any, transcoder: Transcoder, settings: Settings,
                  lock: "writers.WriterLock | None", side_tables: Sequence[str] = ()):
         self.settings = settings
+        self.where = faults.postgres_address(settings) if settings.event_store else str(settings.sqlite_path)
         self.recorder = recorder
         self.transcoder = transcoder
         self._lock = lock
@@ -196,6 +198,7 @@ class EventStore:
                 cursor.execute(ddl)
             if self.is_postgres:
                 writers.install(cursor, list(map(writers.table_name, tables)))
+            self.store_id = store_identity.ensure(cursor, "%s" if self.is_postgres else "?", self.where)
         if self.is_postgres:
             self._insert_events_sql, self._notify_sql = self._postgres_statements()
         else:

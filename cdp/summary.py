@@ -14,6 +14,7 @@ class Summary:
     linked_sources: int = 0
     merges: int = 0
     stored_events: int = 0
+    retrained: str | None = None  # self-training ran at the end of the run: what it changed
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     suppressed_events: list[tuple[str, str]] = field(default_factory=list)  # (source, id) of those dropped

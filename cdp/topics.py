@@ -18,6 +18,10 @@ DAY_MS = 24 * 3600 * 1000
 WEEK_MS = 7 * DAY_MS
 
 
+class BrokerUnreachable(ConfigError):
+    """No broker answered at CDP_KAFKA_BOOTSTRAP."""
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -47,8 +51,9 @@ def ensure(settings: Settings, timeout_ms: int = 30000) -> list[str]:
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="cdp-topics",
                                  request_timeout_ms=timeout_ms, bootstrap_timeout_ms=10000)
-    except KafkaError as error:
-        raise ConfigError(f"CDP_KAFKA_BOOTSTRAP: no Kafka broker answers at {bootstrap} ({type(error).__name__})") from None
+    except KafkaError as error:  # the cause stays: the worker tells it apart and waits for the broker
+        raise BrokerUnreachable(f"CDP_KAFKA_BOOTSTRAP: no Kafka broker answers at {bootstrap} "
+                                f"({type(error).__name__})") from error
     try:
         existing = set(admin.list_topics())
         created = []

@@ -2,28 +2,36 @@
 
     cdp.events ──► ingest (validate, normalise; bad → cdp.deadletter) ──► Pipeline.process_batch
                    (identity → event store, under the writers' lock) ──► projector catch-up ──►
-                   changed profiles → cdp.profiles
+                   changed profiles → cdp.profiles (sent after the lock is released)
 
 A Faust task consumes the topic in batches (`CDP_WORKER_BATCH` messages, or what arrived within
 `CDP_WORKER_LINGER_MS`) and hands each batch to threads that run the same stages as the embedded
-pipeline, so the event loop stays free for Kafka heartbeats and the progress line. Offsets are
-committed only after the batch's store transaction committed: a crash at any point redelivers at
-most the uncommitted batches, which the store's event keys then drop. A batch that fails for good
-stops the process at once (exit code 70) without committing its offsets, so nothing is skipped.
+pipeline, so the event loop stays free for Kafka heartbeats, the progress line and the health
+endpoint. Offsets are committed only after the batch's store transaction committed, with the
+store's id beside them: a crash at any point redelivers at most the uncommitted batches, which
+the store's event keys then drop.
+
+Outages are waited out (cdp/health.py `wait_out`): a batch that failed because PostgreSQL or the
+broker went away is tried again once it answers, on reconnected connections. The worker stops
+only on a fault waiting cannot cure (cdp/faults.py names it in one line: a full disk, a folder it
+may not write, a store of another schema or identity), with exit code 70 and nothing committed
+for the failed batch. SIGTERM finishes the batch in hand (or abandons it, uncommitted, when it is
+waiting for a dependency) and exits 0.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-import duckdb
-
-from cdp import topics
+from cdp import faults, logs, metrics, store_identity, topics
 from cdp.config import ConfigError, Settings
+from cdp.consumer_group import ConsumerGroup
+from cdp.health import Abandoned, Health, say, serve, wait_out
 from cdp.pipeline import Pipeline
 from cdp.store import Batch
 from cdp.summary import Summary
@@ -36,12 +44,14 @@ EXIT_BATCH_FAILED = 70
 PROGRESS_SECONDS = 5.0
 FOLLOW_SECONDS = 1.0
 SESSION_TIMEOUT = 10.0
+SEND_TIMEOUT_MS = 10000  # a send to an unreachable broker fails after this and is tried again
 
 
 class LoopProducer:
     """`send()` and `flush()` for the batch thread, sent by an aiokafka producer on the event loop:
     its record batches are built in C, about six times faster than kafka-python's. `flush()` blocks
-    until the broker acknowledged everything sent (and raises if it did not)."""
+    until the broker acknowledged everything sent; what it could not deliver stays queued for the
+    next `flush()` and the error is raised."""
 
     def __init__(self, bootstrap: str):
         self.bootstrap = bootstrap
@@ -55,7 +65,8 @@ class LoopProducer:
         self.loop = asyncio.get_running_loop()
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id="cdp-worker", acks="all", enable_idempotence=True,
-            linger_ms=PRODUCER_CONFIG["linger_ms"], max_batch_size=PRODUCER_CONFIG["batch_size"])
+            linger_ms=PRODUCER_CONFIG["linger_ms"], max_batch_size=PRODUCER_CONFIG["batch_size"],
+            request_timeout_ms=SEND_TIMEOUT_MS)
         await self.producer.start()
 
     def send(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
@@ -65,11 +76,26 @@ class LoopProducer:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        asyncio.run_coroutine_threadsafe(self._send(pending), self.loop).result()
+        failed, error = asyncio.run_coroutine_threadsafe(self._send(pending), self.loop).result()
+        if failed:
+            self.pending = failed + self.pending
+            raise error
 
-    async def _send(self, pending: list[tuple[str, bytes | None, bytes | None]]) -> None:
-        acks = [await self.producer.send(topic, key=key, value=value) for topic, key, value in pending]
-        await asyncio.gather(*acks)
+    async def _send(self, pending: list[tuple[str, bytes | None, bytes | None]]) -> tuple[list, BaseException | None]:
+        failed, error, acks = [], None, []
+        for item in pending:
+            try:
+                acks.append((item, await self.producer.send(item[0], key=item[1], value=item[2])))
+            except Exception as e:
+                failed.append(item)
+                error = e
+        for item, ack in acks:
+            try:
+                await ack
+            except Exception as e:
+                failed.append(item)
+                error = e
+        return failed, error
 
     async def stop(self) -> None:
         if self.producer is not None:
@@ -77,11 +103,12 @@ class LoopProducer:
 
 
 class BatchHandler:
-    """Everything the worker thread owns: pipeline (store, index, view) and the producer."""
+    """Everything the store thread owns: pipeline (store, index, view) and the producer."""
 
-    def __init__(self, cfg: Settings, producer: LoopProducer):
+    def __init__(self, cfg: Settings, producer: LoopProducer, health: Health):
         self.cfg = cfg
         self.producer = producer
+        self.health = health
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
         self.pipeline = Pipeline(cfg, project=True, deadletter=self.deadletter)
         self.summary = Summary()
@@ -95,13 +122,34 @@ class BatchHandler:
         return [ingestor.from_message(value, origin) for value, origin in messages]
 
     def store(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Resolves and commits the batch, waiting out outages; dead-letters are sent once: a retry
+        after a failure takes the accepted records only."""
         started = time.perf_counter()
-        self.pipeline.process_batch(records, self.summary, committed=self.publish_profiles)
-        self.consumed += len(records)
-        self.last_batch = (len(records), time.perf_counter() - started)
+        accepted = [r for r in records if not isinstance(r, Rejected)]
+        chunks = iter([records])
+        before = (self.summary.stored_events, self.summary.rejected)
 
-    def publish_profiles(self, batch: Batch) -> None:
-        """Runs after the commit, under the writers' lock: profiles leave in commit order."""
+        def attempt() -> None:
+            self.pipeline.process_batch(next(chunks, accepted), self.summary, committed=self.queue_profiles)
+
+        wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
+        self.health.back(faults.POSTGRES)
+        self.send_queued_profiles()
+        seconds = time.perf_counter() - started
+        self.consumed += len(records)
+        self.last_batch = (len(records), seconds)
+        metrics.EVENTS_CONSUMED.inc(len(records))
+        metrics.EVENTS_STORED.inc(self.summary.stored_events - before[0])
+        metrics.EVENTS_DEADLETTERED.inc(self.summary.rejected - before[1])
+        metrics.BATCH_SECONDS.observe(seconds)
+
+    # -- cdp.profiles: the one place where the worker publishes profiles. It computes them under the
+    #    writers' lock (in commit order, from its caught-up view) but only queues them there; they
+    #    are sent once the lock is released, so a broker outage never holds up the other writers.
+    #    (`cdp serve` is to take profile publishing over from the workers: then both go.)
+
+    def queue_profiles(self, batch: Batch) -> None:
+        """Runs after the commit, under the writers' lock: catch the view up, queue the profiles."""
         if not batch.events:
             return
         pipeline = self.pipeline
@@ -118,8 +166,15 @@ class BatchHandler:
         topic = self.cfg.topic(topics.PROFILES)
         for key, value in profile_messages(projector.con, changed, merged, projector.position):
             self.producer.send(topic, key=key, value=value)
-            self.published += 1
-        self.producer.flush()
+
+    def send_queued_profiles(self) -> None:
+        """After the lock: send what `queue_profiles` queued, waiting for the broker if need be."""
+        queued = len(self.producer.pending)
+        wait_out(self.producer.flush, self.health, say)
+        if queued:
+            self.health.back(faults.BROKER)
+        self.published += queued
+        metrics.PROFILES_PUBLISHED.inc(queued)
 
     def refresh_scores(self, force: bool = False) -> None:
         """Scores (RFM, lifecycle, churn, value model, tier) rank every customer against all the
@@ -130,31 +185,47 @@ class BatchHandler:
             self.scored_at = now
 
     def follow(self) -> None:
-        """Idle: keep this worker's view up with what the other workers commit."""
-        self.pipeline.catch_up(score=False)
-        self.refresh_scores()
+        """Idle: keep this worker's view up with what the other workers commit. A store that does
+        not answer is reported (and waited for by the next batch), not fatal."""
+        try:
+            self.pipeline.catch_up(score=False)
+            self.refresh_scores()
+        except Exception as error:
+            fault = faults.describe(error, self.cfg)
+            if not fault.transient:
+                raise
+            if self.health.wait_started(fault.component):
+                say(f"{fault.line}; waiting")
+            return
+        self.health.back(faults.POSTGRES)
 
     def close(self) -> None:
         self.pipeline.close()
 
 
 class Progress:
-    """One line on stderr every few seconds: consumed, stored, rate, consumer lag."""
+    """One line on stderr every few seconds: consumed, stored, rate, the group's lag on the broker,
+    reconnects, the last batch's latency; or what the worker is waiting for."""
 
     def __init__(self) -> None:
         self.started = self.last_time = time.monotonic()
         self.last_count = 0
 
-    def line(self, handler: BatchHandler, lag: int | None) -> str:
+    def line(self, handler: BatchHandler, health: Health) -> str:
         now = time.monotonic()
         rate = (handler.consumed - self.last_count) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_count = now, handler.consumed
         s = handler.summary
-        return (f"[worker {os.getpid()}] consumed {handler.consumed:,} ({rate:,.0f}/s) "
-                f"lag {'?' if lag is None else f'{lag:,}'} | stored {s.stored_events:,} "
+        waiting = health.waiting_line()
+        reconnects = sum(sample.value for metric in metrics.RECONNECTS.collect() for sample in metric.samples
+                         if sample.name.endswith("_total"))
+        lag = health.lag
+        return (f"[worker {os.getpid()}] {waiting + ' | ' if waiting else ''}consumed {handler.consumed:,} "
+                f"({rate:,.0f}/s) lag {'?' if lag is None else f'{lag:,}'} | stored {s.stored_events:,} "
                 f"new customers {s.new_customers:,} merges {s.merges:,} duplicates {s.duplicates:,} "
                 f"dead-lettered {s.rejected:,} | profiles published {handler.published:,} | "
-                f"last batch {handler.last_batch[0]:,} in {handler.last_batch[1] * 1000:,.0f} ms")
+                f"last batch {handler.last_batch[0]:,} in {handler.last_batch[1] * 1000:,.0f} ms | "
+                f"reconnects {reconnects:,.0f}")
 
 
 class EventConsumer:
@@ -168,13 +239,15 @@ class EventConsumer:
     batch's store transaction committed. Two threads overlap the work: while batch n is stored,
     batch n+1 is fetched and parsed; stores stay in order (one store thread)."""
 
-    def __init__(self, cfg: Settings, handler: BatchHandler):
+    def __init__(self, cfg: Settings, handler: BatchHandler, health: Health, store_id: str):
         self.cfg = cfg
         self.handler = handler
+        self.health = health
+        self.metadata = store_identity.metadata(store_id)
         self.parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-parse")
         self.store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-store")
+        self.commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-commit")
         self.consumer: Any = None
-        self.committed: dict[Any, int] = {}
 
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -188,6 +261,7 @@ class EventConsumer:
             # a worker killed with -9 leaves the group after this, and its partitions move on
             session_timeout_ms=int(SESSION_TIMEOUT * 1000), heartbeat_interval_ms=int(SESSION_TIMEOUT * 250))
         await consumer.start()
+        self.health.started = True
         loop = asyncio.get_running_loop()
         pending: tuple[asyncio.Future, dict] | None = None
         try:
@@ -204,36 +278,48 @@ class EventConsumer:
                     pending = None
                 if batch is not None:
                     pending = (loop.run_in_executor(self.store_pool, self.handler.store, batch[0]), batch[1])
-        finally:  # stopping: the batch being stored finishes and is committed before we leave
+        finally:  # stopping: the batch in hand finishes and is committed, or is abandoned if it waits
+            self.health.stopping.set()
             if pending is not None:
                 await self.finish(pending)
             await consumer.stop()
 
     async def finish(self, pending: tuple[asyncio.Future, dict]) -> None:
-        from aiokafka.errors import CommitFailedError, IllegalStateError
-
         future, offsets = pending
         await asyncio.wait([future])
-        if future.exception() is not None:
-            fail(future.exception())
+        error = future.exception()
+        if isinstance(error, Abandoned):
+            say(f"[worker {os.getpid()}] stopping while waiting ({error}): the offsets of the batch in hand "
+                "are not committed; it is redelivered, and what of it was stored is recognised and dropped")
+            return
+        if error is not None:
+            fail(faults.describe(error, self.cfg))
+        loop = asyncio.get_running_loop()
         try:
-            await self.consumer.commit(offsets)
-            self.committed.update(offsets)
+            await loop.run_in_executor(self.commit_pool, wait_out, lambda: self.commit(offsets, loop),
+                                       self.health, say)
+            self.health.back(faults.BROKER)
+        except Abandoned:
+            pass  # stopping while the broker is away: the store dropped nothing, redelivery is harmless
+        except Exception as error:  # not a crash with a traceback: one line, the batch redelivered
+            fail(faults.describe(error, self.cfg))
+
+    def commit(self, offsets: dict, loop: asyncio.AbstractEventLoop) -> None:
+        """Commits `offsets` with this store's id beside them (runs on a thread, retried by wait_out)."""
+        from aiokafka.errors import CommitFailedError, IllegalStateError
+
+        try:
+            asyncio.run_coroutine_threadsafe(
+                self.consumer.commit({tp: (offset, self.metadata) for tp, offset in offsets.items()}), loop).result()
         except (CommitFailedError, IllegalStateError):
-            # partitions moved to another worker meanwhile (a rebalance during the batch, or just
-            # before the commit: "partition is not assigned"): it re-reads them, the event keys drop them
+            # partitions moved to another worker meanwhile (a rebalance: the group's generation
+            # changed, or the partition is no longer assigned here): it re-reads them from the last
+            # committed offsets, and the event keys drop what this batch stored
             pass
 
-    def lag(self) -> int | None:
-        """Messages on this worker's partitions not yet committed."""
-        try:
-            return sum(max((self.consumer.highwater(tp) or 0) - self.committed.get(tp, 0), 0)
-                       for tp in self.consumer.assignment())
-        except Exception:  # not started or not assigned yet
-            return None
 
-
-def build_app(cfg: Settings) -> Any:
+def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, health: Health,
+              group: ConsumerGroup, store_id: str) -> Any:
     import faust
 
     app = faust.App(
@@ -247,53 +333,116 @@ def build_app(cfg: Settings) -> Any:
         broker_session_timeout=SESSION_TIMEOUT,
         broker_heartbeat_interval=SESSION_TIMEOUT / 4,
     )
-    producer = LoopProducer(cfg.require_kafka())
-    # created before the loop runs, so a start-up problem (store, schemas) shows at once
-    handler = BatchHandler(cfg, producer)
-    consumer = EventConsumer(cfg, handler)
+    consumer = EventConsumer(cfg, handler, health, store_id)
     progress = Progress()
+    observe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-observe")
 
     @app.task
     async def consume() -> None:
+        logs.plain()  # Faust configured logging by now
         await producer.start()
         try:
             await consumer.run()
         finally:
             await producer.stop()
-            print(progress.line(handler, None), file=sys.stderr, flush=True)
+            say(progress.line(handler, health))
 
-    @app.timer(FOLLOW_SECONDS)
+    # Loops rather than Faust timers: a timer whose callback outlasts its interval logs
+    # `Timer … is overlapping` every time, and these wait on threads that may be busy.
+    @app.task
     async def follow() -> None:
-        await asyncio.get_running_loop().run_in_executor(consumer.store_pool, handler.follow)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            await loop.run_in_executor(consumer.store_pool, handler.follow)
 
-    @app.timer(PROGRESS_SECONDS)
+    @app.task
     async def report() -> None:
-        print(progress.line(handler, consumer.lag()), file=sys.stderr, flush=True)
+        """The progress line every few seconds; the group's lag is asked for alongside, and a
+        broker slow to answer does not hold the line up (it shows the last figure meanwhile)."""
+        loop = asyncio.get_running_loop()
+        observing: asyncio.Future | None = None
+        while True:
+            if observing is None or observing.done():
+                observing = loop.run_in_executor(observe_pool, observe_group, group, health)
+            await asyncio.sleep(PROGRESS_SECONDS)
+            say(progress.line(handler, health))
+
+    @app.task
+    async def heartbeat() -> None:
+        while True:
+            health.beat = time.monotonic()
+            await asyncio.sleep(1.0)
 
     return app
 
 
-def fail(error: BaseException) -> None:
+def observe_group(group: ConsumerGroup, health: Health) -> None:
+    """The group's lag from the broker's committed offsets; a broker that does not answer shows."""
+    try:
+        health.lag = group.lag()
+        health.broker_ok = True
+        metrics.CONSUMER_LAG.labels(group.group).set(health.lag)
+        health.back(faults.BROKER)
+    except Exception as error:
+        group.close()  # fresh clients next time
+        fault = faults.describe(error, health.settings)
+        health.broker_ok, health.lag = False, None  # no stale figure while the broker does not say
+        if fault.component == faults.BROKER and health.wait_started(faults.BROKER):
+            say(f"{fault.line}; waiting")
+
+
+def fail(fault: faults.Fault) -> None:
     """A batch that cannot be stored: stop now, acknowledging nothing (a restart retries it)."""
-    print(f"cdp worker: error: batch failed, stopping without committing its offsets: {error!r}",
-          file=sys.stderr, flush=True)
+    say(f"cdp worker: error: {fault.line} (the batch in hand's offsets were not committed: a restart takes it up again)")
     os._exit(EXIT_BATCH_FAILED)
 
 
-def run(cfg: Settings) -> None:
+def start(cfg: Settings, health: Health, reset_group: bool) -> tuple[BatchHandler, LoopProducer, ConsumerGroup]:
+    """Topics, store, view and the group check, each waited for while its dependency is away."""
+    created = wait_out(lambda: topics.ensure(cfg), health, say)
+    if created:
+        say(f"[worker] created topics: {', '.join(created)}")
+    producer = LoopProducer(cfg.require_kafka())
+    handler = wait_out(lambda: BatchHandler(cfg, producer, health), health, say)
+    store = handler.pipeline.app.store
+    group = ConsumerGroup(cfg)
+    if reset_group:
+        wait_out(group.reset, health, say)
+        say(f"[worker] reset consumer group {group.group}: it reads {group.topic} from the start")
+    wait_out(lambda: group.check_owner(store.store_id, store.where, store.max_position() == 0), health, say)
+    return handler, producer, group
+
+
+def run(cfg: Settings, health_host: str = "127.0.0.1", health_port: int | None = None,
+        reset_group: bool = False) -> None:
     import faust
 
     cfg.require_kafka()
-    created = topics.ensure(cfg)
-    if created:
-        print(f"[worker] created topics: {', '.join(created)}", file=sys.stderr)
+    logs.plain()
+    health = Health(cfg)
+    if health_port is not None:
+        serve(health, health_host, health_port)
+    # until Faust takes the signals over: SIGTERM while waiting for a dependency stops cleanly
+    previous = signal.signal(signal.SIGTERM, lambda *_: health.stopping.set())
     try:
-        app = build_app(cfg)
-    except duckdb.IOException as error:  # the view is single-writer
-        raise ConfigError(f"cannot open the view {cfg.duckdb_path} ({str(error).splitlines()[0]}): "
-                          "give each worker its own CDP_HOME") from None
-    print(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
-          f"{cfg.topic(cfg.worker_group)}; store {'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; "
-          f"view {cfg.duckdb_path}", file=sys.stderr, flush=True)
+        handler, producer, group = start(cfg, health, reset_group)
+    except Abandoned as waiting:
+        say(f"[worker {os.getpid()}] stopped before consuming ({waiting})")
+        return
+    except ConfigError:
+        raise
+    except Exception as error:  # one line saying which component and what to do
+        if os.environ.get("CDP_DEBUG"):
+            raise
+        raise ConfigError(faults.describe(error, cfg).line) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    store = handler.pipeline.app.store
+    app = build_app(cfg, handler, producer, health, group, store.store_id)
+    say(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
+        f"{cfg.topic(cfg.worker_group)}; store {store.where} (id {store.store_id}); view {cfg.duckdb_path}"
+        + (f"; health on http://{health_host}:{health_port}" if health_port is not None else ""))
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # its cursor codes ended up in log files
     worker.execute_from_commandline()

@@ -52,24 +52,42 @@ def table_name(ddl: str) -> str:
 
 
 class WriterLock:
-    """The writers' advisory lock, on a dedicated autocommit connection."""
+    """The writers' advisory lock, on a dedicated autocommit connection. A connection lost with the
+    server (restart, network) is opened again on the next use; the server released the lock with
+    the old session, so nothing is left held."""
+
+    CONNECT_TIMEOUT = 5
 
     def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.conn = self._connect()
+        self.reconnects = 0
+
+    def _connect(self) -> Any:
         import psycopg
 
-        self.conn = psycopg.connect(dsn, autocommit=True)
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
+
+    def _connection(self) -> Any:
+        if self.conn.closed or self.conn.broken:
+            self.conn.close()
+            self.conn = self._connect()
+            self.reconnects += 1
+        return self.conn
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        self.conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        conn = self._connection()
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         try:
             yield
         finally:
-            self.conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            if not conn.broken:  # a broken session took the lock with it
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
 
     def last_change(self) -> int:
         """The highest `cdp_seq` handed out so far (0 before the first)."""
-        row = self.conn.execute(f"SELECT last_value, is_called FROM {SEQUENCE}").fetchone()
+        row = self._connection().execute(f"SELECT last_value, is_called FROM {SEQUENCE}").fetchone()
         return row[0] if row[1] else 0
 
     def close(self) -> None:

@@ -12,9 +12,10 @@ swapped is compared name-to-name rather than first-to-first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional
 
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler, Levenshtein
 
 from identity.features import Features
 
@@ -32,6 +33,10 @@ class Comparison:
     name: str
     value: Callable[[Features, bool], Optional[str]]  # (record, names swapped?) -> value
     levels: tuple[Level, ...]
+    # term-frequency adjustment (Splink's): at these levels the shared value of this feature field
+    # weighs by how rare it is — a rare surname or postcode counts more than a common one
+    frequency: str | None = None
+    frequency_levels: tuple[int, ...] = (0,)
 
     def level(self, a: Features, b: Features, swapped: bool) -> int | None:
         x, y = self.value(a, False), self.value(b, swapped)
@@ -62,8 +67,40 @@ def edits(limit: int) -> Level:
     return Level(f"edits<={limit}", lambda x, y: Levenshtein.distance(x, y, score_cutoff=limit) <= limit)
 
 
+def transpositions(limit: int) -> Level:
+    """Damerau–Levenshtein: two swapped neighbours (4086030 / 4086300) count as one edit."""
+    return Level(f"damerau<={limit}",
+                 lambda x, y: DamerauLevenshtein.distance(x, y, score_cutoff=limit) <= limit)
+
+
 def day_month_swapped() -> Level:
     return Level("day_month_swapped", lambda x, y: x[:4] == y[:4] and x[5:7] == y[8:10] and x[8:10] == y[5:7])
+
+
+@lru_cache(maxsize=1)
+def _name_groups() -> dict[str, frozenset[int]]:
+    """Each name -> the groups (a formal name and its nicknames) it belongs to, from the curated
+    `nicknames` list (carltonnorthern/nicknames, Apache-2.0)."""
+    from nicknames import name_triplets
+
+    groups: dict[str, int] = {}
+    members: dict[str, set[int]] = {}
+    for t in name_triplets():
+        group = groups.setdefault(t.name1, len(groups))
+        members.setdefault(t.name1, set()).add(group)
+        members.setdefault(t.name2, set()).add(group)
+    return {name: frozenset(g) for name, g in members.items()}
+
+
+@lru_cache(maxsize=65536)
+def _nicknames(x: str, y: str) -> bool:
+    groups = _name_groups()
+    return bool(groups.get(x, frozenset()) & groups.get(y, frozenset()))
+
+
+def nickname() -> Level:
+    """Bob and Robert, Liz and Elizabeth, Bob and Rob: one is a diminutive of the other, or both of one name."""
+    return Level("nickname", _nicknames)
 
 
 def same_prefix(chars: int, label: str) -> Level:
@@ -121,17 +158,20 @@ def _contact(f: Features, swapped: bool) -> str | None:
 NAME_LEVELS = (exact(), jaro_winkler(0.92), jaro_winkler(0.8), anything_else())
 
 COMPARISONS: tuple[Comparison, ...] = (
-    Comparison("first_name", _first, NAME_LEVELS),
-    Comparison("last_name", _last, NAME_LEVELS),
+    Comparison("first_name", _first, (exact(), nickname(), jaro_winkler(0.92), jaro_winkler(0.8), anything_else())),
+    Comparison("last_name", _last, NAME_LEVELS, frequency="last"),
     Comparison("date_of_birth", _field("dob"),
                (exact(), day_month_swapped(), edits(1), same_prefix(4, "same_year"), anything_else())),
     # Address and phone in one comparison: a household shares both, and counting them as
     # independent fields would add their weights up to a match between family members.
     Comparison("address_phone", _contact, (
         parts_equal("address_and_phone", 0, 1, 2, 3), parts_equal("address", 0, 1, 2),
-        parts_equal("phone", 3), parts_equal("postcode", 0), outward_code_equal(), anything_else())),
-    Comparison("email", _field("email"), (exact(), same_local_part(), anything_else())),
-    Comparison("national_id", _field("national_id"), (exact(), edits(1), anything_else())),
+        parts_equal("street", 1, 2), parts_equal("phone", 3), parts_equal("postcode", 0), outward_code_equal(),
+        anything_else()),
+        frequency="postcode", frequency_levels=(4,)),
+    Comparison("email", _field("email"), (exact(), same_local_part(), anything_else()), frequency="email"),
+    Comparison("national_id", _field("national_id"), (exact(), transpositions(1), transpositions(2), anything_else()),
+               frequency="national_id"),
 )
 
 
@@ -163,7 +203,7 @@ def vector(a: Features, b: Features, comparisons: tuple[Comparison, ...] = COMPA
 # A shared phone links two records on its own only when nothing says they are different people
 # (families share phones): first names and dates of birth may be missing or close, not different.
 # comparison -> the last level still acceptable (names: jaro_winkler>=0.8; dates: one edit).
-PHONE_COMPATIBLE = {"first_name": 2, "date_of_birth": 2}
+PHONE_COMPATIBLE = {"first_name": 3, "date_of_birth": 2}
 _BY_NAME = {c.name: c for c in COMPARISONS}
 
 
@@ -174,3 +214,20 @@ def compatible(a: Features, b: Features, limits: dict[str, int] = PHONE_COMPATIB
         if level is not None and level > worst:
             return False
     return True
+
+
+_FREQUENCY = tuple((i, c.frequency, frozenset(c.frequency_levels)) for i, c in enumerate(COMPARISONS) if c.frequency)
+
+
+def shared_values(vec: tuple[int | None, ...], a: Features, b: Features) -> list[tuple[int, str, str]]:
+    """(comparison index, feature field, value) for each comparison with a term-frequency
+    adjustment whose level in `vec` says the two records share the value."""
+    out = []
+    for i, field, levels in _FREQUENCY:
+        if vec[i] in levels:
+            value = getattr(a, field)
+            if field == "last" and value not in (b.last, b.first):  # names compared swapped
+                value = a.first
+            if value is not None:
+                out.append((i, field, value))
+    return out

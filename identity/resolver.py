@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from identity.blocking import BlockingIndex, blocking_keys
 from identity.comparisons import compatible
@@ -96,6 +96,16 @@ def new_customer_id(business_unit: str, source_id: str) -> str:
     return uuid.uuid5(NAMESPACE, source_key(business_unit, source_id)).hex
 
 
+def split_id(customer_id: str, group: Sequence[str], taken: Callable[[str], bool], kind: str = "split") -> str:
+    """A fresh customer id for records moved out of `customer_id`, the same on every replay."""
+    n = 0
+    while True:
+        new_id = uuid.uuid5(NAMESPACE, f"{kind}:{customer_id}:{','.join(group)}:{n}").hex
+        if not taken(new_id):
+            return new_id
+        n += 1
+
+
 def review_id(a: str, b: str) -> str:
     """A short stable name for a pair of source records, whichever way round."""
     return hashlib.blake2b("|".join(sorted((a, b))).encode(), digest_size=6).hexdigest()
@@ -110,6 +120,8 @@ class Resolver:
         self.blocks = blocks if blocks is not None else BlockingIndex()
         self.guardrails = guardrails if guardrails is not None else Guardrails(records=self.blocks.records.values())
         self.cannot_link = cannot_link if cannot_link is not None else CannotLink()
+        if matcher is not None and getattr(matcher, "frequencies", False) is None:
+            matcher.frequencies = self.guardrails  # term frequencies from the records held
 
     def cluster_of(self, src: str) -> str | None:
         return self.index.find("source", src)
@@ -227,13 +239,10 @@ class Resolver:
         remaining = [m for m in members if not any(m in g for g in groups)]
         decisions = []
         for group in groups:
-            new_id, n = "", 0
-            while not new_id or self.index.is_merged(new_id):  # a fresh id, even for a split made twice
-                new_id = uuid.uuid5(NAMESPACE, f"split:{customer}:{','.join(group)}:{n}").hex
-                n += 1
+            new_id = split_id(customer, group, self.index.is_merged)  # fresh, even for a split made twice
             for src in group:
                 self.index.assign("source", src, new_id)
-            self._move_identifiers(customer, new_id, group, remaining)
+            self.move_identifiers(customer, new_id, group, remaining)
             decisions.append(SplitDecision(customer, new_id, group))
         for i, group in enumerate(groups):
             for src in group:
@@ -241,7 +250,7 @@ class Resolver:
                     self.cannot_link.add(src, other)
         return decisions
 
-    def _move_identifiers(self, customer: str, new_id: str, moved: list[str], remaining: list[str]) -> None:
+    def move_identifiers(self, customer: str, new_id: str, moved: list[str], remaining: list[str]) -> None:
         records = self.blocks.records
         kept = {(kind, getattr(records[s], kind)) for s in remaining if s in records for kind in IDENTIFIER_KINDS}
         for src in moved:

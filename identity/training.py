@@ -107,6 +107,7 @@ def train(records: Sequence[Features], *, seed: int = 1, sample: int = 200_000, 
     """A model estimated from (a seeded sample of) `records`."""
     rng = random.Random(seed)
     records = list(records)
+    held = len(records)
     if len(records) > sample:
         records = rng.sample(records, sample)
     u = estimate_u(records, u_pairs, rng)
@@ -125,5 +126,16 @@ def train(records: Sequence[Features], *, seed: int = 1, sample: int = 200_000, 
     expected_matches = blocked_prior * sum(patterns.values())
     prior = min(expected_matches / (len(records) * (len(records) - 1) / 2), 0.5)
     return Model(prior=prior, m=m, u=u, trained_on={
-        "records": len(records), "random_pairs": u_pairs, "blocked_pairs": sum(patterns.values()),
+        "records": len(records), "held": held, "random_pairs": u_pairs, "blocked_pairs": sum(patterns.values()),
         "seed": seed, "iterations": iterations, "sessions": {k: list(v) for k, v in SESSIONS.items()}})
+
+
+def due(held: int, latest: Model, min_records: int, growth: float) -> bool:
+    """Whether to train again: a first model once `min_records` are held, then each time the
+    records held have grown by `growth` (1.0: doubled) since the latest model was trained — so
+    training costs, summed over a growing store, stay proportional to its size."""
+    if min_records <= 0 or held < min_records:
+        return False
+    if not latest.version:  # the shipped default: not trained on these records
+        return True
+    return held >= latest.trained_on.get("held", latest.trained_on.get("records", 0)) * (1 + growth)

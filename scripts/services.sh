@@ -24,8 +24,8 @@
 #   CDP_POSTGRES_PORT           PostgreSQL                             (default 15432)
 #   CDP_SERVICES_TIMEOUT        seconds to wait for each service       (default 120)
 #   CDP_KAFKA_HEAP              JVM heap options                       (default -Xms256m -Xmx512m)
-# A port given explicitly must be free (or be ours); a default port that is taken moves up to the
-# next free one and the printed addresses say which.
+# A service of ours that already runs is reused on its port; otherwise the port (given or default)
+# must be free, or `start` fails with a line naming it: it never moves to another port.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,19 +56,15 @@ port_in_use() { # something accepts connections on 127.0.0.1:$1
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-pick_port() { # pick_port NAME ENVVAR DEFAULT [EXCLUDED…]: echo a free port
+pick_port() { # pick_port NAME ENVVAR DEFAULT [EXCLUDED…]: echo the port, which must be free
     local name=$1 var=$2 default=$3; shift 3
-    local explicit="${!var:-}" port
-    port="${explicit:-$default}"
+    local port="${!var:-$default}"
     [[ "$port" =~ ^[0-9]+$ ]] || die "$var must be a port number, got '$port'"
-    for _ in $(seq 1 100); do
-        if ! port_in_use "$port" && [[ " $* " != *" $port "* ]]; then
-            echo "$port"; return 0
-        fi
-        [[ -n "$explicit" ]] && die "$name port $port ($var) is already in use by another process; choose another one"
-        port=$((port + 1))
-    done
-    die "no free port found for $name near $default"
+    # Never another port than the one asked for: workers configured for it would be stranded.
+    if port_in_use "$port" || [[ " $* " == *" $port "* ]]; then
+        die "$name port $port is already in use by another process: stop that process or set $var to a free port"
+    fi
+    echo "$port"
 }
 
 saved_port() { # saved_port KEY: port recorded by the start that launched the running service

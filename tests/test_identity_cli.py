@@ -188,4 +188,5 @@ def test_train_estimates_and_stores_a_model_used_from_then_on(cdp: Cdp, tmp_path
     with sqlite3.connect(cdp.home / "events.sqlite") as db:
         [(version, model)] = db.execute("SELECT version, model FROM identity_model").fetchall()
     assert version == 1 and json.loads(model)["trained_on"]["seed"] == 3
-    assert "model v2" in cdp("identity", "train", "--seed", "3").stdout
+    assert "the same as the latest model" in cdp("identity", "train", "--seed", "3").stdout  # nothing new learnt
+    assert "model v2" in cdp("identity", "train", "--seed", "4").stdout

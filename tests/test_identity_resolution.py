@@ -84,7 +84,8 @@ def test_dates_of_birth_tolerate_day_month_swap_and_one_digit_typo():
 def test_addresses_and_national_ids():
     a = record("retail", "1", national_id="AB123456C")
     assert label(a, record("bank", "1", street="Flat 2, 12 Church Rd", postcode="sw1a1aa"), "address_phone") == "address"
-    assert label(a, record("bank", "1", national_id="AB123457C"), "national_id") == "edits<=1"
+    assert label(a, record("bank", "1", national_id="AB123457C"), "national_id") == "damerau<=1"
+    assert label(a, record("bank", "1", national_id="AB123546C"), "national_id") == "damerau<=1"  # transposed
 
 
 # -- resolving ----------------------------------------------------------------------------------
