@@ -33,6 +33,7 @@ methods beside the commands; everything else is read from the DuckDB view.
 """
 from __future__ import annotations
 
+import base64
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
@@ -45,7 +46,7 @@ from eventsourcing.utils import Environment
 
 from cdp.contracts import stored_events as topics
 from cdp import shredding, writers
-from cdp.config import Settings
+from cdp.config import ConfigError, Settings
 from cdp.store import Batch, CompactJSONTranscoder, EventStore, store_environment
 from cdp.summary import Summary
 from identity import blocking, constraints, index as identity_index, model as identity_model
@@ -121,12 +122,34 @@ class CustomerApplication(Application):
             super().__init__(env=env)
             key_table = shredding.KEY_TABLE_POSTGRES if settings.event_store else shredding.KEY_TABLE
             self.store = EventStore(self.recorder, self.mapper.transcoder, settings, self._writers,
-                                    side_tables=(*IDENTITY_TABLES, key_table, SUPPRESSED_TABLE))
-        self.keys = shredding.KeyRing(shredding.load_master_key(settings.master_key, settings.master_key_path),
-                                      self._stored_keys)
+                                    side_tables=(*IDENTITY_TABLES, key_table, SUPPRESSED_TABLE,
+                                                 shredding.MASTER_TABLE))
+            master = self._master_key()
+        self.keys = shredding.KeyRing(master, self._stored_keys)
         self.mapper.transcoder.unseal = self.keys.unseal
         self._resolver: Resolver | None = None  # loaded by the first command: readers never need it
         self._suppressed: set[str] | None = None  # fingerprints of erased identifiers, loaded with the resolver
+
+    def _master_key(self) -> bytes:
+        """CDP_MASTER_KEY, else the key file in CDP_HOME (SQLite) or the store's own key
+        (PostgreSQL: several writers, each with its own CDP_HOME, must share one); checked against
+        the store, so a wrong key is one clear error instead of unreadable data."""
+        settings, store = self.settings, self.store
+
+        def settle(name: str, value: str) -> str:
+            batch = store.begin()
+            batch.writes.append((shredding.INSERT_MASTER, [(name, value)]))
+            store.commit(batch)
+            return store.query(shredding.SELECT_MASTER, (name,))[0][0]
+
+        if settings.master_key or not settings.event_store:
+            master = shredding.load_master_key(settings.master_key, settings.master_key_path)
+        else:
+            master = base64.b64decode(settle("key", shredding.new_master_text()))
+        if settle("check", shredding.check_value(master)) != shredding.check_value(master):
+            raise ConfigError("the master key (CDP_MASTER_KEY or CDP_HOME/master.key) is not the one this "
+                              "event store was written with")
+        return master
 
     def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
         """Only the settings derived from ours (store_environment): the library's other variables

@@ -49,6 +49,22 @@ MARK = b',"sealed":"'
 NONCE = 12
 
 
+# The store's own master-key rows: `check` (a keyed hash that tells a wrong CDP_MASTER_KEY from the
+# right one) and, for a PostgreSQL store without CDP_MASTER_KEY, `key` (the one master key of all
+# the writers, whose CDP_HOMEs differ; README: set CDP_MASTER_KEY so it is not beside the data).
+MASTER_TABLE = "CREATE TABLE IF NOT EXISTS cdp_master (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+INSERT_MASTER = "INSERT INTO cdp_master (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
+SELECT_MASTER = "SELECT value FROM cdp_master WHERE name = ?"
+
+
+def new_master_text() -> str:
+    return base64.b64encode(AESGCM.generate_key(256)).decode()
+
+
+def check_value(master: bytes) -> str:
+    return hashlib.blake2b(b"cdp master key check", key=master, digest_size=16).hexdigest()
+
+
 def customer_key(customer_id: str) -> str:
     """The key name of data about a customer rather than one record (a merge's evidence)."""
     return f"customer:{customer_id}"

@@ -175,6 +175,8 @@ def test_erase_usage_errors_are_one_line(cdp, tmp_path):
     assert result.returncode == 1 and result.stderr.startswith("cdp: error: no customer found")
     result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "short"}, check=False)
     assert result.returncode == 1 and "CDP_MASTER_KEY" in result.stderr and "Traceback" not in result.stderr
+    result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "ab" * 32}, check=False)
+    assert result.returncode == 1 and "not the one this event store was written with" in result.stderr
 
 
 @pytest.mark.postgres
