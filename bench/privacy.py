@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def erase_time(events: int) -> None:
         show = time.perf_counter() - started
         out = subprocess.run([sys.executable, "-m", "cdp", "erase", who, "--yes"], env=run, check=True,
                              capture_output=True, text=True).stdout
-        seconds = float(out.rsplit("(", 1)[1].split(" s")[0])
+        seconds = float(re.search(r"\((\d+\.\d+) s", out).group(1))
     print(f"\n== erase one person on a store of {files.events:,} events")
     print(f"  {out.strip()}")
     print(f"  erase (inside the command, store + view + dead-letter): {seconds:.2f} s; "

@@ -144,10 +144,14 @@ class KeyRing:
     def _unwrap(self, key_id: str, wrapped: bytes) -> AESGCM:
         return AESGCM(self._master.decrypt(bytes(wrapped[:NONCE]), bytes(wrapped[NONCE:]), key_id.encode()))
 
-    def load(self, key_ids: Iterable[str]) -> None:
-        """Makes sure the keys among `key_ids` are cached (None: no such key, e.g. destroyed)."""
-        missing = [k for k in set(key_ids) if k not in self._keys]
-        if self._stored is not None:  # keys that do not exist need no read
+    def load(self, key_ids: Iterable[str], writing: bool = True) -> None:
+        """Makes sure the keys among `key_ids` are cached (None: no such key, e.g. destroyed).
+        Writing, the ids of the stored keys (taken in under the writers' lock) spare reads of keys
+        that do not exist; reading (the view), a key not held may have been stored by another
+        writer since, so it is asked for again."""
+        keys = self._keys
+        missing = [k for k in set(key_ids) if (k not in keys if writing else keys.get(k) is None)]
+        if writing and self._stored is not None:  # keys that do not exist need no read
             for key_id in missing:
                 if bytes.fromhex(key_id) not in self._stored:
                     self._keys[key_id] = None
@@ -204,8 +208,8 @@ class KeyRing:
     def unseal(self, states: Sequence[bytes]) -> list[bytes]:
         """Stored states with their sealed fields spliced back in (left out where the key is gone)."""
         cuts = [state.rfind(MARK) if state[-2:] == b'"}' else -1 for state in states]
-        self.load(state[cut + len(MARK):cut + len(MARK) + 32].decode()
-                  for state, cut in zip(states, cuts) if cut >= 0)
+        self.load((state[cut + len(MARK):cut + len(MARK) + 32].decode()
+                   for state, cut in zip(states, cuts) if cut >= 0), writing=False)
         keys, out = self._keys, []
         for state, cut in zip(states, cuts):
             if cut < 0:
