@@ -59,7 +59,7 @@ from identity import reresolution
 from identity.reresolution import Retrained
 from identity.resolver import Decision, Link, Resolver, SplitDecision, review_id
 from identity.training import due, train
-from ingest.records import Accepted
+from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
 SUPPRESSED_TABLE = "CREATE TABLE IF NOT EXISTS cdp_suppressed (fingerprint TEXT PRIMARY KEY)"
@@ -221,20 +221,25 @@ class CustomerApplication(Application):
 
     def ingest(self, records: Sequence[Accepted], committed: Callable[[Batch], None] | None = None) -> Summary:
         """Resolves accepted records and stores their events (duplicates by event key are counted
-        and dropped); returns what this batch did."""
+        and dropped; the same key with other content is refused as a conflict, in
+        `summary.conflicts` for the caller's dead-letter); returns what this batch did."""
         def work(batch: Batch) -> Summary:
             summary = Summary()
             if self.settings.encrypt_personal_data:
                 self.keys.prepare(f"{r.business_unit}:{r.source_id}" for r in records)
             for record in records:
                 if record.key in self.store.seen:
-                    summary.duplicates += 1
+                    first = self.store.seen.content(record.key)
+                    if first is not None and record.digest and first != record.digest:
+                        summary.conflicts.append(conflict(record, first))
+                    else:
+                        summary.duplicates += 1
                 elif self._suppressed and self._is_suppressed(record):
                     summary.suppressed += 1
                     summary.suppressed_events.append((record.source, record.event_id))
                 else:
                     self._append_decision(batch, record, self.resolver.resolve(record), summary)
-                    self.store.mark_seen(batch, record.key)
+                    self.store.mark_seen(batch, record.key, record.digest)
             summary.stored_events = len(batch)
             return summary
 
@@ -263,6 +268,28 @@ class CustomerApplication(Application):
             if absorbed is not None:
                 self._append_merge(batch, survivor, absorbed, link)
             self.store.append(batch, topics.MATCH_CONFIRMED, survivor, **_pair(a, b))
+            return survivor
+
+        return self._command(work)
+
+    def merge_visitor(self, user: str, visitor: str) -> str | None:
+        """An anonymous visitor's source record turned out to be a known user's (the collector's
+        Segment identify or alias): the visitor's customer is merged into the user's, rule
+        `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
+        one customer already, or a person's "not the same" or a split keeps them apart."""
+        def work(batch: Batch) -> str | None:
+            resolver = self.resolver
+            ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
+            pair = (user, visitor) if user <= visitor else (visitor, user)
+            if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
+                return None
+            try:
+                survivor, absorbed, _ = resolver.confirm(user, visitor)
+            except ValueError:  # a remembered split keeps them apart
+                return None
+            self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
+                              evidence={"user": user, "anonymous": visitor})
+            self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
             return survivor
 
         return self._command(work)
@@ -486,6 +513,16 @@ class CustomerApplication(Application):
         if self._writers is not None:
             self._writers.close()
         super().close()
+
+
+def conflict(record: Accepted, first: str) -> Rejected:
+    """A re-sent `source` + `id` whose content differs from what was stored first: the first
+    version stays, the sender learns their correction was not taken."""
+    return Rejected(reason=f"event {record.event_id!r} from {record.source!r} was already stored with other "
+                           f"content (stored digest {first}, this one {record.digest}); the first version is kept",
+                    origin=record.origin, kind="conflict", raw=record.as_sent(),
+                    event_id=record.event_id, source=record.source,
+                    extra={"stored_digest": first, "digest": record.digest})
 
 
 def _pair(a: str, b: str) -> dict[str, str]:

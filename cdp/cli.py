@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, local_user, open_view, settings
+from cdp.commandline import UserError, first_line, local_user, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
 from cdp.identity_cli import identity
 
@@ -106,7 +107,7 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
               help="Forget the consumer group's offsets first, so cdp.events is read from the start "
                    "(after the store was replaced; stop the group's other workers first).")
 def worker(health_port: int | None, health_host: str, reset_group: bool) -> None:
-    """Consume cdp.events: validate, resolve, store, project; publish changed profiles to cdp.profiles."""
+    """Consume cdp.events: validate, resolve, store (the view and cdp.profiles belong to `cdp serve`)."""
     from cdp.worker import run
 
     run(settings(), health_host, health_port, reset_group)
@@ -155,17 +156,30 @@ def demo(people: int, seed: int, hard: bool) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against the unified view."""
-    con = open_view(settings())
+    """Run one read-only SQL statement against the unified view (no files, no settings, bounded)."""
+    from cdp.server.client import RemoteView, ServerError, running_server
+    from projections.sandbox import QueryLimits, QueryRejected, check_statement, run_query
+
+    cfg = settings()
+    server = running_server(cfg)
+    if server is not None:  # `cdp serve` owns the view: it runs the query (in its own sandbox)
+        try:
+            table = RemoteView(*server).execute(sql).table
+        except ServerError as error:
+            raise UserError(f"query failed: {' '.join(str(error).split())}") from None
+        text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
+        if text is not None:
+            sys.stdout.write(text)
+        return
     try:
-        cursor = con.execute(sql)
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
-    except duckdb.Error as error:
-        raise UserError(f"query failed: {' '.join(str(error).split())}") from None
-    text = console.render_rows(columns, rows, fmt)
+        check_statement(sql)  # an empty or writing statement fails before the view is touched
+        refresh_view(cfg)  # user SQL then runs in the sandbox, on a connection of its own
+        result = run_query(cfg.duckdb_path, sql, QueryLimits(rows=cfg.query_rows, seconds=cfg.query_seconds,
+                                                             memory=cfg.duckdb_memory))
+    except QueryRejected as error:
+        raise UserError(str(error)) from None
+    table = result.table
+    text = console.render_rows(table.column_names, list(zip(*(c.to_pylist() for c in table.columns))), fmt)
     if text is not None:
         sys.stdout.write(text)
 
@@ -367,7 +381,110 @@ def projections_rebuild() -> None:
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+def serve(host: str, port: int) -> None:
+    """Run the live service: owns the view, follows the store, publishes cdp.profiles, answers HTTP."""
+    from cdp.server.service import run
+
+    run(settings(), host, port)
+
+
+@cli.group()
+def keys() -> None:
+    """API keys for `cdp serve`: who may publish for which unit, read or administer."""
+
+
+def _key_store(cfg: Settings):
+    from cdp.application import CustomerApplication
+
+    return CustomerApplication(cfg)
+
+
+@keys.command("create")
+@click.option("--unit", default=None, help="The business unit the key acts for (default: the whole group).")
+@click.option("--scope", required=True, type=click.Choice(["publish", "read", "admin"]), help="What the key may do.")
+def keys_create(unit: str | None, scope: str) -> None:
+    """Make a key; it is printed once, alone on the last line (only its digest is stored)."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        token, key = api_keys.create(store, scope, unit)
+    finally:
+        store.close()
+    console.err.print(f"key {key.key_id} ({scope}, {unit or 'group-wide'}); keep it now, it cannot be shown again")
+    sys.stdout.write(token + "\n")
+
+
+@keys.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def keys_list(fmt: str) -> None:
+    """Keys made so far (ids, scopes, units, state), never the keys themselves."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        ring = api_keys.load(store)
+    finally:
+        store.close()
+    rows = [(k.key_id, k.prefix, k.scope, k.unit or "(group)", k.created[:19], "revoked" if k.revoked else "active")
+            for k in ring.all()]
+    text = console.render_rows(["key_id", "key", "scope", "unit", "created", "state"], rows, fmt,
+                               title="API keys" if fmt == "table" else None)
+    if text is not None:
+        sys.stdout.write(text)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (or a unique start of it), at once and for good."""
+    from cdp import keys as api_keys
+
+    store = _key_store(settings())
+    try:
+        key = api_keys.revoke(store, key_id)
+    finally:
+        store.close()
+    console.out.print(f"revoked key {key.key_id} ({key.scope}, {key.unit or 'group-wide'})")
+
+
 cli.add_command(identity)  # `cdp identity …`
+
+
+def error_line(error: Exception) -> str:
+    """What went wrong, in one line, naming the file and the way out when one of ours is damaged.
+
+    A fault cdp/faults.py knows (full disk, permission denied, store or broker unreachable …) is
+    named first: a full disk also surfaces as an SQLite error, and the remedy differs."""
+    from cdp.faults import UNKNOWN, describe
+
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        cfg = None
+    if cfg is not None and (fault := describe(error, cfg)).component != UNKNOWN:
+        return console.escape_controls(fault.line)
+    if isinstance(error, sqlite3.DatabaseError):
+        return (f"the event store {store_location()} cannot be read ({first_line(error)}): restore it from a "
+                "backup; the view can then be rebuilt with `cdp projections rebuild`")
+    if isinstance(error, duckdb.Error):
+        if cfg is None:
+            return f"the view cannot be used: {first_line(error)}"
+        return view_error(cfg, error).format_message()
+    if isinstance(error, (ConfigError, ValueError, OSError)):
+        return console.escape_controls(" ".join(str(error).split()))
+    return f"unexpected {type(error).__name__}: {first_line(error)} (CDP_DEBUG=1 shows the traceback)"
+
+
+def store_location() -> str:
+    try:
+        cfg = Settings.from_env()
+    except ConfigError:
+        return "(CDP_EVENT_STORE)"
+    return "in PostgreSQL (CDP_EVENT_STORE)" if cfg.event_store else str(cfg.sqlite_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,33 +502,16 @@ def main(argv: list[str] | None = None) -> int:
         console.err.print(f"{command}: error: {error.format_message()} (see '{command} --help')")
         return EXIT_USAGE
     except click.ClickException as error:
-        console.err.print(f"cdp: error: {error.format_message()}", markup=False)  # messages quote input verbatim
+        console.err.print(f"cdp: error: {console.escape_controls(error.format_message())}")
         return EXIT_FAILURE
-    except (ConfigError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if os.environ.get("CDP_DEBUG"):
             raise
-        if isinstance(error, OSError) and error.errno is not None:  # disk full, read-only …: say which
-            from cdp.faults import DISK, describe
-
-            fault = describe(error, settings())
-            error = fault.line if fault.component == DISK else error
-        console.err.print(f"cdp: error: {error}", markup=False)
+        console.err.print(f"cdp: error: {error_line(error)}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         console.err.print("cdp: interrupted")
         return 130
-    except Exception as error:  # a full disk, an unreachable store …: one line naming it, if known
-        from cdp.faults import UNKNOWN, describe
-
-        fault = describe(error, settings())
-        if os.environ.get("CDP_DEBUG") or fault.component == UNKNOWN:
-            raise
-        console.err.print(f"cdp: error: {fault.line}", markup=False)
-        # without the interpreter's teardown: DuckDB objects a failed write left behind would
-        # otherwise print a page of nanobind leak reports after the one line
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 import duckdb
 
+from cdp import console
 from cdp.config import Settings
 
 
@@ -17,17 +18,43 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not."""
-    from projections.projector import connect, refresh_view
+def refresh_view(cfg: Settings) -> None:
+    """Brings the view's scores up to CDP_AS_OF if they are not; a missing or damaged view is one line."""
+    from projections.projector import refresh_view as refresh
 
     if not cfg.duckdb_path.exists():
         raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
     try:
-        refresh_view(cfg.duckdb_path, cfg.as_of)
+        refresh(cfg.duckdb_path, cfg.as_of)
+    except duckdb.Error as error:
+        raise view_error(cfg, error) from None
+
+
+def view_error(cfg: Settings, error: Exception) -> UserError:
+    """A view DuckDB cannot use: which file, and the way out."""
+    return UserError(f"cannot use the view {cfg.duckdb_path} ({first_line(error)}): if it is damaged, "
+                     "`cdp projections rebuild` recreates it from the event store")
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return console.escape_controls(lines[0] if lines else type(error).__name__)
+
+
+def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not; when
+    `cdp serve` owns it, a stand-in that sends every query to the server."""
+    from cdp.server.client import RemoteView, running_server
+    from projections.projector import connect
+
+    server = running_server(cfg)
+    if server is not None:
+        return RemoteView(*server)
+    refresh_view(cfg)
+    try:
         return connect(cfg.duckdb_path, read_only=True)
-    except duckdb.IOException as error:
-        raise UserError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
+    except duckdb.Error as error:
+        raise view_error(cfg, error) from None
 
 
 def local_user() -> str:

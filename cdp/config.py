@@ -6,6 +6,7 @@ the others tune the pipeline and are documented in the README.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -85,6 +86,44 @@ def _count(env: dict[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _memory(env: dict[str, str], name: str, default: str) -> str:
+    """A DuckDB memory size like 256MB; checked here because DuckDB is handed it as a setting."""
+    from projections.sandbox import MEMORY_PATTERN
+
+    raw = env.get(name) or default
+    if not MEMORY_PATTERN.match(raw):
+        raise ConfigError(f"{name}: expected a size like 256MB or 2GiB, got {raw!r}")
+    return raw.strip()
+
+
+def _duration(env: dict[str, str], name: str, default: float) -> float:
+    """Seconds, from '86400', '90s', '15m', '12h' or '1d'."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", raw.lower())
+    if not match:
+        raise ConfigError(f"{name}: expected a duration like 3600, 90s, 15m, 12h or 1d, got {raw!r}")
+    return float(match.group(1)) * _DURATION_UNITS.get(match.group(2) or "s")
+
+
+def _positive_duration(env: dict[str, str], name: str, default: float) -> float:
+    value = _duration(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}: must be more than 0 seconds")
+    return value
+
+
+def _positive_number(env: dict[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, float, "a number")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"{name}: must be a positive finite number, got {value}")
+    return value
+
+
 def _as_of(env: dict[str, str]) -> date:
     raw = env.get("CDP_AS_OF")
     if not raw:
@@ -138,6 +177,11 @@ class Settings:
     worker_group: str = "cdp-worker"
     worker_batch: int = 5000
     worker_linger_ms: int = 100
+    # hardening (README: "Limits")
+    max_future: float = 86400.0              # CDP_MAX_FUTURE: event times later than now + this are refused
+    max_amount: float = 1e9                  # CDP_MAX_AMOUNT: |amount| and prices above this are refused
+    query_rows: int = 100_000                # CDP_QUERY_ROWS: rows one user query may return
+    query_seconds: float = 60.0              # CDP_QUERY_TIMEOUT: seconds before a user query is stopped
     # identity resolution (README: "Identity resolution")
     matching: str = "probabilistic"          # CDP_MATCHING: probabilistic | deterministic
     match_threshold: float = 0.95            # CDP_MATCH_THRESHOLD: match probability that links
@@ -151,6 +195,8 @@ class Settings:
     master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key
     encrypt_personal_data: bool = True       # off only for bench/ (the cost of encryption, measured)
     events_retention_days: int = 7           # CDP_EVENTS_RETENTION_DAYS: how long cdp.events keeps raw events
+    # cdp serve (README: "The live service")
+    rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -172,7 +218,7 @@ class Settings:
             max_event_bytes=_int(env, "CDP_MAX_EVENT_BYTES", 256 * 1024),
             batch_size=_int(env, "CDP_BATCH_SIZE", 10000),
             projection_batch=_int(env, "CDP_PROJECTION_BATCH", 25000),
-            duckdb_memory=env.get("CDP_DUCKDB_MEMORY") or "256MB",
+            duckdb_memory=_memory(env, "CDP_DUCKDB_MEMORY", "256MB"),
             score_interval=_int(env, "CDP_SCORE_INTERVAL", 60),
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 0),
             as_of=_as_of(env),
@@ -184,6 +230,11 @@ class Settings:
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
             master_key=env.get("CDP_MASTER_KEY") or None,
             events_retention_days=_int(env, "CDP_EVENTS_RETENTION_DAYS", 7),
+            max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),
+            max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
+            query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
+            query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
+            rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             **_identity(env),
         )
 
@@ -210,6 +261,11 @@ class Settings:
     @property
     def master_key_path(self) -> Path:
         return self.home / "master.key"
+
+    @property
+    def server_file(self) -> Path:
+        """Where a running `cdp serve` leaves its address and local key for the CLI (mode 0600)."""
+        return self.home / "server.json"
 
     @property
     def deadletter_path(self) -> Path:

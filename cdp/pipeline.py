@@ -19,6 +19,7 @@ from cdp.store import Batch
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterFile
 from ingest.parallel import ParseWorkers
+from ingest.ranges import Ranges
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
@@ -34,7 +35,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
     return Ingestor(EventValidator(settings.schemas_dir), settings.phone_region, settings.max_event_bytes,
-                    parse_workers)
+                    parse_workers, Ranges(settings.max_future, settings.max_amount))
 
 
 def make_projector(settings: Settings, path: Any = None) -> Projector:
@@ -63,13 +64,21 @@ class Pipeline:
         started = time.perf_counter()
         pending = 0  # stored events the view has not been told about
         follower = ViewFollower(self.projector, self.app, self.settings.projection_batch) if self.projector else None
-        for chunk in batched(records, self.settings.batch_size):
-            pending += self.process_batch(chunk, summary)
-            if follower is not None and pending >= self.settings.projection_batch:
-                follower.notify()
-                pending = 0
-            if progress:
-                progress(len(chunk))
+        try:
+            for chunk in batched(records, self.settings.batch_size):
+                pending += self.process_batch(chunk, summary)
+                if follower is not None and pending >= self.settings.projection_batch:
+                    follower.notify()
+                    pending = 0
+                if progress:
+                    progress(len(chunk))
+        except BaseException:
+            if follower is not None:  # the view still takes in what was committed, and the thread ends
+                try:
+                    follower.finish()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            raise
         if follower is not None:
             follower.finish()
         outcome = self.app.retrain_if_due()
@@ -97,6 +106,10 @@ class Pipeline:
                                            event_id=event_id, source=source))
         self.deadletter.flush()
         summary.add(part)
+        for rejected in part.conflicts:  # refused by the command: a re-sent id with other content
+            self.deadletter.write(rejected)
+            summary.add_rejection(rejected.kind)
+        self.deadletter.flush()
         return part.stored_events
 
     def catch_up(self, score: bool = True) -> int:

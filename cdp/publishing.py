@@ -12,6 +12,7 @@ from cdp.config import Settings
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterFile
 from ingest.producer import Publisher
+from ingest.ranges import Ranges
 from ingest.validation import EventValidator
 
 
@@ -21,7 +22,7 @@ def publish_files(cfg: Settings, paths: list[str], mapping: Path | None) -> Summ
     summary = Summary()
     started = time.perf_counter()
     publisher = Publisher(cfg.require_kafka(), cfg.topic(topics.EVENTS), EventValidator(cfg.schemas_dir),
-                          cfg.phone_region, cfg.max_event_bytes)
+                          cfg.phone_region, cfg.max_event_bytes, Ranges(cfg.max_future, cfg.max_amount))
     with publisher, DeadLetterFile(cfg.deadletter_path) as deadletter:
         for rejected in publisher.publish_records(publisher.ingestor.read(paths, mapping)):
             deadletter.write(rejected)

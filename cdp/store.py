@@ -32,20 +32,23 @@ from cdp.contracts import stored_events
 from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
-EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY)"
+EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
 SQLITE_CACHE_PAGES = -32768  # 32 MiB page cache for the writer: index pages of a large store stay hot
-INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key) VALUES (?)"
+INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key, digest) VALUES (?, ?)"
+SELECT_EVENT_KEYS = "SELECT key, digest FROM cdp_event_keys"
+LEGACY_KEY_SEPARATOR = "\x1f"  # keys before issue 14: source + \x1f + id, which could collide
 
 
 class SeenKeys:
-    """The keys of every ingested CloudEvent, in memory as 16-byte digests rather than the keys
-    themselves (a third of the memory for a million events); the store's table keeps the keys."""
+    """The keys of every ingested CloudEvent with the digest of what it said, in memory as a
+    16-byte digest of the key -> 8-byte content digest (a third of the memory of the keys
+    themselves for a million events); the store's table keeps the keys."""
 
     __slots__ = ("_digests",)
 
-    def __init__(self, keys: Iterable[str] = ()):
-        self._digests: set[bytes] = set()
-        self.update(keys)
+    def __init__(self, rows: Iterable[tuple[str, str | None]] = ()):
+        self._digests: dict[bytes, bytes | None] = {}
+        self.update(rows)
 
     @staticmethod
     def _digest(key: str) -> bytes:
@@ -54,14 +57,41 @@ class SeenKeys:
     def __contains__(self, key: str) -> bool:
         return self._digest(key) in self._digests
 
-    def add(self, key: str) -> None:
-        self._digests.add(self._digest(key))
+    def content(self, key: str) -> str | None:
+        """The content digest first stored under `key` (None: unknown, stored before digests)."""
+        found = self._digests.get(self._digest(key))
+        return found.hex() if found else None
 
-    def update(self, keys: Iterable[str]) -> None:
-        self._digests.update(map(self._digest, keys))
+    def add(self, key: str, digest: str | None = None) -> None:
+        self._digests[self._digest(key)] = bytes.fromhex(digest) if digest else None
+
+    def update(self, rows: Iterable[tuple[str, str | None]]) -> None:
+        for key, digest in rows:
+            self.add(key, digest)
 
     def __len__(self) -> int:
         return len(self._digests)
+
+
+def migrate_event_keys(cursor: Any, is_postgres: bool) -> None:
+    """Stores from before issue 14: adds the digest column and rewrites `source\x1fid` keys in the
+    collision-free form (ingest.stage.event_key), splitting at the first separator."""
+    from ingest.stage import event_key
+
+    if is_postgres:
+        cursor.execute("ALTER TABLE cdp_event_keys ADD COLUMN IF NOT EXISTS digest TEXT")
+        cursor.execute("SELECT key FROM cdp_event_keys WHERE strpos(key, chr(31)) > 0")
+    else:
+        cursor.execute("PRAGMA table_info(cdp_event_keys)")
+        if "digest" not in {row[1] for row in cursor.fetchall()}:
+            cursor.execute("ALTER TABLE cdp_event_keys ADD COLUMN digest TEXT")
+        cursor.execute("SELECT key FROM cdp_event_keys WHERE instr(key, char(31)) > 0")
+    legacy = [row[0] if isinstance(row, (tuple, list)) else row["key"] for row in cursor.fetchall()]
+    update = "UPDATE cdp_event_keys SET key = %s WHERE key = %s" if is_postgres else \
+        "UPDATE cdp_event_keys SET key = ? WHERE key = ?"
+    for old in legacy:
+        source, _, event_id = old.partition(LEGACY_KEY_SEPARATOR)
+        cursor.execute(update, (event_key(source, event_id), old))
 
 
 class CompactJSONTranscoder(Transcoder):
@@ -167,7 +197,7 @@ class Batch:
     """Stored events and side rows that commit together or not at all."""
 
     events: list[StoredEvent] = field(default_factory=list)
-    keys: list[tuple[str]] = field(default_factory=list)
+    keys: list[tuple[str, str]] = field(default_factory=list)
     data_keys: list[tuple[str, bytes]] = field(default_factory=list)  # new wrapped data keys (cdp/shredding.py)
     writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
 
@@ -196,6 +226,7 @@ class EventStore:
         with self.recorder.datastore.transaction(commit=True) as cursor:
             for ddl in tables:  # tables of the stages whose state commits with the events
                 cursor.execute(ddl)
+            migrate_event_keys(cursor, self.is_postgres)
             if self.is_postgres:
                 writers.install(cursor, list(map(writers.table_name, tables)))
             self.store_id = store_identity.ensure(cursor, "%s" if self.is_postgres else "?", self.where)
@@ -237,7 +268,7 @@ class EventStore:
         self._mark = self._lock.last_change() if self._lock else 0
         self._position = self.max_position() if self._lock else 0
         self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
-        self.seen = SeenKeys(row[0] for row in self.query("SELECT key FROM cdp_event_keys"))
+        self.seen = SeenKeys(self.query(SELECT_EVENT_KEYS))
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -251,7 +282,7 @@ class EventStore:
             mark, position = self._lock.last_change(), self.max_position()
             self._window = (self._mark, mark)
             if mark > self._mark:
-                self.seen.update(row[0] for row in self.changed("SELECT key FROM cdp_event_keys"))
+                self.seen.update(self.changed(SELECT_EVENT_KEYS))
             if position > self._position:
                 self.heads.update(self.query(self._heads_sql(self._position)))
             yield
@@ -347,9 +378,9 @@ class EventStore:
             )
         )
 
-    def mark_seen(self, batch: Batch, key: str) -> None:
-        self.seen.add(key)
-        batch.keys.append((key,))
+    def mark_seen(self, batch: Batch, key: str, digest: str | None = None) -> None:
+        self.seen.add(key, digest)
+        batch.keys.append((key, digest or ""))  # text, never NULL: PostgreSQL inserts by unnest
 
     def commit(self, batch: Batch) -> None:
         """Writes the batch in one transaction: side rows first, then the stored events."""

@@ -18,6 +18,7 @@ class Summary:
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     suppressed_events: list[tuple[str, str]] = field(default_factory=list)  # (source, id) of those dropped
+    conflicts: list = field(default_factory=list)  # ingest.records.Rejected: a re-sent id with other content
 
     @property
     def read(self) -> int:

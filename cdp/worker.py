@@ -1,8 +1,10 @@
 """`cdp worker`: the streaming worker, a Faust (faust-streaming) app.
 
     cdp.events ──► ingest (validate, normalise; bad → cdp.deadletter) ──► Pipeline.process_batch
-                   (identity → event store, under the writers' lock) ──► projector catch-up ──►
-                   changed profiles → cdp.profiles (sent after the lock is released)
+                   (identity → event store, under the writers' lock)
+
+Workers resolve and commit, nothing else: the view and `cdp.profiles` belong to `cdp serve`, which
+follows the store (cdp/server/readside.py).
 
 A Faust task consumes the topic in batches (`CDP_WORKER_BATCH` messages, or what arrived within
 `CDP_WORKER_LINGER_MS`) and hands each batch to threads that run the same stages as the embedded
@@ -33,16 +35,13 @@ from cdp.config import ConfigError, Settings
 from cdp.consumer_group import ConsumerGroup
 from cdp.health import Abandoned, Health, say, serve, wait_out
 from cdp.pipeline import Pipeline
-from cdp.store import Batch
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
 from ingest.records import Accepted, Rejected
-from projections.changelog import profile_messages
 
 EXIT_BATCH_FAILED = 70
 PROGRESS_SECONDS = 5.0
-FOLLOW_SECONDS = 1.0
 SESSION_TIMEOUT = 10.0
 SEND_TIMEOUT_MS = 10000  # a send to an unreachable broker fails after this and is tried again
 
@@ -103,19 +102,17 @@ class LoopProducer:
 
 
 class BatchHandler:
-    """Everything the store thread owns: pipeline (store, index, view) and the producer."""
+    """Everything the store thread owns: pipeline (store, index) and the producer."""
 
     def __init__(self, cfg: Settings, producer: LoopProducer, health: Health):
         self.cfg = cfg
         self.producer = producer
         self.health = health
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
-        self.pipeline = Pipeline(cfg, project=True, deadletter=self.deadletter)
+        self.pipeline = Pipeline(cfg, project=False, deadletter=self.deadletter)
         self.summary = Summary()
         self.consumed = 0
-        self.published = 0
         self.last_batch = (0, 0.0)  # events, seconds
-        self.scored_at = 0.0
 
     def parse(self, messages: Sequence[tuple[bytes | None, str]]) -> list[Accepted | Rejected]:
         ingestor = self.pipeline.ingestor
@@ -130,11 +127,10 @@ class BatchHandler:
         before = (self.summary.stored_events, self.summary.rejected)
 
         def attempt() -> None:
-            self.pipeline.process_batch(next(chunks, accepted), self.summary, committed=self.queue_profiles)
+            self.pipeline.process_batch(next(chunks, accepted), self.summary)
 
         wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
         self.health.back(faults.POSTGRES)
-        self.send_queued_profiles()
         seconds = time.perf_counter() - started
         self.consumed += len(records)
         self.last_batch = (len(records), seconds)
@@ -142,62 +138,6 @@ class BatchHandler:
         metrics.EVENTS_STORED.inc(self.summary.stored_events - before[0])
         metrics.EVENTS_DEADLETTERED.inc(self.summary.rejected - before[1])
         metrics.BATCH_SECONDS.observe(seconds)
-
-    # -- cdp.profiles: the one place where the worker publishes profiles. It computes them under the
-    #    writers' lock (in commit order, from its caught-up view) but only queues them there; they
-    #    are sent once the lock is released, so a broker outage never holds up the other writers.
-    #    (`cdp serve` is to take profile publishing over from the workers: then both go.)
-
-    def queue_profiles(self, batch: Batch) -> None:
-        """Runs after the commit, under the writers' lock: catch the view up, queue the profiles."""
-        if not batch.events:
-            return
-        pipeline = self.pipeline
-        projector = pipeline.projector
-        pipeline.catch_up(score=False)
-        self.refresh_scores()
-        changed, merged = set(), {}
-        for event in batch.events:
-            cid = event.originator_id if isinstance(event.originator_id, str) else event.originator_id.hex
-            survivor = pipeline.app.survivor(cid)
-            changed.add(survivor)
-            if survivor != cid:
-                merged[cid] = survivor
-        topic = self.cfg.topic(topics.PROFILES)
-        for key, value in profile_messages(projector.con, changed, merged, projector.position):
-            self.producer.send(topic, key=key, value=value)
-
-    def send_queued_profiles(self) -> None:
-        """After the lock: send what `queue_profiles` queued, waiting for the broker if need be."""
-        queued = len(self.producer.pending)
-        wait_out(self.producer.flush, self.health, say)
-        if queued:
-            self.health.back(faults.BROKER)
-        self.published += queued
-        metrics.PROFILES_PUBLISHED.inc(queued)
-
-    def refresh_scores(self, force: bool = False) -> None:
-        """Scores (RFM, lifecycle, churn, value model, tier) rank every customer against all the
-        others, so they are refreshed every CDP_SCORE_INTERVAL seconds, not after every batch."""
-        now = time.monotonic()
-        if force or now - self.scored_at >= self.cfg.score_interval:
-            self.pipeline.projector.refresh_metrics()
-            self.scored_at = now
-
-    def follow(self) -> None:
-        """Idle: keep this worker's view up with what the other workers commit. A store that does
-        not answer is reported (and waited for by the next batch), not fatal."""
-        try:
-            self.pipeline.catch_up(score=False)
-            self.refresh_scores()
-        except Exception as error:
-            fault = faults.describe(error, self.cfg)
-            if not fault.transient:
-                raise
-            if self.health.wait_started(fault.component):
-                say(f"{fault.line}; waiting")
-            return
-        self.health.back(faults.POSTGRES)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -223,7 +163,7 @@ class Progress:
         return (f"[worker {os.getpid()}] {waiting + ' | ' if waiting else ''}consumed {handler.consumed:,} "
                 f"({rate:,.0f}/s) lag {'?' if lag is None else f'{lag:,}'} | stored {s.stored_events:,} "
                 f"new customers {s.new_customers:,} merges {s.merges:,} duplicates {s.duplicates:,} "
-                f"dead-lettered {s.rejected:,} | profiles published {handler.published:,} | "
+                f"dead-lettered {s.rejected:,} | "
                 f"last batch {handler.last_batch[0]:,} in {handler.last_batch[1] * 1000:,.0f} ms | "
                 f"reconnects {reconnects:,.0f}")
 
@@ -347,15 +287,8 @@ def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, heal
             await producer.stop()
             say(progress.line(handler, health))
 
-    # Loops rather than Faust timers: a timer whose callback outlasts its interval logs
-    # `Timer … is overlapping` every time, and these wait on threads that may be busy.
-    @app.task
-    async def follow() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(FOLLOW_SECONDS)
-            await loop.run_in_executor(consumer.store_pool, handler.follow)
-
+    # A loop rather than a Faust timer: a timer whose callback outlasts its interval logs
+    # `Timer … is overlapping` every time.
     @app.task
     async def report() -> None:
         """The progress line every few seconds; the group's lag is asked for alongside, and a
@@ -399,7 +332,7 @@ def fail(fault: faults.Fault) -> None:
 
 
 def start(cfg: Settings, health: Health, reset_group: bool) -> tuple[BatchHandler, LoopProducer, ConsumerGroup]:
-    """Topics, store, view and the group check, each waited for while its dependency is away."""
+    """Topics, store and the group check, each waited for while its dependency is away."""
     created = wait_out(lambda: topics.ensure(cfg), health, say)
     if created:
         say(f"[worker] created topics: {', '.join(created)}")
@@ -439,9 +372,10 @@ def run(cfg: Settings, health_host: str = "127.0.0.1", health_port: int | None =
     finally:
         signal.signal(signal.SIGTERM, previous)
     store = handler.pipeline.app.store
+    cfg.home.mkdir(parents=True, exist_ok=True)  # Faust's data folder; no view lives here any more
     app = build_app(cfg, handler, producer, health, group, store.store_id)
     say(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
-        f"{cfg.topic(cfg.worker_group)}; store {store.where} (id {store.store_id}); view {cfg.duckdb_path}"
+        f"{cfg.topic(cfg.worker_group)}; store {store.where} (id {store.store_id}) (the view and cdp.profiles: cdp serve)"
         + (f"; health on http://{health_host}:{health_port}" if health_port is not None else ""))
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     worker.spinner = None  # its cursor codes ended up in log files

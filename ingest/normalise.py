@@ -15,6 +15,8 @@ from typing import Any
 
 import phonenumbers
 
+from ingest.ranges import EARLIEST, EARLIEST_TEXT, TimeWindow
+
 IDENTIFIER_KINDS = ("email", "phone", "national_id", "loyalty_id")
 NAME_FIELDS = ("first_name", "last_name")
 ADDRESS_FIELDS = ("street", "line2", "city", "postcode", "state", "country")
@@ -50,6 +52,14 @@ def email(raw: str) -> str | None:
     return value if _EMAIL.match(value) else None
 
 
+# Numbers that are not one person's: unknown to the numbering plan (not valid, only possible), or
+# shared by many callers (freephone, premium, shared-cost …).
+_NOT_PERSONAL = frozenset({phonenumbers.PhoneNumberType.UNKNOWN, phonenumbers.PhoneNumberType.TOLL_FREE,
+                           phonenumbers.PhoneNumberType.PREMIUM_RATE, phonenumbers.PhoneNumberType.SHARED_COST,
+                           phonenumbers.PhoneNumberType.UAN, phonenumbers.PhoneNumberType.VOICEMAIL,
+                           phonenumbers.PhoneNumberType.PAGER})
+
+
 @lru_cache(maxsize=65536)
 def phone(raw: str, region: str) -> str | None:
     """E.164 form, or None when the value is not a possible number in that region."""
@@ -60,6 +70,21 @@ def phone(raw: str, region: str) -> str | None:
     if not phonenumbers.is_possible_number(parsed):
         return None
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def linking_phone(raw: str, region: str) -> str | None:
+    """E.164 form when the number may join two records: valid (not only possible) in the numbering
+    plan, written in digits (no vanity letters like 0800 FLOWERS) and a number one person answers."""
+    normal = phone(raw, region)
+    if normal is None or any(ch.isalpha() for ch in raw) or not _personal(normal):
+        return None
+    return normal
+
+
+@lru_cache(maxsize=65536)
+def _personal(e164: str) -> bool:
+    # number_type is UNKNOWN exactly when is_valid_number is False; one call answers both questions
+    return phonenumbers.number_type(phonenumbers.parse(e164)) not in _NOT_PERSONAL
 
 
 def compact_id(raw: str) -> str | None:
@@ -83,8 +108,14 @@ def birth_date(raw: str) -> str:
     return raw
 
 
-def event_time(raw: str) -> str:
-    """RFC 3339 in, UTC ISO 8601 out, so times sort and compare as text and as timestamps."""
+_DEFAULT_WINDOW = TimeWindow()
+
+
+def event_time(raw: str, window: TimeWindow | None = None) -> str:
+    """RFC 3339 in, UTC ISO 8601 out, so times sort and compare as text and as timestamps; a time
+    outside `window` (default: 1900 to now + 1 day) is refused rather than stored."""
+    window = window or _DEFAULT_WINDOW
+    window.refresh()
     try:
         value = datetime.fromisoformat(raw)
     except ValueError:
@@ -92,8 +123,16 @@ def event_time(raw: str) -> str:
     if value.tzinfo is None:
         raise InvalidValue("time", f"{raw!r} has no UTC offset")
     if raw.endswith("Z") and len(raw) == 20:  # already UTC to the second: the common case, no re-formatting
+        if not EARLIEST_TEXT <= raw[:19] <= window.latest_text:
+            raise InvalidValue("time", f"{raw!r} is outside {window.describe()}")
         return raw[:19] + "+00:00"
-    return value.astimezone(timezone.utc).isoformat()
+    try:
+        utc = value.astimezone(timezone.utc)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise InvalidValue("time", f"{raw!r} is outside {window.describe()}") from None
+    if not EARLIEST <= utc <= window.latest:
+        raise InvalidValue("time", f"{raw!r} is outside {window.describe()}")
+    return utc.isoformat()
 
 
 _customers: dict[tuple, tuple[dict[str, Any], dict[str, str]]] = {}
@@ -138,8 +177,9 @@ def _normalise_customer(raw: dict[str, Any], region: str) -> tuple[dict[str, Any
     if value:
         normal = phone(value, region)
         profile["phone"] = normal or display(value)
-        if normal:
-            identifiers["phone"] = normal
+        linking = normal and linking_phone(value, region)
+        if linking:
+            identifiers["phone"] = linking
     for field in ("national_id", "loyalty_id"):
         value = raw.get(field)
         if value:

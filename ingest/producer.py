@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
+from ingest.ranges import Ranges
 from ingest.records import Accepted, Rejected
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
@@ -43,11 +44,11 @@ PRODUCER_CONFIG = {
 class Publisher:
     def __init__(self, bootstrap: str, topic: str, validator: EventValidator,
                  region_for: Callable[[str], str] = lambda unit: "GB", max_event_bytes: int = 256 * 1024,
-                 **config: Any):
+                 ranges: Ranges = Ranges(), **config: Any):
         from kafka import KafkaProducer
 
         self.topic = topic
-        self.ingestor = Ingestor(validator, region_for, max_event_bytes)
+        self.ingestor = Ingestor(validator, region_for, max_event_bytes, ranges=ranges)
         self.ingestor.keep_raw = True
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="cdp-publisher",
                                       **{**PRODUCER_CONFIG, **config})

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 @dataclass(slots=True)
 class Accepted:
@@ -26,6 +28,17 @@ class Accepted:
     origin: str = ""
     subject: str | None = None
     raw: bytes | None = None  # the event as sent (JSON), kept only for publishing (Ingestor.keep_raw)
+    digest: str = ""  # what the event says (ingest.stage.content_digest): same key, other digest = conflict
+
+    def as_sent(self) -> str:
+        """The event as sent when it was kept (`raw`), else rebuilt from its normalised parts."""
+        if self.raw is not None:
+            return self.raw.decode("utf-8", errors="replace")
+        event = {"specversion": "1.0", "id": self.event_id, "source": self.source, "type": self.type,
+                 "time": self.time, **({"subject": self.subject} if self.subject is not None else {}),
+                 "data": {"business_unit": self.business_unit,
+                          "customer": {"source_id": self.source_id, **self.profile}, **self.data}}
+        return orjson.dumps(event).decode()
 
 
 @dataclass(slots=True)
@@ -34,7 +47,7 @@ class Rejected:
 
     reason: str
     origin: str
-    kind: str = "invalid"  # oversize, encoding, json, schema, value, mapping: for counting in summaries
+    kind: str = "invalid"  # oversize, encoding, json, schema, range, value, mapping, csv, conflict, error: for counting in summaries
     raw: str | None = None
     event_id: str | None = None
     source: str | None = None

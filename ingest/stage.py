@@ -5,7 +5,9 @@ then normalisation. Every refusal becomes a `Rejected` carrying the reason and t
 """
 from __future__ import annotations
 
+import os
 import sys
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -13,11 +15,11 @@ import orjson
 
 from ingest import normalise
 from ingest.lines import Oversize, read_lines
+from ingest.ranges import OutOfRange, Ranges, TimeWindow, check_event
 from ingest.records import Accepted, Rejected
+from ingest.tabular import TABULAR_SUFFIXES
 from ingest.validation import EventValidator
 
-TABULAR_SUFFIXES = {".csv", ".tsv", ".parquet", ".pq"}
-KEY_SEPARATOR = "\x1f"
 PARALLEL_MIN_BYTES = 4 << 20  # below this, starting a parsing process costs more than it saves
 
 
@@ -26,7 +28,17 @@ class InputError(ValueError):
 
 
 def event_key(source: str, event_id: str) -> str:
-    return f"{source}{KEY_SEPARATOR}{event_id}"
+    """`source` and `id` as one text that no other pair can produce: the source's length comes
+    first, so ("a:b", "c") and ("a", "b:c") stay apart whatever characters they hold."""
+    return f"{len(source)}:{source}:{event_id}"
+
+
+def content_digest(accepted: Accepted) -> str:
+    """What an event says, as 16 hex digits: a re-sent id with other content is a conflict, not
+    a duplicate. Computed from the normalised event, so spacing and key order do not count."""
+    body = (accepted.type, accepted.time, accepted.business_unit, accepted.source_id, accepted.subject,
+            accepted.profile, accepted.data)
+    return blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
 
 
 def _text(raw: bytes) -> str:
@@ -37,8 +49,10 @@ class Ingestor:
     """Turns inputs into normalised records. `region_for(unit)` gives the default phone region."""
 
     def __init__(self, validator: EventValidator, region_for: Callable[[str], str], max_event_bytes: int,
-                 parse_workers: Callable[[], Any] | None = None):
+                 parse_workers: Callable[[], Any] | None = None, ranges: Ranges = Ranges()):
         self.validator = validator
+        self.ranges = ranges
+        self.window = TimeWindow(ranges.max_future)
         self.region_for = region_for
         self.max_event_bytes = max_event_bytes
         self._parse_workers = parse_workers  # makes ParseWorkers for large JSONL inputs; None: parse here
@@ -75,18 +89,32 @@ class Ingestor:
         return self.from_line(value, origin)
 
     def from_event(self, event: Any, origin: str, raw: bytes | None = None) -> Accepted | Rejected:
+        """Never raises: whatever goes wrong with one event is that event's rejection."""
+        try:
+            return self._accept(event, origin, raw)
+        except Exception as error:  # noqa: BLE001 - one bad record must never cost the others
+            return self._reject(f"cannot process event: {type(error).__name__}: {error}", "error", origin, event, raw)
+
+    def _accept(self, event: Any, origin: str, raw: bytes | None) -> Accepted | Rejected:
         problem = self.validator.check(event)
         if problem is not None:
             return self._reject(problem, "schema", origin, event, raw)
         data = event["data"]
         unit = data["business_unit"]
         try:
+            check_event(event, self.ranges)
+        except OutOfRange as error:
+            return self._reject(f"event {event['id']!r}: {error}", "range", origin, event, raw)
+        try:
+            time = normalise.event_time(event["time"], self.window)
+        except normalise.InvalidValue as error:
+            return self._reject(f"event {event['id']!r}: {error}", "range", origin, event, raw)
+        try:
             profile, identifiers = normalise.customer(data["customer"], self.region_for(unit))
-            time = normalise.event_time(event["time"])
         except normalise.InvalidValue as error:
             return self._reject(f"event {event['id']!r}: {error}", "value", origin, event, raw)
         fields = {k: v for k, v in data.items() if k != "customer" and k != "business_unit"}
-        return Accepted(
+        accepted = Accepted(
             key=event_key(event["source"], event["id"]),
             event_id=event["id"],
             source=event["source"],
@@ -101,6 +129,8 @@ class Ingestor:
             subject=event.get("subject"),
             raw=(raw if raw is not None else orjson.dumps(event)) if self.keep_raw else None,
         )
+        accepted.digest = content_digest(accepted)
+        return accepted
 
     @staticmethod
     def _reject(reason: str, kind: str, origin: str, event: Any, raw: bytes | None) -> Rejected:
@@ -117,20 +147,43 @@ class Ingestor:
     # -- whole inputs ----------------------------------------------------------------------
 
     def read(self, paths: Iterable[str], mapping: Path | None = None) -> Iterator[Accepted | Rejected]:
-        """Every record of every input in order; '-' is standard input (JSONL)."""
+        """Every record of every input in order; '-' is standard input (JSONL). Every mapping is
+        loaded before the first record is read, so a missing one fails the run before any work; a
+        file that breaks while being read costs its own remaining records, not the other files'."""
+        paths = list(paths)
+        specs = self.mappings(paths, mapping)
         for path in paths:
             if path == "-":
                 yield from self.read_jsonl(sys.stdin.buffer, "stdin")
                 continue
             file = Path(path)
-            if file.suffix.lower() in TABULAR_SUFFIXES:
-                yield from self.read_tabular(file, mapping)
-            elif self._workers is not None and file.stat().st_size >= PARALLEL_MIN_BYTES:
-                with open(file, "rb") as stream:
-                    yield from self._workers.records(stream, file.name, self.max_event_bytes, self._count_bytes)
-            else:
-                with open(file, "rb") as stream:
-                    yield from self.read_jsonl(stream, file.name)
+            try:
+                if path in specs:
+                    yield from self.read_tabular(file, specs[path])
+                elif self._workers is not None and file.stat().st_size >= PARALLEL_MIN_BYTES:
+                    with open(file, "rb") as stream:
+                        yield from self._workers.records(stream, file.name, self.max_event_bytes, self._count_bytes)
+                else:
+                    with open(file, "rb") as stream:
+                        yield from self.read_jsonl(stream, file.name)
+            except OSError as error:
+                yield Rejected(reason=f"cannot read {file.name}: {error.strerror or error}; the rest of the file "
+                                      "was not read", origin=f"{file.name}:file", kind="file")
+
+    def mappings(self, paths: Iterable[str], mapping: Path | None) -> dict[str, Any]:
+        """The loaded mapping of every CSV/Parquet input; all problems reported together."""
+        from ingest.tabular import MappingError, load_mapping, mapping_for
+
+        specs, problems = {}, []
+        for path in paths:
+            if path != "-" and Path(path).suffix.lower() in TABULAR_SUFFIXES:
+                try:
+                    specs[path] = load_mapping(mapping_for(Path(path), mapping), self.validator)
+                except MappingError as error:
+                    problems.append(str(error))
+        if problems:
+            raise InputError("; ".join(problems) + " (nothing was ingested)")
+        return specs
 
     def prepare(self, paths: Iterable[str]) -> None:
         """Starts the parsing processes if an input is large enough to be worth them; call it
@@ -160,18 +213,17 @@ class Ingestor:
             self.bytes_read += position - before
             before = position
 
-    def read_tabular(self, file: Path, mapping: Path | None) -> Iterator[Accepted | Rejected]:
-        from ingest.tabular import MappingError, iter_tabular, load_mapping, mapping_for
+    def read_tabular(self, file: Path, spec: Any) -> Iterator[Accepted | Rejected]:
+        from ingest.tabular import iter_tabular
 
-        try:
-            spec = load_mapping(mapping_for(file, mapping), self.validator)
-        except MappingError as error:
-            raise InputError(str(error)) from None
-        for origin, item in iter_tabular(file, spec, self.validator):
+        for origin, item, row in iter_tabular(file, spec, self.validator):
             if isinstance(item, str):
-                yield Rejected(reason=item, origin=origin, kind="mapping")
-            else:
-                yield self.from_event(item, origin)
+                yield Rejected(reason=item, origin=origin, kind="mapping", raw=row)
+                continue
+            record = self.from_event(item, origin)
+            if row is not None and type(record) is Rejected:
+                record.raw, record.extra = row, {"event": record.raw}  # the row as sent, and what it became
+            yield record
         self.bytes_read += file.stat().st_size
 
 
@@ -181,6 +233,8 @@ def check_inputs(paths: Iterable[str]) -> list[str]:
     for path in paths:
         if path != "-" and not Path(path).is_file():
             raise InputError(f"no such file: {path}")
+        if path != "-" and not os.access(path, os.R_OK):
+            raise InputError(f"cannot read {path}: permission denied")
         checked.append(path)
     return checked
 

@@ -24,15 +24,18 @@ appear in [columns] or [constants], not both; every scalar field the schema requ
 one of them (``customer.source_id`` always).
 
 Reading (``iter_tabular``) streams: the ``csv`` module row by row, ``ParquetFile.iter_batches`` for
-Parquet. It yields ``(origin, event)`` with origin like ``"legacy.csv:row 12"`` (rows are numbered
-from 1, the header not counted) and event a full CloudEvent dict, or ``(origin, reason)`` (a str)
-when a row does not fit its mapping. It never stops on one bad row. Events are NOT schema-validated
-here: the ingest pipeline validates every event whatever its origin.
+Parquet. It yields ``(origin, event, input)`` with origin like ``"legacy.csv:row 12"`` (rows are
+numbered from 1, the header not counted) and event a full CloudEvent dict, or ``(origin, reason,
+input)`` (reason a str) when a row does not fit its mapping; input is the row as written. It never
+stops on one bad row. Events are NOT schema-validated here: the ingest pipeline validates every
+event whatever its origin.
 
 * CSV: UTF-8 with or without BOM; delimiter among ``,`` ``;`` tab found by ``csv.Sniffer`` on the
   header line (fallback ``,``). Cells are stripped; empty cells are omitted from the event. A row
   with fewer cells than the header is rejected (extra cells are tolerated only when empty); a row
-  that is not valid UTF-8 is rejected; fully empty rows are skipped.
+  that is not valid UTF-8 is rejected; fully empty rows are skipped. A quoted value may span lines,
+  but when a record spanning lines does not parse or has the wrong width, a quote was left open:
+  only its first line is rejected and the others are read again (``_Lines``).
 * A mapped column missing from the header rejects the whole file: one ``(<file>:header, reason)``.
 * Coercion to the schema type: number -> float (``1234.50`` or decimal comma ``1234,50``; no
   thousands separators), integer -> int (``12``, also ``12.0``), boolean -> true/false/yes/no/y/n/1/0
@@ -49,9 +52,9 @@ import json
 import math
 import re
 import tomllib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ __all__ = ["MappingError", "Mapping", "load_mapping", "mapping_for", "iter_tabul
 
 CSV_SUFFIXES = frozenset({".csv", ".tsv", ".txt"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+TABULAR_SUFFIXES = CSV_SUFFIXES | PARQUET_SUFFIXES  # every other file is CloudEvents JSONL
 
 _TOP_KEYS = {"type", "business_unit", "source", "id", "time", "columns", "constants"}
 _BUSINESS_UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -73,6 +77,8 @@ _RFC3339 = re.compile(
 _LOCAL = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[ Tt](\d{2}):(\d{2})(?::(\d{2}))?)?$")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # lone surrogates left by errors="surrogateescape"
 _BATCH_ROWS = 4096
+MAX_CSV_FIELD = 1 << 20  # characters in one cell or header line (the csv module's default is 128 KiB)
+csv.field_size_limit(MAX_CSV_FIELD)
 
 
 class MappingError(ValueError):
@@ -197,8 +203,10 @@ def _coerce_constant(value: Any, kind: str) -> tuple[bool, Any]:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def iter_tabular(path: Path, mapping: Mapping, validator: EventValidator) -> Iterator[tuple[str, dict | str]]:
-    """Yield ``(origin, event)`` per row, or ``(origin, reason)`` for a row that does not fit the mapping."""
+def iter_tabular(path: Path, mapping: Mapping, validator: EventValidator) -> Iterator[tuple[str, dict | str, str | None]]:
+    """Yield ``(origin, event or reason, input)`` per row: a CloudEvent dict, or a reason (str) for a row
+    that does not fit the mapping; input is the row as read (CSV text always, a Parquet row as JSON
+    only when rejected here), None when there is no row."""
     path = Path(path)
     suffix = path.suffix.lower()
     builder = _RowBuilder(mapping, validator)
@@ -256,55 +264,110 @@ class _RowBuilder:
                 "time": time, "datacontenttype": "application/json", "data": data}
 
 
-def _iter_csv(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict | str]]:
+class _Lines:
+    """The file's physical lines as the csv reader pulls them, remembering which lines made the
+    current record, and taking lines back: when a quote never closes, the reader swallows the
+    lines after it; they are handed back and read again as rows of their own."""
+
+    def __init__(self, lines: Iterator[str]):
+        self._lines = lines
+        self._returned: deque[str] = deque()
+        self.taken: list[str] = []
+        self.number = 0  # physical line number of the last line taken (1 = header)
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        line = self._returned.popleft() if self._returned else next(self._lines)
+        self.number += 1
+        self.taken.append(line)
+        return line
+
+    def start_record(self) -> int:
+        """Forget the previous record's lines; returns the line number the next record starts on."""
+        self.taken = []
+        return self.number + 1
+
+    def give_back(self, lines: list[str]) -> None:
+        self._returned.extendleft(reversed(lines))
+        self.number -= len(lines)
+
+
+def _iter_csv(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict | str, str | None]]:
     name = path.name
     # surrogateescape: a bad byte never raises; rows containing one are rejected below.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        first = f.readline()
+        lines = _Lines(iter(f))
+        first = f.readline(MAX_CSV_FIELD + 1)
+        if len(first) > MAX_CSV_FIELD:
+            yield f"{name}:header", f"header line is longer than {MAX_CSV_FIELD:,} characters; no rows read", None
+            return
         if not first.strip():
-            yield f"{name}:header", "file is empty or has no header line"
+            yield f"{name}:header", "file is empty or has no header line", None
             return
         try:
             dialect = csv.Sniffer().sniff(first, delimiters=",;\t")
             delimiter = dialect.delimiter
         except csv.Error:
             delimiter = ","
-        reader = csv.reader(chain([first], f), delimiter=delimiter)
-        header = [h.strip() for h in next(reader)]
+        try:
+            header = [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
+        except csv.Error as exc:
+            yield f"{name}:header", f"unreadable header line: {exc}; no rows read", _show_raw(first)
+            return
+        lines.number = 1
         if _NOT_UTF8.search("".join(header)):
-            yield f"{name}:header", "header line is not valid UTF-8; no rows read"
+            yield f"{name}:header", "header line is not valid UTF-8; no rows read", _show_raw(first)
             return
         missing = builder.missing_columns(header)
         if missing:
             yield f"{name}:header", (f"mapped column(s) {', '.join(map(repr, missing))} not in the header "
-                                     f"(delimiter {delimiter!r}); no rows read")
+                                     f"(delimiter {delimiter!r}); no rows read"), _show_raw(first)
             return
         dupes = sorted({h for h in header if header.count(h) > 1} & set(builder.m.needed_columns))
         if dupes:
-            yield f"{name}:header", f"mapped column(s) {', '.join(map(repr, dupes))} appear more than once; no rows read"
+            yield f"{name}:header", f"mapped column(s) {', '.join(map(repr, dupes))} appear more than once; no rows read", \
+                _show_raw(first)
             return
+        reader = csv.reader(lines, delimiter=delimiter)
         width = len(header)
         n = 0
         while True:
+            line = lines.start_record()
             try:
                 cells = next(reader)
+                problem = None
             except StopIteration:
                 return
             except csv.Error as exc:
-                n += 1
-                yield f"{name}:row {n}", f"unreadable CSV row: {exc}"
-                continue
-            if not any(c.strip() for c in cells):
+                cells, problem = None, f"unreadable CSV row on line {line}: {exc}"
+            if cells is not None and not any(c.strip() for c in cells):
                 continue  # blank line
+            if cells is not None and len(cells) != width and \
+                    not (len(cells) > width and not any(c.strip() for c in cells[width:])):
+                problem = f"expected {width} cells like the header, found {len(cells)} (line {line})"
+            taken = lines.taken
+            if problem is not None and len(taken) > 1:
+                # a quote left open swallowed the lines after it: only its own line is rejected
+                lines.give_back(taken[1:])
+                reader = csv.reader(lines, delimiter=delimiter)
+                problem, taken = f"unreadable CSV row on line {line}: a quoted value is not closed on its line", taken[:1]
+            raw = _show_raw(taken[0] if len(taken) == 1 else "".join(taken))
             n += 1
             origin = f"{name}:row {n}"
+            if problem is not None:
+                yield origin, problem, raw
+                continue
             if _NOT_UTF8.search("".join(cells)):
-                yield origin, "row is not valid UTF-8"
+                yield origin, "row is not valid UTF-8", raw
                 continue
-            if len(cells) != width and not (len(cells) > width and not any(c.strip() for c in cells[width:])):
-                yield origin, f"expected {width} cells like the header, found {len(cells)}"
-                continue
-            yield origin, builder.build({h: c.strip() for h, c in zip(header, cells)})
+            yield origin, builder.build({h: c.strip() for h, c in zip(header, cells)}), raw
+
+
+def _show_raw(text: str) -> str:
+    """A row as read, for the dead-letter: line end dropped, undecodable bytes as U+FFFD."""
+    return _NOT_UTF8.sub("\ufffd", text.rstrip("\r\n"))
 
 
 def _iter_parquet(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict | str]]:
@@ -314,12 +377,13 @@ def _iter_parquet(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict 
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - corrupt or not Parquet at all
-        yield f"{name}:header", f"not a readable Parquet file: {exc}"
+        yield f"{name}:header", f"not a readable Parquet file: {exc}", None
         return
     header = list(pf.schema_arrow.names)
     missing = builder.missing_columns(header)
     if missing:
-        yield f"{name}:header", f"mapped column(s) {', '.join(map(repr, missing))} not in the file's columns; no rows read"
+        yield f"{name}:header", (f"mapped column(s) {', '.join(map(repr, missing))} not in the file's columns; "
+                                 "no rows read"), None
         return
     n = 0
     batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=list(builder.m.needed_columns))
@@ -329,17 +393,53 @@ def _iter_parquet(path: Path, builder: _RowBuilder) -> Iterator[tuple[str, dict 
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - a corrupt row group ends the file
-            yield f"{name}:row {n + 1}", f"unreadable Parquet data from here on: {exc}"
+            yield f"{name}:row {n + 1}", f"unreadable Parquet data from here on: {exc}", None
             return
-        for row in batch.to_pylist():
+        first = n + 1
+        for row in _batch_rows(batch):
             n += 1
+            if isinstance(row, str):  # a value Python cannot hold (a timestamp past year 9999, say)
+                yield f"{name}:row {n}", row, _row_text(batch, n - first)
+                continue
             try:
-                yield f"{name}:row {n}", builder.build(row)
+                event = builder.build(row)
             except Exception as exc:  # noqa: BLE001 - an odd value type must not stop the file
-                yield f"{name}:row {n}", f"cannot convert row: {exc}"
+                event = f"cannot convert row: {exc}"
+            yield f"{name}:row {n}", event, _row_json(row) if isinstance(event, str) else None
+
+
+def _row_text(batch: Any, index: int) -> str | None:
+    """One row as JSON with every value as Arrow prints it, for rows Python cannot convert."""
+    import pyarrow as pa
+
+    try:
+        return json.dumps({name: column.slice(index, 1).cast(pa.string())[0].as_py()
+                           for name, column in zip(batch.schema.names, batch.columns)}, ensure_ascii=False)
+    except Exception:  # noqa: BLE001 - then the reason alone must do
+        return None
+
+
+def _batch_rows(batch: Any) -> list[dict[str, Any] | str]:
+    """The batch's rows as dicts in one conversion; when a value cannot be converted, row by row, so
+    only the rows holding such a value are lost (as a reason string)."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # noqa: BLE001 - Arrow raises ValueError/OverflowError/ArrowException
+        rows: list[dict[str, Any] | str] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except Exception as exc:  # noqa: BLE001
+                rows.append(f"cannot convert row: {exc}")
+        return rows
 
 
 # ---------------------------------------------------------------------------------------- values
+def _row_json(row: dict[str, Any]) -> str:
+    """A Parquet row as JSON text for the dead-letter (values JSON cannot hold as text)."""
+    return json.dumps(row, default=str, ensure_ascii=False)
+
+
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or \
         (isinstance(value, float) and math.isnan(value))

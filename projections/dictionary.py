@@ -82,6 +82,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "action": "Email or social action.", "platform": "Social platform.", "score": "Feedback score.",
         "kind": "Feedback kind (nps, csat).", "comment": "Feedback comment.", "purpose": "Consent purpose.",
         "granted": "Consent granted (true) or withdrawn (false).",
+        "event_name": "Name of a tracked action, page, screen or group (cdp.track, cdp.page, cdp.screen, cdp.group).",
+        "properties": "Free-form properties of a collector event, as the unit sent them (JSON).",
         **{c: f"{c.replace('_', ' ').capitalize()} as this event gave it." for c in PROFILE_COLUMNS},
     },
     "customer_sources": {

@@ -78,11 +78,10 @@ WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC
 
 
 def connect(path: Path | str, read_only: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(path), read_only=read_only)
+    # The memory limit is handed over as a setting, never pasted into SQL (CDP_DUCKDB_MEMORY).
+    con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit} if memory_limit else {})
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")  # the CLI draws its own; DuckDB's would land in stdout
-    if memory_limit:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
     # Top-N queries (e.g. the 100 most valuable customers) read the wide columns for the winners
     # only; DuckDB's default does that up to LIMIT 50.
     con.execute("SET late_materialization_max_rows = 1000")

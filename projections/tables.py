@@ -20,6 +20,7 @@ DATA_COLUMNS = {
     "campaign": "VARCHAR", "action": "VARCHAR", "platform": "VARCHAR",
     "score": "DOUBLE", "kind": "VARCHAR", "comment": "VARCHAR",
     "purpose": "VARCHAR", "granted": "BOOLEAN",
+    "event_name": "VARCHAR", "properties": "JSON",  # cdp.track, cdp.page … (HTTP collector)
 }
 EVENT_COLUMNS = {
     "event_id": "VARCHAR NOT NULL",
@@ -42,6 +43,8 @@ def _columns(spec: dict[str, str]) -> str:
 DDL = (
     "CREATE TABLE IF NOT EXISTS projection_state (name VARCHAR PRIMARY KEY, position BIGINT NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS customer_events ({_columns(EVENT_COLUMNS)})",
+    # a view made before a data column existed takes it on (rows are inserted BY NAME)
+    *(f"ALTER TABLE customer_events ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in DATA_COLUMNS.items()),
     "CREATE TABLE IF NOT EXISTS customer_sources (business_unit VARCHAR NOT NULL, source_id VARCHAR NOT NULL, "
     "customer_id VARCHAR NOT NULL, linked_by VARCHAR NOT NULL, evidence JSON, position BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS customer_redirects (absorbed_id VARCHAR NOT NULL, survivor_id VARCHAR NOT NULL, "

@@ -92,8 +92,8 @@ def household(cdp: Cdp, suffix: str, street: str, postcode: str, phone: str) -> 
 
 
 def test_review_queue_confirm_and_reject(cdp: Cdp):
-    household(cdp, "1", "3 Mill Lane", "YO1 7HH", "07700 900123")
-    household(cdp, "2", "40 High Street", "LS2 9JT", "07700 900456")
+    household(cdp, "1", "3 Mill Lane", "YO1 7HH", "07911 123123")
+    household(cdp, "2", "40 High Street", "LS2 9JT", "07911 123456")
     queue = json.loads(cdp("identity", "review", "--format", "json").stdout)
     assert sorted((q["record"], q["other_record"]) for q in queue) == [("bank:B1", "retail:R1"), ("bank:B2", "retail:R2")]
     assert all(0.5 <= q["probability"] < 0.95 for q in queue)
@@ -112,9 +112,9 @@ def test_review_queue_confirm_and_reject(cdp: Cdp):
     # honoured from then on: a third family member's record, same evidence, does not bridge the rejected pair
     address = {"street": "3 Mill Lane", "city": "York", "postcode": "YO1 7HH"}
     cdp.ingest(event("telecom", "T1", "2025-03-01T10:00:00Z", first_name="Ann", last_name="Baker",
-                     phone="07700 900123", address=address),
+                     phone="07911 123123", address=address),
                event("bank", "B1", "2025-03-02T10:00:00Z", first_name="Robert", last_name="Baker",
-                     phone="07700 900123", address=address))
+                     phone="07911 123123", address=address))
     assert cdp.customer_of("telecom", "T1") == cdp.customer_of("retail", "R1") != cdp.customer_of("bank", "B1")
     explained = json.loads(cdp("identity", "explain", cdp.customer_of("bank", "B2"), "--format", "json").stdout)
     assert "review_confirmed" in [m["rule"] for m in explained["merges"]]

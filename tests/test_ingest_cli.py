@@ -72,7 +72,7 @@ def test_reingesting_a_file_changes_nothing(cdp, tmp_path):
     path = write(tmp_path / "e.jsonl", [
         event("a1", "retail", "R1", "cdp.purchase", customer={"email": "ann@example.org"}, amount=5.0),
         event("b1", "bank", "B1", customer={"email": "ANN@example.org"}),
-        event("t1", "telecom", "T1", "cdp.call", customer={"phone": "07700 900123"}),
+        event("t1", "telecom", "T1", "cdp.call", customer={"phone": "07911 123123"}),
     ])
     first = cdp("ingest", str(path))
     tables = "customers", "customer_sources", "customer_events", "customer_redirects"

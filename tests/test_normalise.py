@@ -28,9 +28,9 @@ def test_names_keep_their_spelling_for_display_and_fold_for_matching():
 
 def test_identifiers_are_normalised_and_unusable_ones_dropped():
     profile, ids = normalise.customer(
-        {"source_id": "1", "email": "BAD", "phone": "07700 900123", "national_id": "ab 12 34 56 c",
+        {"source_id": "1", "email": "BAD", "phone": "07911 123456", "national_id": "ab 12 34 56 c",
          "address": {"street": " 1  High St ", "postcode": "sw1a 1aa", "city": "London"}}, "GB")
-    assert ids == {"phone": "+447700900123", "national_id": "AB123456C"}
+    assert ids == {"phone": "+447911123456", "national_id": "AB123456C"}
     assert profile["email"] == "BAD"  # kept for display, never used to link
     assert profile["postcode"] == "SW1A1AA" and profile["street"] == "1 High St"
 
@@ -46,3 +46,11 @@ def test_event_times_come_out_in_utc():
     assert normalise.event_time("2025-03-04T12:11:12+02:00") == "2025-03-04T10:11:12+00:00"
     assert normalise.event_time("2025-03-04T10:11:12Z") == "2025-03-04T10:11:12+00:00"
     assert normalise.event_time("2025-03-04T10:11:12.5Z") == "2025-03-04T10:11:12.500000+00:00"
+
+
+@pytest.mark.parametrize("raw", ["0800 FLOWERS", "0800 123 4567", "07700 900123", "+1 555 0100"])
+def test_phones_that_are_not_one_persons_valid_number_never_link(raw):
+    """Vanity letters, freephone, Ofcom's drama range, US 555: shown, but never an identifier."""
+    profile, ids = normalise.customer({"source_id": "1", "phone": raw}, "GB")
+    assert "phone" not in ids
+    assert profile["phone"]  # the display value is kept

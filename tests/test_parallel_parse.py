@@ -13,7 +13,7 @@ def test_parse_workers_match_in_process_parsing_record_for_record(tmp_path):
     lines = []
     for i in range(5000):
         lines.append(event(f"e{i}", "retail", f"R{i % 700}", "cdp.purchase",
-                           customer={"email": f"P{i % 700}@Example.org", "phone": "07700 900123"}, amount=i))
+                           customer={"email": f"P{i % 700}@Example.org", "phone": "07911 123123"}, amount=i))
         if i % 997 == 0:
             lines += ["{not json", b"\xff\xfe", event(f"x{i}", "retail", "R1", customer={"first_name": "y" * 4000})]
     data = jsonl(lines)

@@ -39,7 +39,7 @@ def write(path: Path, text: str, bom: bool = False) -> Path:
 
 
 def run(path: Path, mapping: Mapping, validator) -> list[tuple[str, dict | str]]:
-    return list(iter_tabular(path, mapping, validator))
+    return [(origin, item) for origin, item, _ in iter_tabular(path, mapping, validator)]
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_short_row_is_rejected_and_neighbours_still_come(tmp_path, purchase_mapp
     rows = run(csv_path, purchase_mapping, validator)
     assert [o for o, _ in rows] == [f"legacy.csv:row {i}" for i in (1, 2, 3, 4)]
     assert isinstance(rows[0][1], dict) and isinstance(rows[2][1], dict) and isinstance(rows[3][1], dict)
-    assert rows[1][1] == "expected 6 cells like the header, found 2"
+    assert rows[1][1] == "expected 6 cells like the header, found 2 (line 3)"
 
 
 @pytest.mark.parametrize("cell, reason", [
@@ -296,6 +296,6 @@ def test_csv_streams_large_file(tmp_path, purchase_mapping, validator):
         for i in range(20000):
             f.write(f"A{i},C{i % 97},,Town{i % 7},{i}.5,2024-03-01\n")
     it = iter_tabular(path, purchase_mapping, validator)
-    origin, event = next(it)  # lazy: first row available without reading the rest
+    origin, event, _ = next(it)  # lazy: first row available without reading the rest
     assert origin == "big.csv:row 1" and event["data"]["order_id"] == "A0"
     assert sum(1 for _ in it) == 19999

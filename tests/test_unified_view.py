@@ -19,9 +19,9 @@ def test_shared_identifiers_link_units_and_a_bridging_record_merges_two_customer
     write(tmp_path / "a.jsonl", [
         event("1", "retail", "R1", "cdp.purchase", customer={"email": "ann@example.org", "first_name": "Ann"},
               amount=20.0, time="2025-01-01T10:00:00Z"),
-        event("2", "telecom", "T1", "cdp.call", customer={"phone": "+44 7700 900123", "last_name": "Lee"},
+        event("2", "telecom", "T1", "cdp.call", customer={"phone": "+44 7911 123123", "last_name": "Lee"},
               time="2025-01-02T10:00:00Z"),
-        event("3", "bank", "B1", customer={"email": " ANN@example.org", "phone": "07700 900123"},
+        event("3", "bank", "B1", customer={"email": " ANN@example.org", "phone": "07911 123123"},
               time="2025-01-03T10:00:00Z"),
         event("4", "retail", "R1", "cdp.purchase", customer={}, amount=5.0, order_id="o-2",
               time="2025-01-04T10:00:00Z"),
@@ -33,7 +33,7 @@ def test_shared_identifiers_link_units_and_a_bridging_record_merges_two_customer
     golden = customers[0]
     assert golden["business_units"] == ["bank", "retail", "telecom"]
     assert (golden["first_name"], golden["last_name"], golden["email"], golden["phone"]) == \
-           ("Ann", "Lee", "ann@example.org", "+447700900123")
+           ("Ann", "Lee", "ann@example.org", "+447911123123")
     assert (golden["orders"], golden["lifetime_value"], golden["sources"], golden["events"]) == (2, 25.0, 3, 4)
     sources = cdp.query("SELECT business_unit, source_id, linked_by FROM customer_sources ORDER BY position")
     assert [s["linked_by"] for s in sources] == ["new_customer", "new_customer", "shared_email"]
@@ -52,9 +52,9 @@ def test_rebuild_gives_exactly_the_incremental_view(cdp, tmp_path):
     demo = generate(tmp_path / "demo", DemoSpec(people=300, seed=5, invalid_rate=0.01))
     bridges = write(tmp_path / "bridges.jsonl", [  # records that prove two customers are one, twice in a chain
         event("m1", "retail", "RX1", customer={"email": "x1@example.org"}),
-        event("m2", "telecom", "TX1", customer={"phone": "07700 900555"}),
+        event("m2", "telecom", "TX1", customer={"phone": "07911 123555"}),
         event("m3", "bank", "BX1", customer={"national_id": "XY123456Z"}),
-        event("m4", "bank", "BX2", customer={"email": "x1@example.org", "phone": "07700900555"}),
+        event("m4", "bank", "BX2", customer={"email": "x1@example.org", "phone": "07911123555"}),
         event("m5", "retail", "RX2", customer={"email": "x1@example.org", "national_id": "XY 12 34 56 Z"}),
     ])
     # small store batches and projection batches: many incremental steps with merges in between

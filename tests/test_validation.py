@@ -15,6 +15,7 @@ from ingest.validation import EventValidator
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
 TYPES = {"cdp.identify", "cdp.purchase", "cdp.call", "cdp.email", "cdp.social", "cdp.feedback", "cdp.consent"}
+COLLECTOR_TYPES = {"cdp.track", "cdp.page", "cdp.screen", "cdp.group", "cdp.alias"}  # the HTTP collector's (Segment)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,16 @@ VALID = {
     "cdp.social": {"platform": "instagram", "action": "comment"},
     "cdp.feedback": {"kind": "nps", "score": 9, "comment": None},
     "cdp.consent": {"purpose": "marketing_email", "granted": False},
+    "cdp.track": {"event_name": "Product Viewed", "properties": {"sku": "S1"}},
+    "cdp.page": {"event_name": "Home", "properties": {}},
+    "cdp.screen": {"event_name": "Cart"},
+    "cdp.group": {"event_name": "acme", "properties": {"plan": "pro"}},
+    "cdp.alias": {"properties": {"previous_id": "anon-1"}},
 }
 
 
 def test_types_are_the_schema_files(validator):
-    assert validator.types == frozenset(TYPES)
+    assert validator.types == frozenset(TYPES | COLLECTOR_TYPES)
 
 
 def test_schema_files_are_draft_2020_12_with_urn_ids():
@@ -55,7 +61,7 @@ def test_schema_files_are_draft_2020_12_with_urn_ids():
         assert "http" not in json.dumps({k: v for k, v in doc.items() if k != "$schema"}), path
 
 
-@pytest.mark.parametrize("etype", sorted(TYPES))
+@pytest.mark.parametrize("etype", sorted(VALID))
 def test_valid_event_of_each_type_passes(validator, etype):
     assert validator.check(envelope(etype, VALID[etype])) is None
 
@@ -131,8 +137,9 @@ def test_more_rules(validator, mutate, fragment):
 
 def test_unknown_type(validator):
     msg = validator.check(envelope("cdp.foo", {}))
-    assert msg == ("event 'abc-1': type: unknown event type 'cdp.foo' (known: cdp.call, cdp.consent, "
-                   "cdp.email, cdp.feedback, cdp.identify, cdp.purchase, cdp.social)")
+    assert msg == ("event 'abc-1': type: unknown event type 'cdp.foo' (known: cdp.alias, cdp.call, cdp.consent, "
+                   "cdp.email, cdp.feedback, cdp.group, cdp.identify, cdp.page, cdp.purchase, cdp.screen, "
+                   "cdp.social, cdp.track)")
 
 
 def test_not_an_object_missing_id_and_missing_type(validator):

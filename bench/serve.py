@@ -1,0 +1,270 @@
+"""Benchmarks of `cdp serve` (embedded): `python -m bench.serve [--seconds S] [--customers N]`.
+
+1. Collector: Segment `track` messages in batches of 100 posted to `/v1/batch` by 4 client threads
+   for S seconds (each answered after the store commit), beside a bare ASGI app (Starlette under
+   the same uvicorn) that only parses the same JSON; events/s and the ratio.
+2. Publish-to-visible: events posted at a steady 1,000 events/s (batches of 10 every 10 ms); for
+   every 10th batch the time from the accepted answer until its new customer's profile is readable
+   through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself.
+3. Profile look-up while ingest runs: a view of N customers (synthetic rows in the real tables,
+   3 events each), `GET /v1/profiles/customer_id:…` and `email:…` for random customers while
+   the publish loop of 2. runs; p50/p99 beside the same look-ups' SQL run on DuckDB in process.
+
+Figures are printed, not asserted; the machine is shared, so the ratios are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+from tests.serving import free_port, new_keys, start_server
+
+TARGETS = {"collector": "at least 10,000 events/s", "visible": "p99 under 500 ms", "lookup": "p99 under 20 ms"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def segment_batch(start: int, size: int = 100) -> bytes:
+    return orjson.dumps({"batch": [
+        {"type": "track", "userId": f"u{(start + i) % 50_000}", "event": "Product Viewed", "messageId": f"m{start + i}",
+         "timestamp": "2026-03-01T10:00:00Z", "properties": {"sku": f"S{i}", "price": 9.99, "list": "search"}}
+        for i in range(size)]})
+
+
+def blast(url: str, key: str, seconds: float, threads: int = 4) -> float:
+    """Events/s accepted by `url`/v1/batch from `threads` clients posting batches of 100."""
+    counter = iter(range(10**9))
+    accepted = [0] * threads
+    stop_at = time.monotonic() + seconds
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=url, auth=(key, ""), timeout=60) as http:
+            while time.monotonic() < stop_at:
+                body = segment_batch(next(counter) * 100)
+                if http.post("/v1/batch", content=body, headers={"Content-Type": "application/json"}).status_code == 200:
+                    accepted[n] += 100
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(accepted) / (time.monotonic() - started)
+
+
+BARE_APP = '''
+import orjson
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def batch(request):
+    body = orjson.loads(await request.body())
+    return JSONResponse({"success": True, "accepted": len(body["batch"])})
+
+app = Starlette(routes=[Route("/v1/batch", batch, methods=["POST"])])
+'''
+
+
+def bare_server(directory: Path) -> tuple[subprocess.Popen, str]:
+    (directory / "bare_app.py").write_text(BARE_APP)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
+                                "--log-level", "warning", "--no-access-log"], cwd=directory,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.post(url + "/v1/batch", content=b'{"batch": []}')
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return process, url
+
+
+class SteadyPublisher(threading.Thread):
+    """CloudEvents at `rate` events/s in batches of 10; each batch names one new customer whose
+    profile visibility is measured for every 10th batch."""
+
+    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
+        super().__init__()
+        self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
+        self.accept: list[float] = []
+        self.visible: list[float] = []
+        self.sent = 0
+
+    def run(self) -> None:
+        """Batches leave on a fixed clock from 16 sender threads, so a slow answer does not slow the pace."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        interval = 10 / self.rate
+        local = threading.local()
+        probes: list[threading.Thread] = []
+
+        def send(n: int) -> None:
+            http = getattr(local, "http", None)
+            if http is None:
+                http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
+                                                 timeout=30)
+            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
+                      "time": "2026-03-01T10:00:00Z",
+                      "data": {"business_unit": "shop", "customer": {"source_id": f"P{n}-{i}"}}} for i in range(10)]
+            started = time.monotonic()
+            answer = http.post("/events", content=orjson.dumps(batch),
+                               headers={"Content-Type": "application/cloudevents-batch+json"})
+            done = time.monotonic()
+            if answer.status_code == 200:
+                self.accept.append(done - started)
+                self.sent += 10
+                if n % 10 == 0:
+                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
+                    probe.start()
+                    probes.append(probe)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            next_at = time.monotonic()
+            end = next_at + self.seconds
+            n = 0
+            while time.monotonic() < end:
+                pool.submit(send, n)
+                n += 1
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        for probe in probes:
+            probe.join()
+
+    def probe(self, ref: str, accepted_at: float) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
+            while time.monotonic() - accepted_at < 10:
+                if http.get(f"/v1/profiles/{ref}").status_code == 200:
+                    self.visible.append(time.monotonic() - accepted_at)
+                    return
+                time.sleep(0.005)
+
+
+def synthetic_view(path: Path, customers: int) -> None:
+    """`customers` customers with 3 events each and one source record, in the real tables."""
+    from projections.projector import Projector
+
+    projector = Projector(path)
+    con = projector.con
+    con.execute(f"""
+        INSERT INTO customer_sources SELECT 'shop', 'S' || i, md5(i::VARCHAR), 'new_customer', NULL, i
+        FROM range({customers}) t(i)""")
+    con.execute(f"""
+        INSERT INTO customer_events (event_id, event_source, customer_id, business_unit, source_id, type, time,
+                                     position, email, first_name)
+        SELECT 'e' || i || '-' || k, 'shop/web', md5(i::VARCHAR), 'shop', 'S' || i, 'cdp.identify',
+               TIMESTAMPTZ '2026-01-01' + INTERVAL (k) DAY, i * 3 + k, 'p' || i || '@example.org', 'Name' || i
+        FROM range({customers}) t(i), range(3) u(k)""")
+    projector.recompute_all()
+    con.execute("CHECKPOINT")
+    projector.close()
+
+
+def lookups_in_process(path: Path, customers: int, n: int) -> list[float]:
+    """The same SQL the profile endpoint runs, on DuckDB directly: the baseline."""
+    from projections import profiles
+    from projections.projector import connect
+
+    con = connect(path, read_only=True)
+    times = []
+    for _ in range(n):
+        i = random.randrange(customers)
+        started = time.perf_counter()
+        found = profiles.find(con, "email", f"p{i}@example.org", None)
+        profiles.profile(con, found[0].customer_id, None)
+        times.append(time.perf_counter() - started)
+    con.close()
+    return times
+
+
+def lookups_over_http(url: str, key: str, customers: int, seconds: float) -> list[float]:
+    times = []
+    end = time.monotonic() + seconds
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        while time.monotonic() < end:
+            i = random.randrange(customers)
+            started = time.perf_counter()
+            assert http.get(f"/v1/profiles/email:p{i}@example.org").status_code == 200
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
+    parser.add_argument("--customers", type=int, default=1_000_000, help="customers in the look-up view")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-serve-") as tmp:
+        tmp_path = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600",
+                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))
+        keys = new_keys(env, {"publish": ("publish", None), "shop": ("publish", "shop"), "read": ("read", None)})
+        keys_for_segment = new_keys(env, {"retail": ("publish", "retail")})
+        server = start_server(env, tmp_path / "serve.log")
+        try:
+            ours = blast(server.url, keys_for_segment["retail"], args.seconds)
+        finally:
+            server.stop()
+        bare, bare_url = bare_server(tmp_path)
+        try:
+            baseline = blast(bare_url, "none", args.seconds)
+        finally:
+            bare.terminate()
+            bare.wait()
+        print(f"\n== collector: Segment batches of 100, 4 client threads, {args.seconds:g} s each")
+        print(f"  cdp serve /v1/batch (validated, resolved, committed) {ours:>10,.0f} events/s")
+        print(f"  bare ASGI handler parsing the same JSON              {baseline:>10,.0f} events/s  "
+              f"(ours / bare: {ours / baseline:.2f})")
+        print(f"  target: {TARGETS['collector']}")
+
+        # a fresh home for latency and look-ups: a large view first, then the server on it
+        env["CDP_HOME"] = str(tmp_path / "large")
+        started = time.monotonic()
+        synthetic_view(tmp_path / "large" / "view.duckdb", args.customers)
+        built = time.monotonic() - started
+        keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
+        baseline_times = lookups_in_process(tmp_path / "large" / "view.duckdb", args.customers, 300)
+        server = start_server(env, tmp_path / "large.log", timeout=300)
+        try:
+            publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, args.seconds)
+            publisher.start()
+            http_times = lookups_over_http(server.url, keys["read"], args.customers, args.seconds)
+            publisher.join()
+        finally:
+            server.stop()
+        ms = 1000
+        print(f"\n== publish-to-visible, 1,000 events/s offered for {args.seconds:g} s (embedded; "
+              f"{publisher.sent:,} events accepted, {len(publisher.visible)} probes)")
+        print(f"  accepted → profile readable over HTTP   p50 {percentile(publisher.visible, .5) * ms:7.1f} ms   "
+              f"p99 {percentile(publisher.visible, .99) * ms:7.1f} ms")
+        print(f"  baseline: the accepting request itself  p50 {percentile(publisher.accept, .5) * ms:7.1f} ms   "
+              f"p99 {percentile(publisher.accept, .99) * ms:7.1f} ms")
+        print(f"  target: {TARGETS['visible']}")
+        print(f"\n== profile look-up by e-mail, view of {args.customers:,} customers (built in {built:.0f} s), "
+              "while the 1,000 events/s publish runs")
+        print(f"  GET /v1/profiles/email:…               p50 {percentile(http_times, .5) * ms:7.1f} ms   "
+              f"p99 {percentile(http_times, .99) * ms:7.1f} ms   ({len(http_times)} look-ups)")
+        print(f"  same SQL on DuckDB in process, idle    p50 {percentile(baseline_times, .5) * ms:7.1f} ms   "
+              f"p99 {percentile(baseline_times, .99) * ms:7.1f} ms")
+        print(f"  target: {TARGETS['lookup']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,101 @@
+"""The CLI's way to the view while `cdp serve` owns it: `CDP_HOME/server.json` names the server
+and a local key (cdp/server/service.py); `RemoteView` answers the few connection calls the CLI's
+readers make (`execute(sql, params).fetchall()`, `.description`, `sql(q).to_arrow_reader(n)`) by
+sending each query to `POST /v1/query?format=arrow`; the export's `COPY table TO 'file.parquet'`
+fetches the table and writes the file on the client's side (the server touches no files)."""
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from cdp.config import Settings
+
+TIMEOUT = 3600.0
+_COPY_TO_PARQUET = re.compile(r"^COPY (\w+) TO '((?:[^']|'')*)' \(FORMAT parquet\b", re.I)
+
+
+class ServerError(ValueError):
+    """The server refused or failed a query; the message is the server's."""
+
+
+def running_server(cfg: Settings) -> tuple[str, str] | None:
+    """(url, key) of the server that owns this CDP_HOME's view, when one is alive."""
+    try:
+        info = orjson.loads(cfg.server_file.read_bytes())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with urllib.request.urlopen(info["url"] + "/health", timeout=2.0):
+            pass
+    except urllib.error.HTTPError:
+        pass  # answering (even "degraded") is alive
+    except (OSError, ValueError):
+        return None
+    return info["url"], info["key"]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+class RemoteView:
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url, key
+        self.table: pa.Table | None = None
+
+    def _post(self, sql: str, params: Any) -> pa.Table:
+        body = {"sql": sql}
+        if params:
+            body["params"] = {k: _plain(v) for k, v in params.items()} if isinstance(params, dict) else _plain(params)
+        request = urllib.request.Request(self.url + "/v1/query?format=arrow", data=orjson.dumps(body), method="POST",
+                                         headers={"Authorization": f"Bearer {self.key}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return pa.ipc.open_stream(response.read()).read_all()
+        except urllib.error.HTTPError as failure:
+            try:
+                message = orjson.loads(failure.read()).get("message")
+            except ValueError:
+                message = failure.reason
+            raise ServerError(f"{message} (server {self.url})") from None
+
+    def execute(self, sql: str, params: Any = None) -> "RemoteView":
+        copy = _COPY_TO_PARQUET.match(sql)
+        if copy is not None:  # the export's `COPY t TO 'file'`: the file is written here, by the client
+            import pyarrow.parquet as pq
+
+            table = self._post(f"SELECT * FROM {copy.group(1)}", None)
+            pq.write_table(table, copy.group(2).replace("''", "'"), compression="zstd")
+            self.table = pa.table({"Count": [table.num_rows]})
+            return self
+        self.table = self._post(sql, params)
+        return self
+
+    def sql(self, sql: str) -> "RemoteView":
+        return self.execute(sql)
+
+    @property
+    def description(self) -> list[tuple] | None:
+        return None if self.table is None else [(name, None) for name in self.table.column_names]
+
+    def fetchall(self) -> list[tuple]:
+        columns = [column.to_pylist() for column in self.table.columns]
+        return list(zip(*columns)) if columns else []
+
+    def to_arrow_reader(self, batch_rows: int = 100_000) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(self.table.schema, self.table.to_batches(batch_rows))
+
+    def close(self) -> None:
+        self.table = None

@@ -1,0 +1,213 @@
+"""The read side: the one owner of the DuckDB view while `cdp serve` runs.
+
+A thread follows the event store — woken by the writers in this process, by PostgreSQL's
+LISTEN/NOTIFY on the store's channel, or by a short poll for SQLite written by other processes —
+and projects exactly once (rows and position in one DuckDB transaction, projections/projector.py).
+After each projected batch it publishes the changed profiles to `cdp.profiles` (Kafka only) and
+records, in the view, the store position whose profiles the broker acknowledged: a crash between
+the two republishes that range (the current profile again, harmless on a compacted topic) and never
+skips one. API key events from the same notifications feed the key ring.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import duckdb
+import orjson
+
+from cdp import keys as api_keys
+from cdp.config import Settings
+from cdp.contracts import stored_events
+from projections.changelog import profile_messages, tombstones
+
+PROFILES = "profiles"  # projection_state row: store position whose profiles were published
+POLL_SECONDS = 0.2
+# Point look-ups of the profile API (one customer by id, e-mail, phone or source record) use these
+# ART indexes instead of scanning the tables; measured: p50 167 → 31 ms on 200k customers, cold.
+LOOKUP_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS lookup_customers ON customers (customer_id)",
+    "CREATE INDEX IF NOT EXISTS lookup_events_customer ON customer_events (customer_id)",
+    "CREATE INDEX IF NOT EXISTS lookup_events_email ON customer_events (email)",
+    "CREATE INDEX IF NOT EXISTS lookup_events_phone ON customer_events (phone)",
+    "CREATE INDEX IF NOT EXISTS lookup_sources_customer ON customer_sources (customer_id)",
+    "CREATE INDEX IF NOT EXISTS lookup_sources_source ON customer_sources (source_id)",
+    "CREATE INDEX IF NOT EXISTS lookup_redirects ON customer_redirects (absorbed_id)",
+)
+
+
+class ReadSide:
+    def __init__(self, cfg: Settings, app: Any, producer: Any = None,
+                 on_batch: Callable[[int], None] | None = None):
+        """`app` is the CustomerApplication: read here (notifications, head), never written."""
+        from cdp.pipeline import make_projector
+
+        self.cfg = cfg
+        self.store = app
+        self.producer = producer  # None: embedded without Kafka, no changelog
+        self.on_batch = on_batch
+        self.projector = make_projector(cfg)
+        self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
+                                   "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
+        self.missing_indexes = self.create_indexes()
+        self.keyring = api_keys.load(app)
+        self.published = 0
+        self.error: BaseException | None = None
+        self.scored_at = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursor_lock = threading.Lock()
+        self._caught_up = threading.Condition()
+        self._threads = [threading.Thread(target=self._follow, name="cdp-read-side", daemon=True)]
+        if app.store.is_postgres:
+            self._threads.append(threading.Thread(target=self._listen, name="cdp-store-listener", daemon=True))
+
+    def create_indexes(self) -> list[str]:
+        """DuckDB keeps ART indexes in memory: one that does not fit CDP_DUCKDB_MEMORY is left out
+        (look-ups then scan that table); returns the names left out."""
+        missing = []
+        for statement in LOOKUP_INDEXES:
+            try:
+                self.projector.con.execute(statement)
+            except duckdb.OutOfMemoryException:
+                missing.append(statement.split()[5])
+        return missing
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._threads[0].join(timeout=30)
+        for cursor in self._cursors:
+            cursor.close()
+        self.projector.close()
+
+    def wake(self) -> None:
+        """New events were committed (by this process)."""
+        self._wake.set()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection of this thread's own on the view: reads see committed batches only."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._local.cursor = self.projector.con.cursor()
+            with self._cursor_lock:
+                self._cursors.append(cursor)
+        return cursor
+
+    def head(self) -> int:
+        """The store's highest position now (what the view should reach)."""
+        return self.store.max_position()
+
+    @property
+    def position(self) -> int:
+        """The store position the view reached (read on this thread's own connection)."""
+        return self.cursor().execute("SELECT position FROM projection_state WHERE name = 'unified_view'").fetchall()[0][0]
+
+    def wait_for(self, position: int, timeout: float) -> bool:
+        """Blocks until the view reached `position` (True) or `timeout` passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._caught_up:
+            while self.position < position:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._caught_up.wait(left)
+        return True
+
+    # -- following ---------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.catch_up()
+                self.error = None
+            except Exception as error:  # the store or broker away: report on /health, retry
+                self.error = error
+                self._stop.wait(1.0)
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def catch_up(self) -> int:
+        """Projects what the store has beyond the view, publishes the changed profiles; returns
+        the number of notifications applied."""
+        projector, store = self.projector, self.store
+        applied = 0
+        self.publish_profiles()  # a range left over by a crash, first
+        while True:
+            notifications = store.raw_notifications(projector.position, self.cfg.projection_batch)
+            if not notifications:
+                break
+            self.keyring.take(notifications)
+            projector.apply(notifications)
+            applied += len(notifications)
+            self.publish_profiles()
+            with self._caught_up:
+                self._caught_up.notify_all()
+            if self.on_batch is not None:
+                self.on_batch(len(notifications))
+        now = time.monotonic()
+        if now - self.scored_at >= self.cfg.score_interval or (applied and not self.scored_at):
+            projector.refresh_metrics()
+            self.scored_at = now
+        return applied
+
+    def publish_profiles(self) -> None:
+        """Profiles of the customers changed between the published position and the view's."""
+        con = self.projector.con
+        done = con.execute("SELECT position FROM projection_state WHERE name = ?", [PROFILES]).fetchall()[0][0]
+        upto = self.projector.position
+        if self.producer is None or done >= upto:
+            if done != upto and self.producer is None:
+                con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+            return
+        topic = self.cfg.topic("cdp.profiles")
+        while done < upto:
+            rows = self.store.raw_notifications(done, self.cfg.projection_batch)
+            rows = [r for r in rows if r[0] <= upto]
+            if not rows:
+                break
+            changed, merged = changed_customers(con, [r[1] for r in rows])
+            erased = [cid for r in rows if r[2] == stored_events.ERASED for cid in orjson.loads(r[3])["customer_ids"]]
+            for key, value in profile_messages(con, changed, merged, upto) + tombstones(erased):
+                self.producer.send(topic, key=key, value=value)
+                self.published += 1
+            self.producer.flush()
+            done = rows[-1][0]
+            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [done, PROFILES])
+
+    def _listen(self) -> None:
+        """PostgreSQL: the store's recorder NOTIFYs its channel on every insert; wake on it."""
+        import psycopg
+
+        channel = self.store.recorder.channel_name
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.cfg.event_store, autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{channel}"')
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self._wake.set()
+            except Exception:
+                self._stop.wait(1.0)  # reconnect; the poll keeps the view moving meanwhile
+
+
+def changed_customers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[set[str], dict[str, str]]:
+    """Current ids of the customers in `ids`, and the ones merged away (absorbed → survivor)."""
+    distinct = sorted(set(ids))
+    merged = dict(con.execute(
+        "SELECT absorbed_id, survivor_id FROM customer_redirects WHERE absorbed_id IN (SELECT unnest(?::VARCHAR[]))",
+        [distinct]).fetchall())
+    changed = {merged.get(cid, cid) for cid in distinct}
+    return changed, merged

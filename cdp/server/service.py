@@ -1,0 +1,122 @@
+"""`cdp serve`: wires the read side, the writer and the HTTP API, runs uvicorn.
+
+The server leaves `CDP_HOME/server.json` (mode 0600) with its address, process id and a key made
+at start-up for this machine's CLI: whoever can read CDP_HOME can read the view's file anyway, so
+the CLI (`cdp query`, `customer show`, `report`, `export`) uses that key to ask the server instead
+of opening the file the server holds. The key lives only in memory and in that file, and dies
+with the process.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Any, Sequence
+
+import duckdb
+import orjson
+
+from cdp.config import ConfigError, Settings
+from cdp.keys import Key
+from cdp.server.access import Gate, RateLimiter
+from cdp.server.readside import ReadSide
+from ingest.records import Accepted, Rejected
+
+
+class Service:
+    def __init__(self, cfg: Settings):
+        from cdp.pipeline import make_ingestor
+
+        self.cfg = cfg
+        self.ingestor = make_ingestor(cfg)
+        profiles_producer = None
+        if cfg.kafka_bootstrap:
+            from kafka import KafkaProducer
+
+            from cdp.application import CustomerApplication
+            from cdp.server.writes import KafkaWriter
+            from ingest.producer import PRODUCER_CONFIG
+
+            self.mode = "kafka"
+            self.ingestor.keep_raw = True
+            self.writer: Any = KafkaWriter(cfg)
+            app = CustomerApplication(cfg)  # read here: the workers run the commands
+            profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
+                                              **PRODUCER_CONFIG)
+        else:
+            from cdp.server.writes import EmbeddedWriter
+
+            self.mode = "embedded"
+            self.writer = EmbeddedWriter(cfg, committed=lambda: self.read.wake())
+            app = self.writer.app
+        self.app = app
+        self.read = ReadSide(cfg, app, profiles_producer)
+        # user SQL runs on this database: no files, no network, no ATTACH, for good
+        self.read.projector.con.execute("SET enable_external_access = false")
+        self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
+        self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
+                         Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
+        self._profiles_producer = profiles_producer
+
+    def write(self, records: Sequence[Accepted | Rejected], unit: str | None, stitches: Sequence[tuple]) -> None:
+        first = next((r for r in records if isinstance(r, Accepted)), None)
+        unit = unit or (first.business_unit if first else None)
+        self.writer.write(records, [(unit, user, earlier) for user, earlier in stitches] if unit else [])
+
+    def start(self) -> None:
+        self.read.start()
+
+    def close(self) -> None:
+        self.read.stop()
+        self.writer.close()
+        if self._profiles_producer is not None:
+            self._profiles_producer.close(timeout=10)
+        if self.mode == "kafka":
+            self.app.close()
+
+    @staticmethod
+    def log(text: str) -> None:
+        print(f"[serve {os.getpid()}] {text}", file=sys.stderr, flush=True)
+
+
+def write_server_file(cfg: Settings, url: str, token: str) -> None:
+    path = cfg.server_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(orjson.dumps({"url": url, "pid": os.getpid(), "key": token}))
+    os.replace(temporary, path)
+
+
+def run(cfg: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from cdp import topics
+    from cdp.server.app import build_app
+
+    if cfg.kafka_bootstrap:
+        topics.ensure(cfg)
+    try:
+        service = Service(cfg)
+    except duckdb.Error as error:
+        raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
+    app = build_app(service)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    service.start()
+    if service.read.missing_indexes:
+        Service.log(f"look-up indexes left out for want of memory (raise CDP_DUCKDB_MEMORY): "
+                    f"{', '.join(service.read.missing_indexes)}")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+    Service.log(f"serving {url} ({service.mode}; store "
+                f"{'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; view {cfg.duckdb_path}); docs at {url}/docs")
+    write_server_file(cfg, url, service.local_token)
+    try:
+        server.run()
+    finally:
+        cfg.server_file.unlink(missing_ok=True)
+        service.close()
+    if not server.started:
+        raise OSError(f"cannot listen on {host}:{port}")

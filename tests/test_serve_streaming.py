@@ -1,0 +1,94 @@
+"""`cdp serve` beside `cdp worker` on the real broker and a real PostgreSQL store: analysts query
+while the worker consumes, the HTTP collector answers after the broker acknowledged, and a
+`kill -9` of the server mid-stream leaves the view and `cdp.profiles` complete, nothing doubled."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.serving import cloudevent, new_keys, start_server, wait_until
+from tests.test_streaming import (  # noqa: F401 (fixtures)
+    cdp, demo_input, embedded, kafka_env, read_topic, start_worker, stop, stored_keys)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
+
+FACTS_SQL = """
+    SELECT list(s.business_unit || ':' || s.source_id) AS sources,
+           any_value(e.events) AS events, any_value(e.amount) AS amount
+    FROM customer_sources s JOIN (
+        SELECT customer_id, count(*) AS events, round(coalesce(sum(amount), 0), 2) AS amount
+        FROM customer_events GROUP BY customer_id) e USING (customer_id)
+    GROUP BY s.customer_id"""
+
+
+def query(env: dict[str, str], sql: str) -> list[dict]:
+    """`cdp query` as an analyst runs it (through the server when one runs)."""
+    done = subprocess.run([sys.executable, "-m", "cdp", "query", sql, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_serve_with_a_worker_on_postgres_survives_kill_9(kafka_env, kafka_bootstrap: str, fresh_topic_prefix: str,
+                                                         fresh_postgres_dsn: str, tmp_path: Path,
+                                                         demo_input: list[str], embedded) -> None:
+    serve_env = kafka_env("serve", CDP_RATE_LIMIT="1000")
+    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None)})
+    expected_events = sum(e for e, _ in embedded.values()) + 3
+    server = start_server(serve_env, tmp_path / "serve.log")
+    worker = None
+    try:
+        # the collector with Kafka: answered after the broker acknowledged; the worker stores it
+        with server.client(keys["publish"]) as client:
+            batch = [cloudevent(f"h-{i}", "shop", f"S{i}", customer={"email": f"h{i}@example.org"}) for i in range(3)]
+            answer = client.post("/events", json=batch, headers={"Content-Type": "application/cloudevents-batch+json"})
+            assert answer.status_code == 200 and answer.json()["accepted"] == 3
+        cdp(kafka_env("publisher"), "ingest", "--kafka", *demo_input)
+        worker = start_worker(kafka_env("worker", CDP_WORKER_BATCH="20", CDP_WORKER_LINGER_MS="10"),
+                              tmp_path / "worker.log")
+        # analysts query while the worker consumes (`cdp query` itself, a process start per query,
+        # is too slow to catch this worker mid-stream: it is checked through the server below)
+        answered = []
+        with server.client(keys["read"]) as analyst:
+            while stored_keys(fresh_postgres_dsn) < expected_events // 3:
+                answer = analyst.post("/v1/query", json={"sql": "SELECT count(*) FROM customer_events"})
+                assert answer.status_code == 200
+                answered.append(answer.json()["rows"][0][0])
+        assert answered, "no query answered while the worker consumed"
+        server.stop(signal.SIGKILL)
+        assert stored_keys(fresh_postgres_dsn) < expected_events, "killed mid-stream"
+        server = start_server(serve_env, tmp_path / "serve.log")
+        wait_until(lambda: stored_keys(fresh_postgres_dsn) >= expected_events, 180, "all events stored")
+        health = lambda: server.client().get("/health").json()  # noqa: E731
+        wait_until(lambda: health()["view_position"] == health()["store_head"], 60, "the view to catch up")
+        rows = query(serve_env, FACTS_SQL.replace("\n", " "))
+        view = {frozenset(r["sources"]): (r["events"], r["amount"]) for r in rows}
+        counts = query(serve_env, "SELECT count(*) AS n, count(DISTINCT event_id || event_source) AS d, "
+                                  "(SELECT count(*) FROM customers) AS c FROM customer_events")[0]
+        assert counts["n"] == counts["d"] == expected_events  # nothing lost, nothing doubled
+        for key in embedded:
+            assert key in view and view[key] == embedded[key]
+        customers = {r["customer_id"]: r["events"] for r in query(serve_env, "SELECT customer_id, events FROM customers")}
+        # cdp.profiles: every customer's latest message is its current profile; no message twice
+        topic = f"{fresh_topic_prefix}cdp.profiles"
+
+        def complete() -> bool:
+            latest = dict(read_topic(kafka_bootstrap, topic))
+            return all(latest.get(c, {}).get("events") == n for c, n in customers.items())
+
+        wait_until(complete, 60, "cdp.profiles to carry every current profile")
+        messages = read_topic(kafka_bootstrap, topic)
+        repeated = Counter((k, json.dumps(v, sort_keys=True)) for k, v in messages)
+        assert max(repeated.values()) == 1, "a profile message was published twice"
+        latest = dict(messages)
+        assert {k for k, v in latest.items() if "merged_into" not in v} == set(customers)
+    finally:
+        server.stop()
+        if worker is not None:
+            stop(worker)
