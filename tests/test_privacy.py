@@ -11,10 +11,10 @@ import pytest
 
 from tests.events import event, jsonl
 
-ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7700 900461", "first_name": "Quorralind",
+ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
        "last_name": "Zephyrine", "address": {"street": "17 Wobblesworth Lane", "city": "Leeds", "postcode": "LS1 4AB"}}
 # what must not be found anywhere afterwards, case-insensitively (the phone as stored: E.164)
-NEEDLES = ["quorra.zephyrine@example.org", "+447700900461", "7700900461", "quorralind", "zephyrine", "wobblesworth"]
+NEEDLES = ["quorra.zephyrine@example.org", "+447911123461", "7911123461", "quorralind", "zephyrine", "wobblesworth"]
 OTHERS = [
     ("retail", "R-2", {"email": "bob.other@example.org", "first_name": "Bob", "last_name": "Other",
                        "address": {"street": "1 High Street", "city": "York"}}),
