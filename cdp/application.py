@@ -33,17 +33,20 @@ methods beside the commands; everything else is read from the DuckDB view.
 """
 from __future__ import annotations
 
+import base64
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 from uuid import UUID
 
+import orjson
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import Environment
 
 from cdp.contracts import audience_events, stored_events as topics
-from cdp import writers
-from cdp.config import Settings
+from cdp import shredding, writers
+from cdp.config import ConfigError, Settings
 from cdp.store import Batch, CompactJSONTranscoder, EventStore, store_environment
 from cdp.summary import Summary
 from identity import blocking, constraints, index as identity_index, model as identity_model
@@ -59,9 +62,25 @@ from identity.training import due, train
 from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
+SUPPRESSED_TABLE = "CREATE TABLE IF NOT EXISTS cdp_suppressed (fingerprint TEXT PRIMARY KEY)"
+SELECT_SUPPRESSED = "SELECT fingerprint FROM cdp_suppressed"
+INSERT_SUPPRESSED = "INSERT INTO cdp_suppressed (fingerprint) VALUES (?) ON CONFLICT (fingerprint) DO NOTHING"
 IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
 LAST_MODEL_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
 T = TypeVar("T")
+
+
+@dataclass
+class Erasure:
+    """What an erasure touched: the customer, every id merged into it, its source records
+    (`unit:source_id`) and identifiers (kind, value): the caller scrubs copies outside the store
+    (view, dead-letter) with them, then forgets them."""
+
+    customer_id: str
+    customer_ids: list[str]
+    sources: list[str]
+    identifiers: list[tuple[str, str]]
+    fingerprints: list[str]
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -101,9 +120,36 @@ class CustomerApplication(Application):
         # schema is created under the writers' lock
         with self._writers.held() if self._writers else nullcontext():
             super().__init__(env=env)
+            key_table = shredding.KEY_TABLE_POSTGRES if settings.event_store else shredding.KEY_TABLE
             self.store = EventStore(self.recorder, self.mapper.transcoder, settings, self._writers,
-                                    side_tables=IDENTITY_TABLES)
+                                    side_tables=(*IDENTITY_TABLES, key_table, SUPPRESSED_TABLE,
+                                                 shredding.MASTER_TABLE))
+            master = self._master_key()
+        self.keys = shredding.KeyRing(master, self._stored_keys)
+        self.mapper.transcoder.unseal = self.keys.unseal
         self._resolver: Resolver | None = None  # loaded by the first command: readers never need it
+        self._suppressed: set[str] | None = None  # fingerprints of erased identifiers, loaded with the resolver
+
+    def _master_key(self) -> bytes:
+        """CDP_MASTER_KEY, else the key file in CDP_HOME (SQLite) or the store's own key
+        (PostgreSQL: several writers, each with its own CDP_HOME, must share one); checked against
+        the store, so a wrong key is one clear error instead of unreadable data."""
+        settings, store = self.settings, self.store
+
+        def settle(name: str, value: str) -> str:
+            batch = store.begin()
+            batch.writes.append((shredding.INSERT_MASTER, [(name, value)]))
+            store.commit(batch)
+            return store.query(shredding.SELECT_MASTER, (name,))[0][0]
+
+        if settings.master_key or not settings.event_store:
+            master = shredding.load_master_key(settings.master_key, settings.master_key_path)
+        else:
+            master = base64.b64decode(settle("key", shredding.new_master_text()))
+        if settle("check", shredding.check_value(master)) != shredding.check_value(master):
+            raise ConfigError("the master key (CDP_MASTER_KEY or CDP_HOME/master.key) is not the one this "
+                              "event store was written with")
+        return master
 
     def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
         """Only the settings derived from ours (store_environment): the library's other variables
@@ -123,26 +169,50 @@ class CustomerApplication(Application):
     def reload(self) -> None:
         """Drops the in-memory copies and reads them again from the store."""
         self.store.load()
+        self.keys.forget(row[0] for row in self.store.query(shredding.SELECT_KEY_IDS))
         self._resolver = load_resolver(self.store, self.settings)
+        self._suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
 
-    def _command(self, work: Callable[[Batch], T], committed: Callable[[Batch], None] | None = None) -> T:
+    def _stored_keys(self, key_ids: Sequence[str]) -> list[tuple]:
+        rows: list[tuple] = []
+        for start in range(0, len(key_ids), 500):
+            chunk = key_ids[start:start + 500]
+            rows += self.store.query(shredding.SELECT_KEYS + " WHERE key_id IN (" + ", ".join("?" * len(chunk)) + ")",
+                                     chunk)
+        return rows
+
+    def _append(self, batch: Batch, topic: str, customer_id: str, source_key: str, **fields: object) -> None:
+        """Appends an event whose personal fields are sealed with the source record's data key."""
+        if self.settings.encrypt_personal_data:
+            fields = self.keys.seal(topic, source_key, fields, batch.data_keys)
+        self.store.append(batch, topic, customer_id, **fields)
+
+    def _command(self, work: Callable[[Batch], T], committed: Callable[[Batch], None] | None = None,
+                 needs_resolver: bool = True) -> T:
         """lock → refresh → work(batch) → commit → retry; `committed(batch)` runs after the
-        commit, still under the lock (the worker publishes profiles there, in commit order)."""
-        resolver = self.resolver  # loads the copies on first use, before the lock's refresh
+        commit, still under the lock (the worker publishes profiles there, in commit order).
+        A command that works on the store's tables alone (`needs_resolver=False`, e.g. erase) does
+        not load the resolver's copies when this process has none yet."""
+        # loads the copies on first use, before the lock's refresh
+        resolver = self.resolver if needs_resolver or self._resolver is not None else None
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 with self.store.exclusive():
-                    take_in_changes(resolver, self.store.changed)
+                    if resolver is not None:
+                        take_in_changes(resolver, self.store.changed)
+                        self._suppressed.update(row[0] for row in self.store.changed(SELECT_SUPPRESSED))
+                        self.keys.take_in(row[0] for row in self.store.changed(shredding.SELECT_KEY_IDS))
                     batch = self.store.begin()
                     result = work(batch)
-                    batch.writes.extend(resolver.take_writes())
+                    if resolver is not None:
+                        batch.writes.extend(resolver.take_writes())
                     self.store.commit(batch)
                     if committed is not None:
                         committed(batch)
                 return result
             except Exception as error:
                 self.reload()  # the copies may hold the failed batch's changes
-                resolver = self.resolver
+                resolver = self._resolver
                 if not isinstance(error, IntegrityError) or attempt == COMMIT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
@@ -155,6 +225,8 @@ class CustomerApplication(Application):
         `summary.conflicts` for the caller's dead-letter); returns what this batch did."""
         def work(batch: Batch) -> Summary:
             summary = Summary()
+            if self.settings.encrypt_personal_data:
+                self.keys.prepare(f"{r.business_unit}:{r.source_id}" for r in records)
             for record in records:
                 if record.key in self.store.seen:
                     first = self.store.seen.content(record.key)
@@ -162,6 +234,9 @@ class CustomerApplication(Application):
                         summary.conflicts.append(conflict(record, first))
                     else:
                         summary.duplicates += 1
+                elif self._suppressed and self._is_suppressed(record):
+                    summary.suppressed += 1
+                    summary.suppressed_events.append((record.source, record.event_id))
                 else:
                     self._append_decision(batch, record, self.resolver.resolve(record), summary)
                     self.store.mark_seen(batch, record.key, record.digest)
@@ -170,11 +245,15 @@ class CustomerApplication(Application):
 
         return self._command(work, committed)
 
-    def split(self, customer_id: str, sources: list[str] | None, reason: str) -> list[SplitDecision]:
+    def split(self, customer_id: str, sources: list[str] | None, reason: str,
+              actor: str = "local") -> list[SplitDecision]:
         """Moves source records out of a customer (all but one when `sources` is None); the
         resolver remembers they must not be linked again."""
         def work(batch: Batch) -> list[SplitDecision]:
             decisions = self.resolver.split(customer_id, sources)
+            if decisions:
+                self._audit(batch, actor, "split", customer_id,
+                            {"new_customer_ids": [d.new_customer_id for d in decisions], "reason": reason})
             for d in decisions:
                 self._append_split(batch, d.customer_id, d.new_customer_id, d.source_keys, reason)
             return decisions
@@ -224,6 +303,81 @@ class CustomerApplication(Application):
             return customer
 
         return self._command(work)
+
+    def erase(self, customer_id: str, suppress: bool = True, actor: str = "local") -> Erasure:
+        """Erases a person: destroys the data keys of every source record of the customer (and of
+        the customers merged into it), deletes their identity rows (keys, redirects, matching
+        records, cannot-link pairs), keeps their identifiers as keyed hashes when `suppress` (later
+        events carrying them are dropped) and records `Erased`, which carries no personal data."""
+        def work(batch: Batch) -> Erasure:
+            erasure = self._erasure(customer_id, suppress)
+            self.store.heads[erasure.customer_id] = self.store.head(erasure.customer_id)
+            ids, sources = [(c,) for c in erasure.customer_ids], [(s,) for s in erasure.sources]
+            batch.writes += [
+                (shredding.DELETE_KEY, [(self.keys.key_id(s),) for s in
+                                        [*erasure.sources, *map(shredding.customer_key, erasure.customer_ids)]]),
+                ("DELETE FROM identity_keys WHERE customer_id = ?", ids),
+                ("DELETE FROM identity_redirects WHERE absorbed_id = ?", ids),
+                ("DELETE FROM identity_records WHERE source_key = ?", sources),
+                ("DELETE FROM identity_cannot_link WHERE a = ?", sources),
+                ("DELETE FROM identity_cannot_link WHERE b = ?", sources),
+                (INSERT_SUPPRESSED, [(f,) for f in erasure.fingerprints] if suppress else []),
+            ]
+            self.store.append(batch, topics.ERASED, erasure.customer_id, customer_ids=erasure.customer_ids,
+                              sources=len(erasure.sources), suppressed=suppress, actor=actor)
+            self._audit(batch, actor, "erase", erasure.customer_id,
+                        {"customer_ids": erasure.customer_ids, "sources": len(erasure.sources), "suppressed": suppress})
+            return erasure
+
+        erasure = self._command(work, needs_resolver=False)
+        self.keys.forget()
+        if self._resolver is not None:
+            self.reload()  # the copies in memory still hold the person's identifiers
+        return erasure
+
+    def _erasure(self, customer_id: str, suppress: bool) -> Erasure:
+        """What erasing a customer touches, read from the store's identity tables."""
+        query = self.store.query
+        survivor, seen = customer_id, {customer_id}
+        while (row := query("SELECT survivor_id FROM identity_redirects WHERE absorbed_id = ?", (survivor,))) \
+                and row[0][0] not in seen:
+            survivor = row[0][0]
+            seen.add(survivor)
+        ids, frontier = {survivor}, [survivor]
+        while frontier:
+            marks = ", ".join("?" * len(frontier))
+            frontier = [a for (a,) in query(f"SELECT absorbed_id FROM identity_redirects WHERE survivor_id IN ({marks})",
+                                             frontier) if a not in ids]
+            ids.update(frontier)
+        ordered = sorted(ids)
+        keys = query(f"SELECT kind, value FROM identity_keys WHERE customer_id IN ({', '.join('?' * len(ordered))})",
+                     ordered)
+        sources = sorted(value for kind, value in keys if kind == "source")
+        fingerprints = sorted({self.keys.fingerprint(kind, value) for kind, value in keys}) if suppress else []
+        return Erasure(survivor, ordered, sources, [tuple(k) for k in keys if k[0] != "source"], fingerprints)
+
+    def _is_suppressed(self, record: Accepted) -> bool:
+        fingerprint, suppressed = self.keys.fingerprint, self._suppressed
+        return fingerprint("source", f"{record.business_unit}:{record.source_id}") in suppressed or any(
+            fingerprint(kind, value) in suppressed for kind, value in record.identifiers.items())
+
+    def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
+        """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""
+        self._command(lambda batch: self._audit(batch, actor, action, customer_id, detail), needs_resolver=False)
+
+    def _audit(self, batch: Batch, actor: str, action: str, customer_id: str | None, detail: dict) -> None:
+        self.store.heads[topics.AUDIT_LOG_ID] = self.store.head(topics.AUDIT_LOG_ID)  # read under the lock
+        self.store.append(batch, topics.AUDIT_ENTRY, topics.AUDIT_LOG_ID,
+                          actor=actor, action=action, customer_id=customer_id, detail=detail)
+
+    def audit_entries(self) -> list[dict]:
+        """Every audit entry, oldest first: `at` (when it was recorded), actor, action, customer_id, detail."""
+        entries = []
+        for version, state in self.store.stream(topics.AUDIT_LOG_ID):
+            entry = orjson.loads(state)
+            entries.append({"entry": version, "at": entry["timestamp"]["_data_"], "actor": entry["actor"],
+                            "action": entry["action"], "customer_id": entry["customer_id"], "detail": entry["detail"]})
+        return entries
 
     def retrain(self, seed: int = 1, dry_run: bool = False,
                 progress: Callable[[int], None] | None = None) -> Retrained:
@@ -327,8 +481,11 @@ class CustomerApplication(Application):
         return self.resolver.index.survivor(customer_id)
 
     def raw_notifications(self, after: int, limit: int) -> list[tuple[int, str, str, bytes]]:
-        """The stored events after a position, for the read side (projections)."""
-        return self.store.raw_notifications(after, limit)
+        """The stored events after a position, for the read side (projections), personal fields
+        decrypted (absent where the person was erased)."""
+        rows = self.store.raw_notifications(after, limit)
+        states = self.keys.unseal([row[3] for row in rows])
+        return [(position, customer, topic, state) for (position, customer, topic, _), state in zip(rows, states)]
 
     def max_position(self) -> int:
         return self.store.max_position()
@@ -344,14 +501,16 @@ class CustomerApplication(Application):
                           source_id=moved[0][1], split_from=customer_id, sources=moved)
 
     def _append_merge(self, batch: Batch, survivor: str, absorbed: str, link: Link) -> None:
-        self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule=link.rule,
-                          evidence=link.evidence)
+        # the evidence (e.g. a shared phone) is sealed under the absorbed customer's own key
+        self._append(batch, topics.MERGED, survivor, shredding.customer_key(absorbed), absorbed_id=absorbed,
+                     rule=link.rule, evidence=link.evidence)
         self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
 
 
     def _append_decision(self, batch: Batch, record: Accepted, decision: Decision, summary: Summary) -> None:
         store, customer = self.store, decision.customer_id
         unit, source_id = record.business_unit, record.source_id
+        src = f"{unit}:{source_id}"
         summary.accepted += 1
         if decision.registered:
             store.append(batch, topics.REGISTERED, customer, business_unit=unit, source_id=source_id)
@@ -360,19 +519,19 @@ class CustomerApplication(Application):
             self._append_merge(batch, customer, absorbed, link)
             summary.merges += 1
         if decision.link is not None:
-            store.append(batch, topics.SOURCE_LINKED, customer, business_unit=unit, source_id=source_id,
+            self._append(batch, topics.SOURCE_LINKED, customer, src, business_unit=unit, source_id=source_id,
                          rule=decision.link.rule, evidence=decision.link.evidence)
             summary.linked_sources += 1
         for suggestion in decision.suggestions:
             other_unit, other_source_id = split_key(suggestion.other_source_key)
-            store.append(batch, topics.MATCH_SUGGESTED, customer, review_id=suggestion.review_id,
+            self._append(batch, topics.MATCH_SUGGESTED, customer, src, review_id=suggestion.review_id,
                          business_unit=unit, source_id=source_id, other_business_unit=other_unit,
                          other_source_id=other_source_id, probability=suggestion.probability,
                          evidence=suggestion.evidence)
         for kind, value, records, limit in decision.ignored:
-            store.append(batch, topics.IDENTIFIER_IGNORED, customer, business_unit=unit, source_id=source_id,
+            self._append(batch, topics.IDENTIFIER_IGNORED, customer, src, business_unit=unit, source_id=source_id,
                          kind=kind, value=value, records=records, limit=limit)
-        store.append(batch, topics.EVENT_RECORDED, customer,
+        self._append(batch, topics.EVENT_RECORDED, customer, src,
                      event_id=record.event_id, event_source=record.source, event_type=record.type,
                      time=record.time, business_unit=unit, source_id=source_id,
                      profile=record.profile, data=record.data)

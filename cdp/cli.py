@@ -12,7 +12,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, first_line, open_view, refresh_view, settings, view_error
+from cdp.commandline import UserError, first_line, local_user, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
 from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
@@ -34,6 +34,7 @@ def print_summary(summary, title: str) -> None:
         ("rejected (dead-letter)", f"{summary.rejected:,}" + (
             "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary.reasons.items())) + ")" if summary.reasons else "")),
         ("duplicates ignored", f"{summary.duplicates:,}"),
+        ("suppressed (erased people)", f"{summary.suppressed:,}"),
         ("new customers", f"{summary.new_customers:,}"),
         ("source records linked", f"{summary.linked_sources:,}"),
         ("merges", f"{summary.merges:,}"),
@@ -189,16 +190,11 @@ def customer() -> None:
     """Look at one unified customer."""
 
 
-@customer.command("show")
-@click.argument("who")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Timeline events to show.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def customer_show(who: str, limit: int, fmt: str) -> None:
-    """Golden record, source records and timeline, by customer id, email, phone or business_unit:source_id."""
+def find_who(cfg: Settings, con: duckdb.DuckDBPyConnection, who: str) -> list[str]:
+    """The customer ids WHO names (a customer id, an e-mail, a phone or unit:source_id)."""
     from ingest import normalise
-    from projections.queries import LookupError_, classify, customer_picture, find_customers
+    from projections.queries import LookupError_, classify, find_customers
 
-    cfg = settings()
     try:
         kind, value = classify(who)
     except LookupError_ as error:
@@ -207,11 +203,25 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
         value = normalise.email(value) or value.strip().lower()
     elif kind == "phone":
         value = normalise.phone(value, cfg.default_phone_region) or value
-    con = open_view(cfg)
     ids = find_customers(con, kind, value)
     if not ids:
         raise UserError(f"no customer found for {kind} {value!r}")
+    return ids
+
+
+@customer.command("show")
+@click.argument("who")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Timeline events to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def customer_show(who: str, limit: int, fmt: str) -> None:
+    """Golden record, source records and timeline, by customer id, email, phone or business_unit:source_id."""
+    from projections.queries import customer_picture
+
+    cfg = settings()
+    con = open_view(cfg)
+    ids = find_who(cfg, con, who)
     pictures = [customer_picture(con, cid, limit) for cid in ids]
+    record_access(cfg, "read", ids, via="cli")
     if fmt == "json":
         sys.stdout.write(orjson.dumps(pictures if len(pictures) > 1 else pictures[0], default=console._plain,
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -227,6 +237,102 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
             cols = list(picture["timeline"][0])
             console.render_rows(cols, [tuple(t.values()) for t in picture["timeline"]], "table",
                                 title=f"timeline (latest {len(picture['timeline'])} of {golden.get('events', 0)})")
+
+
+@customer.command("export")
+@click.argument("who")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def customer_export(who: str, directory: Path) -> None:
+    """Write everything held about a person (golden record, sources, events, decisions, consents,
+    scores) as JSON and CSV into DIRECTORY."""
+    from projections.access import export_customer
+
+    cfg = settings()
+    con = open_view(cfg)
+    ids = find_who(cfg, con, who)
+    for customer_id in ids:
+        paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory)
+        record_access(cfg, "export", [customer_id], via="cli", files=len(paths))
+        console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
+
+
+@cli.command("erase")
+@click.argument("who")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-suppression", type=click.Choice(["yes", "no"]), default="yes", show_default=True,
+              help="Keep the person's identifiers as keyed hashes so later events carrying them are dropped.")
+def erase(who: str, yes: bool, keep_suppression: str) -> None:
+    """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
+    from cdp.erasure import erase_customer
+
+    cfg = settings()
+    con = open_view(cfg)
+    try:
+        ids = find_who(cfg, con, who)
+    finally:
+        con.close()
+    if len(ids) > 1:
+        raise UserError(f"{who!r} names {len(ids)} customers ({', '.join(ids)}): erase them one by one by customer id")
+    if not yes and not click.confirm(f"Erase customer {ids[0]} and everything held about them?", err=True):
+        raise UserError("not erased")
+    done = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
+    e = done.erasure
+    console.out.print(f"erased customer {e.customer_id}: {len(e.sources)} source record(s), "
+                      f"{len(e.customer_ids)} customer id(s), {done.deadletter_entries} dead-letter entr(ies); "
+                      f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
+                      f"({done.seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in done.phases.items()) + ")")
+
+
+def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:
+    """An audit-trail entry per customer read or exported by the local user."""
+    from cdp.application import CustomerApplication
+
+    app = CustomerApplication(cfg)
+    try:
+        for customer_id in customer_ids:
+            app.record_access(local_user(), action, customer_id, **detail)
+    finally:
+        app.close()
+
+
+@cli.command("audit")
+@click.option("--customer", "who", help="Only entries about this customer (id, e-mail, phone or unit:source_id).")
+@click.option("--since", help="Only entries recorded at or after this date or time (ISO 8601, UTC if no zone).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def audit(who: str | None, since: str | None, fmt: str) -> None:
+    """List the audit trail: who read, exported, erased or split which customer, and when."""
+    from datetime import datetime, timezone
+
+    from cdp.application import CustomerApplication
+    from projections.queries import classify
+
+    cfg = settings()
+    start = None
+    if since:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            raise UserError(f"--since: expected an ISO 8601 date or time, got {since!r}") from None
+        start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    ids = None
+    if who:  # an erased customer is no longer in the view: their id is taken as given
+        kind, value = classify(who) if who.strip() else ("", "")
+        ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg), who))
+    app = CustomerApplication(cfg)
+    try:
+        entries = app.audit_entries()
+    finally:
+        app.close()
+    entries = [e for e in entries if (ids is None or e["customer_id"] in ids)
+               and (start is None or datetime.fromisoformat(e["at"]) >= start)]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    columns = ["entry", "at", "actor", "action", "customer_id", "detail"]
+    rows = [tuple(orjson.dumps(e[c]).decode() if c == "detail" else e[c] for c in columns) for e in entries]
+    text = console.render_rows(columns, rows, fmt, title="audit trail")
+    if text is not None:
+        sys.stdout.write(text)
 
 
 @cli.command("export")

@@ -1,5 +1,6 @@
 """What every `cdp` command shares (cdp/cli.py, cdp/identity_cli.py): the settings, read once
-from the environment here and passed down; the read-only view; the one-line user error."""
+from the environment here and passed down; the read-only view; the one-line user error; the local
+user named in the audit trail."""
 from __future__ import annotations
 
 import click
@@ -54,3 +55,13 @@ def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.Error as error:
         raise view_error(cfg, error) from None
+
+
+def local_user() -> str:
+    """Who runs a command locally, for the audit trail."""
+    import getpass
+
+    try:
+        return "local:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "local"

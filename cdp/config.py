@@ -198,6 +198,10 @@ class Settings:
     train_min_records: int = 1000            # CDP_TRAIN_MIN_RECORDS: records held before the first self-training (0: never)
     retrain_growth: float = 1.0              # CDP_RETRAIN_GROWTH: train again once the records grew by this share
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
+    # privacy (README: "Privacy")
+    master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key
+    encrypt_personal_data: bool = True       # off only for bench/ (the cost of encryption, measured)
+    events_retention_days: int = 7           # CDP_EVENTS_RETENTION_DAYS: how long cdp.events keeps raw events
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
@@ -239,6 +243,8 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
+            master_key=env.get("CDP_MASTER_KEY") or None,
+            events_retention_days=_int(env, "CDP_EVENTS_RETENTION_DAYS", 7),
             max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),
             max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
@@ -273,6 +279,10 @@ class Settings:
         if not self.kafka_bootstrap:
             raise ConfigError("CDP_KAFKA_BOOTSTRAP is not set: give the Kafka broker as host:port")
         return self.kafka_bootstrap
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / "master.key"
 
     @property
     def server_file(self) -> Path:

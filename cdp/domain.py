@@ -12,6 +12,8 @@ Every fact is an explicit event on the customer it concerns:
 * `MatchSuggested` — a grey-zone pair (between the review and match thresholds) for people to judge;
   `MatchConfirmed` / `MatchRejected` — their verdict, honoured from then on.
 * `IdentifierIgnored` — a record carried an identifier over its guardrail limit, so it did not link.
+* `Erased` — the person was erased (cdp/erasure.py): their records' data keys are destroyed, so the
+  personal fields of their earlier events can no longer be read; it carries no personal data.
 
 Ids inside events are hex strings, not UUID objects, so events serialise without custom types.
 """
@@ -50,7 +52,8 @@ class Customer(Aggregate, created_event_name="Registered"):
 
         def apply(self, customer: "Customer") -> None:
             customer.events += 1
-            customer.profile.update(self.profile)
+            # no profile once the person's data key was destroyed (cdp/shredding.py)
+            customer.profile.update(getattr(self, "profile", None) or {})
 
     class Merged(Aggregate.Event):
         absorbed_id: str
@@ -114,6 +117,17 @@ class Customer(Aggregate, created_event_name="Registered"):
         records: int
         limit: int
 
+    class Erased(Aggregate.Event):
+        customer_ids: list[str]  # the erased customer and every customer merged into it
+        sources: int             # how many source records were erased
+        suppressed: bool         # whether their identifiers are suppressed from now on
+        actor: str               # who erased (a key's name or the local user)
+
+        def apply(self, customer: "Customer") -> None:
+            customer.sources = []
+            customer.profile = {}
+            customer.erased = True
+
     def __init__(self, business_unit: str, source_id: str):
         self.sources: list[tuple[str, str]] = [(business_unit, source_id)]
         self.split_from: str | None = None
@@ -171,3 +185,15 @@ class Destination(Aggregate, created_event_name="Defined"):
     def __init__(self, name: str, webhook: str, audiences: list[str], fields: list[str], sealed_secret: str | None):
         self.name, self.webhook, self.audiences, self.fields = name, webhook, audiences, fields
         self.sealed_secret = sealed_secret
+
+
+class AuditLog(Aggregate):
+    """The audit trail: one aggregate (AUDIT_LOG_ID) whose entries say who read, exported, erased
+    or split which customer, or created or revoked which key, and when (the stored event's
+    timestamp). Entries carry no personal data, so they outlive an erasure."""
+
+    class Entry(Aggregate.Event):
+        actor: str               # a key's name or `local:<user>`
+        action: str              # read, export, erase, split, key_created, key_revoked …
+        customer_id: str | None  # the customer touched, if any
+        detail: dict[str, Any]

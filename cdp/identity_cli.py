@@ -7,7 +7,7 @@ import click
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, open_view, settings
+from cdp.commandline import UserError, local_user, open_view, settings
 
 
 @click.group()
@@ -104,7 +104,8 @@ def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
             raise click.BadParameter(f"expected UNIT:SOURCE_ID, got {s!r}", param_hint="--source")
     with Pipeline(settings()) as pipeline:
         try:
-            decisions = pipeline.app.split(customer_id.replace("-", "").lower(), list(sources) or None, reason)
+            decisions = pipeline.app.split(customer_id.replace("-", "").lower(), list(sources) or None, reason,
+                                           actor=local_user())
         except ValueError as error:
             raise UserError(str(error)) from None
         pipeline.catch_up()

@@ -100,8 +100,11 @@ class Pipeline:
                 summary.add_rejection(record.kind)
             else:
                 accepted.append(record)
-        self.deadletter.flush()
         part = self.app.ingest(accepted, committed)
+        for source, event_id in part.suppressed_events:  # an erased person's: the id, never the input
+            self.deadletter.write(Rejected(reason="suppressed", origin="erasure", kind="suppressed",
+                                           event_id=event_id, source=source))
+        self.deadletter.flush()
         summary.add(part)
         for rejected in part.conflicts:  # refused by the command: a re-sent id with other content
             self.deadletter.write(rejected)

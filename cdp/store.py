@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import blake2b
@@ -27,7 +28,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.persistence import StoredEvent, Transcoder
 
-from cdp import faults, store_identity, writers
+from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
@@ -112,7 +113,13 @@ class CompactJSONTranscoder(Transcoder):
     def encode(self, obj: Any) -> bytes:
         return orjson.dumps(obj, default=self._default, option=orjson.OPT_PASSTHROUGH_DATETIME)
 
+    # Set by the application (cdp/shredding.py KeyRing.unseal): stored states with their sealed
+    # personal fields decrypted, so the library's own reads (repository.get) see them.
+    unseal: Any = None
+
     def decode(self, data: bytes) -> Any:
+        if self.unseal is not None:
+            data = self.unseal([data])[0]
         state = orjson.loads(data)
         for name, value in state.items():
             if type(value) is dict and len(value) == 2 and "_type_" in value:
@@ -134,7 +141,7 @@ def _side_writes(cursor: Any, writes: Sequence[tuple[str, list[tuple]]], placeho
 
 
 _VALUES = re.compile(r"VALUES\s*\((\s*\?\s*(?:,\s*\?\s*)*)\)")
-_ARRAY_TYPES = {str: "text", int: "bigint", float: "float8", bool: "boolean"}
+_ARRAY_TYPES = {str: "text", int: "bigint", float: "float8", bool: "boolean", bytes: "bytea"}
 
 
 def _as_arrays(sql: str, rows: list[tuple]) -> tuple[str, list[list]] | None:
@@ -190,6 +197,7 @@ class Batch:
 
     events: list[StoredEvent] = field(default_factory=list)
     keys: list[tuple[str, str]] = field(default_factory=list)
+    data_keys: list[tuple[str, bytes]] = field(default_factory=list)  # new wrapped data keys (cdp/shredding.py)
     writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -319,6 +327,30 @@ class EventStore:
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 
+    def head(self, customer_id: str) -> int:
+        """One customer's current version, read from the store (a command that needs no other head)."""
+        table = self.recorder.events_table_name
+        return self.query(f"SELECT COALESCE(MAX(originator_version), 0) FROM {table} WHERE originator_id = ?",
+                          (self._id(customer_id),))[0][0]
+
+    def stream(self, originator_id: str) -> list[tuple[int, bytes]]:
+        """(version, state) of one aggregate's events, in order (read by its primary key)."""
+        table = self.recorder.events_table_name
+        return self.query(f"SELECT originator_version, state FROM {table} WHERE originator_id = ? "
+                          "ORDER BY originator_version", (self._id(originator_id),))
+
+    def scrub(self) -> None:
+        """SQLite: moves the write-ahead log into the file and truncates it, so freed (zeroed) pages
+        are all that remains of deleted rows (PostgreSQL: nothing to do here)."""
+        if self.is_postgres:
+            return
+        with sqlite3.connect(self.settings.sqlite_path, timeout=30) as con:
+            for _ in range(50):
+                busy, *_ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+                time.sleep(0.05)
+
     # -- writing ---------------------------------------------------------------------------
 
     def begin(self) -> Batch:
@@ -326,17 +358,19 @@ class EventStore:
         self._stamp = {"_type_": "datetime_iso", "_data_": datetime.now(timezone.utc).isoformat()}
         return Batch()
 
-    def append(self, batch: Batch, topic: str, customer_id: str, **fields: Any) -> None:
+    def append(self, batch: Batch, topic: str, aggregate_id: str, /, **fields: Any) -> None:
         """Adds the aggregate's next event (`topic`: one of cdp.contracts.stored_events or
-        .audience_events; `customer_id`: the aggregate's id) to the batch and advances its head."""
-        version = self.heads.get(customer_id, 0) + 1
-        self.heads[customer_id] = version
-        state: dict[str, Any] = {"timestamp": self._stamp, **fields}
+        .audience_events; `aggregate_id`: a customer's id, or another aggregate's) to the batch and
+        advances its head."""
+        version = self.heads.get(aggregate_id, 0) + 1
+        self.heads[aggregate_id] = version
+        state: dict[str, Any] = {"timestamp": self._stamp}
         if version == 1:
             state["originator_topic"] = topic.rsplit(".", 1)[0]  # the event class's aggregate
+        state.update(fields)  # in the given order: a sealed field stays last (cdp/shredding.py)
         batch.events.append(
             StoredEvent(
-                originator_id=self._id(customer_id),
+                originator_id=self._id(aggregate_id),
                 originator_version=version,
                 topic=topic,
                 state=self.transcoder.encode(state),
@@ -349,7 +383,7 @@ class EventStore:
 
     def commit(self, batch: Batch) -> None:
         """Writes the batch in one transaction: side rows first, then the stored events."""
-        writes = [(INSERT_EVENT_KEY, batch.keys), *batch.writes]
+        writes = [(INSERT_EVENT_KEY, batch.keys), (shredding.INSERT_KEY, batch.data_keys), *batch.writes]
         if not batch.events and not any(rows for _, rows in writes):
             return
         with self.recorder.datastore.transaction(commit=True) as cursor:
@@ -359,6 +393,7 @@ class EventStore:
                     self._insert_postgres(cursor, batch.events)
             else:
                 cursor.execute(f"PRAGMA cache_size = {SQLITE_CACHE_PAGES}")
+                cursor.execute("PRAGMA secure_delete = ON")  # deleted or overwritten rows leave zeros (erasure)
                 _side_writes(cursor, writes, "?")
                 # notification ids are not needed, and SQLite's single writer keeps rowids in commit order
                 cursor.executemany(self._insert_events_sql, [

@@ -9,6 +9,7 @@ class Summary:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    suppressed: int = 0  # events of erased people, dropped (cdp/erasure.py)
     new_customers: int = 0
     linked_sources: int = 0
     merges: int = 0
@@ -16,11 +17,12 @@ class Summary:
     retrained: str | None = None  # self-training ran at the end of the run: what it changed
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
+    suppressed_events: list[tuple[str, str]] = field(default_factory=list)  # (source, id) of those dropped
     conflicts: list = field(default_factory=list)  # ingest.records.Rejected: a re-sent id with other content
 
     @property
     def read(self) -> int:
-        return self.accepted + self.rejected + self.duplicates
+        return self.accepted + self.rejected + self.duplicates + self.suppressed
 
     def add_rejection(self, kind: str) -> None:
         self.rejected += 1

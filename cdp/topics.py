@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from cdp.config import ConfigError, Settings
 
 EVENTS, DEADLETTER, PROFILES, AUDIENCES = "cdp.events", "cdp.deadletter", "cdp.profiles", "cdp.audiences"
-WEEK_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+WEEK_MS = 7 * DAY_MS
 
 
 class BrokerUnreachable(ConfigError):
@@ -33,7 +34,8 @@ class TopicSpec:
 def specs(settings: Settings) -> list[TopicSpec]:
     n = settings.kafka_partitions
     return [
-        TopicSpec(settings.topic(EVENTS), n, {"retention.ms": str(WEEK_MS), "compression.type": "producer"}),
+        TopicSpec(settings.topic(EVENTS), n, {"retention.ms": str(settings.events_retention_days * DAY_MS),
+                                              "compression.type": "producer"}),
         TopicSpec(settings.topic(DEADLETTER), 1, {"retention.ms": str(4 * WEEK_MS)}),
         # a CRM that starts late still reads every customer's latest profile; a tombstone (null
         # value) for an erased customer is kept a day so that subscribers see it before it goes

@@ -7,7 +7,8 @@ sees committed data:
   the store position the view had reached;
 * a customer merged away: a redirect `{"customer_id": absorbed, "merged_into": survivor}`, so a CRM
   holding the old id knows where it went (compaction keeps it as that key's last word);
-* an erased customer (once `cdp erase` exists): a tombstone, no value.
+* an erased customer (`cdp erase`): a tombstone, no value, for the customer and every id merged
+  into it, so compaction removes every profile of the person.
 """
 from __future__ import annotations
 
@@ -37,3 +38,8 @@ def profile_messages(con: duckdb.DuckDBPyConnection, changed: Iterable[str], mer
         profile["position"] = position
         messages.append((profile["customer_id"].encode(), orjson.dumps(profile, default=str)))
     return messages
+
+
+def tombstones(customer_ids: Iterable[str]) -> list[Message]:
+    """The tombstones of an erased person's customer ids."""
+    return [(customer_id.encode(), None) for customer_id in sorted(set(customer_ids))]

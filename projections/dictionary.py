@@ -51,6 +51,8 @@ _CUSTOMERS = {
     "churn_risk": "1 - P(alive) under the fitted MBG/NBD model, 4 decimals; NULL without purchases.",
     "predicted_value_12m": "Expected purchase days in the next 365 days (MBG/NBD) x expected spend per purchase day (Gamma-Gamma).",
     "tier": "high_value (R+F+M >= 12), potential (>= 8) or regular.",
+    "scores_withheld": "True when the customer withdrew profiling consent: recency, RFM, segment, lifecycle stage, "
+                       "churn risk, predicted value and tier are not computed (NULL) and they do not count in others' quintiles.",
 }
 
 COLUMNS: dict[str, dict[str, str]] = {

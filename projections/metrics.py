@@ -81,7 +81,10 @@ SCORE_COLUMNS: dict[str, str] = {
     "recency_days": "INTEGER", "rfm_recency": "TINYINT", "rfm_frequency": "TINYINT", "rfm_monetary": "TINYINT",
     "rfm_segment": "VARCHAR", "lifecycle_stage": "VARCHAR", "churn_risk": "DOUBLE",
     "predicted_value_12m": "DOUBLE", "tier": "VARCHAR",
+    "scores_withheld": "BOOLEAN",  # the person withdrew `profiling` consent: no score is computed
 }
+# Whose scores are computed: not those who withdrew profiling consent (never stated: computed).
+PROFILING_ALLOWED = "consent_profiling IS DISTINCT FROM false"
 
 FACTS_SELECT = ",\n  ".join(f"{sql} AS {name}" for name, (_, sql) in FACT_COLUMNS.items())
 CUSTOMER_METRIC_COLUMNS = ", ".join(
@@ -141,12 +144,13 @@ SELECT customer_id, (purchase_days - 1)::DOUBLE AS x,
        greatest(date_diff('day', first_purchase_at::DATE, $as_of::DATE),
                 date_diff('day', first_purchase_at::DATE, last_purchase_at::DATE))::DOUBLE AS T,
        lifetime_value / purchase_days AS monetary
-FROM customers WHERE orders > 0 ORDER BY customer_id
+FROM customers WHERE orders > 0 AND consent_profiling IS DISTINCT FROM false ORDER BY customer_id
 """
 
 _SCORES = f"""
 WITH scored AS (
   SELECT c.customer_id, c.orders, c.lifetime_value, c.first_purchase_at,
+         NOT ({PROFILING_ALLOWED}) AS scores_withheld,
          CASE WHEN c.orders > 0 THEN greatest(0, date_diff('day', c.last_purchase_at::DATE, $as_of::DATE)) END
            AS recency_days,
          round(m.churn_risk, 4) AS churn_risk, round(coalesce(m.predicted_value_12m, 0), 2) AS predicted_value_12m
@@ -156,7 +160,7 @@ ranked AS (
          least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY recency_days DESC)))::TINYINT AS rfm_recency,
          least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY orders)))::TINYINT AS rfm_frequency,
          least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY lifetime_value)))::TINYINT AS rfm_monetary
-  FROM scored WHERE orders > 0),
+  FROM scored WHERE orders > 0 AND NOT scores_withheld),
 staged AS (
   SELECT s.*, r.rfm_recency, r.rfm_frequency, r.rfm_monetary,
     CASE WHEN s.orders = 0 THEN 'prospect'
@@ -176,7 +180,8 @@ staged AS (
          WHEN rfm_recency + rfm_frequency + rfm_monetary >= 8 THEN 'potential'
          ELSE 'regular' END AS tier
   FROM scored s LEFT JOIN ranked r ON r.customer_id = s.customer_id)
-UPDATE customers SET {", ".join(f"{name} = staged.{name}" for name in SCORE_COLUMNS)}
+UPDATE customers SET {", ".join(f"{name} = CASE WHEN staged.scores_withheld THEN NULL ELSE staged.{name} END"
+                                if name != "scores_withheld" else f"{name} = staged.{name}" for name in SCORE_COLUMNS)}
 FROM staged WHERE customers.customer_id = staged.customer_id
 """
 

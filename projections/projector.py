@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 from cdp.contracts import stored_events
-from projections import audiences, metrics
+from projections import audiences, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
@@ -104,9 +104,10 @@ def final_survivors(merges: Sequence[tuple]) -> dict[str, str]:
 
 
 def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
-    """The batch cut after each Split, so a split applies after everything before it and before
-    anything after it (merges and splits do not commute)."""
-    cuts = [i + 1 for i, n in enumerate(notifications) if n[2] == TOPIC_SPLIT]
+    """The batch cut after each Split and Erased, so they apply after everything before them and
+    before anything after them (merges and splits do not commute; a person erased without
+    suppression may come back)."""
+    cuts = [i + 1 for i, n in enumerate(notifications) if n[2] in (TOPIC_SPLIT, stored_events.ERASED)]
     starts = [0, *cuts]
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
 
@@ -167,6 +168,8 @@ class Projector:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
+            if topics[-1] == stored_events.ERASED:
+                erasure.delete_erased(con)
             if recompute:
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 if absorbed:

@@ -16,9 +16,11 @@ SEGMENTS = ("champions", "loyal", "potential", "new", "at_risk", "hibernating", 
 TIERS = ("high_value", "potential", "regular")
 COHORT_MONTHS = 12   # cohorts shown (the latest, as-of month included) and months k = 0..11 after
 
-SEGMENT_SQL = "SELECT rfm_segment, count(*), round(sum(lifetime_value), 2) FROM customers GROUP BY 1"
-LIFECYCLE_SQL = "SELECT lifecycle_stage, count(*), round(sum(predicted_value_12m), 2) FROM customers GROUP BY 1"
-TIER_SQL = "SELECT tier, count(*), round(sum(lifetime_value), 2) FROM customers GROUP BY 1"
+# Customers who withdrew profiling consent have no scores (projections/metrics.py): not charted.
+SCORED = "WHERE scores_withheld IS NOT TRUE"
+SEGMENT_SQL = f"SELECT rfm_segment, count(*), round(sum(lifetime_value), 2) FROM customers {SCORED} GROUP BY 1"
+LIFECYCLE_SQL = f"SELECT lifecycle_stage, count(*), round(sum(predicted_value_12m), 2) FROM customers {SCORED} GROUP BY 1"
+TIER_SQL = f"SELECT tier, count(*), round(sum(lifetime_value), 2) FROM customers {SCORED} GROUP BY 1"
 OVERLAP_SQL = "SELECT unit_x, unit_y, customers_both, share_of_x, value_both FROM business_unit_overlap"
 COHORT_SQL = f"""
 WITH months AS (

@@ -116,11 +116,14 @@ def test_stored_event_topics_name_the_domain_classes():
     library reads stored events back by the same names, so they must be the classes' topics."""
     from eventsourcing.utils import get_topic
 
-    from cdp.domain import Customer
+    from cdp.domain import AuditLog, Customer
     from cdp.contracts import stored_events
 
     names = {name: value for name, value in vars(stored_events).items() if name.isupper() and name[0] != "_"}
     assert names.pop("CUSTOMER") == get_topic(Customer)
+    assert names.pop("AUDIT_LOG") == get_topic(AuditLog)
+    assert names.pop("AUDIT_ENTRY") == get_topic(AuditLog.Entry)
+    names.pop("AUDIT_LOG_ID")
     classes = {name for name, value in vars(Customer).items()
                if isinstance(value, type) and name not in ("Created", "Event")}  # the library's base classes
     assert {value.rsplit(".", 1)[1] for value in names.values()} == classes

@@ -60,7 +60,7 @@ ANN = [
     email("retail", "R0000001", "2026-04-20", "c2", "sent"),
     purchase("bank", "B-00001", "2026-05-01", 200.00, "branch"),
     email("retail", "R0000001", "2026-05-01", "c2", "unsubscribed"),
-    consent("retail", "R0000001", "2026-05-02", "profiling", False),
+    consent("retail", "R0000001", "2026-05-02", "third_party_sharing", False),
     purchase("retail", "R0000001", "2026-06-20", 30.00, "pos"),
 ]
 BOB = [  # lapsed: last purchase 510 days before as-of; re-consented after unsubscribing
@@ -207,7 +207,8 @@ def test_engagement_and_service(by_email):
 
 def test_consent_per_purpose(by_email):
     ann = by_email["ann"]
-    assert (ann["consent_email_marketing"], ann["consent_profiling"], ann["consent_sms_marketing"]) == (True, False, None)
+    assert (ann["consent_email_marketing"], ann["consent_third_party_sharing"], ann["consent_sms_marketing"]) == (
+        True, False, None)
     assert by_email["bob"]["consent_email_marketing"] is True
 
 

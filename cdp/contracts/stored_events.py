@@ -19,3 +19,9 @@ MATCH_SUGGESTED = f"{_CUSTOMER}.MatchSuggested"
 MATCH_CONFIRMED = f"{_CUSTOMER}.MatchConfirmed"
 MATCH_REJECTED = f"{_CUSTOMER}.MatchRejected"
 IDENTIFIER_IGNORED = f"{_CUSTOMER}.IdentifierIgnored"
+ERASED = f"{_CUSTOMER}.Erased"
+
+# The audit trail: a second aggregate, one stream (cdp/domain.py AuditLog).
+AUDIT_LOG = "cdp.domain:AuditLog"
+AUDIT_ENTRY = f"{AUDIT_LOG}.Entry"
+AUDIT_LOG_ID = "6a1d3f0c2b7e4e0c9f3b5a8d7c6e2f41"

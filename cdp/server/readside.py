@@ -15,11 +15,13 @@ import time
 from typing import Any, Callable
 
 import duckdb
+import orjson
 
 from cdp import keys as api_keys
 from cdp.config import Settings
+from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
-from projections.changelog import profile_messages
+from projections.changelog import profile_messages, tombstones
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
 POLL_SECONDS = 0.2
@@ -183,7 +185,8 @@ class ReadSide:
             if not rows:
                 break
             changed, merged = changed_customers(con, [r[1] for r in rows])
-            for key, value in profile_messages(con, changed, merged, upto):
+            erased = [cid for r in rows if r[2] == stored_events.ERASED for cid in orjson.loads(r[3])["customer_ids"]]
+            for key, value in profile_messages(con, changed, merged, upto) + tombstones(erased):
                 self.producer.send(topic, key=key, value=value)
                 self.published += 1
             self.producer.flush()

@@ -1,0 +1,124 @@
+"""Erasing a person everywhere the platform keeps them, in one call (CLI and HTTP).
+
+The store's part is the application's `erase` command (data keys destroyed, identity rows deleted,
+identifiers kept as keyed hashes for suppression, `Erased` recorded). Then the copies outside the
+store: the view follows the store (the person's rows deleted) and is rewritten into a fresh file,
+the dead-letter loses the entries that carry the person's identifiers, and SQLite's write-ahead log
+is checkpointed and truncated (the store deletes with `secure_delete`, so freed pages hold zeros).
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdp.application import CustomerApplication, Erasure
+from cdp.config import Settings
+from projections import erasure as view_erasure
+
+MIN_PHONE_DIGITS = 7
+PHONE_LIKE = re.compile(rb"[+\d][\d ()./-]{5,}\d")
+
+
+@dataclass
+class Erased:
+    erasure: Erasure
+    deadletter_entries: int
+    seconds: float
+    phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, checkpoint
+
+
+def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
+    """Erases the customer (and every customer merged into it) from store, view and dead-letter."""
+    from cdp.pipeline import make_projector
+
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        phases[name] = time.perf_counter() - started - sum(phases.values())
+
+    app = CustomerApplication(settings)
+    try:
+        erasure = app.erase(customer_id, suppress, actor)
+        lap("store")
+        if settings.duckdb_path.exists():
+            projector = make_projector(settings)
+            try:
+                projector.catch_up(app, settings.projection_batch, score=False)
+            finally:
+                projector.close()
+            lap("view")
+            view_erasure.rewrite(settings.duckdb_path)
+            lap("view_rewrite")
+        removed = scrub_deadletter(settings.deadletter_path, erasure)
+        lap("deadletter")
+        app.store.scrub()
+        lap("checkpoint")
+    finally:
+        app.close()
+    seconds = time.perf_counter() - started
+    if settings.kafka_bootstrap:
+        publish_tombstones(settings, erasure.customer_ids)
+    return Erased(erasure, removed, seconds, phases)
+
+
+def publish_tombstones(settings: Settings, customer_ids: list[str]) -> None:
+    """Tombstones on `cdp.profiles` for the erased ids, so CRMs following the changelog drop the
+    person and compaction removes their last profile."""
+    from kafka import KafkaProducer
+
+    from cdp import topics
+    from projections.changelog import tombstones
+
+    topics.ensure(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        for key, value in tombstones(customer_ids):
+            producer.send(settings.topic(topics.PROFILES), key=key, value=value)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def _needles(erasure: Erasure) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes]]]:
+    """What marks a dead-letter line as the person's: identifiers (lower-cased), phone digits and
+    their source records (unit and source id)."""
+    texts, digits, records = [], [], []
+    for kind, value in erasure.identifiers:
+        if kind == "phone":
+            number = re.sub(r"\D", "", value)
+            digits.append(number[-10:].encode())  # national digits, however the unit wrote them
+        texts.append(value.lower().encode())
+    for source in erasure.sources:
+        unit, _, source_id = source.partition(":")
+        records.append((f'"business_unit":"{unit}"'.encode(), f'"source_id":"{source_id}"'.encode()))
+    return [t for t in texts if t], [d for d in digits if len(d) >= MIN_PHONE_DIGITS], records
+
+
+def scrub_deadletter(path: Path, erasure: Erasure) -> int:
+    """Rewrites the dead-letter without the entries that carry the person's identifiers; returns
+    how many went."""
+    if not path.exists():
+        return 0
+    texts, digits, records = _needles(erasure)
+    kept, removed = [], 0
+    with open(path, "rb") as source:
+        for line in source:
+            lower = line.lower().replace(b'\\"', b'"').replace(b'": "', b'":"')
+            numbers = [re.sub(rb"\D", b"", m) for m in PHONE_LIKE.findall(line)] if digits else []
+            if (any(t in lower for t in texts) or any(d in n for d in digits for n in numbers)
+                    or any(u.lower() in lower and s.lower() in lower for u, s in records)):
+                removed += 1
+            else:
+                kept.append(line)
+    if removed:
+        fresh = path.with_name(path.name + ".scrub")
+        with open(fresh, "wb") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(fresh, path)
+    return removed

@@ -1,0 +1,55 @@
+"""Erasure in the view: an `Erased` event removes the person from every table, and the view's
+file can be rewritten so that not even its free blocks keep a byte of them.
+
+Because the Erased event is in the store, a rebuild removes the person again at the same point;
+their earlier events arrive without personal fields anyway (their data keys are gone,
+cdp/shredding.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+from cdp.contracts.stored_events import ERASED
+
+# Tables keyed by the customer, and the column naming them.
+CUSTOMER_TABLES = (
+    ("customer_events", "customer_id"), ("customer_sources", "customer_id"), ("customers", "customer_id"),
+    ("customer_business_units", "customer_id"), ("identity_decisions", "customer_id"),
+    ("customer_redirects", "survivor_id"), ("customer_redirects", "absorbed_id"),
+)
+SELECT_ERASED = f"""
+SELECT DISTINCT unnest(from_json(decode(state), '{{"customer_ids": ["VARCHAR"]}}').customer_ids) AS customer_id
+FROM batch WHERE topic = '{ERASED}'
+"""
+
+
+def delete_erased(con: duckdb.DuckDBPyConnection) -> bool:
+    """Deletes the rows of the customers the registered `batch` erased; True when there were any."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE erased AS {SELECT_ERASED}")
+    if not con.execute("SELECT count(*) FROM erased").fetchall()[0][0]:
+        return False
+    for table, column in CUSTOMER_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT customer_id FROM erased)")
+    return True
+
+
+def rewrite(path: Path) -> None:
+    """Copies the view into a fresh file and swaps it in: DuckDB marks deleted rows' blocks free
+    without clearing them, so only a new file is sure to hold none of an erased person's bytes."""
+    fresh = path.with_name(path.name + ".rewrite")
+    for leftover in (fresh, Path(str(fresh) + ".wal")):
+        leftover.unlink(missing_ok=True)
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("CHECKPOINT")
+        source = con.execute("SELECT current_database()").fetchall()[0][0]
+        con.execute(f"ATTACH '{fresh}' AS fresh")
+        con.execute(f'COPY FROM DATABASE "{source}" TO fresh')
+        con.execute("DETACH fresh")
+    finally:
+        con.close()
+    os.replace(fresh, path)
+    Path(str(path) + ".wal").unlink(missing_ok=True)

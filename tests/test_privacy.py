@@ -1,0 +1,221 @@
+"""Privacy: personal data encrypted at rest, erasure that leaves no byte of the person on disk,
+suppression of an erased person's identifiers. The CLI runs as a subprocess, as users run it."""
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.events import event, jsonl
+
+ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
+       "last_name": "Zephyrine", "address": {"street": "17 Wobblesworth Lane", "city": "Leeds", "postcode": "LS1 4AB"}}
+# what must not be found anywhere afterwards, case-insensitively (the phone as stored: E.164)
+NEEDLES = ["quorra.zephyrine@example.org", "+447911123461", "7911123461", "quorralind", "zephyrine", "wobblesworth"]
+OTHERS = [
+    ("retail", "R-2", {"email": "bob.other@example.org", "first_name": "Bob", "last_name": "Other",
+                       "address": {"street": "1 High Street", "city": "York"}}),
+    ("bank", "B-3", {"email": "cat.third@example.org", "phone": "+44 7700 900999", "first_name": "Cat",
+                     "last_name": "Third"}),
+]
+OTHERS_SQL = ("SELECT customer_id, email, phone, first_name, last_name, street, events, business_units "
+              "FROM customers ORDER BY customer_id")
+SUMS_SQL = "SELECT count(*) AS events, sum(amount) AS amount FROM customer_events"
+
+
+def people_events() -> list:
+    events = [
+        event("a1", "retail", "R-1", customer=ANN),
+        event("a2", "retail", "R-1", "cdp.purchase", amount=42.5, customer={"email": ANN["email"]}),
+        event("a3", "bank", "B-1", customer={"email": ANN["email"], "first_name": "Quorralind", "last_name": "Zephyrine"}),
+        event("a4", "bank", "B-1", "cdp.feedback", comment="Quorralind says the Wobblesworth branch is great"),
+    ]
+    for n, (unit, source_id, customer) in enumerate(OTHERS):
+        events.append(event(f"o{n}", unit, source_id, customer=customer))
+        events.append(event(f"p{n}", unit, source_id, "cdp.purchase", amount=10.0 + n, order_id=f"o-{n}"))
+    return events
+
+
+def invalid_event_of_ann() -> bytes:
+    """An event the schema rejects, carrying Ann's e-mail: it lands in the dead-letter."""
+    bad = event("bad1", "retail", "R-1", "cdp.purchase", amount="lots", customer={"email": ANN["email"]})
+    return jsonl([bad])
+
+
+def files_holding(home: Path, needles: list[str]) -> dict[str, list[str]]:
+    """Every file under home (recursively) that contains a needle, case-insensitively."""
+    found: dict[str, list[str]] = {}
+    for path in home.rglob("*"):
+        if path.is_file() and path.name != "input.jsonl":
+            data = path.read_bytes().lower()
+            hits = [n for n in needles if n.encode() in data]
+            if hits:
+                found[str(path.relative_to(home))] = hits
+    return found
+
+
+def ingest(cdp, tmp_path: Path, name: str, payload: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(payload)
+    return cdp("ingest", str(path)).stdout
+
+
+def others(cdp) -> tuple[list[dict], list[dict]]:
+    rows = [r for r in cdp.query(OTHERS_SQL) if r["email"] != "quorra.zephyrine@example.org"]
+    return rows, cdp.query(SUMS_SQL + " WHERE customer_id IN (" + ",".join(f"'{r['customer_id']}'" for r in rows) + ")")
+
+
+def test_personal_data_is_encrypted_in_the_store(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    import sqlite3
+
+    with sqlite3.connect(cdp.home / "events.sqlite") as con:
+        states = b"\n".join(row[0] for row in con.execute("SELECT state FROM stored_events")).lower()
+    assert b"great" not in states and b"42.5" not in states  # free text and the data block too
+    for needle in ("wobblesworth", "quorralind", "bob.other@example.org", "+447700900999"):
+        assert needle.encode() not in states, needle
+    # … and yet the view shows them
+    assert [r["first_name"] for r in cdp.query("SELECT first_name FROM customers ORDER BY 1")] == [
+        "Bob", "Cat", "Quorralind"]
+    key_file = cdp.home / "master.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
+    events = people_events() + [event("a5", "retail", "R-1", "cdp.consent", purpose="profiling", granted=False,
+                                      time="2025-02-01T00:00:00Z")]
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(events))
+    out = tmp_path / "ann"
+    cdp("customer", "export", "retail:R-1", str(out))
+    document = json.loads((out / "customer.json").read_text())
+    assert sorted(e["event_id"] for e in document["events"]) == ["a1", "a2", "a3", "a4", "a5"]
+    assert document["golden_record"]["last_name"] == "Zephyrine"
+    assert sorted((s["business_unit"], s["source_id"]) for s in document["source_records"]) == [
+        ("bank", "B-1"), ("retail", "R-1")]
+    assert [(c["purpose"], c["granted"], c["business_unit"]) for c in document["consents"]] == [
+        ("profiling", False, "retail")]
+    import csv
+
+    with open(out / "events.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4", "a5"]
+    assert any("Wobblesworth branch" in r["comment"] for r in rows)
+    # profiling consent withdrawn: her scores are withheld, the others' are computed
+    scores = {r["last_name"]: r for r in cdp.query(
+        "SELECT last_name, scores_withheld, rfm_segment, tier, churn_risk, predicted_value_12m FROM customers")}
+    assert scores["Zephyrine"] == {"last_name": "Zephyrine", "scores_withheld": True, "rfm_segment": None,
+                                   "tier": None, "churn_risk": None, "predicted_value_12m": None}
+    assert scores["Other"]["scores_withheld"] is False and scores["Other"]["tier"] is not None
+
+    cdp("customer", "show", "quorra.zephyrine@example.org")
+    entries = json.loads(cdp("audit", "--customer", "retail:R-1", "--format", "json").stdout)
+    ann = document["customer_id"]
+    assert [(e["action"], e["customer_id"]) for e in entries] == [("export", ann), ("read", ann)]
+    assert all(e["actor"].startswith("local") and e["at"] for e in entries)
+    assert json.loads(cdp("audit", "--since", "2999-01-01", "--format", "json").stdout) == []
+    bad = cdp("audit", "--since", "yesterday", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("cdp: error: --since")
+
+
+def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(invalid_event_of_ann())
+    cdp("ingest", str(path))
+    assert files_holding(cdp.home, NEEDLES), "the test data should be on disk before the erase"
+    before = others(cdp)
+
+    refused = cdp("erase", "quorra.zephyrine@example.org", check=False, input="n\n")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    out = cdp("erase", "Quorra.Zephyrine@example.org", "--yes").stdout
+    assert "2 source record(s)" in out
+
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert others(cdp) == before
+    erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
+    assert len(erased) == 1 and erased[0]["detail"]["sources"] == 2 and erased[0]["detail"]["suppressed"] is True
+    missing = cdp("customer", "show", "quorra.zephyrine@example.org", check=False)
+    assert missing.returncode == 1 and "no customer found" in missing.stderr
+
+    cdp("projections", "rebuild")
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert others(cdp) == before
+
+    # a unit re-sends Ann's records under new event ids: dropped, counted, dead-lettered without input
+    resent = [event("n1", "bank", "B-9", customer={"email": ANN["email"]}),
+              event("n2", "retail", "R-1", "cdp.purchase", amount=5.0),
+              event("n3", "telecom", "T-7", customer={"phone": ANN["phone"], "first_name": "Quorralind"})]
+    out = ingest(cdp, tmp_path, "resent.jsonl", jsonl(resent))
+    assert "suppressed" in out
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert others(cdp) == before
+    entries = [json.loads(line) for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+    suppressed = [e for e in entries if e["reason"] == "suppressed"]
+    assert sorted(e["event_id"] for e in suppressed) == ["n1", "n2", "n3"]
+    assert all(e["input"] is None for e in suppressed)
+
+
+def test_erase_without_suppression_lets_the_person_come_back(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    cdp("erase", "retail:R-1", "--yes", "--keep-suppression=no")
+    assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
+    ingest(cdp, tmp_path, "back.jsonl", jsonl([event("back1", "retail", "R-1", customer=ANN)]))
+    rows = cdp.query("SELECT first_name, events FROM customers WHERE last_name = 'Zephyrine'")
+    assert rows == [{"first_name": "Quorralind", "events": 1}]
+    cdp("projections", "rebuild")
+    assert cdp.query("SELECT first_name, events FROM customers WHERE last_name = 'Zephyrine'") == rows
+
+
+def test_erase_usage_errors_are_one_line(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    result = cdp("erase", "nobody@example.org", "--yes", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("cdp: error: no customer found")
+    result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "short"}, check=False)
+    assert result.returncode == 1 and "CDP_MASTER_KEY" in result.stderr and "Traceback" not in result.stderr
+    result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "ab" * 32}, check=False)
+    assert result.returncode == 1 and "not the one this event store was written with" in result.stderr
+
+
+@pytest.mark.postgres
+def test_erase_on_postgresql_leaves_nothing_in_a_dump(cdp, tmp_path, fresh_postgres_dsn):
+    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    before = others(cdp)
+    dump = subprocess.run(["pg_dump", "-d", fresh_postgres_dsn], capture_output=True, check=True).stdout.lower()
+    assert b"quorra.zephyrine@example.org" in dump  # the identity index holds it until the erase
+
+    cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    dump = subprocess.run(["pg_dump", "-d", fresh_postgres_dsn], capture_output=True, check=True).stdout.lower()
+    assert [n for n in NEEDLES if n.encode() in dump] == []
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert others(cdp) == before
+    ingest(cdp, tmp_path, "resent.jsonl", jsonl([event("n1", "bank", "B-9", customer={"email": ANN["email"]})]))
+    dump = subprocess.run(["pg_dump", "-d", fresh_postgres_dsn], capture_output=True, check=True).stdout.lower()
+    assert [n for n in NEEDLES if n.encode() in dump] == []
+
+
+def test_a_split_is_audited_and_an_erased_customer_stays_listed(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    cdp("identity", "split", ann, "--source", "bank:B-1", "--reason", "two people")
+    cdp("erase", ann, "--yes")
+    entries = json.loads(cdp("audit", "--customer", ann, "--format", "json").stdout)
+    assert [e["action"] for e in entries] == ["split", "erase"]
+    assert entries[0]["detail"]["reason"] == "two people" and entries[1]["detail"]["sources"] == 1
+    # the split-off record is another person: still there, with its own data
+    assert cdp.query("SELECT sources FROM customers WHERE first_name = 'Quorralind'") == [{"sources": 1}]
+
+
+@pytest.mark.kafka
+def test_erase_publishes_a_tombstone_on_the_profile_changelog(cdp, tmp_path, kafka_bootstrap, fresh_topic_prefix):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    cdp.env.update(CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
+    cdp("erase", ann, "--yes")
+    out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles", "-e",
+                          "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.splitlines() == [f"{ann}\t-1"]  # key, value size -1: a tombstone (null value)
