@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -200,10 +199,8 @@ def test_refs_resolve_offline_only(tmp_path):
         EventValidator(tmp_path)
 
 
-def test_validating_20000_events_is_fast(validator):
+def test_one_compiled_validator_checks_20000_events(validator):
+    """The schemas compile once and every event of every type passes (speed: bench/, not here)."""
     events = [envelope(t, copy.deepcopy(VALID[t]), id=f"e-{i}") for i in range(2858) for t in sorted(TYPES)][:20000]
-    start = time.perf_counter()
     results = [validator.check(e) for e in events]
-    elapsed = time.perf_counter() - start
     assert results == [None] * 20000
-    assert elapsed < 2.0, elapsed
