@@ -41,7 +41,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import Environment
 
-from cdp.contracts import stored_events as topics
+from cdp.contracts import audience_events, stored_events as topics
 from cdp import writers
 from cdp.config import Settings
 from cdp.store import Batch, CompactJSONTranscoder, EventStore, store_environment
@@ -268,6 +268,34 @@ class CustomerApplication(Application):
             return self.retrain()
         except ValueError:  # too few candidate pairs to learn from: keep the model until more arrive
             return None
+
+    def define_audience(self, name: str, where: str, consent: str | None) -> None:
+        """Stores an audience's definition (checked by the caller: projections.audiences); the
+        same name after a delete is defined again."""
+        self._define("audience", name, dict(name=name, where=where, consent=consent))
+
+    def define_destination(self, name: str, webhook: str, audiences: list[str], fields: list[str],
+                           sealed_secret: str | None) -> None:
+        """Stores where the changes of `audiences` go; the secret arrives sealed (cdp/secrets.py)."""
+        self._define("destination", name, dict(name=name, webhook=webhook, audiences=audiences, fields=fields,
+                                               sealed_secret=sealed_secret))
+
+    def delete_definition(self, kind: str, name: str) -> None:
+        """Deletes the audience or destination called `name` (kind: 'audience' | 'destination')."""
+        topic = {"audience": audience_events.AUDIENCE_DELETED, "destination": audience_events.DESTINATION_DELETED}[kind]
+        self._command(lambda batch: self.store.append(batch, topic, audience_events.definition_id(kind, name),
+                                                      name=name))
+
+    def _define(self, kind: str, name: str, fields: dict) -> None:
+        first, again = {"audience": (audience_events.AUDIENCE_DEFINED, audience_events.AUDIENCE_REDEFINED),
+                        "destination": (audience_events.DESTINATION_DEFINED,
+                                        audience_events.DESTINATION_REDEFINED)}[kind]
+        aggregate = audience_events.definition_id(kind, name)
+
+        def work(batch: Batch) -> None:
+            self.store.append(batch, again if aggregate in self.store.heads else first, aggregate, **fields)
+
+        self._command(work)
 
     # -- reads the write side needs ------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import orjson
 from cdp import console
 from cdp.commandline import UserError, first_line, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
+from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
 
 EXIT_USAGE = 2
@@ -346,6 +347,8 @@ def keys_revoke(key_id: str) -> None:
 
 
 cli.add_command(identity)  # `cdp identity …`
+cli.add_command(audiences)  # `cdp audiences …`
+cli.add_command(destinations)  # `cdp destinations …`
 
 
 def error_line(error: Exception) -> str:

@@ -54,6 +54,13 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, float, "a number of seconds")
+    if value < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value}")
+    return value
+
+
 def _pairs(env: dict[str, str], name: str, example: str) -> dict[str, str]:
     """'key=value,key=value' as a dict; an empty or unset variable is {}."""
     out: dict[str, str] = {}
@@ -194,6 +201,14 @@ class Settings:
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = 1                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
+    console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
+    # delivery of audience changes to destinations (README: "Audiences and destinations")
+    secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
+    delivery_attempts: int = 6               # CDP_DELIVERY_ATTEMPTS: tries per change before the dead-letter
+    delivery_backoff: float = 0.5            # CDP_DELIVERY_BACKOFF: first wait between tries, doubled each time
+    delivery_max_wait: float = 60.0          # CDP_DELIVERY_MAX_WAIT: longest wait, Retry-After included
+    delivery_concurrency: int = 32           # CDP_DELIVERY_CONCURRENCY: requests in flight per destination
+    delivery_timeout: float = 10.0           # CDP_DELIVERY_TIMEOUT: seconds per request
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -231,6 +246,13 @@ class Settings:
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             serve_threads=_count(env, "CDP_SERVE_THREADS", 1),
+            console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
+            secret_key=env.get("CDP_SECRET_KEY") or None,
+            delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),
+            delivery_backoff=_seconds(env, "CDP_DELIVERY_BACKOFF", 0.5),
+            delivery_max_wait=_seconds(env, "CDP_DELIVERY_MAX_WAIT", 60.0),
+            delivery_concurrency=_int(env, "CDP_DELIVERY_CONCURRENCY", 32),
+            delivery_timeout=_seconds(env, "CDP_DELIVERY_TIMEOUT", 10.0),
             **_identity(env),
         )
 

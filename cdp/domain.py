@@ -121,3 +121,53 @@ class Customer(Aggregate, created_event_name="Registered"):
         self.profile: dict[str, Any] = {}
         self.absorbed: list[str] = []
         self.merged_into: str | None = None
+
+
+class Audience(Aggregate, created_event_name="Defined"):
+    """A segment of the unified view that downstream tools receive as it changes: a SQL predicate
+    over `customers` and an optional consent purpose (projections/audiences.py keeps members).
+    Its id is derived from its name (cdp.contracts.audience_events.definition_id)."""
+
+    class Defined(Aggregate.Created):
+        name: str
+        where: str
+        consent: str | None
+
+    class Redefined(Aggregate.Event):
+        """The same name defined again after it was deleted."""
+
+        name: str
+        where: str
+        consent: str | None
+
+    class Deleted(Aggregate.Event):
+        name: str
+
+    def __init__(self, name: str, where: str, consent: str | None):
+        self.name, self.where, self.consent = name, where, consent
+
+
+class Destination(Aggregate, created_event_name="Defined"):
+    """Where audience changes are delivered: a webhook that receives the changes of some audiences.
+    The HMAC secret is kept sealed (cdp/secrets.py), never in plain text."""
+
+    class Defined(Aggregate.Created):
+        name: str
+        webhook: str
+        audiences: list[str]
+        fields: list[str]
+        sealed_secret: str | None
+
+    class Redefined(Aggregate.Event):
+        name: str
+        webhook: str
+        audiences: list[str]
+        fields: list[str]
+        sealed_secret: str | None
+
+    class Deleted(Aggregate.Event):
+        name: str
+
+    def __init__(self, name: str, webhook: str, audiences: list[str], fields: list[str], sealed_secret: str | None):
+        self.name, self.webhook, self.audiences, self.fields = name, webhook, audiences, fields
+        self.sealed_secret = sealed_secret

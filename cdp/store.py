@@ -27,7 +27,6 @@ from uuid import UUID
 import orjson
 from eventsourcing.persistence import StoredEvent, Transcoder
 
-from cdp.contracts import stored_events
 from cdp import faults, store_identity, writers
 from cdp.config import ConfigError, Settings
 
@@ -328,13 +327,13 @@ class EventStore:
         return Batch()
 
     def append(self, batch: Batch, topic: str, customer_id: str, **fields: Any) -> None:
-        """Adds the customer's next event (`topic`: one of cdp.contracts.stored_events) to the batch and
-        advances its head."""
+        """Adds the aggregate's next event (`topic`: one of cdp.contracts.stored_events or
+        .audience_events; `customer_id`: the aggregate's id) to the batch and advances its head."""
         version = self.heads.get(customer_id, 0) + 1
         self.heads[customer_id] = version
         state: dict[str, Any] = {"timestamp": self._stamp, **fields}
         if version == 1:
-            state["originator_topic"] = stored_events.CUSTOMER
+            state["originator_topic"] = topic.rsplit(".", 1)[0]  # the event class's aggregate
         batch.events.append(
             StoredEvent(
                 originator_id=self._id(customer_id),

@@ -3,7 +3,9 @@
 * `cdp.events`     everything subsidiaries publish, keyed by `business_unit:source_id`, so one
                    unit's record stays in order on one partition;
 * `cdp.deadletter` rejected events with the reason (the dead-letter entry format of ingest);
-* `cdp.profiles`   compacted changelog of unified profiles keyed by `customer_id`.
+* `cdp.profiles`   compacted changelog of unified profiles keyed by `customer_id`;
+* `cdp.audiences`  compacted audience membership keyed by `audience:customer_id`: the entered
+                   change's JSON (cdp/delivery.py) while a member, a tombstone once exited.
 
 `ensure(settings)` creates whatever is missing (idempotent; several workers may race on it).
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from cdp.config import ConfigError, Settings
 
-EVENTS, DEADLETTER, PROFILES = "cdp.events", "cdp.deadletter", "cdp.profiles"
+EVENTS, DEADLETTER, PROFILES, AUDIENCES = "cdp.events", "cdp.deadletter", "cdp.profiles", "cdp.audiences"
 WEEK_MS = 7 * 24 * 3600 * 1000
 
 
@@ -37,6 +39,9 @@ def specs(settings: Settings) -> list[TopicSpec]:
         # value) for an erased customer is kept a day so that subscribers see it before it goes
         TopicSpec(settings.topic(PROFILES), n, {"cleanup.policy": "compact", "delete.retention.ms": "86400000",
                                                "min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"}),
+        # likewise: the latest value per key is who is in which audience now
+        TopicSpec(settings.topic(AUDIENCES), n, {"cleanup.policy": "compact", "delete.retention.ms": "86400000",
+                                                "min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"}),
     ]
 
 

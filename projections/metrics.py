@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import date
+from typing import Callable
 
 import duckdb
 import numpy as np
@@ -204,8 +205,10 @@ def state(con: duckdb.DuckDBPyConnection) -> tuple[date | None, int | None]:
     return rows[0] if rows else (None, None)
 
 
-def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int) -> None:
-    """Recomputes every customer's scores against `as_of`, in one transaction with metric_state."""
+def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int,
+            then: Callable[[duckdb.DuckDBPyConnection], object] | None = None) -> None:
+    """Recomputes every customer's scores against `as_of`, in one transaction with metric_state;
+    `then(con)` runs last in the same transaction (what depends on the scores: audiences)."""
     scores, params = _model_scores(con, as_of)
     model = json.dumps({k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in asdict(params).items()})
     con.register("model_scores", scores)
@@ -216,5 +219,7 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int) -> None:
             con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
             con.execute("DELETE FROM metric_state")
             con.execute("INSERT INTO metric_state VALUES (?, ?, ?)", [as_of, position, model])
+            if then is not None:
+                then(con)
     finally:
         con.unregister("model_scores")

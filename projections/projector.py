@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 from cdp.contracts import stored_events
-from projections import metrics
+from projections import audiences, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
@@ -124,7 +124,7 @@ class Projector:
         self.survivorship = dict(survivorship or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = connect(self.path, memory_limit=memory_limit)
-        for statement in (*DDL, *IDENTITY_DDL):
+        for statement in (*DDL, *IDENTITY_DDL, *audiences.DDL):
             self.con.execute(statement)
         metrics.check_columns(self.con, self.path)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
@@ -140,11 +140,17 @@ class Projector:
             return 0
         with transaction(self.con) as con:
             con.execute("CREATE OR REPLACE TEMP TABLE touched (customer_id VARCHAR)")
+            audiences.begin_batch(con)
             for segment in segments(notifications):
                 self._apply_segment(segment, recompute)
             if recompute:
+                upkeep = audiences.has_audiences(con)
+                if upkeep:
+                    audiences.keep_prior_scores(con, "touched")
                 for statement in recompute_customers_sql(self._touched_scope(), self.survivorship):
                     con.execute(statement)
+                if upkeep:  # membership changes commit with the batch that caused them
+                    audiences.update_for_batch(con, "touched", notifications[-1][0])
             con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [notifications[-1][0], NAME])
         return len(notifications)
 
@@ -166,6 +172,7 @@ class Projector:
             con.execute(INSERT_EVENTS)
             con.execute(INSERT_SOURCES)
             con.execute(INSERT_DECISIONS)
+            audiences.apply_definitions(con)
             absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall())
             if topics[-1] == TOPIC_SPLIT:
                 con.execute(SPLIT_MOVES)
@@ -224,7 +231,9 @@ class Projector:
         computed at this position for this as-of date already; True when it did."""
         if metrics.state(self.con) == (self.as_of, self.position):
             return False
-        metrics.refresh(self.con, self.as_of, self.position)
+        position = self.position
+        # time-relative scores move people in and out of audiences without new events
+        metrics.refresh(self.con, self.as_of, position, then=lambda con: audiences.update_all(con, position))
         return True
 
     def close(self) -> None:

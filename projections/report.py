@@ -102,7 +102,9 @@ def _ordered(rows: list[tuple], order: tuple[str, ...]) -> list[tuple[str, int, 
            [(str(r[0]), r[1], r[2]) for r in rows if r[0] not in order]
 
 
-def render(con: duckdb.DuckDBPyConnection) -> str:
+def charts(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """The report's figures as HTML fragments (KPI tiles, inline SVG charts), drawn from the view
+    as it is now: the static report and the console's dashboard show the same pictures."""
     as_of = con.execute("SELECT max(as_of) FROM metric_state").fetchall()[0][0]
     customers, buyers, value, predicted, multi, churn, promoters, detractors, rated = \
         con.execute(KPI_SQL).fetchall()[0]
@@ -131,7 +133,11 @@ def render(con: duckdb.DuckDBPyConnection) -> str:
         "cohorts": heatmap("cohorts", cohort_rows, [f"+{k}" for k in range(COHORT_MONTHS)], cohort_cells,
                            "first purchase month", "months later"),
     }
-    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(fields)
+    return fields
+
+
+def render(con: duckdb.DuckDBPyConnection) -> str:
+    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(charts(con))
 
 
 def write_report(con: duckdb.DuckDBPyConnection, directory: Path) -> Path:

@@ -268,6 +268,7 @@ def test_docs_health_metrics_and_query_formats(served) -> None:
 
 def test_kill_9_mid_stream_then_restart_keeps_every_event_once(cdp, tmp_path) -> None:
     key = new_key(cdp, "publish", "retail")
+    reader = new_key(cdp, "read")  # made before the server starts: no race with its key ring's follower
     log = tmp_path / "serve.log"
     server = start_server(cdp.env, log)
     events = [cloudevent(f"k-{i}", "retail", f"R{i % 150}", "cdp.purchase", order_id=f"o{i}", amount=1.0,
@@ -293,7 +294,6 @@ def test_kill_9_mid_stream_then_restart_keeps_every_event_once(cdp, tmp_path) ->
     server = start_server(cdp.env, log)
     try:
         # every acknowledged batch is there already; the client resends everything (as clients do)
-        reader = new_key(cdp, "read")
         count = lambda: server.client(reader).post(  # noqa: E731
             "/v1/query", json={"sql": "SELECT count(*), count(DISTINCT event_id) FROM customer_events"}).json()["rows"][0]
         wait_until(lambda: count()[0] >= 20 * len(acknowledged), 30, "the acknowledged events")

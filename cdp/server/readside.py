@@ -18,6 +18,7 @@ import duckdb
 
 from cdp import keys as api_keys
 from cdp.config import Settings
+from cdp.delivery import DeliveryLoop
 from projections.changelog import profile_messages
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
@@ -53,6 +54,7 @@ class ReadSide:
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.missing_indexes = self.create_indexes()
+        self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
         self.keyring = api_keys.load(app)
         self.published = 0
         self.error: BaseException | None = None
@@ -83,11 +85,13 @@ class ReadSide:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self.delivery.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._threads[0].join(timeout=30)
+        self.delivery.stop()
         for cursor in self._cursors:
             cursor.close()
         self.projector.close()
@@ -159,10 +163,12 @@ class ReadSide:
                 self._caught_up.notify_all()
             if self.on_batch is not None:
                 self.on_batch(len(notifications))
+            self.delivery.wake()
         now = time.monotonic()
         if now - self.scored_at >= self.cfg.score_interval or (applied and not self.scored_at):
             projector.refresh_metrics()
             self.scored_at = now
+            self.delivery.wake()
         return applied
 
     def publish_profiles(self) -> None:

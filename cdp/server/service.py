@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import orjson
@@ -21,6 +21,9 @@ from cdp.keys import Key
 from cdp.server.access import Gate, RateLimiter
 from cdp.server.readside import ReadSide
 from ingest.records import Accepted, Rejected
+
+T = TypeVar("T")
+VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
 
 
 class Service:
@@ -63,6 +66,22 @@ class Service:
         unit = unit or (first.business_unit if first else None)
         self.writer.write(records, [(unit, user, earlier) for user, earlier in stitches] if unit else [])
 
+    def steward(self, work: Callable[[Any], T]) -> T:
+        """A person's identity decision, `work(app)` calling the application's command (the one
+        `cdp identity split|review` calls), returned once the view shows it. Embedded: on the
+        writer's application, between batches; with Kafka: on an application of its own (the
+        command takes the writers' lock, as the CLI's does)."""
+        if self.mode == "embedded":
+            result = self.writer.command(work)
+        else:
+            from cdp.pipeline import Pipeline
+
+            with Pipeline(self.cfg, project=False) as pipeline:
+                result = work(pipeline.app)
+        self.read.wake()
+        self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
+        return result
+
     def start(self) -> None:
         self.read.start()
 
@@ -93,6 +112,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from cdp import topics
+    from cdp.server.console.pages import mount as mount_console
     from cdp.server.app import build_app
 
     if cfg.kafka_bootstrap:
@@ -102,6 +122,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     except duckdb.Error as error:
         raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
     app = build_app(service)
+    mount_console(app, service)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)

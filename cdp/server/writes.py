@@ -37,6 +37,7 @@ class EmbeddedWriter:
         self.pipeline = Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path))
         self.summary = Summary()
         self.committed = committed
+        self._lock = threading.Lock()  # the pipeline: one batch or one person's command at a time
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="cdp-writer", daemon=True)
         self._thread.start()
@@ -68,9 +69,10 @@ class EmbeddedWriter:
                 group.append(more)
                 size += len(more[0])
             try:
-                self.pipeline.process_batch([r for records, _, _ in group for r in records], self.summary)
-                for stitch in (s for _, _, stitches in group for s in stitches):
-                    self.stitch(stitch)
+                with self._lock:
+                    self.pipeline.process_batch([r for records, _, _ in group for r in records], self.summary)
+                    for stitch in (s for _, _, stitches in group for s in stitches):
+                        self.stitch(stitch)
             except BaseException as error:  # every request of the group hears it (and may resend)
                 for _, done, _ in group:
                     done.set_exception(error)
@@ -78,6 +80,14 @@ class EmbeddedWriter:
             for _, done, _ in group:
                 done.set_result(None)
             self.committed()
+
+    def command(self, work: Callable[[Any], Any]) -> Any:
+        """`work(app)`, a person's command (a split, a review verdict) on this writer's
+        application, between two batches."""
+        with self._lock:
+            result = work(self.pipeline.app)
+        self.committed()
+        return result
 
     def stitch(self, stitch: Stitch) -> None:
         """An anonymous visitor turned out to be a known user (Segment identify or alias): the

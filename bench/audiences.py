@@ -1,0 +1,210 @@
+"""Benchmarks of audiences: `python -m bench.audiences [--customers N] [--changes N]`.
+
+1. Membership upkeep: the projector takes in a store's worth of notifications for `--customers`
+   customers (each registered and with one purchase; batches of 25,000 as CDP_PROJECTION_BATCH,
+   scores refreshed at the end) twice in the same run: without audiences, and with 10 audiences
+   defined first (facts, scores, a consent). Printed as seconds and as the ratio with/without;
+   target: at most 1.20.
+2. Webhook delivery: `--changes` entered changes delivered by cdp.delivery to an aiohttp receiver
+   on 127.0.0.1 (its own process), beside the raw aiohttp client posting the same bodies with the
+   same concurrency and keep-alive. Printed as changes/s; target: at least 1,000/s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import tempfile
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import orjson
+
+from bench.common import report
+from cdp.config import Settings
+from cdp.contracts import audience_events, stored_events
+from projections.projector import Projector
+
+AS_OF = date(2025, 6, 1)
+BATCH = 25_000
+AUDIENCES = {
+    "big_spenders": ("lifetime_value > 150", None),
+    "repeat": ("orders >= 2", None),
+    "bank": ("list_contains(business_units, 'bank')", None),
+    "churn_risk": ("churn_risk > 0.7", None),
+    "high_value": ("tier = 'high_value'", None),
+    "at_risk": ("lifecycle_stage = 'at_risk'", None),
+    "gmail": ("email LIKE '%@gmail.com'", None),
+    "lapsed": ("recency_days > 120", None),
+    "champions": ("rfm_segment = 'champions'", None),
+    "marketable": ("lifetime_value > 50", "email_marketing"),
+}
+UNITS = ("retail", "bank", "telecom")
+
+
+def _stamp() -> dict:
+    return {"_type_": "datetime_iso", "_data_": datetime.now(timezone.utc).isoformat()}
+
+
+PEOPLE_PER_BATCH = 11_000  # ≈ 25,000 notifications
+
+
+def notifications(first: int, count: int, position: int) -> list[tuple[int, str, str, bytes]]:
+    """Registered + one purchase (every 7th also a consent) for customers first … first+count-1, as
+    the store hands them over, positions after `position`."""
+    out, stamp = [], _stamp()
+    for n in range(first, first + count):
+        cid = f"{n:032x}"
+        unit = UNITS[n % 3]
+        profile = {"email": f"person{n}@{'gmail.com' if n % 4 == 0 else 'example.com'}", "first_name": f"P{n}"}
+        rows = [(stored_events.REGISTERED, {"timestamp": stamp, "business_unit": unit, "source_id": str(n),
+                                            "originator_topic": stored_events.CUSTOMER}),
+                (stored_events.EVENT_RECORDED, {
+                    "timestamp": stamp, "event_id": f"e{n}", "event_source": f"{unit}/pos", "event_type": "cdp.purchase",
+                    "time": f"2025-0{1 + n % 5}-{1 + n % 28:02d}T10:00:00Z", "business_unit": unit, "source_id": str(n),
+                    "profile": profile, "data": {"order_id": f"o{n}", "amount": float(n % 300), "currency": "EUR",
+                                                 "channel": "store"}})]
+        if n % 7 == 0:
+            rows.append((stored_events.EVENT_RECORDED, {
+                "timestamp": stamp, "event_id": f"c{n}", "event_source": f"{unit}/crm", "event_type": "cdp.consent",
+                "time": "2025-01-01T10:00:00Z", "business_unit": unit, "source_id": str(n), "profile": profile,
+                "data": {"purpose": "email_marketing", "granted": True}}))
+        for topic, state in rows:
+            position += 1
+            out.append((position, cid, topic, orjson.dumps(state)))
+    return out
+
+
+def definitions(start: int) -> list[tuple[int, str, str, bytes]]:
+    from projections.audiences import check_predicate
+
+    return [(start + i, audience_events.definition_id("audience", name), audience_events.AUDIENCE_DEFINED,
+             orjson.dumps({"timestamp": _stamp(), "name": name, "where": check_predicate(where), "consent": consent,
+                           "originator_topic": audience_events.AUDIENCE}))
+            for i, (name, (where, consent)) in enumerate(AUDIENCES.items())]
+
+
+def project(path: Path, customers: int, audiences: bool) -> tuple[float, int]:
+    """Seconds spent projecting (batches generated outside the clock), refresh of the scores (and
+    memberships) included; and the notifications projected."""
+    projector = Projector(path, AS_OF, "1GB")
+    seconds, position = 0.0, 0
+    try:
+        if audiences:
+            defined = definitions(1)
+            started = time.perf_counter()
+            projector.apply(defined)
+            seconds += time.perf_counter() - started
+            position = len(defined)
+        for first in range(0, customers, PEOPLE_PER_BATCH):
+            batch = notifications(first, min(PEOPLE_PER_BATCH, customers - first), position)
+            position = batch[-1][0]
+            started = time.perf_counter()
+            projector.apply(batch)
+            seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        projector.refresh_metrics()
+        return seconds + time.perf_counter() - started, position
+    finally:
+        projector.close()
+
+
+def bench_membership(customers: int, directory: Path) -> None:
+    plain, count = project(directory / "plain.duckdb", customers, False)
+    upkept, _ = project(directory / "audiences.duckdb", customers, True)
+    from projections.projector import connect
+
+    con = connect(directory / "audiences.duckdb", read_only=True)
+    members = con.execute("SELECT count(*) FROM audience_members WHERE until IS NULL").fetchone()[0]
+    con.close()
+    report(f"projection of {customers:,} customers ({count:,} notifications, batches of ≈{BATCH:,}), "
+           f"10 audiences, {members:,} memberships", [
+        ("with 10 audiences (s)", upkept, "s"),
+        ("without audiences, same run (s)", plain, "s"),
+    ], target="with / without <= 1.20")
+    print(f"  upkeep: with / without = {upkept / plain:.3f}")
+
+
+def _receiver(port_box) -> None:
+    from aiohttp import web
+
+    async def hook(request):
+        await request.read()
+        return web.Response(status=200)
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_box.put(site._server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+async def _raw_posts(url: str, bodies: list[bytes], concurrency: int) -> None:
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def one(body: bytes) -> None:
+            async with gate:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+        await asyncio.gather(*(one(b) for b in bodies))
+
+
+def bench_delivery(changes: int, directory: Path) -> None:
+    from cdp.delivery import Change, deliver_pending
+    from cdp.secrets import seal
+
+    box = multiprocessing.Queue()
+    server = multiprocessing.Process(target=_receiver, args=(box,), daemon=True)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{box.get(timeout=30)}/hook"
+        cfg = Settings.from_env({"CDP_HOME": str(directory), "CDP_AS_OF": AS_OF.isoformat()})
+        projector = Projector(directory / "delivery.duckdb", AS_OF)
+        con = projector.con
+        con.execute(f"INSERT INTO audience_changes SELECT i, 'big', lpad(i::VARCHAR, 32, '0'), 'entered', now(), i "
+                    f"FROM range(1, {changes + 1}) t(i)")
+        con.execute(f"INSERT INTO customers (customer_id, email, first_name) SELECT lpad(i::VARCHAR, 32, '0'), "
+                    f"'p' || i || '@example.com', 'P' || i FROM range(1, {changes + 1}) t(i)")
+        con.execute("INSERT INTO destinations VALUES ('crm', ?, ['big'], [], ?, now(), 1, false)",
+                    [url, seal(cfg, "bench-secret")])
+        started = time.perf_counter()
+        result = deliver_pending(con, cfg)
+        ours = time.perf_counter() - started
+        assert result.delivered == changes, result
+        bodies = [Change(i, "big", f"{i:032d}", "entered", datetime.now(timezone.utc),
+                         {"email": f"p{i}@example.com"}).body() for i in range(1, changes + 1)]
+        started = time.perf_counter()
+        asyncio.run(_raw_posts(url, bodies, cfg.delivery_concurrency))
+        raw = time.perf_counter() - started
+        projector.close()
+    finally:
+        server.terminate()
+        server.join()
+    report(f"webhook delivery of {changes:,} changes to a local aiohttp receiver (concurrency "
+           f"{cfg.delivery_concurrency}, keep-alive)", [
+        ("cdp.delivery (changes/s)", changes / ours, "/s"),
+        ("raw aiohttp POSTs of the same bodies (changes/s)", changes / raw, "/s"),
+    ], target=">= 1,000 changes/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--changes", type=int, default=20_000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-audiences-") as tmp:
+        bench_delivery(args.changes, Path(tmp))
+        bench_membership(args.customers, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

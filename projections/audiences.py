@@ -1,0 +1,303 @@
+"""Audiences in the unified view: their definitions, who is a member, and every change of membership.
+
+An audience is a predicate over `customers` plus an optional consent purpose (only customers whose
+latest `cdp.consent` for it is granted; never granted is not granted). Membership is kept as facts:
+
+* `audience_members`  one row per stay in an audience (`since` … `until`, NULL while a member);
+* `audience_changes`  one row per entered/exited change, numbered (`change_id`) in commit order:
+                      the outbox that destinations are delivered from (cdp/delivery.py).
+
+Both are written in the projector's DuckDB transaction, so a change is recorded exactly once with
+the batch (or the score refresh) that caused it. A batch re-evaluates the audiences for the
+customers it touched (their scores, NULL until the next refresh, are read from before the batch);
+a score refresh (new `CDP_AS_OF`, or the view moved on) re-evaluates everyone, so time-relative
+scores move people in and out without new events. A customer who disappears from `customers`
+(merged away, erased) exits every audience; an exited change carries ids only.
+
+The predicate is user SQL. `check_predicate` lets through one boolean expression over the columns
+of `customers` only: DuckDB's parser must see `SELECT * FROM customers WHERE (predicate)` and
+nothing else (no set operation, no other table, no table function, no subquery with a FROM, no
+CTE), and the stored text is the parser's own rendering of that expression, so nothing the user
+typed (comments, parentheses) survives into the SQL it is later spliced into.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import duckdb
+import orjson
+
+from cdp.contracts import audience_events as topics
+from projections import metrics
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+PURPOSE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_PREFIX = "SELECT * FROM customers WHERE "
+_DENIED_FUNCTIONS = {"getenv", "current_setting", "query", "query_table", "read_text", "read_blob"}
+
+DDL = (
+    "CREATE TABLE IF NOT EXISTS audiences (name VARCHAR NOT NULL, predicate VARCHAR, consent VARCHAR, "
+    "defined_at TIMESTAMPTZ, position BIGINT NOT NULL, deleted BOOLEAN NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS audience_members (audience VARCHAR NOT NULL, customer_id VARCHAR NOT NULL, "
+    "since TIMESTAMPTZ NOT NULL, until TIMESTAMPTZ, since_position BIGINT NOT NULL, until_position BIGINT)",
+    "CREATE TABLE IF NOT EXISTS audience_changes (change_id BIGINT NOT NULL, audience VARCHAR NOT NULL, "
+    "customer_id VARCHAR NOT NULL, action VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL, position BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS destinations (name VARCHAR NOT NULL, webhook VARCHAR NOT NULL, "
+    "audiences VARCHAR[] NOT NULL, fields VARCHAR[] NOT NULL, sealed_secret VARCHAR, defined_at TIMESTAMPTZ, "
+    "position BIGINT NOT NULL, deleted BOOLEAN NOT NULL)",
+    # written by whoever delivers (cdp/delivery.py), in the view so that it commits with nothing else
+    "CREATE TABLE IF NOT EXISTS destination_state (destination VARCHAR NOT NULL, delivered_through BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS destination_deadletter (destination VARCHAR NOT NULL, change_id BIGINT NOT NULL, "
+    "attempts INTEGER NOT NULL, error VARCHAR NOT NULL, failed_at TIMESTAMPTZ NOT NULL)",
+)
+
+
+class PredicateError(ValueError):
+    """The predicate is not one expression over `customers`; the message is one line."""
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _walk(node: Any) -> Iterable[dict]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _schema_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory database with the view's empty tables, no access to files, settings locked."""
+    from projections.tables import DDL as VIEW_DDL
+
+    con = duckdb.connect(config={"enable_external_access": False, "autoload_known_extensions": False,
+                                 "autoinstall_known_extensions": False})
+    for statement in VIEW_DDL:
+        con.execute(statement)
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_predicate(predicate: str) -> str:
+    """The predicate as DuckDB renders it, when it is one expression over the columns of
+    `customers`; PredicateError (one line) otherwise."""
+    if not predicate or not predicate.strip():
+        raise PredicateError("the predicate is empty: give a condition such as \"churn_risk > 0.7\"")
+    con = _schema_connection()
+    try:
+        parsed = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [f"{_PREFIX}({predicate}\n)"]).fetchone()[0])
+        if parsed.get("error"):
+            raise PredicateError(f"not a valid predicate: {' '.join(parsed.get('error_message', '').split())}")
+        statements = parsed["statements"]
+        node = statements[0]["node"] if len(statements) == 1 else {}
+        root_ok = (node.get("type") == "SELECT_NODE" and not node.get("modifiers") and not node["cte_map"]["map"]
+                   and not node.get("group_expressions") and node.get("having") is None
+                   and node.get("qualify") is None and node.get("sample") is None
+                   and [s.get("class") for s in node.get("select_list", [])] == ["STAR"]
+                   and node.get("from_table", {}).get("type") == "BASE_TABLE"
+                   and node["from_table"].get("table_name") == "customers")
+        if not root_ok:
+            raise PredicateError("the predicate must be one condition over customers' columns, not a statement")
+        where = node["where_clause"]
+        for inner in _walk(where):
+            if "from_table" in inner and inner["from_table"].get("type") != "EMPTY":
+                raise PredicateError("the predicate may read customers' columns only (no tables or table functions)")
+            if inner.get("cte_map", {}).get("map") or inner.get("type") == "SET_OPERATION_NODE":
+                raise PredicateError("the predicate must be one condition, not a query")
+            if inner.get("class") == "FUNCTION" and str(inner.get("function_name", "")).lower() in _DENIED_FUNCTIONS:
+                raise PredicateError(f"function {inner['function_name']} is not allowed in a predicate")
+        rendered = con.execute("SELECT json_deserialize_sql(?::JSON)", [orjson.dumps(parsed).decode()]).fetchone()[0]
+        if not rendered.startswith(_PREFIX):
+            raise PredicateError("the predicate must be one condition over customers' columns")
+        canonical = rendered[len(_PREFIX):]
+        try:  # the columns exist and the result is a truth value
+            con.execute(f"SELECT count(*) FROM customers WHERE {canonical}").fetchall()
+        except duckdb.Error as error:
+            raise PredicateError(f"not a valid predicate: {_one_line(error)}") from None
+        return canonical
+    except duckdb.Error as error:
+        raise PredicateError(f"not a valid predicate: {_one_line(error)}") from None
+    finally:
+        con.close()
+
+
+def check_fields(fields: list[str]) -> list[str]:
+    """Columns of `customers` a destination may ask for; ValueError names the first unknown."""
+    con = _schema_connection()
+    try:
+        columns = [row[0] for row in con.execute("DESCRIBE customers").fetchall()]
+    finally:
+        con.close()
+    for name in fields:
+        if name not in columns:
+            raise ValueError(f"unknown customer field {name!r} (fields are the columns of customers)")
+    return fields
+
+
+# -- definitions, from the store's events -----------------------------------------------------
+
+_DEFINITION_STATE = ('{"name": "VARCHAR", "where": "VARCHAR", "consent": "VARCHAR", "webhook": "VARCHAR", '
+                     '"audiences": "VARCHAR[]", "fields": "VARCHAR[]", "sealed_secret": "VARCHAR", '
+                     '"timestamp": {"_data_": "VARCHAR"}}')
+_LATEST_DEFINITIONS = f"""
+SELECT DISTINCT ON (s.name) topic, position, s.*
+FROM (SELECT topic, position, from_json(decode(state), '{_DEFINITION_STATE}') AS s FROM batch WHERE topic IN (TOPICS))
+ORDER BY s.name, position DESC
+"""
+
+
+def apply_definitions(con: duckdb.DuckDBPyConnection) -> None:
+    """Takes the audience and destination events of the registered `batch` into `audiences` and
+    `destinations`; audiences (re)defined or deleted here are noted in `audiences_redefined`."""
+    audience_topics = ", ".join(map(_literal, (topics.AUDIENCE_DEFINED, topics.AUDIENCE_REDEFINED,
+                                               topics.AUDIENCE_DELETED)))
+    destination_topics = ", ".join(map(_literal, (topics.DESTINATION_DEFINED, topics.DESTINATION_REDEFINED,
+                                                  topics.DESTINATION_DELETED)))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE latest_definitions AS {_LATEST_DEFINITIONS.replace('TOPICS', audience_topics)}")
+    if con.execute("SELECT count(*) FROM latest_definitions").fetchone()[0]:
+        con.execute("DELETE FROM audiences WHERE name IN (SELECT name FROM latest_definitions)")
+        con.execute(f"INSERT INTO audiences SELECT name, \"where\", consent, timestamp._data_::TIMESTAMPTZ, position, "
+                    f"topic = {_literal(topics.AUDIENCE_DELETED)} FROM latest_definitions")
+        con.execute("INSERT INTO audiences_redefined SELECT name FROM latest_definitions")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE latest_definitions AS "
+                f"{_LATEST_DEFINITIONS.replace('TOPICS', destination_topics)}")
+    if con.execute("SELECT count(*) FROM latest_definitions").fetchone()[0]:
+        con.execute("DELETE FROM destinations WHERE name IN (SELECT name FROM latest_definitions)")
+        con.execute(f"INSERT INTO destinations SELECT name, coalesce(webhook, ''), coalesce(audiences, []), "
+                    f"coalesce(fields, []), sealed_secret, timestamp._data_::TIMESTAMPTZ, position, "
+                    f"topic = {_literal(topics.DESTINATION_DELETED)} FROM latest_definitions")
+
+
+# -- membership --------------------------------------------------------------------------------
+
+_SCORES = list(metrics.SCORE_COLUMNS)
+# `customers` as the predicates see it during a batch: the touched customers' scores are NULL until
+# the next refresh, so the ones from before the batch stand in for them until then
+_WITH_PRIOR_SCORES = ("(SELECT c.* REPLACE ({}) FROM customers c LEFT JOIN audience_prior_scores p "
+                      "ON p.customer_id = c.customer_id)").format(
+    ", ".join(f"coalesce(c.{n}, p.{n}) AS {n}" for n in _SCORES))
+
+
+def begin_batch(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE audiences_redefined (name VARCHAR)")
+
+
+def _active(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str | None, bool]]:
+    """(name, predicate, consent, redefined in this batch) of every audience not deleted."""
+    redefined = "name IN (SELECT name FROM audiences_redefined)" if _has_table(con, "audiences_redefined") else "false"
+    return con.execute(f"SELECT name, predicate, consent, {redefined} FROM audiences WHERE NOT deleted "
+                       "ORDER BY name").fetchall()
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0])
+
+
+def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
+    """Before a batch re-derives the customers in `scope`: their scores, for the predicates."""
+    columns = ", ".join(_SCORES)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_prior_scores AS SELECT customer_id, {columns} "
+                f"FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
+
+
+def _members_sql(name: str, predicate: str, consent: str | None, source: str) -> str:
+    """Who of `source` (customers, or a table/subquery of some of them) is in the audience."""
+    conditions = [f"({predicate})"]
+    if consent:
+        conditions.append(
+            "customer_id IN (SELECT customer_id FROM customer_events WHERE type = 'cdp.consent' "
+            f"AND purpose = {_literal(consent)} AND customer_id IN (SELECT customer_id FROM {source}) "
+            "GROUP BY customer_id HAVING arg_max(granted, (time, position)))")
+    return f"SELECT {_literal(name)} AS audience, customer_id FROM {source} AS customers WHERE " + " AND ".join(conditions)
+
+
+def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) -> int:
+    """After a batch re-derived the customers in `scope`: their memberships, and everyone's in the
+    audiences (re)defined or deleted by the batch. Returns the changes recorded."""
+    active = _active(con)
+    redefined_all = con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()
+    if not active and not redefined_all:
+        return 0
+    # the touched customers alone, once, so that every predicate reads a batch's rows, not the view
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_candidates AS SELECT * FROM {_WITH_PRIOR_SCORES} "
+                f"WHERE customer_id IN (SELECT customer_id FROM {scope})")
+    should = [_members_sql(name, predicate, consent, _WITH_PRIOR_SCORES if again else "audience_candidates")
+              for name, predicate, consent, again in active]
+    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND "
+               f"(audience IN (SELECT name FROM audiences_redefined) OR customer_id IN (SELECT customer_id FROM {scope}))")
+    return _record(con, should, current, position)
+
+
+def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
+    """Everyone's membership in every audience (after the scores were refreshed); returns the changes."""
+    active = _active(con)
+    should = [_members_sql(name, predicate, consent, "customers") for name, predicate, consent, _ in active]
+    current = "SELECT audience, customer_id FROM audience_members WHERE until IS NULL"
+    return _record(con, should, current, position)
+
+
+def _record(con: duckdb.DuckDBPyConnection, should: list[str], current: str, position: int) -> int:
+    """Records the difference between who should be a member and who is, as changes and stays."""
+    should_sql = " UNION ALL ".join(should) if should else "SELECT NULL::VARCHAR AS audience, NULL::VARCHAR AS customer_id WHERE false"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE audience_delta AS
+        WITH should AS ({should_sql}), now_in AS ({current})
+        SELECT audience, customer_id, 'entered' AS action FROM (FROM should EXCEPT FROM now_in)
+        UNION ALL
+        SELECT audience, customer_id, 'exited' AS action FROM (FROM now_in EXCEPT FROM should)""")
+    changes = con.execute("SELECT count(*) FROM audience_delta").fetchone()[0]
+    if not changes:
+        return 0
+    con.execute("""
+        INSERT INTO audience_changes
+        SELECT (SELECT coalesce(max(change_id), 0) FROM audience_changes)
+                 + row_number() OVER (ORDER BY action DESC, audience, customer_id),
+               audience, customer_id, action, now(), $position
+        FROM audience_delta""", {"position": position})
+    con.execute("""
+        UPDATE audience_members SET until = now(), until_position = $position FROM audience_delta d
+        WHERE d.action = 'exited' AND audience_members.until IS NULL
+          AND audience_members.audience = d.audience AND audience_members.customer_id = d.customer_id""",
+                {"position": position})
+    con.execute("""
+        INSERT INTO audience_members
+        SELECT audience, customer_id, now(), NULL, $position, NULL FROM audience_delta WHERE action = 'entered'""",
+                {"position": position})
+    return changes
+
+
+def has_audiences(con: duckdb.DuckDBPyConnection) -> bool:
+    """Any audience defined or deleted so far (members may need to exit even when none is left)."""
+    return bool(con.execute("SELECT count(*) FROM audiences").fetchone()[0])
+
+
+# -- reads for the CLI -------------------------------------------------------------------------
+
+SELECT_LIST = """
+SELECT a.name, a.predicate, a.consent, a.defined_at,
+       (SELECT count(*) FROM audience_members m WHERE m.audience = a.name AND m.until IS NULL) AS size
+FROM audiences a WHERE NOT a.deleted ORDER BY a.name
+"""
+SELECT_SIZES = """
+SELECT changed_at, sum(sum(CASE action WHEN 'entered' THEN 1 ELSE -1 END)) OVER (ORDER BY changed_at) AS size,
+       count(*) FILTER (WHERE action = 'entered') AS entered, count(*) FILTER (WHERE action = 'exited') AS exited
+FROM audience_changes WHERE audience = ? GROUP BY changed_at ORDER BY changed_at
+"""
+
+
+def preview_sql(predicate: str, consent: str | None, sample: int) -> tuple[str, str]:
+    """(count, sample) queries of who a checked predicate would select now."""
+    members = _members_sql("preview", predicate, consent, "customers")
+    columns = "customer_id, email, first_name, last_name, business_units, lifetime_value, churn_risk"
+    return (f"SELECT count(*) FROM ({members})",
+            f"SELECT {columns} FROM customers WHERE customer_id IN (SELECT customer_id FROM ({members})) "
+            f"ORDER BY customer_id LIMIT {int(sample)}")

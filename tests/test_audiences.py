@@ -1,0 +1,304 @@
+"""Audiences and destinations the way users use them: the `cdp` command as a subprocess, a real
+HTTP receiver on 127.0.0.1 (which fails its first requests), the real Kafka broker read by kcat."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.events import event, write
+
+AS_OF = "2025-02-01"
+SECRET = "s3cret-for-tests"
+
+
+class Receiver:
+    """A webhook receiver: answers `plan` (status, Retry-After) to its first requests, 200 after;
+    records every request and checks the signature of each."""
+
+    def __init__(self, plan: list[tuple[int, str | None]] | None = None, secret: str | None = None):
+        self.plan = list(plan or [])
+        self.secret = secret
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the client wants
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    status, retry_after = receiver.plan.pop(0) if receiver.plan else (200, None)
+                    receiver.requests.append({"at": time.monotonic(), "status": status, "body": body,
+                                              "key": self.headers.get("Idempotency-Key"),
+                                              "signed": receiver.verify(body, self.headers.get("X-CDP-Signature"))})
+                self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def verify(self, body: bytes, header: str | None) -> bool:
+        if self.secret is None:
+            return header is None
+        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+        return header is not None and hmac.compare_digest(expected, header)
+
+    def kept(self) -> list[dict]:
+        """What a receiver that keeps each idempotency key once would keep (answered 2xx)."""
+        seen, out = set(), []
+        for r in self.requests:
+            if 200 <= r["status"] < 300 and r["key"] not in seen:
+                seen.add(r["key"])
+                out.append(json.loads(r["body"]))
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(plan=None, secret=None) -> Receiver:
+        made.append(Receiver(plan, secret))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def shop(cdp_at, tmp_path):
+    """Three customers: ann (spends 120, consents to email), bob (spends 80, consents), cat (spends
+    20, never consents); `cdp` at CDP_AS_OF=2025-02-01 with quick retries."""
+    cdp = cdp_at(tmp_path / "home", AS_OF, CDP_DELIVERY_BACKOFF="0.05", CDP_DELIVERY_ATTEMPTS="4")
+    people = {"ann": 120.0, "bob": 80.0, "cat": 20.0}
+    events = []
+    for n, (name, amount) in enumerate(people.items()):
+        who = {"email": f"{name}@example.com", "first_name": name.title()}
+        events.append(event(f"p{n}", "retail", name, "cdp.purchase", "2025-01-10T10:00:00Z", who, amount=amount,
+                            order_id=f"o{n}"))
+        if name != "cat":
+            events.append(event(f"c{n}", "retail", name, "cdp.consent", "2025-01-11T10:00:00Z", who,
+                                purpose="email_marketing", granted=True))
+    cdp("ingest", str(write(tmp_path / "shop.jsonl", events)))
+    cdp.tmp = tmp_path
+    return cdp
+
+
+def _ids(cdp) -> dict[str, str]:
+    return {row["email"].split("@")[0]: row["customer_id"] for row in cdp.query("SELECT customer_id, email FROM customers")}
+
+
+def _changes(cdp, audience: str) -> list[tuple[str, str]]:
+    return [(r["customer_id"], r["action"]) for r in cdp.query(
+        f"SELECT customer_id, action FROM audience_changes WHERE audience = '{audience}' ORDER BY change_id")]
+
+
+def test_webhook_gets_every_change_once_per_key_signed_despite_failures(shop, receiver):
+    hook = receiver(plan=[(503, "0"), (429, "1"), (500, None), (503, None)], secret=SECRET)
+    ids = _ids(shop)
+    shop("audiences", "create", "big_spenders", "--where", "lifetime_value >= 50", "--consent", "email_marketing")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "big_spenders", "--secret", "-",
+         "--fields", "email,first_name,lifetime_value", input=SECRET + "\n")
+    out = shop("audiences", "sync").stdout
+    assert "crm: 2 delivered, 0 to the dead-letter" in out
+
+    # ann withdraws consent: she exits without any other change
+    withdraw = event("c9", "retail", "ann", "cdp.consent", "2025-01-20T10:00:00Z", {"email": "ann@example.com"},
+                     purpose="email_marketing", granted=False)
+    shop("ingest", str(write(shop.tmp / "withdraw.jsonl", [withdraw])))
+    assert "crm: 1 delivered" in shop("audiences", "sync").stdout
+    assert shop("audiences", "sync").stdout.startswith("crm: 0 delivered")  # nothing pending twice
+
+    assert sorted(_changes(shop, "big_spenders")) == sorted(
+        [(ids["ann"], "entered"), (ids["bob"], "entered"), (ids["ann"], "exited")])
+    kept = hook.kept()
+    assert sorted((m["customer_id"], m["action"]) for m in kept) == sorted(_changes(shop, "big_spenders"))
+    entered = {m["customer_id"]: m for m in kept if m["action"] == "entered"}
+    assert entered[ids["ann"]]["profile"] == {"email": "ann@example.com", "first_name": "Ann", "lifetime_value": 120.0}
+    exited = [m for m in kept if m["action"] == "exited"]
+    assert set(exited[0]) == {"audience", "action", "customer_id", "time", "change_id"}  # ids only
+    # duplicates only as retries: one body per key, every request signed
+    bodies = defaultdict(set)
+    for r in hook.requests:
+        bodies[r["key"]].add(r["body"])
+    assert all(len(b) == 1 for b in bodies.values()) and len(bodies) == 3
+    assert len(hook.requests) == 3 + 4 and all(r["signed"] for r in hook.requests)
+    # Retry-After: 1 was honoured by the change that got it
+    got_429 = next(r for r in hook.requests if r["status"] == 429)
+    after = [r["at"] for r in hook.requests if r["key"] == got_429["key"] and r["at"] > got_429["at"]]
+    assert after and after[0] - got_429["at"] >= 0.9
+
+
+def test_dead_letter_then_retry_with_the_same_key(shop, receiver):
+    hook = receiver(plan=[(400, None), (400, None)])
+    shop("audiences", "create", "all", "--where", "orders > 0")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "all")
+    result = shop("audiences", "sync")
+    assert "crm: 1 delivered, 2 to the dead-letter" in result.stdout and "destinations retry" in result.stderr
+    listed = json.loads(shop("destinations", "list", "--format", "json").stdout)
+    assert [(d["name"], d["dead_letters"], d["pending"]) for d in listed] == [("crm", 2, 0)]
+    refused = {r["key"] for r in hook.requests if r["status"] == 400}
+    assert len(refused) == 2 and len(hook.requests) == 3  # a 400 is not retried
+    assert "2 delivered from the dead-letter, 0 still failing" in shop("destinations", "retry").stdout
+    assert {r["key"] for r in hook.requests[3:]} == refused
+    assert len(hook.kept()) == 3
+    assert shop.query("SELECT count(*) AS n FROM destination_deadletter") == [{"n": 0}]
+
+
+def test_score_refresh_moves_members_without_new_events(shop, cdp_at, receiver):
+    ids = _ids(shop)
+    shop("audiences", "create", "lapsed", "--where", "recency_days > 60")
+    shop("audiences", "create", "recent", "--where", "recency_days <= 60")
+    assert _changes(shop, "lapsed") == []
+    assert sorted(_changes(shop, "recent")) == sorted((ids[n], "entered") for n in ("ann", "bob", "cat"))
+    later = cdp_at(shop.home, "2025-06-01")
+    later("audiences", "sync")
+    assert sorted(_changes(later, "lapsed")) == sorted((ids[n], "entered") for n in ("ann", "bob", "cat"))
+    assert [c for c in _changes(later, "recent") if c[1] == "exited"] == sorted((ids[n], "exited") for n in ("ann", "bob", "cat"))
+    members = later.query("SELECT audience, count(*) FILTER (WHERE until IS NULL) AS now_in, count(*) AS stays "
+                          "FROM audience_members GROUP BY ALL ORDER BY ALL")
+    assert members == [{"audience": "lapsed", "now_in": 3, "stays": 3}, {"audience": "recent", "now_in": 0, "stays": 3}]
+    show = later("audiences", "show", "recent", "--format", "json").stdout
+    assert [row["size"] for row in json.loads(show)] == [3, 0]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("1; DROP TABLE customers", "not a valid predicate"),
+    ("exists(SELECT * FROM read_csv('/etc/passwd'))", "customers' columns only"),
+    ("1=1) UNION SELECT * FROM customers --", "not a valid predicate"),
+    ("no_such_column > 1", "not a valid predicate"),
+    ("customer_id IN (SELECT customer_id FROM customer_events)", "customers' columns only"),
+])
+def test_bad_or_hostile_predicates_are_one_line_errors(shop, where, message):
+    for command in (["audiences", "create", "x", "--where", where], ["audiences", "preview", "--where", where]):
+        result = shop(*command, check=False)
+        assert result.returncode != 0 and message in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert shop.query("SELECT count(*) AS n FROM audiences") == [{"n": 0}]
+
+
+def test_preview_saves_nothing_and_names_are_checked(shop):
+    result = shop("audiences", "preview", "--where", "lifetime_value > 50", "--format", "json")
+    assert "2 customers match" in result.stderr and len(json.loads(result.stdout)) == 2
+    assert shop.query("SELECT count(*) AS n FROM audiences") == [{"n": 0}]
+    assert "name" in shop("audiences", "create", "a:b", "--where", "true", check=False).stderr
+    assert "no audience" in shop("destinations", "create", "d", "--webhook", "http://127.0.0.1:9/",
+                                 "--audiences", "nope", check=False).stderr
+    shop("audiences", "create", "a", "--where", "true")
+    assert "exists" in shop("audiences", "create", "a", "--where", "true", check=False).stderr
+    shop("audiences", "delete", "a")
+    shop("audiences", "create", "a", "--where", "orders > 5")  # defined again after a delete
+    assert [r["name"] for r in json.loads(shop("audiences", "list", "--format", "json").stdout)] == ["a"]
+
+
+def test_secret_is_sealed_in_the_view_and_the_store(shop, receiver):
+    hook = receiver()
+    shop("audiences", "create", "all", "--where", "true")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "all", "--secret", SECRET)
+    (sealed,) = [r["sealed_secret"] for r in shop.query("SELECT sealed_secret FROM destinations")]
+    assert SECRET not in sealed and sealed.startswith("aesgcm1:")
+    assert SECRET.encode() not in (shop.home / "events.sqlite").read_bytes()
+    assert SECRET not in shop("destinations", "list", "--format", "json").stdout
+
+
+@pytest.mark.kafka
+def test_audiences_topic_read_by_kcat(shop, kafka_bootstrap, fresh_topic_prefix, cdp_at):
+    if shutil.which("kcat") is None:
+        pytest.fail("kcat is needed to read cdp.audiences")
+    ids = _ids(shop)
+    kafka = cdp_at(shop.home, AS_OF, CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
+    kafka("audiences", "create", "big", "--where", "lifetime_value >= 50", "--consent", "email_marketing")
+    assert "cdp.audiences: 2 published" in kafka("audiences", "sync").stdout
+    withdraw = event("c9", "retail", "bob", "cdp.consent", "2025-01-20T10:00:00Z", {"email": "bob@example.com"},
+                     purpose="email_marketing", granted=False)
+    kafka("ingest", str(write(shop.tmp / "withdraw.jsonl", [withdraw])))
+    assert "cdp.audiences: 1 published" in kafka("audiences", "sync").stdout
+    read = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.audiences", "-e",
+                           "-q", "-f", "%k\t%S\t%s\n"], capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0, read.stderr
+    records = [line.split("\t", 2) for line in read.stdout.splitlines() if line]
+    by_key = defaultdict(list)
+    for key, size, value in records:
+        by_key[key].append(None if size == "-1" else json.loads(value))
+    assert set(by_key) == {f"big:{ids['ann']}", f"big:{ids['bob']}"}
+    assert by_key[f"big:{ids['ann']}"][-1]["profile"]["email"] == "ann@example.com"
+    assert by_key[f"big:{ids['bob']}"][-1] is None  # exited: a tombstone
+
+
+def test_definition_topics_name_the_domain_classes():
+    """The projector selects definitions by these names; the library reads stored events back by them."""
+    from eventsourcing.utils import get_topic
+
+    from cdp.contracts import audience_events
+    from cdp.domain import Audience, Destination
+
+    names = {v for k, v in vars(audience_events).items() if k.isupper() and not k.startswith("_")}
+    expected = {get_topic(cls) for cls in (Audience, Destination)}
+    expected |= {get_topic(getattr(cls, n)) for cls in (Audience, Destination) for n in ("Defined", "Redefined", "Deleted")}
+    assert names == expected
+
+
+@pytest.mark.postgres
+def test_definitions_are_events_in_a_postgresql_store(cdp_at, fresh_postgres_dsn, tmp_path):
+    cdp = cdp_at(tmp_path / "home", AS_OF, CDP_EVENT_STORE=fresh_postgres_dsn)
+    cdp("ingest", str(write(tmp_path / "one.jsonl", [event("p1", "retail", "ann", "cdp.purchase", amount=70.0)])))
+    cdp("audiences", "create", "buyers", "--where", "orders > 0")
+    cdp("audiences", "delete", "buyers")
+    cdp("audiences", "create", "buyers", "--where", "lifetime_value > 50")
+    import psycopg
+
+    with psycopg.connect(fresh_postgres_dsn) as db:
+        topics = [r[0] for r in db.execute("SELECT topic FROM cdp_events WHERE topic LIKE 'cdp.domain:Audience%' "
+                                           "ORDER BY notification_id").fetchall()]
+    assert [t.rsplit(".", 1)[1] for t in topics] == ["Defined", "Deleted", "Redefined"]
+    # the view rebuilt from the store comes out with the same definition and members
+    cdp("projections", "rebuild")
+    assert cdp.query("SELECT name, predicate, deleted FROM audiences") == [
+        {"name": "buyers", "predicate": "(lifetime_value > 50)", "deleted": False}]
+    assert cdp.query("SELECT count(*) AS n FROM audience_members WHERE until IS NULL") == [{"n": 1}]
+
+
+def test_delivery_loop_delivers_continuously_beside_the_view_owner(shop, receiver):
+    """What `cdp serve` runs: a delivery thread on the view owner's connection, woken after batches."""
+    from cdp.config import Settings
+    from cdp.delivery import DeliveryLoop
+    from projections.projector import Projector
+
+    hook = receiver(plan=[(503, "0")])
+    shop("audiences", "create", "all", "--where", "orders > 0")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "all")
+    cfg = Settings.from_env(shop.env)
+    projector = Projector(cfg.duckdb_path, cfg.as_of)
+    loop = DeliveryLoop(projector.con, cfg, interval=0.2)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(hook.kept()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        loop.stop()
+        projector.close()
+    assert loop.error is None and len(hook.kept()) == 3 and len(hook.requests) == 4
