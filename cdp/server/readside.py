@@ -48,8 +48,8 @@ class ReadSide:
         self.on_batch = on_batch
         self.projector = make_projector(cfg)
         if cfg.serve_threads:
-            # One DuckDB thread leaves the other cores to HTTP and the writer: on 2 busy cores the
-            # look-ups beside a projecting batch measured p50 27.8 → 8.7 ms, the batch 192 → 128 ms.
+            # Fewer DuckDB threads leave cores to HTTP and the writer (CDP_SERVE_THREADS; one thread
+            # measured faster in process, not in bench/serve.py: off by default).
             self.projector.con.execute(f"SET threads = {int(cfg.serve_threads)}")
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
