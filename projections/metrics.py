@@ -124,15 +124,16 @@ STATE_DDL = "CREATE TABLE IF NOT EXISTS metric_state (as_of DATE, position BIGIN
 DDL = (UNITS_DDL, OVERLAP_DDL, STATE_DDL)
 
 
-def units_sql(scope: str | None) -> list[str]:
-    """Statements that re-derive `customer_business_units` (scope as in tables.recompute_customers_sql)."""
-    if scope is None:
+def units_sql(members: str | None) -> list[str]:
+    """Statements that re-derive `customer_business_units` for the customers `IN members` (an SQL
+    set, see tables.scope_members), None = all."""
+    if members is None:
         return ["DELETE FROM customer_business_units",
                 f"INSERT INTO customer_business_units {UNITS_SELECT} GROUP BY ALL"]
     return [
-        f"DELETE FROM customer_business_units WHERE customer_id IN (SELECT customer_id FROM {scope})",
+        f"DELETE FROM customer_business_units WHERE customer_id IN {members}",
         f"INSERT INTO customer_business_units {UNITS_SELECT} "
-        f"WHERE e.customer_id IN (SELECT customer_id FROM {scope}) GROUP BY ALL",
+        f"WHERE e.customer_id IN {members} GROUP BY ALL",
     ]
 
 

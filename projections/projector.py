@@ -28,6 +28,9 @@ TOPIC_MERGED = stored_events.MERGED
 TOPIC_SPLIT = stored_events.SPLIT
 TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 
+LISTED_SCOPE_MAX = 2000  # touched customers recomputed through a constant id list, beyond: a join
+
+
 def _struct(columns: dict[str, str]) -> str:
     return "{" + ", ".join(f'"{name}": "{kind}"' for name, kind in columns.items()) + "}"
 
@@ -145,12 +148,20 @@ class Projector:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql("touched", self.survivorship):
+                for statement in recompute_customers_sql(self._touched_scope(), self.survivorship):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
             con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [notifications[-1][0], NAME])
         return len(notifications)
+
+    def _touched_scope(self) -> str | list[str]:
+        """The customers this batch touched: their ids as a constant list when few (a live batch;
+        see tables.scope_members), else the `touched` table (a catch-up of many)."""
+        ids = [row[0] for row in self.con.execute(
+            "SELECT DISTINCT customer_id FROM touched WHERE customer_id IS NOT NULL "
+            f"LIMIT {LISTED_SCOPE_MAX + 1}").fetchall()]
+        return ids if 0 < len(ids) <= LISTED_SCOPE_MAX else "touched"
 
     def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
         positions, customers, topics, states = zip(*notifications)

@@ -39,6 +39,31 @@ class QueryBody(BaseModel):
     params: list[Any] | dict[str, Any] | None = Field(default=None, description="Prepared-statement parameters.")
 
 
+class MeasureRequests:
+    """Request counts and latency by route, as a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware (`@app.middleware`) runs every request through a task and memory streams."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [0]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+        name = getattr(scope.get("route"), "path", "unmatched")  # the router notes the route in the scope
+        telemetry.requests.labels(name, str(status[0])).inc()
+        telemetry.latency.labels(name).observe(time.perf_counter() - started)
+
+
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, **extra}, status_code=status, headers=headers)
 
@@ -98,15 +123,7 @@ def build_app(service: Any) -> FastAPI:
         service.log(f"internal error: {problem!r}")
         return error(500, "internal", "the server failed to answer; the request was not accepted")
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        telemetry.requests.labels(name, str(response.status_code)).inc()
-        telemetry.latency.labels(name).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(MeasureRequests)
 
     def admit(request: Request, scope: str, group: bool = False, token: str | None = None) -> Key:
         return service.gate.admit(token or token_of(request), scope, group)

@@ -49,6 +49,10 @@ class ReadSide:
         self.producer = producer  # None: embedded without Kafka, no changelog
         self.on_batch = on_batch
         self.projector = make_projector(cfg)
+        if cfg.serve_threads:
+            # Fewer DuckDB threads leave cores to HTTP and the writer (CDP_SERVE_THREADS; one thread
+            # measured faster in process, not in bench/serve.py: off by default).
+            self.projector.con.execute(f"SET threads = {int(cfg.serve_threads)}")
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.missing_indexes = self.create_indexes()
