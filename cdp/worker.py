@@ -372,7 +372,10 @@ def run(cfg: Settings, health_host: str = "127.0.0.1", health_port: int | None =
     finally:
         signal.signal(signal.SIGTERM, previous)
     store = handler.pipeline.app.store
-    cfg.home.mkdir(parents=True, exist_ok=True)  # Faust's data folder; no view lives here any more
+    try:  # Faust's data folder, the one thing a worker keeps in CDP_HOME (the view is `cdp serve`'s)
+        (cfg.home / "faust").mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # read-only or full: one line naming the path, not Faust's traceback
+        raise ConfigError(faults.describe(error, cfg).line) from None
     app = build_app(cfg, handler, producer, health, group, store.store_id)
     say(f"[worker {os.getpid()}] consuming {cfg.topic(topics.EVENTS)} at {cfg.kafka_bootstrap} as group "
         f"{cfg.topic(cfg.worker_group)}; store {store.where} (id {store.store_id}) (the view and cdp.profiles: cdp serve)"

@@ -17,7 +17,7 @@ import pytest
 
 from cdp.demo import DemoSpec, generate
 from tests.private_services import PrivateService, free_port, mount_tmpfs, unmount
-from tests.test_streaming import CDP, cdp, environment, facts, start_worker, stop, stored_keys, wait_for
+from tests.test_streaming import CDP, cdp, environment, facts, rebuilt, start_worker, stop, stored_keys, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
@@ -87,28 +87,31 @@ def test_postgres_outage_is_waited_out_by_the_same_worker(private_postgres: Priv
     embedded, expected = small_embedded
     dsn = private_postgres.address
     env = worker_env(tmp_path / "worker", kafka_bootstrap, fresh_topic_prefix, dsn)
-    cdp(env, "ingest", "--kafka", *small_input)
+    first, rest = small_input[:1], small_input[1:]
+    cdp(env, "ingest", "--kafka", *first)
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
         wait_for(lambda: stored_keys(dsn) >= 300, 120, "the first events", [worker])
         private_postgres.stop()
         down = time.monotonic()
-        time.sleep(20)
+        # the rest arrives during the outage: the worker has a batch to store and must wait for it
+        # (an idle worker does not touch the store: it keeps no view since `cdp serve` owns it)
+        cdp(env, "ingest", "--kafka", *rest)
+        time.sleep(max(0.0, 20 - (time.monotonic() - down)))
         assert worker.poll() is None, log.read_text()[-3000:]
         wait_for(lambda: "waiting for PostgreSQL at" in log.read_text(), 10, "the progress line to say so", [worker])
         private_postgres.start()
         back = time.monotonic()
         wait_for(lambda: stored_keys(dsn) >= expected, 120, "every event stored", [worker])
         recovered = time.monotonic() - back
-        time.sleep(2)  # the view follows the store within a second
     finally:
         text = stop_cleanly(worker, log)
     print(f"PostgreSQL down {back - down:.0f} s; every event stored {recovered:.1f} s after it was back; "
           f"the worker said: {[line for line in text.splitlines() if 'is back after' in line]}")
     assert "PostgreSQL unreachable at 127.0.0.1:" in text and "is back after" in text
     assert recorded(dsn) == expected
-    assert facts(tmp_path / "worker") == embedded
+    assert rebuilt(environment(tmp_path / "rebuilt", CDP_EVENT_STORE=dsn)) == embedded
 
 
 def test_broker_outage_leaves_the_store_to_other_writers(private_kafka: PrivateService, fresh_postgres_dsn: str,
@@ -162,26 +165,25 @@ def small_disk(tmp_path: Path):
     unmount(directory)
 
 
-def test_disk_full_is_one_line_naming_the_disk(small_disk: Path, kafka_bootstrap: str, fresh_postgres_dsn: str,
-                                               fresh_topic_prefix: str, tmp_path: Path,
-                                               small_input: list[str]) -> None:
+def test_a_full_local_disk_does_not_stop_a_worker(small_disk: Path, kafka_bootstrap: str, fresh_postgres_dsn: str,
+                                                 fresh_topic_prefix: str, tmp_path: Path,
+                                                 small_input: list[str], small_embedded) -> None:
+    """A worker keeps nothing but Faust's folder in CDP_HOME (the view is `cdp serve`'s), so a full
+    local disk costs it nothing; a full disk where something is written (the embedded ingest, the
+    view) is one line naming it: tests/test_faults_cli.py."""
+    _, expected = small_embedded
     home = small_disk / "home"
-    env = worker_env(home, kafka_bootstrap, fresh_topic_prefix, fresh_postgres_dsn, CDP_WORKER_BATCH="2000")
+    env = worker_env(home, kafka_bootstrap, fresh_topic_prefix, fresh_postgres_dsn)
     cdp(env, "ingest", "--kafka", *small_input)
     (small_disk / "ballast").write_bytes(b"\0" * (1900 * 1024))  # what is left: about 100 KB
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
-        worker.wait(timeout=120)
+        wait_for(lambda: stored_keys(fresh_postgres_dsn) >= expected, 120, "every event stored", [worker])
     finally:
-        stop(worker)
-    lines = log.read_text().strip().splitlines()
-    assert worker.returncode in (1, 70), lines[-5:]
-    assert lines[-1].startswith(("cdp: error: disk full: no space left on the disk holding ",
-                                 "cdp worker: error: disk full: no space left on the disk holding ")), lines[-5:]
-    assert str(small_disk) in lines[-1] and "CDP_HOME" in lines[-1]
-    print(lines[-1])
-    assert not any("Traceback" in line for line in lines)
+        text = stop_cleanly(worker, log)
+    assert recorded(fresh_postgres_dsn) == expected
+    assert "Traceback" not in text
 
 
 def test_read_only_home_is_one_line_and_a_failure(tmp_path: Path, kafka_bootstrap: str, fresh_postgres_dsn: str,
@@ -245,14 +247,17 @@ def test_sigterm_mid_stream_exits_0_and_a_restart_loses_and_doubles_nothing(
         small_input: list[str], small_embedded) -> None:
     embedded, expected = small_embedded
     port = free_port()
-    env = worker_env(tmp_path / "worker", kafka_bootstrap, fresh_topic_prefix, fresh_postgres_dsn)
-    cdp(env, "ingest", "--kafka", *small_input)
+    # small batches, and the stream keeps flowing after the SIGTERM: the rest is published only then
+    env = worker_env(tmp_path / "worker", kafka_bootstrap, fresh_topic_prefix, fresh_postgres_dsn,
+                     CDP_WORKER_BATCH="20")
+    cdp(env, "ingest", "--kafka", *small_input[:1])
     first = start_worker(env, tmp_path / "first.log")
     try:
         wait_for(lambda: stored_keys(fresh_postgres_dsn) >= 300, 120, "the first events", [first])
     finally:
         stop_cleanly(first, tmp_path / "first.log")
     assert stored_keys(fresh_postgres_dsn) < expected, "stopped mid-stream"
+    cdp(env, "ingest", "--kafka", *small_input[1:])
     log = tmp_path / "second.log"
     second = subprocess.Popen([*CDP, "worker",
                                "--health-port", str(port)],
@@ -277,4 +282,4 @@ def test_sigterm_mid_stream_exits_0_and_a_restart_loses_and_doubles_nothing(
     assert "lag 0" in text.strip().splitlines()[-1]
     assert "\x1b" not in text
     assert recorded(fresh_postgres_dsn) == expected
-    assert facts(tmp_path / "worker") == embedded
+    assert rebuilt(environment(tmp_path / "rebuilt", CDP_EVENT_STORE=fresh_postgres_dsn)) == embedded
