@@ -9,10 +9,10 @@ HMAC signature needs the secret itself, so it is kept encrypted and opened only 
 from __future__ import annotations
 
 import base64
-import os
 import secrets as random
 
 from cdp.config import ConfigError, Settings
+from cdp.keyfiles import read_or_create
 
 _PREFIX = "aesgcm1:"
 _CONTEXT = b"cdp destination secret"
@@ -22,16 +22,7 @@ def _key(settings: Settings) -> bytes:
     if settings.secret_key:
         raw = settings.secret_key
     else:
-        path = settings.home / "secret.key"
-        if not path.exists():
-            settings.home.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(base64.urlsafe_b64encode(random.token_bytes(32)).decode())
-            except FileExistsError:
-                pass  # another process made it in between
-        raw = path.read_text().strip()
+        raw = read_or_create(settings.home / "secret.key", lambda key: base64.urlsafe_b64encode(key).decode())
     try:
         key = base64.urlsafe_b64decode(raw.encode())
     except ValueError:

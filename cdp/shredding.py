@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cdp.config import ConfigError
+from cdp.keyfiles import read_or_create
 from cdp.contracts import stored_events as topics
 
 KEY_TABLE = "CREATE TABLE IF NOT EXISTS cdp_data_keys (key_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL)"
@@ -81,12 +82,7 @@ def load_master_key(env_value: str | None, key_file: Path) -> bytes:
         if len(key) != 32:
             raise ConfigError("CDP_MASTER_KEY: expected 32 bytes as 64 hex digits or base64")
         return key
-    if not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(base64.b64encode(AESGCM.generate_key(256)) + b"\n")
-    key = base64.b64decode(key_file.read_bytes().strip())
+    key = base64.b64decode(read_or_create(key_file, lambda key: base64.b64encode(key).decode()))
     if len(key) != 32:
         raise ConfigError(f"{key_file}: not a master key (expected base64 of 32 bytes)")
     return key
