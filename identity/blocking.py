@@ -2,7 +2,7 @@
 
 Each record gets a few *blocking keys*, each specific enough that a block stays small however large
 the customer base grows (names are phonetic codes combined with a birth year or a postcode; dates
-of birth with a postcode or a surname code). A candidate is any earlier record sharing at least one
+of birth with a postcode or a name code; the house number with the street). A candidate is any earlier record sharing at least one
 key. Blocks larger than a limit are cut off (only their first records are compared), so the cost
 per record stays flat.
 
@@ -58,6 +58,11 @@ def blocking_keys(f: Features) -> list[str]:
         keys.append(f"ny:{names}{f.dob[:4]}")
     if names and f.postcode:
         keys.append(f"np:{names}{f.postcode}")
+    if f.postcode:  # one name mistyped beyond its code and no date of birth to block on
+        for code in sorted({first, last} - {""}):
+            keys.append(f"pn:{code}{f.postcode}")
+    if f.number and f.street:  # the same house, the postcode mistyped
+        keys.append(f"ad:{f.number} {f.street}")
     if f.dob:
         dob = _dob_key(f.dob)
         if f.postcode:
