@@ -145,20 +145,31 @@ def _deterministic_edges(resolver: Resolver, order: Sequence[str]) -> Iterable[_
                     yield _Edge(holder, src, "shared_phone", {"phone": phone, "matched": holder})
 
 
-def _scored_edges(resolver: Resolver, order: Sequence[str], plan: Plan,
-                  progress: Progress | None) -> list[tuple[float, _Edge]]:
+@dataclass
+class Scores:
+    """The scored pairs at or above the match threshold, found from the records in `records`.
+    Scoring is the expensive part of a re-resolution: it runs on a snapshot of the records,
+    outside the writers' lock, and only the records that arrived since are scored under it."""
+
+    edges: dict[tuple[str, str], tuple[float, _Edge]] = field(default_factory=dict)
+    records: set[str] = field(default_factory=set)
+    pairs: int = 0
+
+
+def score(resolver: Resolver, order: Sequence[str], progress: Progress | None = None,
+          into: Scores | None = None) -> Scores:
+    """Scores every candidate pair the blocking indexes find for the records in `order`."""
+    scores = into if into is not None else Scores()
     matcher, records, guardrails = resolver.matcher, resolver.blocks.records, resolver.guardrails
     if matcher is None:
-        return []
-    threshold = matcher.match_threshold
-    edges: dict[tuple[str, str], tuple[float, _Edge]] = {}
+        return scores
+    threshold, edges = matcher.match_threshold, scores.edges
     step = 0
     for src in order:
-        f = records[src]
-        screened = guardrails.screen(f)
-        for scored in matcher.compare(screened):
+        scores.records.add(src)
+        for scored in matcher.compare(guardrails.screen(records[src])):
             other = scored.source_key
-            plan.pairs_scored += 1
+            scores.pairs += 1
             if other == src or scored.probability < threshold:
                 continue
             pair = (src, other) if src < other else (other, src)
@@ -170,15 +181,17 @@ def _scored_edges(resolver: Resolver, order: Sequence[str], plan: Plan,
             step = 0
     if progress is not None and step:
         progress(step)
-    return sorted(edges.values(), key=lambda item: (-item[0], item[1].a, item[1].b))
+    return scores
 
 
 def plan(resolver: Resolver, confirmed: Iterable[tuple[str, str]] = (),
-         oldest: Callable[[list[str]], str] = min, progress: Progress | None = None) -> Plan:
+         oldest: Callable[[list[str]], str] = min, progress: Progress | None = None,
+         scores: Scores | None = None) -> Plan:
     """The splits and merges that turn today's customers into the target clustering (see above).
 
     `confirmed` are the pairs people confirmed; `oldest` picks the oldest of several existing
-    customer ids; `progress` is told how many records have been scored."""
+    customer ids; `progress` is told how many records have been scored; `scores` are the pairs
+    scored beforehand (with this resolver's model), to which the records not among them are added."""
     matcher = resolver.matcher
     model_version = getattr(matcher.model, "version", 0) if matcher is not None else 0
     threshold = matcher.match_threshold if matcher is not None else 1.0
@@ -192,8 +205,13 @@ def plan(resolver: Resolver, confirmed: Iterable[tuple[str, str]] = (),
     for edge in [*people, *_deterministic_edges(resolver, order)]:
         if clusters.union(edge.a, edge.b):
             accepted.append(edge)
-    for _, edge in _scored_edges(resolver, order, result, progress):
-        if clusters.union(edge.a, edge.b):
+    if scores is None:
+        scores = score(resolver, order, progress)
+    else:
+        score(resolver, [src for src in order if src not in scores.records], progress, scores)
+    result.pairs_scored = scores.pairs
+    for _, edge in sorted(scores.edges.values(), key=lambda item: (-item[0], item[1].a, item[1].b)):
+        if edge.a in records and edge.b in records and clusters.union(edge.a, edge.b):  # (erased since)
             accepted.append(edge)
 
     current = {src: resolver.cluster_of(src) or src for src in order}
