@@ -74,7 +74,13 @@ def blocking_keys(f: Features) -> list[str]:
         keys.append(f"ph:{f.phone}")
     if f.national_id:
         keys.append(f"ni:{f.national_id}")
+    for kind, value in f.later:  # identifiers the record's later events brought
+        if kind in _IDENTIFIER_BLOCKS:
+            keys.append(f"{_IDENTIFIER_BLOCKS[kind]}{value}")
     return keys
+
+
+_IDENTIFIER_BLOCKS = {"phone": "ph:", "national_id": "ni:"}
 
 
 class BlockingIndex:
@@ -107,6 +113,23 @@ class BlockingIndex:
     def add(self, source_key: str, f: Features, keys: list[str] | None = None) -> None:
         self._add(source_key, f, keys)
         self._dirty[source_key] = f
+
+    def learn(self, source_key: str, f: Features, persist: bool = True) -> list[tuple[str, str]]:
+        """Takes in a known record's features grown by a later event's identifiers (`persist`:
+        to be written, unless another writer stored them); returns the identifiers new to it."""
+        known = self.records[source_key]
+        new = [pair for pair in f.later if pair not in known.later]
+        if new:
+            old_keys = set(blocking_keys(known))
+            self.records[source_key] = f
+            if persist:
+                self._dirty[source_key] = f
+            for key in blocking_keys(f):
+                if key not in old_keys:
+                    block = self.blocks.setdefault(key, [])
+                    if len(block) < self.max_block:
+                        block.append(source_key)
+        return new
 
     def candidates(self, f: Features, keys: list[str] | None = None) -> Iterator[str]:
         """Earlier records sharing a blocking key with `f` (its `keys`, when already computed), each once."""

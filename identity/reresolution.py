@@ -127,22 +127,25 @@ class _Clusters:
         return True
 
 
+def _strength(identifier: tuple[str, str]) -> int:
+    kind = identifier[0]
+    return IDENTIFIER_RULES.index(kind) if kind in IDENTIFIER_RULES else len(IDENTIFIER_RULES)
+
+
 def _deterministic_edges(resolver: Resolver, order: Sequence[str]) -> Iterable[_Edge]:
     records, guardrails = resolver.blocks.records, resolver.guardrails
     holders: dict[tuple[str, str], str] = {}
     for src in order:
         f = records[src]
-        for kind in IDENTIFIER_RULES:
-            value = getattr(f, kind)
-            if value is not None and guardrails.allows(kind, value):
+        for kind, value in sorted(f.identifiers(), key=_strength):  # its later events' too, strongest first
+            if kind in IDENTIFIER_RULES and guardrails.allows(kind, value):
                 first = holders.setdefault((kind, value), src)
                 if first != src:
                     yield _Edge(first, src, f"shared_{kind}", {kind: value})
-        phone = f.phone
-        if phone is not None and guardrails.allows("phone", phone):
-            for holder in resolver.blocks.blocks.get(f"ph:{phone}", ()):
-                if holder != src and compatible(f, records[holder]):
-                    yield _Edge(holder, src, "shared_phone", {"phone": phone, "matched": holder})
+            elif kind == "phone" and guardrails.allows(kind, value):
+                for holder in resolver.blocks.blocks.get(f"ph:{value}", ()):
+                    if holder != src and compatible(f, records[holder]):
+                        yield _Edge(holder, src, "shared_phone", {"phone": value, "matched": holder})
 
 
 @dataclass
