@@ -2,9 +2,9 @@
 
 Each record gets a few *blocking keys*, each specific enough that a block stays small however large
 the customer base grows (names are phonetic codes combined with a birth year or a postcode; dates
-of birth with a postcode or a name code; the house number and street with a name code). A
-candidate is any earlier record sharing at least one key. Blocks larger than a limit are cut off
-(only their first records are compared), so the cost per record stays flat.
+of birth with a postcode or a name code; the house number and postcode or street with a name
+code). A candidate is any earlier record sharing at least one key. Blocks larger than a limit are
+cut off (only their first records are compared), so the cost per record stays flat.
 
 The blocks live in memory beside each record's `Features`; the features are persisted as rows of
 `identity_records`, written in the events' transaction, and the blocks are rebuilt from them at
@@ -58,12 +58,12 @@ def blocking_keys(f: Features) -> list[str]:
         keys.append(f"ny:{names}{f.dob[:4]}")
     if names and f.postcode:
         keys.append(f"np:{names}{f.postcode}")
-    if f.postcode:  # one name mistyped beyond its code and no date of birth to block on
+    if f.number:  # the same house and one name (the other mistyped beyond its code, no birth date)
         for code in sorted({first, last} - {""}):
-            keys.append(f"pn:{code}{f.postcode}")
-    if f.number and f.street:  # the same house and a name, the postcode mistyped
-        for code in sorted({first, last} - {""}):
-            keys.append(f"ad:{code}{f.number} {f.street}")
+            if f.postcode:
+                keys.append(f"hp:{code}{f.number} {f.postcode}")
+            if f.street:  # … with the postcode mistyped
+                keys.append(f"hs:{code}{f.number} {f.street}")
     if f.dob:
         dob = _dob_key(f.dob)
         if f.postcode:
