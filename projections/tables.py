@@ -62,7 +62,7 @@ CUSTOMERS_SELECT = """
 SELECT e.customer_id,
   {golden},
   list_sort(list_distinct(list(e.business_unit))) AS business_units,
-  count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
+  {sources}::INTEGER AS sources,
   count(*) AS events,
   min(e.time) AS first_seen,
   max(e.time) AS last_seen,
@@ -77,7 +77,10 @@ def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, s
     per field. Scores stay NULL until metrics.refresh (see there)."""
     members = scope_members(scope) if scope is not None else ""
     where = f"WHERE customer_id IN {members}" if scope is not None else ""
-    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), facts=metrics.FACTS_SELECT,
+    few = isinstance(scope, list)  # a live batch's customers (see metrics.count_distinct)
+    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules),
+                                     facts=metrics.FACTS_SELECT_FEW if few else metrics.FACTS_SELECT,
+                                     sources=metrics.count_distinct("(e.business_unit, e.source_id)", few=few),
                                      events=events_source(rules, where))
     if scope is None:
         return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {select} GROUP BY e.customer_id",
