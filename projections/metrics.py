@@ -126,7 +126,7 @@ SELECT e.customer_id, e.business_unit,
   count(*) FILTER (WHERE {_PURCHASE}) AS orders,
   min(e.time) AS first_seen, max(e.time) AS last_seen,
   count(*) FILTER (WHERE e.type IN ('cdp.call', 'cdp.email', 'cdp.social', 'cdp.feedback')) AS interactions
-FROM customer_events e
+FROM {{events}} e
 """
 OVERLAP_DDL = (
     "CREATE TABLE IF NOT EXISTS business_unit_overlap (unit_x VARCHAR NOT NULL, unit_y VARCHAR NOT NULL, "
@@ -153,13 +153,17 @@ def units_sql(members: str | None) -> list[str]:
     """Statements that re-derive `customer_business_units` for the customers `IN members` (an SQL
     set, see tables.scope_members), None = all."""
     if members is None:
-        return ["DELETE FROM customer_business_units",
-                f"INSERT INTO customer_business_units {UNITS_SELECT} GROUP BY ALL"]
+        return ["DELETE FROM customer_business_units", f"INSERT INTO customer_business_units {units_select()} GROUP BY ALL"]
     return [
         f"DELETE FROM customer_business_units WHERE customer_id IN {members}",
-        f"INSERT INTO customer_business_units {UNITS_SELECT} "
+        f"INSERT INTO customer_business_units {units_select()} "
         f"WHERE e.customer_id IN {members} GROUP BY ALL",
     ]
+
+
+def units_select(events: str = "customer_events") -> str:
+    """The SELECT (before its GROUP BY) of `customer_business_units` from the events in `events`."""
+    return UNITS_SELECT.replace("{events}", events)
 
 
 # The buyers' summary the model is fitted on, in whole days: x repeat purchase days, tx from first
