@@ -52,7 +52,6 @@ class SteadyPublisher(threading.Thread):
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
         self.visible: list[float] = []
-        self.seen_at: dict = {}
         self.sent = 0
 
     def run(self) -> None:
@@ -100,7 +99,6 @@ class SteadyPublisher(threading.Thread):
             while time.monotonic() - accepted_at < 10:
                 if http.get(f"/v1/profiles/{ref}").status_code == 200:
                     self.visible.append(time.monotonic() - accepted_at)
-                    self.seen_at[ref] = (accepted_at, time.monotonic() - accepted_at)
                     return
                 time.sleep(0.005)
 
@@ -177,8 +175,6 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     if broker is not None:
         line("baseline: broker produce → consume", broker)
     print(f"  target: {TARGET}")
-    if os.environ.get("BENCH_VISIBLE_DUMP"):
-        Path(os.environ["BENCH_VISIBLE_DUMP"]).write_bytes(orjson.dumps(sorted(publisher.seen_at.values())))
 
 
 def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
@@ -237,7 +233,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
     parser.add_argument("--mode", choices=("embedded", "kafka", "both"), default="both")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-", dir=os.environ.get("BENCH_TMP")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode in ("embedded", "both"):
             run_embedded(Path(tmp), args.customers, args.seconds)
         if args.mode in ("kafka", "both"):
