@@ -270,6 +270,11 @@ class Settings:
         return self.home / "events.sqlite"
 
     @property
+    def intake_path(self) -> Path:
+        """What the embedded `cdp serve` accepted and has not resolved yet (cdp/intake.py)."""
+        return self.home / "intake.sqlite"
+
+    @property
     def duckdb_path(self) -> Path:
         return self.home / "view.duckdb"
 

@@ -8,6 +8,7 @@ with the process.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sys
@@ -15,6 +16,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import orjson
+
+from starlette.concurrency import run_in_threadpool
 
 from cdp.config import ConfigError, Settings
 from cdp.keys import Key
@@ -61,10 +64,17 @@ class Service:
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
 
-    def write(self, records: Sequence[Accepted | Rejected], unit: str | None, stitches: Sequence[tuple]) -> None:
-        first = next((r for r in records if isinstance(r, Accepted)), None)
-        unit = unit or (first.business_unit if first else None)
-        self.writer.write(records, [(unit, user, earlier) for user, earlier in stitches] if unit else [])
+    async def write(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Returns once the records are committed to the intake (embedded) or acknowledged (Kafka)."""
+        if self.mode == "embedded":  # the writer's own thread commits: no worker thread waits for it
+            await asyncio.shield(asyncio.wrap_future(self.writer.submit(records)))  # a gone client cancels nothing
+        else:
+            await run_in_threadpool(self.writer.write, records)
+
+    @property
+    def pending(self) -> int:
+        """Records accepted over HTTP and not yet in the store (embedded; with Kafka the broker holds them)."""
+        return self.writer.pending if self.mode == "embedded" else 0
 
     def steward(self, work: Callable[[Any], T]) -> T:
         """A person's identity decision, `work(app)` calling the application's command (the one

@@ -1,10 +1,11 @@
 """Where `cdp serve` hands what arrives over HTTP: the one place that calls the write path.
 
-* embedded (no Kafka): into the event store through the pipeline's batch command (resolve and
-  commit under the writers' lock), the HTTP request answered after the store commit. Requests
-  arriving together are committed together (group commit), one store transaction for many;
+* embedded (no Kafka): into the intake (cdp/intake.py), the HTTP request answered once it is
+  committed there; requests arriving together are committed together (group commit). A second
+  thread takes the records out in commit order and runs the pipeline's batch command on them
+  (dead-letter the rejected, resolve and commit the accepted, stitch visitors);
 * Kafka configured: onto `cdp.events` (acks=all, idempotent producer), the request answered after
-  the broker acknowledged; the workers resolve and commit.
+  the broker acknowledged every record; the workers resolve and commit.
 
 Rejected messages go to the dead-letter (the JSONL file, or `cdp.deadletter`) with their reason.
 """
@@ -17,18 +18,18 @@ from typing import Any, Callable, Sequence
 
 from cdp import topics
 from cdp.config import Settings
-from identity.resolver import source_key
+from cdp.intake import Intake
 from ingest.deadletter import DeadLetterFile, DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG, message_key
 from ingest.records import Accepted, Rejected
 
 GROUP_COMMIT_RECORDS = 5000
-Stitch = tuple[str, str, Sequence[str]]  # (business unit, userId, earlier source ids)
 ACK_SECONDS = 30.0
+DRAIN_SECONDS = 60.0
 
 
 class EmbeddedWriter:
-    """One thread owns the pipeline (store, resolver); requests queue their records and wait."""
+    """One thread commits requests to the intake, another owns the pipeline (store, resolver)."""
 
     def __init__(self, cfg: Settings, committed: Callable[[], None]):
         from cdp.pipeline import Pipeline
@@ -37,24 +38,35 @@ class EmbeddedWriter:
         self.pipeline = Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path))
         self.summary = Summary()
         self.committed = committed
+        self.intake = Intake(cfg.intake_path)
         self._lock = threading.Lock()  # the pipeline: one batch or one person's command at a time
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="cdp-writer", daemon=True)
-        self._thread.start()
+        self._waiting = threading.Event()  # the intake has records for the pipeline
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None  # the pipeline's last failure (it retries)
+        self._intake_thread = threading.Thread(target=self._take_in, name="cdp-intake", daemon=True)
+        self._pipeline_thread = threading.Thread(target=self._resolve, name="cdp-writer", daemon=True)
+        self._intake_thread.start()
+        self._pipeline_thread.start()
+        self._waiting.set()  # what an earlier run accepted and did not resolve
 
     @property
     def app(self) -> Any:
         """The application (the store's reader for the read side, in this process)."""
         return self.pipeline.app
 
-    def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
-        """Returns once every accepted record is committed (or already was), and the stitches
-        after them; raises if not."""
-        done: Future = Future()
-        self._queue.put((records, done, stitches))
-        done.result()
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet through the pipeline."""
+        return self.intake.pending
 
-    def _run(self) -> None:
+    def submit(self, records: Sequence[Accepted | Rejected]) -> Future:
+        """A future done once every record is durable in the intake (or failed with the reason)."""
+        done: Future = Future()
+        self._queue.put((records, done))
+        return done
+
+    def _take_in(self) -> None:
         while (item := self._queue.get()) is not None:
             group = [item]
             size = len(item[0])
@@ -69,17 +81,37 @@ class EmbeddedWriter:
                 group.append(more)
                 size += len(more[0])
             try:
-                with self._lock:
-                    self.pipeline.process_batch([r for records, _, _ in group for r in records], self.summary)
-                    for stitch in (s for _, _, stitches in group for s in stitches):
-                        self.stitch(stitch)
+                self.intake.append([records for records, _ in group])
             except BaseException as error:  # every request of the group hears it (and may resend)
-                for _, done, _ in group:
+                for _, done in group:
                     done.set_exception(error)
                 continue
-            for _, done, _ in group:
+            for _, done in group:
                 done.set_result(None)
-            self.committed()
+            self._waiting.set()
+
+    def _resolve(self) -> None:
+        """The intake's records through the pipeline, oldest first, then dropped from the intake."""
+        while True:
+            self._waiting.wait()
+            self._waiting.clear()
+            while True:
+                upto, records = self.intake.oldest(GROUP_COMMIT_RECORDS)
+                if not upto:
+                    break
+                try:
+                    with self._lock:
+                        self.pipeline.process_batch(records, self.summary)
+                except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
+                    self.error = error
+                    self._stopping.wait(1.0)
+                    self._waiting.set()
+                    break
+                self.error = None
+                self.intake.drop(upto, len(records))
+                self.committed()
+            if self._stopping.is_set() and (self.intake.pending == 0 or self.error is not None):
+                return
 
     def command(self, work: Callable[[Any], Any]) -> Any:
         """`work(app)`, a person's command (a split, a review verdict) on this writer's
@@ -89,17 +121,16 @@ class EmbeddedWriter:
         self.committed()
         return result
 
-    def stitch(self, stitch: Stitch) -> None:
-        """An anonymous visitor turned out to be a known user (Segment identify or alias): the
-        application's `merge_visitor` command merges them (explained and split like any link)."""
-        unit, user_id, earlier = stitch
-        for candidate in earlier:
-            self.pipeline.app.merge_visitor(source_key(unit, user_id), source_key(unit, candidate))
-
     def close(self) -> None:
+        """Stops taking requests and resolves what the intake holds (up to DRAIN_SECONDS)."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
-        self.pipeline.close()
+        self._intake_thread.join(timeout=30)
+        self._stopping.set()
+        self._waiting.set()
+        self._pipeline_thread.join(timeout=DRAIN_SECONDS)
+        if not self._pipeline_thread.is_alive():
+            self.pipeline.close()
+            self.intake.close()
 
 
 class KafkaWriter:
@@ -114,8 +145,8 @@ class KafkaWriter:
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
 
-    def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
-        """Stitches need the resolver: in Kafka mode they are not made here (see the README)."""
+    def write(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Produces the whole request, then waits for every acknowledgement (no flush per record)."""
         futures = []
         for record in records:
             if isinstance(record, Rejected):
