@@ -225,10 +225,9 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="cdp-bench-serve-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600",
-                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))
-        keys = new_keys(env, {"publish": ("publish", None), "shop": ("publish", "shop"), "read": ("read", None)})
-        env["CDP_HOME"] = str(tmp_path / "embedded")
+        # the server's own defaults (CDP_SERVE_MEMORY for its view); CDP_SERVE_* of the caller pass
+        env.update({k: v for k, v in os.environ.items() if k.startswith("CDP_SERVE_")})
+        env.update(CDP_HOME=str(tmp_path / "embedded"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600")
         keys_for_segment = new_keys(env, {"retail": ("publish", "retail")})
         collectors = {"embedded": collector_rate(env, tmp_path / "embedded", keys_for_segment, args.seconds, args.clients)}
         if os.environ.get("CDP_KAFKA_BOOTSTRAP"):

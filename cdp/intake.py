@@ -36,7 +36,7 @@ def decode(blob: bytes) -> list[Accepted | Rejected]:
 
 class Intake:
     """A table of requests (one row of records each), appended by the collector, read and dropped
-    in order by the pipeline. Safe to share between the two threads."""
+    in order by the pipeline (in a process of its own). Safe to share between threads."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,11 @@ class Intake:
         self._con.execute("CREATE TABLE IF NOT EXISTS intake (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                           "records INTEGER NOT NULL, body BLOB NOT NULL)")
         self._lock = threading.Lock()
-        self.pending = self._con.execute("SELECT coalesce(sum(records), 0) FROM intake").fetchone()[0]
+
+    def pending(self) -> int:
+        """Records waiting for the pipeline (accepted, not yet in the store)."""
+        with self._lock:
+            return self._con.execute("SELECT coalesce(sum(records), 0) FROM intake").fetchone()[0]
 
     def append(self, requests: Sequence[Sequence[Accepted | Rejected]]) -> None:
         """Commits every request's records in one transaction; returns once they are durable."""
@@ -59,7 +63,6 @@ class Intake:
             except BaseException:
                 self._con.execute("ROLLBACK")
                 raise
-            self.pending += sum(n for n, _ in rows)
 
     def oldest(self, limit: int) -> tuple[int, list[Accepted | Rejected]]:
         """The oldest requests' records (at least one request, then up to about `limit` records)
@@ -75,11 +78,10 @@ class Intake:
             cursor.close()
         return last, records
 
-    def drop(self, upto: int, count: int) -> None:
-        """The records up to sequence `upto` (`count` of them) are in the store."""
+    def drop(self, upto: int) -> None:
+        """The records up to sequence `upto` are in the store."""
         with self._lock:
             self._con.execute("DELETE FROM intake WHERE seq <= ?", (upto,))
-            self.pending -= count
 
     def close(self) -> None:
         with self._lock:

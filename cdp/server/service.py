@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
@@ -31,32 +32,28 @@ VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the vi
 
 class Service:
     def __init__(self, cfg: Settings):
+        from cdp.application import CustomerApplication
         from cdp.pipeline import make_ingestor
 
         self.cfg = cfg
+        self.mode = "kafka" if cfg.kafka_bootstrap else "embedded"
         self.ingestor = make_ingestor(cfg)
+        self.ingestor.keep_raw = self.mode == "kafka"  # published as sent
         profiles_producer = None
-        if cfg.kafka_bootstrap:
+        if self.mode == "kafka":
             from kafka import KafkaProducer
 
-            from cdp.application import CustomerApplication
-            from cdp.server.writes import KafkaWriter
             from ingest.producer import PRODUCER_CONFIG
 
-            self.mode = "kafka"
-            self.ingestor.keep_raw = True
-            self.writer: Any = KafkaWriter(cfg)
-            app = CustomerApplication(cfg)  # read here: the workers run the commands
             profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
                                               **PRODUCER_CONFIG)
-        else:
-            from cdp.server.writes import EmbeddedWriter
+        self.app = app = CustomerApplication(cfg)  # read here: the resolver process or the workers write
+        # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
+        self.read = ReadSide(replace(cfg, duckdb_memory=cfg.serve_memory), app, profiles_producer)
+        from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
-            self.mode = "embedded"
-            self.writer = EmbeddedWriter(cfg, committed=lambda: self.read.wake())
-            app = self.writer.app
-        self.app = app
-        self.read = ReadSide(cfg, app, profiles_producer)
+        self.writer: Any = KafkaWriter(cfg) if self.mode == "kafka" else \
+            EmbeddedWriter(cfg, committed=self.read.wake, log=self.log)
         # user SQL runs on this database: no files, no network, no ATTACH, for good
         self.read.projector.con.execute("SET enable_external_access = false")
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
@@ -78,16 +75,13 @@ class Service:
 
     def steward(self, work: Callable[[Any], T]) -> T:
         """A person's identity decision, `work(app)` calling the application's command (the one
-        `cdp identity split|review` calls), returned once the view shows it. Embedded: on the
-        writer's application, between batches; with Kafka: on an application of its own (the
-        command takes the writers' lock, as the CLI's does)."""
-        if self.mode == "embedded":
-            result = self.writer.command(work)
-        else:
-            from cdp.pipeline import Pipeline
+        `cdp identity split|review` calls), returned once the view shows it. On an application of
+        its own: the command takes the writers' lock, as the CLI's does, so it comes between the
+        resolver's (or the workers') batches."""
+        from cdp.pipeline import Pipeline
 
-            with Pipeline(self.cfg, project=False) as pipeline:
-                result = work(pipeline.app)
+        with Pipeline(self.cfg, project=False) as pipeline:
+            result = work(pipeline.app)
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
@@ -100,8 +94,7 @@ class Service:
         self.writer.close()
         if self._profiles_producer is not None:
             self._profiles_producer.close(timeout=10)
-        if self.mode == "kafka":
-            self.app.close()
+        self.app.close()
 
     @staticmethod
     def log(text: str) -> None:

@@ -1,9 +1,10 @@
 """Where `cdp serve` hands what arrives over HTTP: the one place that calls the write path.
 
 * embedded (no Kafka): into the intake (cdp/intake.py), the HTTP request answered once it is
-  committed there; requests arriving together are committed together (group commit). A second
-  thread takes the records out in commit order and runs the pipeline's batch command on them
-  (dead-letter the rejected, resolve and commit the accepted, stitch visitors);
+  committed there; requests arriving together are committed together (group commit). A process
+  of its own (the resolver, so identity resolution does not share the HTTP process's interpreter
+  lock) takes the records out in commit order and runs the pipeline's batch command on them
+  (dead-letter the rejected, resolve and commit the accepted, stitch visitors), then drops them;
 * Kafka configured: onto `cdp.events` (acks=all, idempotent producer), the request answered after
   the broker acknowledged every record; the workers resolve and commit.
 
@@ -11,6 +12,8 @@ Rejected messages go to the dead-letter (the JSONL file, or `cdp.deadletter`) wi
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -26,39 +29,73 @@ from ingest.records import Accepted, Rejected
 GROUP_COMMIT_RECORDS = 5000
 ACK_SECONDS = 30.0
 DRAIN_SECONDS = 60.0
+RETRY_SECONDS = 1.0
+
+
+def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int) -> None:
+    """The resolver process: the intake's records through the pipeline, oldest first, each batch
+    dropped from the intake after the store's commit; reports ("committed", n) or ("error", text)
+    to the server. Ends when told to (after draining) or when the server is gone (kill -9)."""
+    from cdp.pipeline import Pipeline
+    from cdp.summary import Summary
+
+    intake = Intake(cfg.intake_path)
+    summary = Summary()
+    with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+        while os.getppid() == parent:
+            wake.wait(0.5)
+            wake.clear()
+            while os.getppid() == parent:
+                upto, records = intake.oldest(GROUP_COMMIT_RECORDS)
+                if not upto:
+                    break
+                try:
+                    pipeline.process_batch(records, summary)
+                except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
+                    report.send(("error", f"{type(error).__name__}: {error}"))
+                    stop.wait(RETRY_SECONDS)
+                    wake.set()
+                    break
+                intake.drop(upto)
+                report.send(("committed", len(records)))
+            if stop.is_set() and (intake.pending() == 0 or wake.is_set()):
+                break
+    intake.close()
 
 
 class EmbeddedWriter:
-    """One thread commits requests to the intake, another owns the pipeline (store, resolver)."""
+    """A thread commits requests to the intake; the resolver process resolves them."""
 
-    def __init__(self, cfg: Settings, committed: Callable[[], None]):
-        from cdp.pipeline import Pipeline
-        from cdp.summary import Summary
-
-        self.pipeline = Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path))
-        self.summary = Summary()
+    def __init__(self, cfg: Settings, committed: Callable[[], None], log: Callable[[str], None] = print):
+        self.cfg = cfg
         self.committed = committed
+        self.log = log
         self.intake = Intake(cfg.intake_path)
-        self._lock = threading.Lock()  # the pipeline: one batch or one person's command at a time
+        self.error: str | None = None  # the resolver's last failure (it retries)
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
-        self._waiting = threading.Event()  # the intake has records for the pipeline
-        self._stopping = threading.Event()
-        self.error: BaseException | None = None  # the pipeline's last failure (it retries)
-        self._intake_thread = threading.Thread(target=self._take_in, name="cdp-intake", daemon=True)
-        self._pipeline_thread = threading.Thread(target=self._resolve, name="cdp-writer", daemon=True)
-        self._intake_thread.start()
-        self._pipeline_thread.start()
-        self._waiting.set()  # what an earlier run accepted and did not resolve
+        self._context = multiprocessing.get_context("spawn")
+        self._wake = self._context.Event()  # the intake has records for the resolver
+        self._stop = self._context.Event()
+        self._stopping = False
+        self._resolver = self._start_resolver()
+        self._threads = [threading.Thread(target=self._take_in, name="cdp-intake", daemon=True),
+                         threading.Thread(target=self._hear_resolver, name="cdp-resolver-reports", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._wake.set()  # what an earlier run accepted and did not resolve
 
-    @property
-    def app(self) -> Any:
-        """The application (the store's reader for the read side, in this process)."""
-        return self.pipeline.app
+    def _start_resolver(self) -> Any:
+        self._reports, report = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=resolve_intake, name="cdp-resolver", daemon=True,
+                                        args=(self.cfg, self._wake, self._stop, report, os.getpid()))
+        process.start()
+        report.close()
+        return process
 
     @property
     def pending(self) -> int:
         """Records accepted and not yet through the pipeline."""
-        return self.intake.pending
+        return self.intake.pending()
 
     def submit(self, records: Sequence[Accepted | Rejected]) -> Future:
         """A future done once every record is durable in the intake (or failed with the reason)."""
@@ -88,49 +125,43 @@ class EmbeddedWriter:
                 continue
             for _, done in group:
                 done.set_result(None)
-            self._waiting.set()
+            self._wake.set()
 
-    def _resolve(self) -> None:
-        """The intake's records through the pipeline, oldest first, then dropped from the intake."""
-        while True:
-            self._waiting.wait()
-            self._waiting.clear()
-            while True:
-                upto, records = self.intake.oldest(GROUP_COMMIT_RECORDS)
-                if not upto:
-                    break
-                try:
-                    with self._lock:
-                        self.pipeline.process_batch(records, self.summary)
-                except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
-                    self.error = error
-                    self._stopping.wait(1.0)
-                    self._waiting.set()
-                    break
+    def _hear_resolver(self) -> None:
+        """The resolver's reports wake the read side; a resolver that died is started again."""
+        while not self._stopping:
+            try:
+                report = self._reports.recv() if self._reports.poll(0.5) else None
+            except (EOFError, OSError):  # the resolver is gone
+                report = None
+                self._resolver.join(timeout=1)
+            if report is None:
+                if not self._resolver.is_alive() and not self._stopping:
+                    self.log(f"the resolver process ended (exit code {self._resolver.exitcode}): starting it again")
+                    self._resolver = self._start_resolver()
+                continue
+            kind, detail = report
+            if kind == "error":
+                if self.error != detail:
+                    self.log(f"resolving the intake failed, retrying: {detail}")
+                self.error = detail
+            else:
                 self.error = None
-                self.intake.drop(upto, len(records))
                 self.committed()
-            if self._stopping.is_set() and (self.intake.pending == 0 or self.error is not None):
-                return
-
-    def command(self, work: Callable[[Any], Any]) -> Any:
-        """`work(app)`, a person's command (a split, a review verdict) on this writer's
-        application, between two batches."""
-        with self._lock:
-            result = work(self.pipeline.app)
-        self.committed()
-        return result
 
     def close(self) -> None:
-        """Stops taking requests and resolves what the intake holds (up to DRAIN_SECONDS)."""
+        """Stops taking requests; the resolver resolves what the intake holds (up to DRAIN_SECONDS)."""
         self._queue.put(None)
-        self._intake_thread.join(timeout=30)
-        self._stopping.set()
-        self._waiting.set()
-        self._pipeline_thread.join(timeout=DRAIN_SECONDS)
-        if not self._pipeline_thread.is_alive():
-            self.pipeline.close()
-            self.intake.close()
+        self._threads[0].join(timeout=30)
+        self._stop.set()
+        self._wake.set()
+        self._resolver.join(timeout=DRAIN_SECONDS)
+        self._stopping = True
+        if self._resolver.is_alive():
+            self._resolver.terminate()
+            self._resolver.join(timeout=10)
+        self._threads[1].join(timeout=5)
+        self.intake.close()
 
 
 class KafkaWriter:
