@@ -146,6 +146,8 @@ def build_app(service: Any) -> FastAPI:
                 "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending}
         if not ok:
             body["problem"] = str(read.error).splitlines()[0]
+        if getattr(service.writer, "error", None):  # the intake's resolver retries; say why it waits
+            body["intake_problem"] = service.writer.error
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", summary="Prometheus metrics (a read or admin key)")

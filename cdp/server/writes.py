@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
@@ -39,6 +40,10 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     from cdp.pipeline import Pipeline
     from cdp.summary import Summary
 
+    # Ctrl-C or a stop signal to the whole process group is the server's to handle: it tells this
+    # process to drain and stop; a resolver killed mid-batch would only redo that batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     intake = Intake(cfg.intake_path)
     summary = Summary()
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
@@ -136,7 +141,7 @@ class EmbeddedWriter:
                 report = None
                 self._resolver.join(timeout=1)
             if report is None:
-                if not self._resolver.is_alive() and not self._stopping:
+                if not self._resolver.is_alive() and not self._stop.is_set():
                     self.log(f"the resolver process ended (exit code {self._resolver.exitcode}): starting it again")
                     self._resolver = self._start_resolver()
                 continue
@@ -158,7 +163,7 @@ class EmbeddedWriter:
         self._resolver.join(timeout=DRAIN_SECONDS)
         self._stopping = True
         if self._resolver.is_alive():
-            self._resolver.terminate()
+            self._resolver.kill()
             self._resolver.join(timeout=10)
         self._threads[1].join(timeout=5)
         self.intake.close()
