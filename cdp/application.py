@@ -283,6 +283,10 @@ class CustomerApplication(Application):
         Segment identify or alias): the visitor's customer is merged into the user's, rule
         `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
         one customer already, or a person's "not the same" or a split keeps them apart."""
+        known = self.resolver.cluster_of(user)
+        if known is not None and known == self.resolver.cluster_of(visitor):
+            return None  # one customer already (a site identifies on every visit): no lock, no transaction
+
         def work(batch: Batch) -> str | None:
             resolver = self.resolver
             ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
