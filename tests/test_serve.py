@@ -309,3 +309,20 @@ def test_kill_9_mid_stream_then_restart_keeps_every_event_once(cdp, tmp_path) ->
             "sql": "SELECT count(*), sum(orders) FROM customers"}).json()["rows"] == [[150, 600]]
     finally:
         server.stop()
+
+
+def test_the_intake_keeps_nothing_of_what_it_resolved(served, cdp) -> None:
+    """Requests pass through CDP_HOME/intake.sqlite in the clear; once resolved, no byte of them
+    may stay there (an erased person must not survive in the intake's free pages or its WAL)."""
+    server, keys = served
+    answer = server.client(keys["retail"]).post("/v1/identify", json={
+        "userId": "u-intake", "messageId": "m-intake-1",
+        "traits": {"email": "Zelda.Quorn@Example.net", "lastName": "Quornfeld"}})
+    assert answer.status_code == 200, answer.text
+    settled(server, keys["read"])
+    assert profile(server, keys["read"], "email:zelda.quorn@example.net").status_code == 200
+    files = sorted(cdp.home.glob("intake.sqlite*"))
+    assert files, "the embedded server keeps its intake in CDP_HOME"
+    for path in files:
+        data = path.read_bytes().lower()
+        assert b"zelda.quorn" not in data and b"quornfeld" not in data, path.name
