@@ -22,11 +22,14 @@ typed (comments, parentheses) survives into the SQL it is later spliced into.
 """
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from typing import Any, Iterable
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from cdp.contracts import audience_events as topics
 from projections import metrics
@@ -38,7 +41,8 @@ _DENIED_FUNCTIONS = {"getenv", "current_setting", "query", "query_table", "read_
 
 DDL = (
     "CREATE TABLE IF NOT EXISTS audiences (name VARCHAR NOT NULL, predicate VARCHAR, consent VARCHAR, "
-    "defined_at TIMESTAMPTZ, position BIGINT NOT NULL, deleted BOOLEAN NOT NULL)",
+    "defined_at TIMESTAMPTZ, position BIGINT NOT NULL, deleted BOOLEAN NOT NULL, error VARCHAR)",
+    "ALTER TABLE audiences ADD COLUMN IF NOT EXISTS error VARCHAR",  # views made before it
     "CREATE TABLE IF NOT EXISTS audience_members (audience VARCHAR NOT NULL, customer_id VARCHAR NOT NULL, "
     "since TIMESTAMPTZ NOT NULL, until TIMESTAMPTZ, since_position BIGINT NOT NULL, until_position BIGINT)",
     "CREATE TABLE IF NOT EXISTS audience_changes (change_id BIGINT NOT NULL, audience VARCHAR NOT NULL, "
@@ -94,7 +98,7 @@ def check_predicate(predicate: str) -> str:
         raise PredicateError("the predicate is empty: give a condition such as \"churn_risk > 0.7\"")
     con = _schema_connection()
     try:
-        parsed = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [f"{_PREFIX}({predicate}\n)"]).fetchone()[0])
+        parsed = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [f"{_PREFIX}({predicate}\n)"]).fetchall()[0][0])
         if parsed.get("error"):
             raise PredicateError(f"not a valid predicate: {' '.join(parsed.get('error_message', '').split())}")
         statements = parsed["statements"]
@@ -115,7 +119,7 @@ def check_predicate(predicate: str) -> str:
                 raise PredicateError("the predicate must be one condition, not a query")
             if inner.get("class") == "FUNCTION" and str(inner.get("function_name", "")).lower() in _DENIED_FUNCTIONS:
                 raise PredicateError(f"function {inner['function_name']} is not allowed in a predicate")
-        rendered = con.execute("SELECT json_deserialize_sql(?::JSON)", [orjson.dumps(parsed).decode()]).fetchone()[0]
+        rendered = con.execute("SELECT json_deserialize_sql(?::JSON)", [orjson.dumps(parsed).decode()]).fetchall()[0][0]
         if not rendered.startswith(_PREFIX):
             raise PredicateError("the predicate must be one condition over customers' columns")
         canonical = rendered[len(_PREFIX):]
@@ -163,14 +167,14 @@ def apply_definitions(con: duckdb.DuckDBPyConnection) -> None:
     destination_topics = ", ".join(map(_literal, (topics.DESTINATION_DEFINED, topics.DESTINATION_REDEFINED,
                                                   topics.DESTINATION_DELETED)))
     con.execute(f"CREATE OR REPLACE TEMP TABLE latest_definitions AS {_LATEST_DEFINITIONS.replace('TOPICS', audience_topics)}")
-    if con.execute("SELECT count(*) FROM latest_definitions").fetchone()[0]:
+    if con.execute("SELECT count(*) FROM latest_definitions").fetchall()[0][0]:
         con.execute("DELETE FROM audiences WHERE name IN (SELECT name FROM latest_definitions)")
         con.execute(f"INSERT INTO audiences SELECT name, \"where\", consent, timestamp._data_::TIMESTAMPTZ, position, "
-                    f"topic = {_literal(topics.AUDIENCE_DELETED)} FROM latest_definitions")
+                    f"topic = {_literal(topics.AUDIENCE_DELETED)}, NULL FROM latest_definitions")
         con.execute("INSERT INTO audiences_redefined SELECT name FROM latest_definitions")
     con.execute(f"CREATE OR REPLACE TEMP TABLE latest_definitions AS "
                 f"{_LATEST_DEFINITIONS.replace('TOPICS', destination_topics)}")
-    if con.execute("SELECT count(*) FROM latest_definitions").fetchone()[0]:
+    if con.execute("SELECT count(*) FROM latest_definitions").fetchall()[0][0]:
         con.execute("DELETE FROM destinations WHERE name IN (SELECT name FROM latest_definitions)")
         con.execute(f"INSERT INTO destinations SELECT name, coalesce(webhook, ''), coalesce(audiences, []), "
                     f"coalesce(fields, []), sealed_secret, timestamp._data_::TIMESTAMPTZ, position, "
@@ -199,7 +203,7 @@ def _active(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str | None, 
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0])
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0])
 
 
 def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
@@ -209,8 +213,100 @@ def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
                 f"FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
 
 
+# -- predicates run in a sandbox of their own --------------------------------------------------
+
+_SANDBOX = threading.local()
+
+
+def _sandbox() -> duckdb.DuckDBPyConnection:
+    """This thread's predicate sandbox: an in-memory DuckDB that holds nothing, reaches no file or
+    network (COPY, ATTACH, read_csv … refused by DuckDB itself) and cannot be reconfigured; the
+    rows a predicate reads are handed to it as Arrow for the one query and taken away after."""
+    con = getattr(_SANDBOX, "con", None)
+    if con is None:
+        con = _SANDBOX.con = duckdb.connect(config={
+            "enable_external_access": False, "autoload_known_extensions": False,
+            "autoinstall_known_extensions": False, "threads": 2, "memory_limit": "1GB"})
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+@functools.lru_cache(maxsize=256)
+def _referenced_columns(predicate: str) -> tuple[str, ...]:
+    """The columns of `customers` a (checked) predicate names: all that is copied to the sandbox."""
+    con = _schema_connection()
+    try:
+        columns = [row[0] for row in con.execute("DESCRIBE customers").fetchall()]
+        parsed = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [f"{_PREFIX}({predicate}\n)"]).fetchall()[0][0])
+    finally:
+        con.close()
+    named = {name for node in _walk(parsed) if node.get("class") == "COLUMN_REF" for name in node["column_names"]}
+    return tuple(c for c in columns if c in named or c == "customer_id")
+
+
+def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], source: str) -> tuple[pa.Table, set[str]]:
+    """(audience, customer_id) of the rows of `source` (in the view) each audience's predicate selects,
+    evaluated in the sandbox; and the audiences whose predicate failed (their members stay as they are)."""
+    wanted = {c for _, predicate in audiences for c in _referenced_columns(predicate)}
+    columns = ", ".join(_quoted(c) for c in _column_order(con) if c in wanted)
+    sandbox, names, ids, failed = _sandbox(), [], [], set()
+    sandbox.register("customers", con.execute(f"SELECT {columns} FROM {source}").to_arrow_table())
+    try:
+        for name, predicate in audiences:
+            try:
+                chosen = sandbox.execute(f"SELECT customer_id FROM customers WHERE {predicate}").to_arrow_table()
+            except duckdb.Error as error:
+                failed.add(name)
+                con.execute("UPDATE audiences SET error = ? WHERE name = ? AND NOT deleted",
+                            [_one_line(error)[:500], name])
+                continue
+            names.append(pa.array([name] * chosen.num_rows, pa.string()))
+            ids.append(chosen.column(0).combine_chunks().cast(pa.string()))
+    finally:
+        sandbox.unregister("customers")
+    table = pa.table({"audience": pa.concat_arrays(names) if names else pa.array([], pa.string()),
+                      "customer_id": pa.concat_arrays(ids) if ids else pa.array([], pa.string())})
+    return table, failed
+
+
+def _column_order(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'customers' "
+                                          "AND NOT internal ORDER BY column_index").fetchall()]
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _should(con: duckdb.DuckDBPyConnection, active: list[tuple[str, str, str | None, bool]], everyone: str,
+            candidates: str) -> tuple[str, set[str]]:
+    """Registers `audience_should` (who should be a member, consent applied) and returns the SQL
+    that reads it, with the audiences whose predicate failed."""
+    tables, failed = [], set()
+    for again, source in ((False, candidates), (True, everyone)):
+        chosen = [(name, predicate) for name, predicate, _, redefined in active if redefined == again]
+        if chosen:
+            table, bad = _evaluate(con, chosen, source)
+            tables.append(table)
+            failed |= bad
+    con.register("audience_should", pa.concat_tables(tables) if tables else
+                 pa.table({"audience": pa.array([], pa.string()), "customer_id": pa.array([], pa.string())}))
+    purposes = sorted({consent for _, _, consent, _ in active if consent})
+    if not purposes:
+        return "SELECT audience, customer_id FROM audience_should", failed
+    # consent is ours to check, on the view: the latest cdp.consent per purpose of these customers
+    return (f"""SELECT s.audience, s.customer_id FROM audience_should s JOIN audiences a ON a.name = s.audience
+        AND NOT a.deleted LEFT JOIN (SELECT customer_id, purpose FROM customer_events WHERE type = 'cdp.consent'
+          AND purpose IN ({", ".join(map(_literal, purposes))})
+          AND customer_id IN (SELECT customer_id FROM audience_should)
+          GROUP BY customer_id, purpose HAVING arg_max(granted, (time, position))) g
+        ON g.customer_id = s.customer_id AND g.purpose = a.consent
+        WHERE a.consent IS NULL OR g.customer_id IS NOT NULL""", failed)
+
+
 def _members_sql(name: str, predicate: str, consent: str | None, source: str) -> str:
-    """Who of `source` (customers, or a table/subquery of some of them) is in the audience."""
+    """Who of `source` (customers, or a table/subquery of some of them) is in the audience (preview)."""
     conditions = [f"({predicate})"]
     if consent:
         conditions.append(
@@ -227,34 +323,42 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
     redefined_all = con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()
     if not active and not redefined_all:
         return 0
-    # the touched customers alone, once, so that every predicate reads a batch's rows, not the view
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_candidates AS SELECT * FROM {_WITH_PRIOR_SCORES} "
-                f"WHERE customer_id IN (SELECT customer_id FROM {scope})")
-    should = [_members_sql(name, predicate, consent, _WITH_PRIOR_SCORES if again else "audience_candidates")
-              for name, predicate, consent, again in active]
+    candidates = (f"{_WITH_PRIOR_SCORES} AS customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
+    should, failed = _should(con, active, f"{_WITH_PRIOR_SCORES} AS customers", candidates)
     current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND "
                f"(audience IN (SELECT name FROM audiences_redefined) OR customer_id IN (SELECT customer_id FROM {scope}))")
-    return _record(con, should, current, position)
+    return _record(con, should, current, position, failed)
 
 
 def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
     """Everyone's membership in every audience (after the scores were refreshed); returns the changes."""
-    active = _active(con)
-    should = [_members_sql(name, predicate, consent, "customers") for name, predicate, consent, _ in active]
+    active = [(name, predicate, consent, True) for name, predicate, consent, _ in _active(con)]
+    should, failed = _should(con, active, "customers", "customers")
     current = "SELECT audience, customer_id FROM audience_members WHERE until IS NULL"
-    return _record(con, should, current, position)
+    return _record(con, should, current, position, failed)
 
 
-def _record(con: duckdb.DuckDBPyConnection, should: list[str], current: str, position: int) -> int:
-    """Records the difference between who should be a member and who is, as changes and stays."""
-    should_sql = " UNION ALL ".join(should) if should else "SELECT NULL::VARCHAR AS audience, NULL::VARCHAR AS customer_id WHERE false"
+def _record(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int,
+            failed: set[str] = frozenset()) -> int:
+    """Records the difference between who should be a member and who is, as changes and stays
+    (the members of an audience whose predicate failed stay as they are)."""
+    if failed:
+        current = f"SELECT * FROM ({current}) WHERE audience NOT IN ({', '.join(map(_literal, sorted(failed)))})"
+    try:
+        changes = _record_delta(con, should, current, position)
+    finally:
+        con.unregister("audience_should")
+    return changes
+
+
+def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int) -> int:
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE audience_delta AS
-        WITH should AS ({should_sql}), now_in AS ({current})
+        WITH should AS ({should}), now_in AS ({current})
         SELECT audience, customer_id, 'entered' AS action FROM (FROM should EXCEPT FROM now_in)
         UNION ALL
         SELECT audience, customer_id, 'exited' AS action FROM (FROM now_in EXCEPT FROM should)""")
-    changes = con.execute("SELECT count(*) FROM audience_delta").fetchone()[0]
+    changes = con.execute("SELECT count(*) FROM audience_delta").fetchall()[0][0]
     if not changes:
         return 0
     con.execute("""
@@ -277,7 +381,7 @@ def _record(con: duckdb.DuckDBPyConnection, should: list[str], current: str, pos
 
 def has_audiences(con: duckdb.DuckDBPyConnection) -> bool:
     """Any audience defined or deleted so far (members may need to exit even when none is left)."""
-    return bool(con.execute("SELECT count(*) FROM audiences").fetchone()[0])
+    return bool(con.execute("SELECT count(*) FROM audiences").fetchall()[0][0])
 
 
 # -- reads for the CLI -------------------------------------------------------------------------

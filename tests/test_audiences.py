@@ -302,3 +302,35 @@ def test_delivery_loop_delivers_continuously_beside_the_view_owner(shop, receive
         loop.stop()
         projector.close()
     assert loop.error is None and len(hook.kept()) == 3 and len(hook.requests) == 4
+
+
+HOSTILE = [
+    "(SELECT count(*) FROM read_csv('/etc/passwd')) > 0",
+    "customer_id IN (SELECT customer_id FROM audience_members)",
+    "EXISTS (SELECT * FROM glob('/etc/*'))",
+    "customer_id IN (SELECT * FROM query('SELECT customer_id FROM customer_events'))",
+    "(SELECT count(*) FROM (SELECT 1 FROM read_text('/etc/hostname'))) >= 0 OR true",
+]
+
+
+def test_predicates_that_slipped_past_the_check_run_in_the_sandbox(shop, tmp_path):
+    """Definitions stored without the CLI's check (an older version, a hand-written event): their
+    predicates still read the candidate rows only, in a sandbox with no files and no other tables;
+    each such audience records its error and keeps no members, the projection goes on."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+
+    app = CustomerApplication(Settings.from_env(shop.env))
+    try:
+        for n, where in enumerate(HOSTILE):
+            app.define_audience(f"sneaky{n}", where, None)
+    finally:
+        app.close()
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("ingest", str(write(tmp_path / "more.jsonl", [event("p9", "retail", "dan", "cdp.purchase", amount=5.0)])))
+    rows = shop.query("SELECT name, error FROM audiences ORDER BY name")
+    assert [r["name"] for r in rows] == ["buyers", *(f"sneaky{n}" for n in range(len(HOSTILE)))]
+    assert rows[0]["error"] is None and all(r["error"] for r in rows[1:]), rows
+    members = shop.query("SELECT audience, count(*) AS n FROM audience_members WHERE until IS NULL "
+                         "GROUP BY audience ORDER BY audience")
+    assert members == [{"audience": "buyers", "n": 4}]
