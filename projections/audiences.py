@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from cdp.contracts import audience_events as topics
 from projections import metrics
+from projections.transactions import transaction
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 PURPOSE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -271,8 +272,7 @@ def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], 
 
 
 def _column_order(con: duckdb.DuckDBPyConnection) -> list[str]:
-    return [row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'customers' "
-                                          "AND NOT internal ORDER BY column_index").fetchall()]
+    return _table_columns(con, "customers")
 
 
 def _quoted(name: str) -> str:
@@ -377,6 +377,44 @@ def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, pos
         SELECT audience, customer_id, now(), NULL, $position, NULL FROM audience_delta WHERE action = 'entered'""",
                 {"position": position})
     return changes
+
+
+_DELIVERY_HISTORY = ("audience_members", "audience_changes", "destination_state", "destination_deadletter")
+
+
+def carry_delivery_history(con: duckdb.DuckDBPyConnection, old_view: str, position: int) -> str:
+    """A rebuilt view (`con`) takes the change history and delivery progress of the view it replaces,
+    then records as new changes only where rebuilt membership differs from the old view's: a change
+    keeps its id, so its idempotency key, and destinations are sent nothing they were sent already.
+    Returns one line for the person who rebuilt."""
+    try:
+        con.execute(f"ATTACH {_literal(old_view)} AS replaced_view (READ_ONLY)")
+    except duckdb.Error as error:
+        return (f"the replaced view could not be read ({_one_line(error)[:200]}): change history starts "
+                "again, destinations receive the current members as entered")
+    try:
+        kept = {row[0] for row in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'replaced_view'").fetchall()}
+        if not set(_DELIVERY_HISTORY) <= kept:
+            return "the replaced view had no audiences: change history starts here"
+        with transaction(con):
+            con.execute("CREATE OR REPLACE TEMP TABLE rebuilt_members AS "
+                        "SELECT audience, customer_id FROM audience_members WHERE until IS NULL")
+            for table in _DELIVERY_HISTORY:
+                columns = ", ".join(_quoted(c) for c in _table_columns(con, table))
+                con.execute(f"DELETE FROM {table}")
+                con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM replaced_view.{table}")
+            changes = _record_delta(con, "SELECT audience, customer_id FROM rebuilt_members",
+                                    "SELECT audience, customer_id FROM audience_members WHERE until IS NULL", position)
+        return f"change history and delivery progress kept; {changes:,} membership change(s) found by the rebuild"
+    finally:
+        con.execute("DETACH replaced_view")
+
+
+def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    return [row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
+                                          "AND database_name = current_database() ORDER BY column_index",
+                                          [table]).fetchall()]
 
 
 def has_audiences(con: duckdb.DuckDBPyConnection) -> bool:

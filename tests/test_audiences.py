@@ -334,3 +334,26 @@ def test_predicates_that_slipped_past_the_check_run_in_the_sandbox(shop, tmp_pat
     members = shop.query("SELECT audience, count(*) AS n FROM audience_members WHERE until IS NULL "
                          "GROUP BY audience ORDER BY audience")
     assert members == [{"audience": "buyers", "n": 4}]
+
+
+def test_a_rebuild_sends_nothing_already_delivered(shop, receiver, tmp_path):
+    """`cdp projections rebuild` keeps each change's id (so its idempotency key) and every
+    destination's progress: the next sync sends nothing; a real change after it is sent once."""
+    hook = receiver()
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "buyers")
+    shop("audiences", "sync")
+    assert len(hook.requests) == 3
+    before = shop.query("SELECT change_id, audience, customer_id, action FROM audience_changes ORDER BY change_id")
+    rebuilt = shop("projections", "rebuild")
+    assert "delivery progress kept; 0 membership change(s)" in rebuilt.stdout
+    assert shop.query("SELECT change_id, audience, customer_id, action FROM audience_changes "
+                      "ORDER BY change_id") == before
+    shop("audiences", "sync")
+    assert len(hook.requests) == 3
+    shop("ingest", str(write(tmp_path / "more.jsonl", [event("p9", "retail", "dan", "cdp.purchase", amount=5.0)])))
+    shop("audiences", "sync")
+    shop("audiences", "sync")
+    assert len(hook.requests) == 4 and len({r["key"] for r in hook.requests}) == 4
+    last = json.loads(hook.requests[-1]["body"])
+    assert last["action"] == "entered" and last["customer_id"] not in {b["customer_id"] for b in before}
