@@ -46,6 +46,7 @@ WINDOW = 5000                  # changes sent before the cursor moves
 KAFKA_CURSOR = "kafka:cdp.audiences"
 SIGNATURE_HEADER = "X-CDP-Signature"
 RETRIABLE = {408, 425, 429}
+_HEADERS = {"Content-Type": "application/json", "User-Agent": "cdp-delivery"}
 _KEYS = uuid.UUID("0b6a1f9e-5d1c-4f37-8f55-2a9b1c0d7e42")
 
 
@@ -163,7 +164,6 @@ class Webhook:
         import aiohttp
 
         limit = self.settings.delivery_concurrency
-        self._gate = asyncio.Semaphore(limit)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30),
                                               timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout))
         return self
@@ -172,17 +172,23 @@ class Webhook:
         await self._session.close()
 
     async def send(self, changes: Sequence[Change]) -> list[Outcome]:
-        async def one(change: Change) -> Outcome:
-            async with self._gate:
-                return await self._deliver(self._session, change)
-        return list(await asyncio.gather(*(one(c) for c in changes)))
+        """Outcomes in the order of `changes`: CDP_DELIVERY_CONCURRENCY workers take the next
+        change as they finish one (no task or semaphore wait per change)."""
+        outcomes: list[Outcome] = [None] * len(changes)  # type: ignore[list-item]
+        work = iter(enumerate(changes))
+
+        async def worker() -> None:
+            for index, change in work:  # one iterator shared by the workers: each change once
+                outcomes[index] = await self._deliver(self._session, change)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.settings.delivery_concurrency, len(changes)))))
+        return outcomes
 
     async def _deliver(self, session: Any, change: Change) -> Outcome:
         import aiohttp
 
         body = change.body()
-        headers = {"Content-Type": "application/json", "User-Agent": "cdp-delivery",
-                   "Idempotency-Key": idempotency_key(self.destination.name, change)}
+        headers = {**_HEADERS, "Idempotency-Key": idempotency_key(self.destination.name, change)}
         if self.secret:
             headers[SIGNATURE_HEADER] = signature(self.secret, body)
         outcome = Outcome(change)
@@ -226,21 +232,36 @@ def deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings, dest
 
 async def _deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings,
                                destination: Destination) -> tuple[int, int]:
+    """Window after window: the next window is read (on a connection of its own, in a thread)
+    while this one is sent; the cursor moves once a window is answered."""
     delivered = failed = 0
-    async with Webhook(destination, _secret(settings, destination), settings) as webhook:
-        while True:
-            cursor = _cursor(con, destination.name)
-            last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchone()[0]
-            if last <= cursor:
-                return delivered, failed
-            through = min(last, cursor + WINDOW)
-            changes = _changes(con, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
-                               "AND list_contains(?, c.audience)", [cursor, through, destination.audiences])
-            outcomes = await webhook.send(changes) if changes else []
-            bad = [o for o in outcomes if o.error is not None]
-            _advance(con, destination.name, through, bad)
-            delivered += len(outcomes) - len(bad)
-            failed += len(bad)
+    reader = con.cursor()
+
+    def window(after: int, through: int) -> list[Change]:
+        return _changes(reader, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
+                        "AND list_contains(?, c.audience)", [after, through, destination.audiences])
+
+    try:
+        async with Webhook(destination, _secret(settings, destination), settings) as webhook:
+            while True:
+                cursor = _cursor(con, destination.name)
+                last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchall()[0][0]
+                if last <= cursor:
+                    return delivered, failed
+                through = min(last, cursor + WINDOW)
+                reading = asyncio.ensure_future(asyncio.to_thread(window, cursor, through))
+                while cursor < last:
+                    changes = await reading
+                    if through < last:
+                        reading = asyncio.ensure_future(asyncio.to_thread(window, through, min(last, through + WINDOW)))
+                    outcomes = await webhook.send(changes) if changes else []
+                    bad = [o for o in outcomes if o.error is not None]
+                    _advance(con, destination.name, through, bad)
+                    delivered += len(outcomes) - len(bad)
+                    failed += len(bad)
+                    cursor, through = through, min(last, through + WINDOW)
+    finally:
+        reader.close()
 
 
 def publish_pending(con: duckdb.DuckDBPyConnection, settings: Settings) -> int:

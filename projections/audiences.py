@@ -252,11 +252,11 @@ def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], 
     wanted = {c for _, predicate in audiences for c in _referenced_columns(predicate)}
     columns = ", ".join(_quoted(c) for c in _column_order(con) if c in wanted)
     sandbox, names, ids, failed = _sandbox(), [], [], set()
-    sandbox.register("customers", con.execute(f"SELECT {columns} FROM {source}").to_arrow_table())
+    sandbox.register("customers", con.sql(f"SELECT {columns} FROM {source}").to_arrow_table())
     try:
         for name, predicate in audiences:
             try:
-                chosen = sandbox.execute(f"SELECT customer_id FROM customers WHERE {predicate}").to_arrow_table()
+                chosen = sandbox.sql(f"SELECT customer_id FROM customers WHERE {predicate}").to_arrow_table()
             except duckdb.Error as error:
                 failed.add(name)
                 con.execute("UPDATE audiences SET error = ? WHERE name = ? AND NOT deleted",
