@@ -357,6 +357,8 @@ class DeliveryLoop:
         self.error: BaseException | None = None
         self.last = Report()
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._rounds = threading.Condition()
+        self._started = self._finished = 0
         self._thread = threading.Thread(target=self._run, name="cdp-delivery", daemon=True)
 
     def start(self) -> None:
@@ -371,12 +373,30 @@ class DeliveryLoop:
         self._thread.join(timeout)
         self.con.close()
 
+    def deliver_now(self, timeout: float) -> Report:
+        """Waits for a round that starts after this call (so it sees every change committed
+        before it) and returns its report; its error, if it failed; TimeoutError past `timeout`."""
+        with self._rounds:
+            wanted = self._started + 1
+            self._wake.set()
+            if not self._rounds.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout):
+                raise TimeoutError(f"no delivery round finished within {timeout:g} s")
+            if self.error is not None:
+                raise self.error
+            return self.last
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            with self._rounds:
+                self._started += 1
+                this = self._started
             try:
                 self.last = deliver_pending(self.con, self.settings)
                 self.error = None
             except Exception as error:  # a broker or key away: reported (e.g. on /health), tried again
                 self.error = error
+            with self._rounds:
+                self._finished = this
+                self._rounds.notify_all()
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -357,3 +357,55 @@ def test_a_rebuild_sends_nothing_already_delivered(shop, receiver, tmp_path):
     assert len(hook.requests) == 4 and len({r["key"] for r in hook.requests}) == 4
     last = json.loads(hook.requests[-1]["body"])
     assert last["action"] == "entered" and last["customer_id"] not in {b["customer_id"] for b in before}
+
+
+def test_audiences_beside_a_running_serve(cdp, tmp_path, receiver):
+    """While `cdp serve` owns the view the CLI's audience commands go to it (admin endpoints in the
+    OpenAPI document); events arriving over HTTP reach the webhook as entered, then exited."""
+    import httpx
+
+    from tests.serving import cloudevent, new_keys, start_server, wait_until
+
+    keys = new_keys(cdp.env, {"retail": ("publish", "retail"), "read": ("read", None)})
+    hook = receiver(secret=SECRET)
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    try:
+        made = cdp("audiences", "create", "marketable", "--where", "orders > 0", "--consent", "email_marketing")
+        assert "marketable created: 0 members" in made.stdout
+        assert cdp("audiences", "create", "bad", "--where", "1; DROP TABLE customers", check=False).returncode == 1
+        cdp("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "marketable", "--secret", "-",
+            input=SECRET + "\n")
+        refused = cdp("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "marketable", check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith("cdp: error: destination 'crm' exists")
+
+        def send(*events: dict) -> None:
+            answer = httpx.post(server.url + "/events", json=list(events), timeout=30, headers={
+                "Authorization": f"Bearer {keys['retail']}", "Content-Type": "application/cloudevents-batch+json"})
+            assert answer.status_code == 200, answer.text
+
+        send(cloudevent("e1", "retail", "R1", "cdp.purchase", order_id="o1", amount=10.0, currency="EUR"),
+             cloudevent("e2", "retail", "R1", "cdp.consent", purpose="email_marketing", granted=True),
+             cloudevent("e3", "retail", "R2", "cdp.purchase", order_id="o2", amount=5.0, currency="EUR"))
+        wait_until(lambda: len(hook.kept()) >= 1, 30, "the webhook to hear of R1 entering")
+        send({**cloudevent("e4", "retail", "R1", "cdp.consent", purpose="email_marketing", granted=False),
+              "time": "2026-03-02T10:00:00Z"})
+        wait_until(lambda: len(hook.kept()) >= 2, 30, "the webhook to hear of R1 exiting")
+        synced = cdp("audiences", "sync")
+        assert "crm: 0 delivered, 0 to the dead-letter" in synced.stdout
+        kept = hook.kept()
+        assert [k["action"] for k in kept] == ["entered", "exited"]
+        assert kept[0]["customer_id"] == kept[1]["customer_id"] and "profile" not in kept[1]
+        assert all(r["signed"] for r in hook.requests)
+        listed = json.loads(cdp("audiences", "list", "--format", "json").stdout)
+        assert [(a["name"], a["size"]) for a in listed] == [("marketable", 0)]
+        cdp("destinations", "delete", "crm")
+        cdp("audiences", "delete", "marketable")
+        assert cdp.query("SELECT count(*) AS n FROM audiences WHERE NOT deleted") == [{"n": 0}]
+        paths = httpx.get(server.url + "/openapi.json", timeout=30).json()["paths"]
+        assert {"/v1/audiences", "/v1/audiences/{name}", "/v1/audiences/sync", "/v1/destinations",
+                "/v1/destinations/{name}", "/v1/destinations/retry"} <= set(paths)
+        denied = httpx.post(server.url + "/v1/audiences", json={"name": "x", "where": "orders > 0"}, timeout=30,
+                            headers={"Authorization": f"Bearer {keys['read']}"})
+        assert denied.status_code == 403
+    finally:
+        server.stop()
