@@ -251,24 +251,32 @@ def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], 
     evaluated in the sandbox; and the audiences whose predicate failed (their members stay as they are)."""
     wanted = {c for _, predicate in audiences for c in _referenced_columns(predicate)}
     columns = ", ".join(_quoted(c) for c in _column_order(con) if c in wanted)
-    sandbox, names, ids, failed = _sandbox(), [], [], set()
+    sandbox, failed = _sandbox(), set()
     sandbox.register("customers", con.sql(f"SELECT {columns} FROM {source}").to_arrow_table())
     try:
-        for name, predicate in audiences:
-            try:
-                chosen = sandbox.sql(f"SELECT customer_id FROM customers WHERE {predicate}").to_arrow_table()
-            except duckdb.Error as error:
-                failed.add(name)
-                con.execute("UPDATE audiences SET error = ? WHERE name = ? AND NOT deleted",
-                            [_one_line(error)[:500], name])
-                continue
-            names.append(pa.array([name] * chosen.num_rows, pa.string()))
-            ids.append(chosen.column(0).combine_chunks().cast(pa.string()))
+        try:  # all audiences in one query; only when that fails, one by one to find the culprits
+            chosen = sandbox.sql(_union(audiences)).to_arrow_table()
+        except duckdb.Error:
+            kept = []
+            for name, predicate in audiences:
+                try:
+                    kept.append(sandbox.sql(_union([(name, predicate)])).to_arrow_table())
+                except duckdb.Error as error:
+                    failed.add(name)
+                    con.execute("UPDATE audiences SET error = ? WHERE name = ? AND NOT deleted",
+                                [_one_line(error)[:500], name])
+            chosen = pa.concat_tables(kept) if kept else _NO_MEMBERS
     finally:
         sandbox.unregister("customers")
-    table = pa.table({"audience": pa.concat_arrays(names) if names else pa.array([], pa.string()),
-                      "customer_id": pa.concat_arrays(ids) if ids else pa.array([], pa.string())})
-    return table, failed
+    return chosen.cast(_NO_MEMBERS.schema), failed
+
+
+_NO_MEMBERS = pa.table({"audience": pa.array([], pa.string()), "customer_id": pa.array([], pa.string())})
+
+
+def _union(audiences: list[tuple[str, str]]) -> str:
+    return " UNION ALL ".join(f"SELECT {_literal(name)}::VARCHAR AS audience, customer_id::VARCHAR AS customer_id "
+                              f"FROM customers WHERE {predicate}" for name, predicate in audiences)
 
 
 def _column_order(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -290,8 +298,7 @@ def _should(con: duckdb.DuckDBPyConnection, active: list[tuple[str, str, str | N
             table, bad = _evaluate(con, chosen, source)
             tables.append(table)
             failed |= bad
-    con.register("audience_should", pa.concat_tables(tables) if tables else
-                 pa.table({"audience": pa.array([], pa.string()), "customer_id": pa.array([], pa.string())}))
+    con.register("audience_should", pa.concat_tables(tables) if tables else _NO_MEMBERS)
     purposes = sorted({consent for _, _, consent, _ in active if consent})
     if not purposes:
         return "SELECT audience, customer_id FROM audience_should", failed
