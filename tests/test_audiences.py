@@ -409,3 +409,16 @@ def test_audiences_beside_a_running_serve(cdp, tmp_path, receiver):
         assert denied.status_code == 403
     finally:
         server.stop()
+
+
+def test_idempotency_keys_stay_the_uuid5_they_always_were():
+    """Keys of changes already sent must not change when the code that makes them does."""
+    import uuid
+
+    from cdp.delivery import Change, idempotency_key
+
+    namespace = uuid.UUID("0b6a1f9e-5d1c-4f37-8f55-2a9b1c0d7e42")
+    for n, action in enumerate(("entered", "exited", "entered")):
+        change = Change(n + 1, "bank_churn", f"cüst-{n}", action, "2026-01-01T00:00:00+00:00", None)
+        assert idempotency_key("crm", change) == str(uuid.uuid5(
+            namespace, f"crm\n{n + 1}\nbank_churn\ncüst-{n}\n{action}"))
