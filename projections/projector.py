@@ -273,9 +273,11 @@ def refresh_view(path: Path, as_of: date) -> bool:
 
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
             progress: Callable[[int], None] | None = None, as_of: date | None = None,
-            memory_limit: str | None = None, survivorship: Mapping[str, str] | None = None) -> int:
+            memory_limit: str | None = None, survivorship: Mapping[str, str] | None = None,
+            note: Callable[[str], None] | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
-    live view stays queryable until the new one is complete."""
+    live view stays queryable until the new one is complete. Audience changes and delivery
+    progress are the one thing carried over from the old view (`note` hears how that went)."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
@@ -283,6 +285,10 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()
+        if path.exists():
+            said = audiences.carry_delivery_history(projector.con, str(path), projector.position)
+            if note is not None:
+                note(said)
         projector.con.execute("CHECKPOINT")
     finally:
         projector.close()

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.server.access import Denied, token_of
+from cdp.server.audience_routes import mount as mount_audiences
 from cdp.server.sql import QueryRefused, QueryTimeout, encode, run_read_only
 from ingest import segment
 from ingest.normalise import email as normal_email, phone as normal_phone
@@ -352,4 +353,5 @@ def build_app(service: Any) -> FastAPI:
             raise
         return Response(content, media_type=media)
 
+    mount_audiences(app, service, admit)  # /v1/audiences…, /v1/destinations… (admin)
     return app
