@@ -1,8 +1,10 @@
-"""Benchmarks of `cdp serve` (embedded): `python -m bench.serve [--seconds S] [--customers N]`.
+"""Benchmarks of `cdp serve`: `python -m bench.serve [--seconds S] [--customers N] [--clients C]`.
 
-1. Collector: Segment `track` messages in batches of 100 posted to `/v1/batch` by 4 client threads
-   for S seconds (each answered after the store commit), beside a bare ASGI app (Starlette under
-   the same uvicorn) that only parses the same JSON; events/s and the ratio.
+1. Collector: Segment `track` messages in batches of 100 posted to `/v1/batch` by C client threads
+   (default 4) for S seconds, beside a bare ASGI app (Starlette under the same uvicorn) that only
+   parses the same JSON; events/s and the ratio. Embedded (answered after the commit to the
+   intake, resolved right after), and with Kafka when CDP_KAFKA_BOOTSTRAP is set (answered after
+   the broker acknowledged; a private topic prefix, no worker).
 2. Publish-to-visible: events posted at a steady 1,000 events/s (batches of 10 every 10 ms); for
    every 10th batch the time from the accepted answer until its new customer's profile is readable
    through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself (the
@@ -97,6 +99,15 @@ def bare_server(directory: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+def collector_rate(env: dict[str, str], home: Path, keys: dict[str, str], seconds: float, clients: int) -> float:
+    """Events/s `cdp serve` (embedded, or Kafka when `env` names a broker) accepts on /v1/batch."""
+    server = start_server({**env, "CDP_HOME": str(home)}, home.parent / f"{home.name}.log")
+    try:
+        return blast(server.url, keys["retail"], seconds, clients)
+    finally:
+        server.stop()
+
+
 def synthetic_view(path: Path, customers: int) -> None:
     """`customers` customers with 3 events each and one source record, in the real tables."""
     from projections.projector import Projector
@@ -150,29 +161,35 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers in the look-up view")
+    parser.add_argument("--clients", type=int, default=4, help="collector client threads")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-serve-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600",
-                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))
-        keys = new_keys(env, {"publish": ("publish", None), "shop": ("publish", "shop"), "read": ("read", None)})
+        # the server's own defaults (CDP_SERVE_MEMORY for its view); CDP_SERVE_* of the caller pass
+        env.update({k: v for k, v in os.environ.items() if k.startswith("CDP_SERVE_")})
+        env.update(CDP_HOME=str(tmp_path / "embedded"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600")
         keys_for_segment = new_keys(env, {"retail": ("publish", "retail")})
-        server = start_server(env, tmp_path / "serve.log")
-        try:
-            ours = blast(server.url, keys_for_segment["retail"], args.seconds)
-        finally:
-            server.stop()
+        collectors = {"embedded": collector_rate(env, tmp_path / "embedded", keys_for_segment, args.seconds, args.clients)}
+        if os.environ.get("CDP_KAFKA_BOOTSTRAP"):
+            kafka_env = {**env, "CDP_HOME": str(tmp_path / "kafka"), "CDP_KAFKA_BOOTSTRAP": os.environ["CDP_KAFKA_BOOTSTRAP"],
+                         "CDP_TOPIC_PREFIX": f"bench-serve-{os.getpid()}-{int(time.time())}."}
+            kafka_keys = new_keys(kafka_env, {"retail": ("publish", "retail")})
+            collectors["kafka"] = collector_rate(kafka_env, tmp_path / "kafka", kafka_keys, args.seconds, args.clients)
         bare, bare_url = bare_server(tmp_path)
         try:
-            baseline = blast(bare_url, "none", args.seconds)
+            baseline = blast(bare_url, "none", args.seconds, args.clients)
         finally:
             bare.terminate()
             bare.wait()
-        print(f"\n== collector: Segment batches of 100, 4 client threads, {args.seconds:g} s each")
-        print(f"  cdp serve /v1/batch (validated, resolved, committed) {ours:>10,.0f} events/s")
-        print(f"  bare ASGI handler parsing the same JSON              {baseline:>10,.0f} events/s  "
-              f"(ours / bare: {ours / baseline:.2f})")
+        print(f"\n== collector: Segment batches of 100, {args.clients} client threads, {args.seconds:g} s each")
+        answered = {"embedded": "validated, committed to the intake", "kafka": "validated, acked by the broker"}
+        for mode, ours in collectors.items():
+            print(f"  cdp serve /v1/batch, {mode:<8} ({answered[mode]:<34}) {ours:>10,.0f} events/s  "
+                  f"(ours / bare: {ours / baseline:.2f})")
+        if "kafka" not in collectors:
+            print("  (Kafka mode: set CDP_KAFKA_BOOTSTRAP to measure it too)")
+        print(f"  bare ASGI handler parsing the same JSON {'':<34} {baseline:>10,.0f} events/s")
         print(f"  target: {TARGETS['collector']}")
 
         # a fresh home for latency and look-ups: a large view first, then the server on it
