@@ -24,6 +24,7 @@ from cdp import keys as api_keys
 from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
+from projections import metrics
 from projections.changelog import profile_messages, tombstones
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
@@ -184,6 +185,10 @@ class ReadSide:
                 self.on_batch(len(notifications))
             self.delivery.wake()
         now = time.monotonic()
+        if not self.scored_at and metrics.state(projector.con)[0] == projector.as_of:
+            # the view was scored for this as-of date: the next refresh after the interval, not on
+            # the first live batch (a refresh of a large view held that batch back for seconds)
+            self.scored_at = now
         if now - self.scored_at >= self.cfg.score_interval or (applied and not self.scored_at):
             projector.refresh_metrics()
             self.scored_at = now
