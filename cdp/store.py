@@ -199,6 +199,7 @@ class Batch:
     keys: list[tuple[str, str]] = field(default_factory=list)
     data_keys: list[tuple[str, bytes]] = field(default_factory=list)  # new wrapped data keys (cdp/shredding.py)
     writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
+    audited: bool = False  # the audit log's head was read for this batch
 
     def __len__(self) -> int:
         return len(self.events)

@@ -41,6 +41,25 @@ def running_server(cfg: Settings) -> tuple[str, str] | None:
     return info["url"], info["key"]
 
 
+def call(server: tuple[str, str], method: str, path: str, actor: str | None = None) -> Any:
+    """One request to the running server with its local key (`cdp erase`, `cdp audit` beside
+    `cdp serve`); the JSON answer, or ServerError with the server's message."""
+    url, key = server
+    headers = {"Authorization": f"Bearer {key}"}
+    if actor:
+        headers["X-Cdp-Actor"] = actor
+    request = urllib.request.Request(url + path, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return orjson.loads(response.read())
+    except urllib.error.HTTPError as failure:
+        try:
+            message = orjson.loads(failure.read()).get("message")
+        except ValueError:
+            message = failure.reason
+        raise ServerError(f"{message} (server {url})") from None
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
