@@ -124,7 +124,6 @@ def test_a_running_writer_drops_an_erased_person_without_restart(cdp, tmp_path):
     went) nor lets a suppressed identifier in."""
     from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from ingest.records import Accepted
 
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     settings = Settings.from_env(cdp.env)
@@ -148,8 +147,9 @@ def test_a_running_writer_drops_an_erased_person_without_restart(cdp, tmp_path):
         eraser.close()
 
 
-def _accepted(settings, raw: dict) -> Accepted:
+def _accepted(settings, raw: dict):
     from cdp.pipeline import make_ingestor
+    from ingest.records import Accepted
 
     record = make_ingestor(settings).from_event(raw, "test")
     assert isinstance(record, Accepted), record
