@@ -41,6 +41,19 @@ def running_server(cfg: Settings) -> tuple[str, str] | None:
     return info["url"], info["key"]
 
 
+def _send(url: str, request: urllib.request.Request) -> bytes:
+    """The answer's body, or ServerError with the server's own message."""
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.read()
+    except urllib.error.HTTPError as failure:
+        try:
+            message = orjson.loads(failure.read()).get("message")
+        except ValueError:
+            message = failure.reason
+        raise ServerError(f"{message} (server {url})") from None
+
+
 def call(server: tuple[str, str], method: str, path: str, actor: str | None = None) -> Any:
     """One request to the running server with its local key (`cdp erase`, `cdp audit` beside
     `cdp serve`); the JSON answer, or ServerError with the server's message."""
@@ -48,16 +61,7 @@ def call(server: tuple[str, str], method: str, path: str, actor: str | None = No
     headers = {"Authorization": f"Bearer {key}"}
     if actor:
         headers["X-Cdp-Actor"] = actor
-    request = urllib.request.Request(url + path, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return orjson.loads(response.read())
-    except urllib.error.HTTPError as failure:
-        try:
-            message = orjson.loads(failure.read()).get("message")
-        except ValueError:
-            message = failure.reason
-        raise ServerError(f"{message} (server {url})") from None
+    return orjson.loads(_send(url, urllib.request.Request(url + path, method=method, headers=headers)))
 
 
 def _plain(value: Any) -> Any:
@@ -80,15 +84,7 @@ class RemoteView:
         request = urllib.request.Request(self.url + "/v1/query?format=arrow", data=orjson.dumps(body), method="POST",
                                          headers={"Authorization": f"Bearer {self.key}",
                                                   "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                return pa.ipc.open_stream(response.read()).read_all()
-        except urllib.error.HTTPError as failure:
-            try:
-                message = orjson.loads(failure.read()).get("message")
-            except ValueError:
-                message = failure.reason
-            raise ServerError(f"{message} (server {self.url})") from None
+        return pa.ipc.open_stream(_send(self.url, request)).read_all()
 
     def execute(self, sql: str, params: Any = None) -> "RemoteView":
         copy = _COPY_TO_PARQUET.match(sql)
