@@ -15,6 +15,7 @@ import pytest
 
 from tests.events import event, jsonl
 from tests.serving import new_keys, start_server, wait_until
+from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
 from tests.test_privacy import ANN, NEEDLES, files_holding, ingest, invalid_event_of_ann, others, people_events
 
 
@@ -186,3 +187,37 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
         wait_until(lambda: last_message() == f"{ann}\t-1", 30, "the tombstone on cdp.profiles")
     finally:
         server.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_running_kafka_worker_suppresses_an_erased_person(kafka_env, kafka_bootstrap, fresh_topic_prefix,
+                                                            fresh_postgres_dsn, tmp_path):
+    """A worker started before the erasure (its identity index and suppression list loaded) drops
+    the erased person's re-sent record without a restart, and stores a new person's."""
+    import psycopg
+
+    from tests.test_streaming import cdp as run, read_topic, start_worker, stop, stored_keys, wait_for
+
+    worker = start_worker(kafka_env("worker"), tmp_path / "worker.log")
+    cli = kafka_env("cli")
+    try:
+        wait_for(lambda: "consuming" in (tmp_path / "worker.log").read_text(), 60, "the worker", [worker])
+        (tmp_path / "people.jsonl").write_bytes(jsonl(people_events()))
+        run(cli, "ingest", "--kafka", str(tmp_path / "people.jsonl"))
+        wait_for(lambda: stored_keys(fresh_postgres_dsn) >= 8, 120, "the people stored", [worker])
+        run(cli, "projections", "rebuild")
+        assert "2 source record(s)" in run(cli, "erase", "retail:R-1", "--yes").stdout
+        resent = [event("n1", "bank", "B-9", customer={"email": ANN["email"]}),
+                  event("c1", "shop", "S-1", customer={"email": "dee.new@example.org", "first_name": "Dee"})]
+        (tmp_path / "resent.jsonl").write_bytes(jsonl(resent))
+        run(cli, "ingest", "--kafka", str(tmp_path / "resent.jsonl"))
+        dead = lambda: [v for _, v in read_topic(kafka_bootstrap, f"{fresh_topic_prefix}cdp.deadletter")
+                        if v and v.get("reason") == "suppressed"]
+        wait_for(lambda: dead() and stored_keys(fresh_postgres_dsn) >= 9, 120, "the resent events handled", [worker])
+    finally:
+        stop(worker)
+    assert [(d["event_id"], d["input"]) for d in dead()] == [("n1", None)]
+    with psycopg.connect(fresh_postgres_dsn) as conn:
+        sources = {r[0] for r in conn.execute("SELECT value FROM identity_keys WHERE kind = 'source'")}
+    assert "shop:S-1" in sources and "bank:B-9" not in sources and "retail:R-1" not in sources
