@@ -5,7 +5,8 @@
    the same uvicorn) that only parses the same JSON; events/s and the ratio.
 2. Publish-to-visible: events posted at a steady 1,000 events/s (batches of 10 every 10 ms); for
    every 10th batch the time from the accepted answer until its new customer's profile is readable
-   through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself.
+   through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself (the
+   publisher of bench/visible.py, which measures this alone, and with Kafka + PostgreSQL).
 3. Profile look-up while ingest runs: a view of N customers (synthetic rows in the real tables,
    3 events each), `GET /v1/profiles/customer_id:…` and `email:…` for random customers while
    the publish loop of 2. runs; p50/p99 beside the same look-ups' SQL run on DuckDB in process.
@@ -96,66 +97,6 @@ def bare_server(directory: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-class SteadyPublisher(threading.Thread):
-    """CloudEvents at `rate` events/s in batches of 10; each batch names one new customer whose
-    profile visibility is measured for every 10th batch."""
-
-    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
-        super().__init__()
-        self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
-        self.accept: list[float] = []
-        self.visible: list[float] = []
-        self.sent = 0
-
-    def run(self) -> None:
-        """Batches leave on a fixed clock from 16 sender threads, so a slow answer does not slow the pace."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        interval = 10 / self.rate
-        local = threading.local()
-        probes: list[threading.Thread] = []
-
-        def send(n: int) -> None:
-            http = getattr(local, "http", None)
-            if http is None:
-                http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
-                                                 timeout=30)
-            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
-                      "time": "2026-03-01T10:00:00Z",
-                      "data": {"business_unit": "shop", "customer": {"source_id": f"P{n}-{i}"}}} for i in range(10)]
-            started = time.monotonic()
-            answer = http.post("/events", content=orjson.dumps(batch),
-                               headers={"Content-Type": "application/cloudevents-batch+json"})
-            done = time.monotonic()
-            if answer.status_code == 200:
-                self.accept.append(done - started)
-                self.sent += 10
-                if n % 10 == 0:
-                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
-                    probe.start()
-                    probes.append(probe)
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            next_at = time.monotonic()
-            end = next_at + self.seconds
-            n = 0
-            while time.monotonic() < end:
-                pool.submit(send, n)
-                n += 1
-                next_at += interval
-                time.sleep(max(0.0, next_at - time.monotonic()))
-        for probe in probes:
-            probe.join()
-
-    def probe(self, ref: str, accepted_at: float) -> None:
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
-            while time.monotonic() - accepted_at < 10:
-                if http.get(f"/v1/profiles/{ref}").status_code == 200:
-                    self.visible.append(time.monotonic() - accepted_at)
-                    return
-                time.sleep(0.005)
-
-
 def synthetic_view(path: Path, customers: int) -> None:
     """`customers` customers with 3 events each and one source record, in the real tables."""
     from projections.projector import Projector
@@ -240,6 +181,8 @@ def main(argv: list[str]) -> None:
         synthetic_view(tmp_path / "large" / "view.duckdb", args.customers)
         built = time.monotonic() - started
         keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
+        from bench.visible import SteadyPublisher  # (bench.visible imports this module)
+
         baseline_times = lookups_in_process(tmp_path / "large" / "view.duckdb", args.customers, 300)
         server = start_server(env, tmp_path / "large.log", timeout=300)
         try:
