@@ -169,8 +169,9 @@ class CustomerApplication(Application):
 
     def reload(self) -> None:
         """Drops the in-memory copies and reads them again from the store."""
-        self._erasures_seen = self.store.max_position()
-        self.store.load()
+        self.store.load()  # first: during an outage it fails fast (the writers' lock's connection)
+        # PostgreSQL: the position load() marked before reading; SQLite: one local file, read now
+        self._erasures_seen = self.store.position or self.store.max_position()
         self.keys.forget(row[0] for row in self.store.query(shredding.SELECT_KEY_IDS))
         self._resolver = load_resolver(self.store, self.settings)
         self._suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}

@@ -270,6 +270,11 @@ class EventStore:
         self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
         self.seen = SeenKeys(self.query(SELECT_EVENT_KEYS))
 
+    @property
+    def position(self) -> int:
+        """PostgreSQL: the store position as of the last load or refresh (0 on SQLite)."""
+        return self._position
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Resolve and commit inside this block: on PostgreSQL it holds the writers' lock and first
