@@ -135,6 +135,7 @@ class CustomerApplication(Application):
         self.mapper.transcoder.unseal = self.keys.unseal
         self._resolver: Resolver | None = None  # loaded by the first command: readers never need it
         self._suppressed: set[str] | None = None  # fingerprints of erased identifiers, loaded with the resolver
+        self._erasures_seen = 0  # store position up to which other processes' erasures were taken in
 
     def _master_key(self) -> bytes:
         """CDP_MASTER_KEY, else the key file in CDP_HOME (SQLite) or the store's own key
@@ -174,10 +175,26 @@ class CustomerApplication(Application):
 
     def reload(self) -> None:
         """Drops the in-memory copies and reads them again from the store."""
-        self.store.load()
+        self.store.load()  # first: during an outage it fails fast (the writers' lock's connection)
+        # PostgreSQL: the position load() marked before reading; SQLite: one local file, read now
+        self._erasures_seen = self.store.position or self.store.max_position()
         self.keys.forget(row[0] for row in self.store.query(shredding.SELECT_KEY_IDS))
         self._resolver = load_resolver(self.store, self.settings)
         self._suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
+
+    def _erased_elsewhere(self) -> bool:
+        """Whether another process erased someone since this one last looked: its copies (identity
+        keys, suppressed identifiers) must then be read again, as the erasure changed the store's
+        (a long-running worker or server drops the person without a restart)."""
+        high = self.store.max_position()
+        if high <= self._erasures_seen:
+            return False
+        table = self.store.recorder.events_table_name
+        position = "notification_id" if self.store.is_postgres else "rowid"
+        found = self.store.query(f"SELECT 1 FROM {table} WHERE {position} > ? AND {position} <= ? AND topic = ? "
+                                 "LIMIT 1", (self._erasures_seen, high, topics.ERASED))
+        self._erasures_seen = high
+        return bool(found)
 
     def _stored_keys(self, key_ids: Sequence[str]) -> list[tuple]:
         rows: list[tuple] = []
@@ -204,6 +221,9 @@ class CustomerApplication(Application):
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 with self.store.exclusive():
+                    if resolver is not None and self._erased_elsewhere():
+                        self.reload()
+                        resolver = self._resolver
                     if resolver is not None:
                         take_in_changes(resolver, self.store.changed)
                         self._suppressed.update(row[0] for row in self.store.changed(SELECT_SUPPRESSED))
@@ -373,10 +393,21 @@ class CustomerApplication(Application):
 
     def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
         """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""
-        self._command(lambda batch: self._audit(batch, actor, action, customer_id, detail), needs_resolver=False)
+        self.record_accesses([(actor, action, customer_id, detail)])
+
+    def record_accesses(self, entries: Sequence[tuple[str, str, str | None, dict]]) -> None:
+        """Adds entries (actor, action, customer id, detail) to the audit trail in one commit
+        (a server's reads, batched: cdp/audit.py)."""
+        def work(batch: Batch) -> None:
+            for actor, action, customer_id, detail in entries:
+                self._audit(batch, actor, action, customer_id, detail)
+
+        self._command(work, needs_resolver=False)
 
     def _audit(self, batch: Batch, actor: str, action: str, customer_id: str | None, detail: dict) -> None:
-        self.store.heads[topics.AUDIT_LOG_ID] = self.store.head(topics.AUDIT_LOG_ID)  # read under the lock
+        if not batch.audited:  # the audit log's head is read once per batch, under the lock
+            self.store.heads[topics.AUDIT_LOG_ID] = self.store.head(topics.AUDIT_LOG_ID)
+            batch.audited = True
         self.store.append(batch, topics.AUDIT_ENTRY, topics.AUDIT_LOG_ID,
                           actor=actor, action=action, customer_id=customer_id, detail=detail)
 

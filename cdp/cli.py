@@ -264,6 +264,7 @@ def customer_export(who: str, directory: Path) -> None:
 def erase(who: str, yes: bool, keep_suppression: str) -> None:
     """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
     from cdp.erasure import erase_customer
+    from cdp.server.client import ServerError, call, running_server
 
     cfg = settings()
     con = open_view(cfg)
@@ -275,12 +276,23 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
         raise UserError(f"{who!r} names {len(ids)} customers ({', '.join(ids)}): erase them one by one by customer id")
     if not yes and not click.confirm(f"Erase customer {ids[0]} and everything held about them?", err=True):
         raise UserError("not erased")
-    done = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
-    e = done.erasure
-    console.out.print(f"erased customer {e.customer_id}: {len(e.sources)} source record(s), "
-                      f"{len(e.customer_ids)} customer id(s), {done.deadletter_entries} dead-letter entr(ies); "
+    server = running_server(cfg)
+    if server is not None:  # `cdp serve` holds the view: it erases (as DELETE /v1/profiles/{id} does)
+        try:
+            done = call(server, "DELETE", f"/v1/profiles/customer_id:{ids[0]}?suppress={keep_suppression == 'yes'}",
+                        actor=local_user())
+        except ServerError as error:
+            raise UserError(f"erase failed: {error}") from None
+        sources, customer_ids, entries = done["sources"], done["customer_ids"], done["deadletter_entries"]
+        seconds, phases = done["seconds"], done["phases"]
+    else:
+        erased = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
+        sources, customer_ids, entries = len(erased.erasure.sources), erased.erasure.customer_ids, erased.deadletter_entries
+        seconds, phases = erased.seconds, erased.phases
+    console.out.print(f"erased customer {ids[0]}: {sources} source record(s), "
+                      f"{len(customer_ids)} customer id(s), {entries} dead-letter entr(ies); "
                       f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
-                      f"({done.seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in done.phases.items()) + ")")
+                      f"({seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
 
 
 def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:
@@ -301,30 +313,33 @@ def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def audit(who: str | None, since: str | None, fmt: str) -> None:
     """List the audit trail: who read, exported, erased or split which customer, and when."""
-    from datetime import datetime, timezone
-
     from cdp.application import CustomerApplication
+    from cdp.audit import select, since as parse_since
+    from cdp.server.client import ServerError, call, running_server
     from projections.queries import classify
 
     cfg = settings()
-    start = None
-    if since:
-        try:
-            start = datetime.fromisoformat(since)
-        except ValueError:
-            raise UserError(f"--since: expected an ISO 8601 date or time, got {since!r}") from None
-        start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    try:
+        start = parse_since(since) if since else None
+    except ValueError:
+        raise UserError(f"--since: expected an ISO 8601 date or time, got {since!r}") from None
     ids = None
     if who:  # an erased customer is no longer in the view: their id is taken as given
         kind, value = classify(who) if who.strip() else ("", "")
         ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg), who))
-    app = CustomerApplication(cfg)
-    try:
-        entries = app.audit_entries()
-    finally:
-        app.close()
-    entries = [e for e in entries if (ids is None or e["customer_id"] in ids)
-               and (start is None or datetime.fromisoformat(e["at"]) >= start)]
+    server = running_server(cfg)
+    if server is not None:  # the server's queued reads are appended first
+        try:
+            entries = call(server, "GET", "/v1/audit?limit=100000")["entries"]
+        except ServerError as error:
+            raise UserError(f"audit failed: {error}") from None
+    else:
+        app = CustomerApplication(cfg)
+        try:
+            entries = app.audit_entries()
+        finally:
+            app.close()
+    entries = select(entries, ids, start)
     if fmt == "json":
         sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
@@ -417,6 +432,7 @@ def keys_create(unit: str | None, scope: str) -> None:
     store = _key_store(settings())
     try:
         token, key = api_keys.create(store, scope, unit)
+        store.record_access(local_user(), "key_create", None, key_id=key.key_id, scope=scope, unit=unit)
     finally:
         store.close()
     console.err.print(f"key {key.key_id} ({scope}, {unit or 'group-wide'}); keep it now, it cannot be shown again")
@@ -451,6 +467,7 @@ def keys_revoke(key_id: str) -> None:
     store = _key_store(settings())
     try:
         key = api_keys.revoke(store, key_id)
+        store.record_access(local_user(), "key_revoke", None, key_id=key.key_id, scope=key.scope, unit=key.unit)
     finally:
         store.close()
     console.out.print(f"revoked key {key.key_id} ({key.scope}, {key.unit or 'group-wide'})")

@@ -52,6 +52,7 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
                 projector.close()
             lap("view")
             view_erasure.rewrite(settings.duckdb_path)
+            pending_view_rewrite(settings).unlink(missing_ok=True)
             lap("view_rewrite")
         removed = scrub_deadletter(settings.deadletter_path, erasure)
         lap("deadletter")
@@ -63,6 +64,26 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
     if settings.kafka_bootstrap:
         publish_tombstones(settings, erasure.customer_ids)
     return Erased(erasure, removed, seconds, phases)
+
+
+def pending_view_rewrite(settings: Settings) -> Path:
+    """Marks that the view's file still needs its rewrite (an erasure beside `cdp serve`)."""
+    return settings.duckdb_path.with_name(settings.duckdb_path.name + ".erased")
+
+
+def mark_view_rewrite(settings: Settings) -> None:
+    pending_view_rewrite(settings).touch()
+
+
+def rewrite_view_if_pending(settings: Settings) -> bool:
+    """Rewrites the view's file when an erasure left that to be done (while nothing holds it)."""
+    marker = pending_view_rewrite(settings)
+    if not marker.exists():
+        return False
+    if settings.duckdb_path.exists():
+        view_erasure.rewrite(settings.duckdb_path)
+    marker.unlink(missing_ok=True)
+    return True
 
 
 def publish_tombstones(settings: Settings, customer_ids: list[str]) -> None:

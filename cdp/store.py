@@ -199,6 +199,7 @@ class Batch:
     keys: list[tuple[str, str]] = field(default_factory=list)
     data_keys: list[tuple[str, bytes]] = field(default_factory=list)  # new wrapped data keys (cdp/shredding.py)
     writes: list[tuple[str, list[tuple]]] = field(default_factory=list)
+    audited: bool = False  # the audit log's head was read for this batch
 
     def __len__(self) -> int:
         return len(self.events)
@@ -268,6 +269,11 @@ class EventStore:
         self._position = self.max_position() if self._lock else 0
         self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
         self.seen = SeenKeys(self.query(SELECT_EVENT_KEYS))
+
+    @property
+    def position(self) -> int:
+        """PostgreSQL: the store position as of the last load or refresh (0 on SQLite)."""
+        return self._position
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -34,6 +34,18 @@ def token_of(request: Request) -> str | None:
     return None
 
 
+LOCAL_ACTOR_HEADER = "x-cdp-actor"  # the local CLI names its user (only with the server's local key)
+
+
+def actor_of(key: Key, request: Request | None = None) -> str:
+    """Who the audit trail names: `key:<key id>`, or the local user the CLI sent with the
+    server's local key."""
+    if key.key_id == "local":
+        named = request.headers.get(LOCAL_ACTOR_HEADER, "") if request is not None else ""
+        return named if named.startswith("local") and len(named) <= 100 else "local"
+    return f"key:{key.key_id}"
+
+
 class RateLimiter:
     """`rate` requests per second per key, bursts up to twice that."""
 

@@ -23,13 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdp.keys import Key
 from cdp.server import telemetry
-from cdp.server.access import Denied, token_of
+from cdp.audit import select as select_entries, since as parse_since
+from cdp.server.access import Denied, actor_of, token_of
 from cdp.server.audience_routes import mount as mount_audiences
 from cdp.server.sql import QueryRefused, QueryTimeout, encode, run_read_only
 from ingest import segment
 from ingest.normalise import email as normal_email, phone as normal_phone
 from ingest.records import Accepted, Rejected
-from projections import profiles
+from projections import access, profiles
 
 MAX_EVENTS_BODY = 5 * 1024 * 1024  # a CloudEvents batch
 CE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
@@ -38,6 +39,19 @@ CE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "data
 class QueryBody(BaseModel):
     sql: str = Field(description="One SELECT statement against the unified view's tables.")
     params: list[Any] | dict[str, Any] | None = Field(default=None, description="Prepared-statement parameters.")
+
+
+class Problem(BaseModel):
+    """Every refusal and failure: a machine-readable code and a sentence for people."""
+    code: str
+    message: str
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route may answer with."""
+    meaning = {400: "Bad request", 401: "No or unknown key", 403: "The key may not do this",
+               404: "No such customer", 409: "The reference names several customers", 429: "Rate limited"}
+    return {status: {"model": Problem, "description": meaning[status]} for status in statuses}
 
 
 class MeasureRequests:
@@ -296,6 +310,7 @@ def build_app(service: Any) -> FastAPI:
 
         def answer() -> dict[str, Any]:
             found = resolve(ref, key)
+            service.audit.record(actor_of(key, request), "read", found.customer_id, via="api")
             body = profiles.profile(service.read.cursor(), found.customer_id, key.unit)
             if found.merged_from:
                 body["merged_from"] = found.merged_from
@@ -311,10 +326,71 @@ def build_app(service: Any) -> FastAPI:
 
         def answer() -> dict[str, Any]:
             found = resolve(ref, key)
+            service.audit.record(actor_of(key, request), "read", found.customer_id, via="api", part="events")
             page, after = profiles.events(service.read.cursor(), found.customer_id, key.unit, type, limit, cursor)
             return {"customer_id": found.customer_id, "events": page, "next_cursor": after}
 
         return Response(orjson.dumps(await run_in_threadpool(answer), default=str), media_type="application/json")
+
+    @app.get("/v1/profiles/{ref}/export", responses=problems(400, 401, 403, 404, 409, 429),
+             summary="Everything held about a person (right of access): JSON, or a zip of JSON and CSVs")
+    async def profile_export(ref: str, request: Request, format: Literal["json", "zip"] = "json") -> Response:
+        """Golden record with scores, source records, every event, identity decisions, merged
+        customers and consents. A business unit's key gets the golden record and its own unit's
+        rows only, as `GET /v1/profiles/{ref}` shows them."""
+        key = admit(request, "read")
+
+        def answer() -> Response:
+            found = resolve(ref, key)
+            parts = access.sections(service.read.cursor(), found.customer_id, key.unit)
+            service.audit.record(actor_of(key, request), "export", found.customer_id, via="api", format=format)
+            if format == "zip":
+                return Response(access.to_zip(access.files(found.customer_id, parts)), media_type="application/zip",
+                                headers={"Content-Disposition": f'attachment; filename="customer-{found.customer_id}.zip"'})
+            return Response(access.to_json(access.document(found.customer_id, parts)), media_type="application/json")
+
+        return await run_in_threadpool(answer)
+
+    @app.delete("/v1/profiles/{ref}", responses=problems(400, 401, 403, 404, 409, 429),
+                summary="Erase a person everywhere (group-wide admin key)")
+    async def erase_profile(ref: str, request: Request, suppress: bool = True) -> JSONResponse:
+        """As `cdp erase`: the person's data keys are destroyed, `Erased` is recorded, the view drops
+        them, identity rows and dead-letter entries carrying their identifiers go, a tombstone is
+        published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later."""
+        key = admit(request, "admin", group=True)
+
+        def answer() -> dict[str, Any]:
+            found = resolve(ref, key)
+            done = service.erase(found.customer_id, suppress, actor_of(key, request))
+            e = done.erasure
+            return {"customer_id": e.customer_id, "customer_ids": e.customer_ids, "sources": len(e.sources),
+                    "suppressed": suppress, "deadletter_entries": done.deadletter_entries,
+                    "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()}}
+
+        return JSONResponse(await run_in_threadpool(answer))
+
+    @app.get("/v1/audit", responses=problems(400, 401, 403, 429),
+             summary="The audit trail: reads, exports, erasures, splits, keys (group-wide admin key)")
+    async def audit(request: Request, customer: str | None = Query(None, max_length=200),
+                    since: str | None = Query(None, max_length=64),
+                    limit: int = Query(1000, ge=1, le=100_000)) -> Response:
+        """Entries oldest first (the latest `limit`): `at`, `actor` (`key:<key id>` or a local
+        user), `action`, `customer_id`, `detail`. `customer` is a customer id (an erased one
+        too) or a profile reference (`email:…`, `unit:source_id`); `since` an ISO 8601 time."""
+        key = admit(request, "admin", group=True)
+        try:
+            start = parse_since(since) if since else None
+        except ValueError:
+            raise Denied(400, "invalid_request", f"since: expected an ISO 8601 date or time, got {since!r}") from None
+
+        def answer() -> list[dict]:
+            ids = None
+            if customer:
+                ids = {resolve(customer, key).customer_id} if ":" in customer else {customer.replace("-", "").lower()}
+            return select_entries(service.audit_entries(), ids, start)[-limit:]
+
+        entries = await run_in_threadpool(answer)
+        return Response(orjson.dumps({"entries": entries}), media_type="application/json")
 
     # -- SQL ---------------------------------------------------------------------------------
 

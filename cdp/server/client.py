@@ -41,6 +41,33 @@ def running_server(cfg: Settings) -> tuple[str, str] | None:
     return info["url"], info["key"]
 
 
+def _send(url: str, request: urllib.request.Request, timeout: float = TIMEOUT) -> bytes:
+    """The answer's body, or ServerError with the server's own message."""
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as failure:
+        try:
+            message = orjson.loads(failure.read()).get("message")
+        except (ValueError, AttributeError):
+            message = failure.reason
+        raise ServerError(f"{message} (server {url})") from None
+
+
+def call(server: tuple[str, str], method: str, path: str, body: Any = None, actor: str | None = None,
+         timeout: float = TIMEOUT) -> Any:
+    """One JSON request to the running server with its local key (`cdp erase`, `cdp audit`, the
+    audience commands beside `cdp serve`); the JSON answer, or ServerError with the server's
+    message. `actor` names the CLI's user for the audit trail (only the local key may)."""
+    url, key = server
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if actor:
+        headers["X-Cdp-Actor"] = actor
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    return orjson.loads(_send(url, request, timeout) or b"null")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -61,11 +88,7 @@ class RemoteView:
         request = urllib.request.Request(self.url + "/v1/query?format=arrow", data=orjson.dumps(body), method="POST",
                                          headers={"Authorization": f"Bearer {self.key}",
                                                   "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                return pa.ipc.open_stream(response.read()).read_all()
-        except urllib.error.HTTPError as failure:
-            raise ServerError(f"{_message(failure)} (server {self.url})") from None
+        return pa.ipc.open_stream(_send(self.url, request)).read_all()
 
     def execute(self, sql: str, params: Any = None) -> "RemoteView":
         copy = _COPY_TO_PARQUET.match(sql)
@@ -96,22 +119,3 @@ class RemoteView:
     def close(self) -> None:
         self.table = None
 
-
-def call(server: tuple[str, str], method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> Any:
-    """One JSON request to the running server with its local key; ServerError with the server's message."""
-    url, key = server
-    data = None if body is None else orjson.dumps(body)
-    request = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return orjson.loads(response.read() or b"null")
-    except urllib.error.HTTPError as failure:
-        raise ServerError(_message(failure)) from None
-
-
-def _message(failure: urllib.error.HTTPError) -> str:
-    try:
-        return str(orjson.loads(failure.read()).get("message"))
-    except (ValueError, AttributeError):
-        return str(failure.reason)

@@ -153,6 +153,18 @@ class ReadSide:
                 self._caught_up.wait(left)
         return True
 
+    def checkpoint(self, attempts: int = 20) -> None:
+        """Moves the view's write-ahead log into its file (after an erasure: the log held the
+        person's rows); retried while the projector's own transaction is open."""
+        for attempt in range(attempts):
+            try:
+                self.cursor().execute("CHECKPOINT")
+                return
+            except duckdb.TransactionException:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
+
     # -- following ---------------------------------------------------------------------------
 
     def _follow(self) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import sys
 from dataclasses import replace
+import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
@@ -20,7 +22,9 @@ import orjson
 
 from starlette.concurrency import run_in_threadpool
 
+from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
+from cdp.erasure import Erased, mark_view_rewrite, rewrite_view_if_pending, scrub_deadletter
 from cdp.keys import Key
 from cdp.server.access import Gate, RateLimiter
 from cdp.server.readside import ReadSide
@@ -60,6 +64,33 @@ class Service:
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
+        self.audit = AuditTrail(self._append_audit, on_error=lambda error: self.log(f"audit trail: {error!r}"))
+
+    def _append_audit(self, entries: Sequence[Entry]) -> None:
+        """A batch of queued audit entries (reads) into the store, one commit (the command takes
+        the writers' lock, so it comes between the resolver's or the workers' batches)."""
+        self.app.record_accesses(entries)
+
+    def audit_entries(self) -> list[dict]:
+        """The audit trail, with the reads queued so far appended first."""
+        self.audit.flush()
+        return self.app.audit_entries()
+
+    def erase(self, customer_id: str, suppress: bool, actor: str) -> Erased:
+        """`DELETE /v1/profiles/{id}` and `cdp erase` beside this server: the application's erase
+        (keys destroyed, identity rows deleted, `Erased` and its audit entry), answered once the view
+        dropped the person (the read side also publishes the tombstones); then the dead-letter file
+        and the store's log are scrubbed. The view's file is rewritten when the server next stops
+        or starts (it holds the file open; see `pending_view_rewrite`)."""
+        started = time.perf_counter()
+        erasure = self.steward(lambda app: app.erase(customer_id, suppress, actor))
+        phases = {"store_and_view": time.perf_counter() - started}
+        removed = scrub_deadletter(self.cfg.deadletter_path, erasure) if self.mode == "embedded" else 0
+        self.app.store.scrub()
+        self.read.checkpoint()  # the view's log held the person's rows too
+        mark_view_rewrite(self.cfg)
+        phases["deadletter_and_checkpoint"] = time.perf_counter() - started - phases["store_and_view"]
+        return Erased(erasure, removed, time.perf_counter() - started, phases)
 
     async def write(self, records: Sequence[Accepted | Rejected]) -> None:
         """Returns once the records are committed to the intake (embedded) or acknowledged (Kafka)."""
@@ -77,7 +108,9 @@ class Service:
         """A person's identity decision, `work(app)` calling the application's command (the one
         `cdp identity split|review` calls), returned once the view shows it. On an application of
         its own: the command takes the writers' lock, as the CLI's does, so it comes between the
-        resolver's (or the workers') batches."""
+        resolver's (or the workers') batches. The reads queued for the audit trail
+        are appended first, so the trail keeps the order things happened in."""
+        self.audit.flush()
         from cdp.pipeline import Pipeline
 
         with Pipeline(self.cfg, project=False) as pipeline:
@@ -90,6 +123,7 @@ class Service:
         self.read.start()
 
     def close(self) -> None:
+        self.audit.close()  # the queued reads, before the writer goes
         self.read.stop()
         self.writer.close()
         if self._profiles_producer is not None:
@@ -121,6 +155,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     if cfg.kafka_bootstrap:
         topics.ensure(cfg)
     try:
+        rewrite_view_if_pending(cfg)  # an erasure while a server was killed before it could
         service = Service(cfg)
     except duckdb.Error as error:
         raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
@@ -129,6 +164,10 @@ def run(cfg: Settings, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
+    # uvicorn raises the signal that stopped it again once it has shut down: left at its default,
+    # SIGTERM would then end the process before the service closes (the audit entries still queued,
+    # the view's rewrite after an erasure); with this handler `run` returns and closes it
+    signal.signal(signal.SIGTERM, lambda *_: None)
     service.start()
     if service.read.missing_indexes:
         Service.log(f"look-up indexes left out for want of memory (raise CDP_DUCKDB_MEMORY): "
@@ -142,5 +181,6 @@ def run(cfg: Settings, host: str, port: int) -> None:
     finally:
         cfg.server_file.unlink(missing_ok=True)
         service.close()
+        rewrite_view_if_pending(cfg)
     if not server.started:
         raise OSError(f"cannot listen on {host}:{port}")

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from cdp.server.access import Denied
+from cdp.server.access import Denied, actor_of
 from cdp.server.console import lookup
 from cdp.server.console.sessions import Session, Sessions
 from projections import identity_views, profiles, report, timeline
@@ -200,6 +200,7 @@ def mount(app: FastAPI, service: Any) -> None:
             return RedirectResponse(f"/customers/{found[0].customer_id}?" + urlencode({"merged_from": wanted}),
                                     status_code=303)
         body = profiles.profile(con, wanted, key.unit)
+        service.audit.record(actor_of(key), "read", wanted, via="console")
         try:
             events, after = timeline.page(con, wanted, key.unit or unit or None, type or None, PAGE_SIZE, before)
         except ValueError as problem:
@@ -228,7 +229,8 @@ def mount(app: FastAPI, service: Any) -> None:
         session = checked(request, csrf, "admin", group=True)
         body = _customer(service, customer_id)
         try:
-            decisions = service.steward(lambda app: app.split(body["customer_id"], [record], reason))
+            decisions = service.steward(lambda app: app.split(body["customer_id"], [record], reason,
+                                                                actor_of(session.key)))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)

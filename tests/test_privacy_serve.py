@@ -1,0 +1,223 @@
+"""Privacy through a running `cdp serve`: export, erasure and the audit trail over HTTP (httpx on
+a real socket), `cdp erase` and `cdp audit` beside the server (as subprocesses), the tombstone a
+Kafka-mode server publishes (read with kcat), and writers that drop an erased person without a
+restart."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import zipfile
+
+import pytest
+
+from tests.events import event, jsonl
+from tests.serving import new_keys, start_server, wait_until
+from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
+from tests.test_privacy import ANN, NEEDLES, files_holding, ingest, invalid_event_of_ann, others, people_events
+
+
+@pytest.fixture
+def people(cdp, tmp_path):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    (tmp_path / "bad.jsonl").write_bytes(invalid_event_of_ann())
+    cdp("ingest", str(tmp_path / "bad.jsonl"))
+    keys = new_keys(cdp.env, {"read": ("read", None), "retail_read": ("read", "retail"), "admin": ("admin", None)})
+    return keys
+
+
+def refusal(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and body["message"]
+
+
+def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
+    keys = people
+    before = others(cdp)
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    try:
+        read, unit, admin = (server.client(keys[k]) for k in ("read", "retail_read", "admin"))
+        ann = read.get("/v1/profiles/email:Quorra.Zephyrine@example.org").json()["customer_id"]
+
+        full = read.get(f"/v1/profiles/customer_id:{ann}/export").json()
+        assert full["golden_record"]["last_name"] == "Zephyrine"
+        assert sorted(e["event_id"] for e in full["events"]) == ["a1", "a2", "a3", "a4"]
+        assert sorted(s["business_unit"] for s in full["source_records"]) == ["bank", "retail"]
+        # a unit's key: the golden record and its own unit's rows, as the profile API shows them
+        mine = unit.get(f"/v1/profiles/customer_id:{ann}/export").json()
+        assert sorted(e["event_id"] for e in mine["events"]) == ["a1", "a2"]
+        assert [s["business_unit"] for s in mine["source_records"]] == ["retail"]
+        assert mine["merged_customers"] == [] and mine["golden_record"]["customer_id"] == ann
+        archive = zipfile.ZipFile(io.BytesIO(admin.get(f"/v1/profiles/retail:R-1/export?format=zip").content))
+        assert {"customer.json", "events.csv", "source_records.csv", "consents.csv"} <= set(archive.namelist())
+        rows = list(csv.DictReader(io.StringIO(archive.read("events.csv").decode())))
+        assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4"]
+        assert any("Wobblesworth branch" in r["comment"] for r in rows)
+
+        refusal(read.delete(f"/v1/profiles/customer_id:{ann}"), 403, "forbidden")
+        refusal(read.get("/v1/audit"), 403, "forbidden")
+        refusal(admin.get("/v1/audit?since=yesterday"), 400, "invalid_request")
+        refusal(unit.get("/v1/profiles/bank:B-3/export"), 404, "not_found")
+        paths = read.get("/openapi.json").json()["paths"]
+        assert {"get", "delete"} <= set(paths["/v1/profiles/{ref}"]) and "/v1/profiles/{ref}/export" in paths
+        assert "/v1/audit" in paths
+
+        erased = admin.delete(f"/v1/profiles/email:quorra.zephyrine@example.org").json()
+        assert erased["customer_id"] == ann and erased["sources"] == 2 and erased["deadletter_entries"] == 1
+        refusal(read.get(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
+        refusal(admin.delete(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
+
+        # `cdp erase` beside the running server goes to the server, which holds the view
+        out = cdp("erase", "bob.other@example.org", "--yes").stdout
+        assert "erased customer" in out and "1 source record(s)" in out
+        refusal(read.get("/v1/profiles/email:bob.other@example.org"), 404, "not_found")
+
+        entries = admin.get("/v1/audit", params={"customer": ann}).json()["entries"]
+        actions = [(e["action"], e["actor"]) for e in entries]
+        read_id, unit_id, admin_id = (new for new in _key_ids(cdp, keys))
+        assert ("read", f"key:{read_id}") in actions and ("export", f"key:{unit_id}") in actions
+        assert ("export", f"key:{admin_id}") in actions and actions[-1] == ("erase", f"key:{admin_id}")
+        assert all(e["at"] and e["customer_id"] == ann for e in entries)
+        listed = json.loads(cdp("audit", "--format", "json").stdout)  # the CLI asks the server
+        assert any(e["action"] == "erase" and e["actor"].startswith("local") for e in listed)
+        assert admin.get("/v1/audit", params={"since": "2999-01-01"}).json() == {"entries": []}
+    finally:
+        server.stop(signal.SIGKILL)
+    # killed before it could rewrite the view's file: the next start does, before it opens it
+    assert (cdp.home / "view.duckdb.erased").exists()
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    assert not (cdp.home / "view.duckdb.erased").exists()
+    server.stop()
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert others(cdp)[0] == [r for r in before[0] if r["first_name"] == "Cat"]  # Bob was erased too
+
+
+def _key_ids(cdp, keys: dict[str, str]) -> list[str]:
+    """Ids of the read, unit-read and admin keys, as `cdp keys list` shows them."""
+    listed = json.loads(cdp("keys", "list", "--format", "json").stdout)
+    by_prefix = {k["key"].rstrip("…"): k["key_id"] for k in listed}
+    return [next(i for p, i in by_prefix.items() if keys[name].startswith(p)) for name in ("read", "retail_read", "admin")]
+
+
+def test_a_clean_shutdown_keeps_queued_reads_and_rewrites_the_view(cdp, tmp_path, people):
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    try:
+        read = server.client(people["read"])
+        ann = read.get("/v1/profiles/retail:R-1").json()["customer_id"]
+        for _ in range(4):
+            assert read.get("/v1/profiles/bank:B-3").status_code == 200
+        assert server.client(people["admin"]).delete(f"/v1/profiles/customer_id:{ann}").status_code == 200
+        for _ in range(3):
+            assert read.get("/v1/profiles/bank:B-3").status_code == 200
+    finally:
+        server.stop()  # SIGTERM at once: the queued entries are appended before the process ends
+    assert files_holding(cdp.home, NEEDLES) == {}
+    entries = json.loads(cdp("audit", "--format", "json").stdout)
+    assert [e["action"] for e in entries] == ["read"] * 5 + ["erase"] + ["read"] * 3
+
+
+def test_key_creation_and_revocation_are_audited(cdp):
+    made = cdp("keys", "create", "--scope", "read", "--unit", "retail")
+    key_id = made.stderr.split()[1]
+    cdp("keys", "revoke", key_id)
+    entries = json.loads(cdp("audit", "--format", "json").stdout)
+    assert [(e["action"], e["detail"]["key_id"], e["detail"]["unit"]) for e in entries] == [
+        ("key_create", key_id, "retail"), ("key_revoke", key_id, "retail")]
+    assert all(e["actor"].startswith("local") for e in entries)
+
+
+def test_a_running_writer_drops_an_erased_person_without_restart(cdp, tmp_path):
+    """Two applications on one store, as a worker and `cdp erase` are: after the erase, the
+    writer's next batch neither links a new record to the erased customer (their identity keys
+    went) nor lets a suppressed identifier in."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    settings = Settings.from_env(cdp.env)
+    writer, eraser = CustomerApplication(settings), CustomerApplication(settings)
+    try:
+        writer.resolver  # loaded, as a running worker's is
+        ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+        eraser.erase(ann, suppress=False)
+        back = _accepted(settings, event("w1", "shop", "S-1", customer={"email": ANN["email"]}))
+        summary = writer.ingest([back])
+        stored = writer.store.query("SELECT customer_id FROM identity_keys WHERE kind = 'source' AND value = ?",
+                                    ("shop:S-1",))
+        assert summary.suppressed == 0 and len(stored) == 1 and stored[0][0] != ann  # a new customer
+
+        other = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Other'")[0]["customer_id"]
+        eraser.erase(other, suppress=True)
+        summary = writer.ingest([_accepted(settings, event("w2", "shop", "S-2", customer={"email": "bob.other@example.org"}))])
+        assert summary.suppressed == 1
+    finally:
+        writer.close()
+        eraser.close()
+
+
+def _accepted(settings, raw: dict):
+    from cdp.pipeline import make_ingestor
+    from ingest.records import Accepted
+
+    record = make_ingestor(settings).from_event(raw, "test")
+    assert isinstance(record, Accepted), record
+    return record
+
+
+@pytest.mark.kafka
+def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafka_bootstrap, fresh_topic_prefix):
+    env = {**cdp.env, "CDP_KAFKA_BOOTSTRAP": kafka_bootstrap, "CDP_TOPIC_PREFIX": fresh_topic_prefix,
+           "CDP_RATE_LIMIT": "1000"}
+    server = start_server(env, tmp_path / "serve.log")
+    try:
+        admin = server.client(people["admin"])
+        ann = admin.get("/v1/profiles/retail:R-1").json()["customer_id"]
+        assert admin.delete(f"/v1/profiles/customer_id:{ann}").status_code == 200
+
+        def last_message() -> str | None:
+            out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles",
+                                  "-e", "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+            mine = [line for line in out.splitlines() if line.startswith(ann)]
+            return mine[-1] if mine else None
+
+        wait_until(lambda: last_message() == f"{ann}\t-1", 30, "the tombstone on cdp.profiles")
+    finally:
+        server.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_running_kafka_worker_suppresses_an_erased_person(kafka_env, kafka_bootstrap, fresh_topic_prefix,
+                                                            fresh_postgres_dsn, tmp_path):
+    """A worker started before the erasure (its identity index and suppression list loaded) drops
+    the erased person's re-sent record without a restart, and stores a new person's."""
+    import psycopg
+
+    from tests.test_streaming import cdp as run, read_topic, start_worker, stop, stored_keys, wait_for
+
+    worker = start_worker(kafka_env("worker"), tmp_path / "worker.log")
+    cli = kafka_env("cli")
+    try:
+        wait_for(lambda: "consuming" in (tmp_path / "worker.log").read_text(), 60, "the worker", [worker])
+        (tmp_path / "people.jsonl").write_bytes(jsonl(people_events()))
+        run(cli, "ingest", "--kafka", str(tmp_path / "people.jsonl"))
+        wait_for(lambda: stored_keys(fresh_postgres_dsn) >= 8, 120, "the people stored", [worker])
+        run(cli, "projections", "rebuild")
+        assert "2 source record(s)" in run(cli, "erase", "retail:R-1", "--yes").stdout
+        resent = [event("n1", "bank", "B-9", customer={"email": ANN["email"]}),
+                  event("c1", "shop", "S-1", customer={"email": "dee.new@example.org", "first_name": "Dee"})]
+        (tmp_path / "resent.jsonl").write_bytes(jsonl(resent))
+        run(cli, "ingest", "--kafka", str(tmp_path / "resent.jsonl"))
+        dead = lambda: [v for _, v in read_topic(kafka_bootstrap, f"{fresh_topic_prefix}cdp.deadletter")
+                        if v and v.get("reason") == "suppressed"]
+        wait_for(lambda: dead() and stored_keys(fresh_postgres_dsn) >= 9, 120, "the resent events handled", [worker])
+    finally:
+        stop(worker)
+    assert [(d["event_id"], d["input"]) for d in dead()] == [("n1", None)]
+    with psycopg.connect(fresh_postgres_dsn) as conn:
+        sources = {r[0] for r in conn.execute("SELECT value FROM identity_keys WHERE kind = 'source'")}
+    assert "shop:S-1" in sources and "bank:B-9" not in sources and "retail:R-1" not in sources
