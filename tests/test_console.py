@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import httpx
 import pytest
 
-from tests.serving import new_keys, start_server
+from tests.serving import new_keys, start_server, wait_until
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: make install")
 
@@ -53,12 +54,14 @@ def console(tmp_path_factory, demo_files, cdp_at):
           AND type = 'cdp.purchase' ORDER BY time DESC LIMIT 1""")[0]["order_id"]
     keys = new_keys(cdp.env, {"admin": ("admin", None), "read": ("read", None), "retail": ("read", "retail"),
                               "publish": ("publish", "retail")})
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, home / "serve.log")
+    facts["cdp"], facts["env"] = cdp, {**cdp.env, "CDP_RATE_LIMIT": "1000"}
+    servers = [start_server(facts["env"], home / "serve.log")]
+    facts["servers"] = servers  # the restart test replaces the server
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        yield server, keys, facts, browser
+        yield servers[0], keys, facts, browser
         browser.close()
-    server.stop()
+    servers[-1].stop()
 
 
 def signed_in(browser, server, key: str):
@@ -209,3 +212,34 @@ def test_steward_confirms_a_review_pair_and_splits_a_record(console) -> None:
     page.goto(f"/customers/{new_customer}")
     assert [r.get_attribute("data-record") for r in page.locator(".record").all()] == [pair["other_record"]]
     context.close()
+
+
+def test_sessions_survive_a_restart_and_end_when_the_key_is_revoked(console) -> None:
+    """Runs last: it restarts the module's server."""
+    server, keys, facts, browser = console
+    made = facts["cdp"]("keys", "create", "--scope", "read")
+    token, key_id = made.stdout.strip().splitlines()[-1], re.search(r"key (\w+)", made.stderr)[1]
+    wait_until(lambda: server.client(token).get("/metrics").status_code == 200, 10, "the server to know the new key")
+    context, page = signed_in(browser, server, token)
+    other, other_page = signed_in(browser, server, token)  # a second session of the same key
+    stored = (facts["env"]["CDP_HOME"] + "/console-sessions.sqlite")
+    assert token.encode() not in open(stored, "rb").read()
+
+    port = int(server.url.rsplit(":", 1)[1])
+    server.stop()
+    again = start_server(facts["env"], server.log, port=port)
+    facts["servers"].append(again)
+    page.goto("/")
+    assert page.url == again.url + "/" and page.get_by_label("Find a customer").count() == 1
+
+    facts["cdp"]("keys", "revoke", key_id)
+
+    def signed_out() -> bool:
+        page.goto("/")
+        return page.url == again.url + "/login"
+
+    wait_until(signed_out, 10, "the revoked key's session to end")
+    other_page.goto("/")
+    assert other_page.url == again.url + "/login"  # every session of the key, not only the one that noticed
+    context.close()
+    other.close()

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from cdp.keys import digest
 from cdp.server.access import Denied
 from cdp.server.console import lookup
 from cdp.server.console.sessions import Session, Sessions
@@ -80,7 +81,8 @@ def _environment() -> jinja2.Environment:
 
 def mount(app: FastAPI, service: Any) -> None:
     """Adds the console's routes, static files and error pages to the API's app."""
-    sessions = Sessions(service.cfg.console_session_hours * 3600)
+    cfg = service.cfg
+    sessions = Sessions(cfg.console_sessions_path, cfg.console_key_path, cfg.console_session_hours * 3600)
     templates = _environment()
     live_charts = LiveCharts()
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
@@ -90,11 +92,17 @@ def mount(app: FastAPI, service: Any) -> None:
              **context: Any) -> HTMLResponse:
         html = templates.get_template(name).render(
             request=request, session=session, key=session.key if session else None,
-            flash=session.take_flash() if session else None, **context)
+            flash=sessions.take_flash(session) if session else None, **context)
         return HTMLResponse(html, status_code=status, headers={
             "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
                                        "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"})
+
+    def _admitted(session: Session | None) -> Session | None:
+        """The session with its key filled in for the page's header, while the key is live."""
+        if session is not None and session.key is None:
+            session.key = service.gate.known(session.key_digest)
+        return session if session is None or session.key is not None else None
 
     @app.exception_handler(SignIn)
     async def sign_in(request: Request, _: SignIn) -> Response:
@@ -102,7 +110,7 @@ def mount(app: FastAPI, service: Any) -> None:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, problem: Refused) -> HTMLResponse:
-        return page(request, "error.html", problem.status, sessions.of(request), message=problem.message)
+        return page(request, "error.html", problem.status, _admitted(sessions.of(request)), message=problem.message)
 
     def signed_in(request: Request, scope: str = "read", group: bool = False) -> Session:
         """The session, its key admitted again for `scope` by the API's gate (revocation, scope,
@@ -111,10 +119,10 @@ def mount(app: FastAPI, service: Any) -> None:
         if session is None:
             raise SignIn()
         try:
-            service.gate.admit(session.token, scope, group)
+            session.key = service.gate.admit_digest(session.key_digest, scope, group)
         except Denied as problem:
-            if problem.status == 401:  # revoked since signing in
-                sessions.end_for_key(session.key.key_id)
+            if problem.status == 401:  # the key was revoked since signing in: its sessions end
+                sessions.end_for_key(session.key_digest)
                 raise SignIn() from None
             raise Refused(problem.status, problem.message) from None
         return session
@@ -136,7 +144,7 @@ def mount(app: FastAPI, service: Any) -> None:
 
     @app.get("/login", include_in_schema=False)
     def login_form(request: Request) -> Response:
-        if sessions.of(request) is not None:
+        if _admitted(sessions.of(request)) is not None:
             return RedirectResponse("/", status_code=303)
         return login_page(request)
 
@@ -146,12 +154,12 @@ def mount(app: FastAPI, service: Any) -> None:
             raise Refused(403, "The sign-in form expired or was not sent from the console (CSRF check): "
                                "open /login again.")
         try:
-            admitted = service.gate.admit(key.strip(), "read")
+            service.gate.admit(key.strip(), "read")
         except Denied as problem:
             return login_page(request, problem.status, "That key is unknown or revoked." if problem.status == 401
                               else f"That key may not sign in here: {problem.message}.")
         response = RedirectResponse("/", status_code=303)
-        sessions.start(response, request, key.strip(), admitted)
+        sessions.start(response, request, digest(key.strip()))
         return response
 
     @app.post("/logout", include_in_schema=False)
@@ -173,10 +181,9 @@ def mount(app: FastAPI, service: Any) -> None:
     @app.get("/console/suggest", include_in_schema=False)
     def suggest(request: Request, q: str = Query("", max_length=200)) -> Response:
         """Type-ahead: up to 8 matches as JSON for the search box."""
-        session = sessions.of(request)
-        if session is None:
+        if sessions.of(request) is None:
             return JSONResponse({"code": "unauthorized", "message": "sign in first"}, status_code=401)
-        signed_in(request)
+        session = signed_in(request)
         rows = lookup.find(service.read.cursor(), q, session.key.unit, service.cfg.default_phone_region,
                            limit=8)[1] if len(q.strip()) >= 2 else []
         return JSONResponse([{"customer_id": r["customer_id"],
@@ -232,7 +239,7 @@ def mount(app: FastAPI, service: Any) -> None:
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)
-        session.flash = f"Split: {moved}."
+        sessions.flash(session, f"Split: {moved}.")
         return RedirectResponse(f"/customers/{body['customer_id']}", status_code=303)
 
     # -- the review queue ----------------------------------------------------------------------
@@ -262,8 +269,9 @@ def mount(app: FastAPI, service: Any) -> None:
                 lambda app: (app.confirm_match if action == "confirm" else app.reject_match)(pair[0], pair[1]))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
-        session.flash = (f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}." if action == "confirm"
-                         else f"Rejected: {pair[0]} and {pair[1]} stay apart; the verdict is remembered.")
+        sessions.flash(session, f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}."
+                       if action == "confirm" else f"Rejected: {pair[0]} and {pair[1]} stay apart; the verdict is "
+                       "remembered.")
         return RedirectResponse("/review", status_code=303)
 
     # -- the dashboard -------------------------------------------------------------------------
