@@ -90,13 +90,15 @@ def mount(app: FastAPI, service: Any) -> None:
 
     def page(request: Request, name: str, status: int = 200, session: Session | None = None,
              **context: Any) -> HTMLResponse:
+        rendering = time.perf_counter()
         html = templates.get_template(name).render(
             request=request, session=session, key=session.key if session else None,
             flash=sessions.take_flash(session) if session else None, **context)
         return HTMLResponse(html, status_code=status, headers={
             "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                       "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"})
+                                       "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+            "Server-Timing": _server_timing(request, rendering)})
 
     def _admitted(session: Session | None) -> Session | None:
         """The session with its key filled in for the page's header, while the key is live."""
@@ -115,11 +117,13 @@ def mount(app: FastAPI, service: Any) -> None:
     def signed_in(request: Request, scope: str = "read", group: bool = False) -> Session:
         """The session, its key admitted again for `scope` by the API's gate (revocation, scope,
         unit, rate limit)."""
+        request.state.started = time.perf_counter()
         session = sessions.of(request)
         if session is None:
             raise SignIn()
         try:
             session.key = service.gate.admit_digest(session.key_digest, scope, group)
+            request.state.admitted = time.perf_counter()
         except Denied as problem:
             if problem.status == 401:  # the key was revoked since signing in: its sessions end
                 sessions.end_for_key(session.key_digest)
@@ -282,6 +286,17 @@ def mount(app: FastAPI, service: Any) -> None:
         charts, position, drawn = live_charts.get(service.read)
         return page(request, "dashboard.html", session=session, charts=charts, position=position,
                     drawn=datetime.fromtimestamp(drawn, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def _server_timing(request: Request, rendering: float) -> str:
+    """Where a page's time went (the Server-Timing header; bench/console.py prints it): the
+    session and key check, the reads from the view, and the template."""
+    started = getattr(request.state, "started", None)
+    admitted = getattr(request.state, "admitted", None)
+    stages = [("render", rendering, time.perf_counter())]
+    if started is not None and admitted is not None:
+        stages = [("session", started, admitted), ("read", admitted, rendering)] + stages
+    return ", ".join(f"{name};dur={(end - start) * 1e3:.2f}" for name, start, end in stages)
 
 
 def _customer(service: Any, customer_id: str) -> dict[str, Any]:
