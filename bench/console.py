@@ -138,9 +138,9 @@ def baseline(path: Path, customers: int, rounds: int, seed: int) -> dict[str, li
     con.execute("CHECKPOINT")
     rng = random.Random(seed)
     work = {
-        "search by e-mail": lambda i: lookup.find(con, email(i), None, "GB"),
-        "search by misspelt name": lambda i: lookup.find(con, misspelt(i), None, "GB"),
-        "search by phone": lambda i: lookup.find(con, f"077 {i % 100000000:08d}", None, "GB"),
+        "search by e-mail": lambda i: lookup.find(con, email(i), None, ["GB"]),
+        "search by misspelt name": lambda i: lookup.find(con, misspelt(i), None, ["GB"]),
+        "search by phone": lambda i: lookup.find(con, f"077 {i % 100000000:08d}", None, ["GB"]),
         "customer page": lambda i: _customer_queries(con, customer_id(i), profiles, timeline, identity_views),
         "review queue": lambda i: _review_queries(con, identity_views),
         "dashboard": lambda i: report.charts(con),

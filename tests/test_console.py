@@ -8,9 +8,10 @@ import re
 import shutil
 
 import httpx
+import phonenumbers
 import pytest
 
-from tests.serving import new_keys, start_server, wait_until
+from tests.serving import cloudevent, new_keys, start_server, wait_until
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: make install")
 
@@ -47,6 +48,8 @@ def console(tmp_path_factory, demo_files, cdp_at):
         "bank_only": cdp.query("""
             SELECT customer_id, email FROM customers WHERE business_units = ['bank'] AND email IS NOT NULL
             ORDER BY customer_id LIMIT 1""")[0],
+        "phoned": cdp.query("""SELECT customer_id, phone FROM customers WHERE phone IS NOT NULL
+                               ORDER BY customer_id LIMIT 1""")[0],
         "review": json.loads(cdp("identity", "review", "--format", "json").stdout),
     }
     facts["order"] = cdp.query(f"""
@@ -94,6 +97,15 @@ def test_agent_signs_in_searches_and_reads_a_customer(console) -> None:
     search(page, misspelt)
     link = page.get_by_role("link", name=f"{both['first_name']} {both['last_name']}")
     assert link.count() >= 1, f"{misspelt!r} did not find {both}"
+
+    # a phone number in the formats ingest accepts: spaced international, a tel: URI, dotted
+    phoned = facts["phoned"]
+    number = phonenumbers.parse(phoned["phone"])
+    for typed in (phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL),
+                  phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.RFC3966),
+                  phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164).replace("+", "00")):
+        search(page, typed)
+        assert page.locator(f"table.results a[href='/customers/{phoned['customer_id']}']").count() == 1, typed
 
     # type-ahead: a few letters offer the customer; arrow down and Enter open it
     page.goto("/")
@@ -211,6 +223,23 @@ def test_steward_confirms_a_review_pair_and_splits_a_record(console) -> None:
     new_customer = page.locator(".flash").inner_text().rstrip(".").split()[-1]
     page.goto(f"/customers/{new_customer}")
     assert [r.get_attribute("data-record") for r in page.locator(".record").all()] == [pair["other_record"]]
+    context.close()
+
+
+def test_dashboard_follows_the_view_while_open(console) -> None:
+    server, keys, facts, browser = console
+    context, page = signed_in(browser, server, keys["read"])
+    page.goto("/dashboard")
+    shown = page.locator("#live").get_attribute("data-shown")
+    customers = page.locator(".kpi", has_text="customers").first.locator(".v").inner_text()
+    newcomer = cloudevent("console-live-1", "retail", "console-newcomer", customer={"email": "newcomer@example.org"})
+    answer = server.client(keys["publish"]).post("/events", json=newcomer,
+                                                 headers={"content-type": "application/cloudevents+json"})
+    assert answer.status_code == 200, answer.text
+    # the open page swaps in charts drawn at the newer position, without a reload
+    wait_until(lambda: page.locator("#live").get_attribute("data-shown") != shown, 30, "the charts to be redrawn")
+    grown = page.locator(".kpi", has_text="customers").first.locator(".v").inner_text()
+    assert int(grown.replace(",", "")) == int(customers.replace(",", "")) + 1
     context.close()
 
 
