@@ -39,10 +39,10 @@ class LiveCharts:
 
     Drawing them reads the recent purchases (about a second on 1,000,000 customers), too long for
     a page, so a thread of its own redraws them whenever the view has moved on since the last
-    drawing (asked by each dashboard request and after every projected batch) and the page
-    answers at once with the newest drawing, saying which view position it shows; a page that
-    shows an older position than the view's reloads its charts when the newer drawing is ready.
-    An unchanged view is never redrawn."""
+    drawing (asked by each dashboard request, and every few seconds by an open dashboard's
+    script), and the page answers at once with the newest drawing, saying which view position it
+    shows; the open page swaps in newer charts when they are ready. An unchanged view is never
+    redrawn."""
 
     def __init__(self, read: Any) -> None:
         self.read = read
@@ -79,7 +79,7 @@ class LiveCharts:
                             self.drawing = drawing
                             self.ready.notify_all()
                 finally:
-                    con.execute("COMMIT")
+                    con.execute("ROLLBACK")  # it only read; also leaves a failed transaction
             except Exception as problem:  # e.g. the view closing at shutdown: drawn at the next ask
                 print(f"cdp serve: the dashboard was not drawn: {problem!r}", file=sys.stderr, flush=True)
 
