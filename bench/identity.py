@@ -29,6 +29,7 @@ import time
 from typing import Iterator
 
 from bench import febrl
+from cdp import console
 from cdp.config import Settings
 from cdp.demo import DemoSpec
 from cdp.demo.generator import iter_events
@@ -197,10 +198,11 @@ def per_record(base: int, new: int, seed: int, model: Model, deterministic_basel
 def reresolution(res: Resolver, streaming_seconds_per_record: float) -> None:
     """A full re-resolution of every record held (what a new model triggers), beside streaming
     resolution of as many records at the rate its base was resolved."""
-    started = time.perf_counter()
-    changes = plan(res)
-    seconds = time.perf_counter() - started
     n = len(res.blocks)
+    started = time.perf_counter()
+    with console.progress_bar("re-resolving", n) as bar:
+        changes = plan(res, progress=bar)
+    seconds = time.perf_counter() - started
     print(f"re-resolution: {n:,} records, {changes.pairs_scored:,} pairs scored in {seconds:.1f} s "
           f"({n / seconds:,.0f} records/s; streaming them one by one: {n * streaming_seconds_per_record:.1f} s, "
           f"ratio {seconds / (n * streaming_seconds_per_record):.2f}); "

@@ -1,11 +1,14 @@
-"""Benchmarks of `cdp serve` (embedded): `python -m bench.serve [--seconds S] [--customers N]`.
+"""Benchmarks of `cdp serve`: `python -m bench.serve [--seconds S] [--customers N] [--clients C]`.
 
-1. Collector: Segment `track` messages in batches of 100 posted to `/v1/batch` by 4 client threads
-   for S seconds (each answered after the store commit), beside a bare ASGI app (Starlette under
-   the same uvicorn) that only parses the same JSON; events/s and the ratio.
+1. Collector: Segment `track` messages in batches of 100 posted to `/v1/batch` by C client threads
+   (default 4) for S seconds, beside a bare ASGI app (Starlette under the same uvicorn) that only
+   parses the same JSON; events/s and the ratio. Embedded (answered after the commit to the
+   intake, resolved right after), and with Kafka when CDP_KAFKA_BOOTSTRAP is set (answered after
+   the broker acknowledged; a private topic prefix, no worker).
 2. Publish-to-visible: events posted at a steady 1,000 events/s (batches of 10 every 10 ms); for
    every 10th batch the time from the accepted answer until its new customer's profile is readable
-   through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself.
+   through `GET /v1/profiles`; p50/p99 beside the p99 of the acceptance round trip itself (the
+   publisher of bench/visible.py, which measures this alone, and with Kafka + PostgreSQL).
 3. Profile look-up while ingest runs: a view of N customers (synthetic rows in the real tables,
    3 events each), `GET /v1/profiles/customer_id:…` and `email:…` for random customers while
    the publish loop of 2. runs; p50/p99 beside the same look-ups' SQL run on DuckDB in process.
@@ -96,64 +99,13 @@ def bare_server(directory: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-class SteadyPublisher(threading.Thread):
-    """CloudEvents at `rate` events/s in batches of 10; each batch names one new customer whose
-    profile visibility is measured for every 10th batch."""
-
-    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
-        super().__init__()
-        self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
-        self.accept: list[float] = []
-        self.visible: list[float] = []
-        self.sent = 0
-
-    def run(self) -> None:
-        """Batches leave on a fixed clock from 16 sender threads, so a slow answer does not slow the pace."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        interval = 10 / self.rate
-        local = threading.local()
-        probes: list[threading.Thread] = []
-
-        def send(n: int) -> None:
-            http = getattr(local, "http", None)
-            if http is None:
-                http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
-                                                 timeout=30)
-            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
-                      "time": "2026-03-01T10:00:00Z",
-                      "data": {"business_unit": "shop", "customer": {"source_id": f"P{n}-{i}"}}} for i in range(10)]
-            started = time.monotonic()
-            answer = http.post("/events", content=orjson.dumps(batch),
-                               headers={"Content-Type": "application/cloudevents-batch+json"})
-            done = time.monotonic()
-            if answer.status_code == 200:
-                self.accept.append(done - started)
-                self.sent += 10
-                if n % 10 == 0:
-                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
-                    probe.start()
-                    probes.append(probe)
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            next_at = time.monotonic()
-            end = next_at + self.seconds
-            n = 0
-            while time.monotonic() < end:
-                pool.submit(send, n)
-                n += 1
-                next_at += interval
-                time.sleep(max(0.0, next_at - time.monotonic()))
-        for probe in probes:
-            probe.join()
-
-    def probe(self, ref: str, accepted_at: float) -> None:
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
-            while time.monotonic() - accepted_at < 10:
-                if http.get(f"/v1/profiles/{ref}").status_code == 200:
-                    self.visible.append(time.monotonic() - accepted_at)
-                    return
-                time.sleep(0.005)
+def collector_rate(env: dict[str, str], home: Path, keys: dict[str, str], seconds: float, clients: int) -> float:
+    """Events/s `cdp serve` (embedded, or Kafka when `env` names a broker) accepts on /v1/batch."""
+    server = start_server({**env, "CDP_HOME": str(home)}, home.parent / f"{home.name}.log")
+    try:
+        return blast(server.url, keys["retail"], seconds, clients)
+    finally:
+        server.stop()
 
 
 def synthetic_view(path: Path, customers: int) -> None:
@@ -209,29 +161,35 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers in the look-up view")
+    parser.add_argument("--clients", type=int, default=4, help="collector client threads")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-serve-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-        env.update(CDP_HOME=str(tmp_path / "home"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600",
-                   CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"))
-        keys = new_keys(env, {"publish": ("publish", None), "shop": ("publish", "shop"), "read": ("read", None)})
+        # the server's own defaults (CDP_SERVE_MEMORY for its view); CDP_SERVE_* of the caller pass
+        env.update({k: v for k, v in os.environ.items() if k.startswith("CDP_SERVE_")})
+        env.update(CDP_HOME=str(tmp_path / "embedded"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600")
         keys_for_segment = new_keys(env, {"retail": ("publish", "retail")})
-        server = start_server(env, tmp_path / "serve.log")
-        try:
-            ours = blast(server.url, keys_for_segment["retail"], args.seconds)
-        finally:
-            server.stop()
+        collectors = {"embedded": collector_rate(env, tmp_path / "embedded", keys_for_segment, args.seconds, args.clients)}
+        if os.environ.get("CDP_KAFKA_BOOTSTRAP"):
+            kafka_env = {**env, "CDP_HOME": str(tmp_path / "kafka"), "CDP_KAFKA_BOOTSTRAP": os.environ["CDP_KAFKA_BOOTSTRAP"],
+                         "CDP_TOPIC_PREFIX": f"bench-serve-{os.getpid()}-{int(time.time())}."}
+            kafka_keys = new_keys(kafka_env, {"retail": ("publish", "retail")})
+            collectors["kafka"] = collector_rate(kafka_env, tmp_path / "kafka", kafka_keys, args.seconds, args.clients)
         bare, bare_url = bare_server(tmp_path)
         try:
-            baseline = blast(bare_url, "none", args.seconds)
+            baseline = blast(bare_url, "none", args.seconds, args.clients)
         finally:
             bare.terminate()
             bare.wait()
-        print(f"\n== collector: Segment batches of 100, 4 client threads, {args.seconds:g} s each")
-        print(f"  cdp serve /v1/batch (validated, resolved, committed) {ours:>10,.0f} events/s")
-        print(f"  bare ASGI handler parsing the same JSON              {baseline:>10,.0f} events/s  "
-              f"(ours / bare: {ours / baseline:.2f})")
+        print(f"\n== collector: Segment batches of 100, {args.clients} client threads, {args.seconds:g} s each")
+        answered = {"embedded": "validated, committed to the intake", "kafka": "validated, acked by the broker"}
+        for mode, ours in collectors.items():
+            print(f"  cdp serve /v1/batch, {mode:<8} ({answered[mode]:<34}) {ours:>10,.0f} events/s  "
+                  f"(ours / bare: {ours / baseline:.2f})")
+        if "kafka" not in collectors:
+            print("  (Kafka mode: set CDP_KAFKA_BOOTSTRAP to measure it too)")
+        print(f"  bare ASGI handler parsing the same JSON {'':<34} {baseline:>10,.0f} events/s")
         print(f"  target: {TARGETS['collector']}")
 
         # a fresh home for latency and look-ups: a large view first, then the server on it
@@ -240,6 +198,8 @@ def main(argv: list[str]) -> None:
         synthetic_view(tmp_path / "large" / "view.duckdb", args.customers)
         built = time.monotonic() - started
         keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
+        from bench.visible import SteadyPublisher  # (bench.visible imports this module)
+
         baseline_times = lookups_in_process(tmp_path / "large" / "view.duckdb", args.customers, 300)
         server = start_server(env, tmp_path / "large.log", timeout=300)
         try:

@@ -102,9 +102,15 @@ def load_resolver(store: EventStore, settings: Settings) -> Resolver:
 
 
 def take_in_changes(resolver: Resolver, changed: Callable[[str], list[tuple]]) -> None:
-    """What other writers on the same store committed since our last look (cdp/writers.py)."""
+    """What other writers on the same store committed since our last look (cdp/writers.py),
+    a model another writer trained included: every writer scores with the latest model, no restart."""
     resolver.index.load(changed(identity_index.SELECT_KEYS), changed(identity_index.SELECT_REDIRECTS))
     resolver.take_in(changed(blocking.SELECT_RECORDS), changed(constraints.SELECT_PAIRS))
+    models = changed(identity_model.SELECT_MODELS)
+    if models and resolver.matcher is not None:
+        text, version = max(models, key=lambda row: int(row[1]))
+        if int(version) > resolver.matcher.model.version:
+            resolver.matcher.model = identity_model.Model.from_json(text, int(version))
 
 
 class CustomerApplication(Application):
@@ -277,6 +283,10 @@ class CustomerApplication(Application):
         Segment identify or alias): the visitor's customer is merged into the user's, rule
         `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
         one customer already, or a person's "not the same" or a split keeps them apart."""
+        known = self.resolver.cluster_of(user)
+        if known is not None and known == self.resolver.cluster_of(visitor):
+            return None  # one customer already (a site identifies on every visit): no lock, no transaction
+
         def work(batch: Batch) -> str | None:
             resolver = self.resolver
             ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
@@ -380,21 +390,34 @@ class CustomerApplication(Application):
         return entries
 
     def retrain(self, seed: int = 1, dry_run: bool = False,
-                progress: Callable[[int], None] | None = None) -> Retrained:
+                progress: Callable[[int], None] | None = None) -> Retrained | None:
         """Trains a model on the records held and re-resolves them with it (identity/reresolution.py):
-        the model row, the merges and the splits commit together; `dry_run` decides and writes nothing."""
-        def work(batch: Batch) -> Retrained:
-            resolver, settings = self.resolver, self.settings
-            records = resolver.blocks.records  # in source-key order: the same model whatever the arrival order
-            trained = train([records[k] for k in sorted(records)], seed=seed, max_block=settings.max_block)
-            latest = resolver.matcher.model
-            new_model = not (latest.version and trained.same_estimate(latest))
+        the model row, the merges and the splits commit together; `dry_run` decides and writes nothing.
+
+        The estimate and the scoring of every candidate pair — the long part — run on a snapshot of
+        the records outside the writers' lock, so other writers go on meanwhile; under the lock only
+        the records that arrived since are scored, and the merges and splits are decided and
+        committed as one command. None when another writer stored a model meanwhile (its model,
+        taken in by the refresh, stands)."""
+        if self.resolver.matcher is None:
+            raise ValueError("CDP_MATCHING is deterministic: there is no model to train")
+        settings = self.settings
+        self._command(lambda batch: None)  # take in what other writers committed: train on all records held
+        resolver = self.resolver
+        latest, records = resolver.matcher.model, resolver.blocks.records
+        snapshot = sorted(records)  # in source-key order: the same model whatever the arrival order
+        trained = train([records[k] for k in snapshot], seed=seed, max_block=settings.max_block)
+        new_model = not (latest.version and trained.same_estimate(latest))
+        model = trained if new_model else latest
+        scores = reresolution.score(self._with_model(resolver, model), snapshot, progress)
+
+        def work(batch: Batch) -> Retrained | None:
+            if self.resolver.matcher.model.version != latest.version:
+                return None  # another writer trained meanwhile
             if new_model:
-                trained.version = self.store.query(LAST_MODEL_VERSION)[0][0] + 1
-            model = trained if new_model else latest
-            matcher = ProbabilisticMatcher(model, resolver.blocks, settings.match_threshold, settings.review_threshold)
-            candidate = Resolver(resolver.index, matcher, resolver.blocks, resolver.guardrails, resolver.cannot_link)
-            changes = reresolution.plan(candidate, self._confirmed_pairs(), self._oldest, progress)
+                model.version = self.store.query(LAST_MODEL_VERSION)[0][0] + 1
+            candidate = self._with_model(self.resolver, model)
+            changes = reresolution.plan(candidate, self._confirmed_pairs(), self._oldest, progress, scores)
             if dry_run:
                 return Retrained(model, new_model, changes)
             if new_model:
@@ -404,12 +427,16 @@ class CustomerApplication(Application):
                 self._append_split(batch, s.customer_id, s.new_customer_id, s.source_keys, s.reason)
             for m in changes.merges:
                 self._append_merge(batch, m.survivor, m.absorbed, m.link)
-            resolver.matcher = matcher
+            self.resolver.matcher = candidate.matcher
             return Retrained(model, new_model, changes)
 
-        if self.resolver.matcher is None:
-            raise ValueError("CDP_MATCHING is deterministic: there is no model to train")
         return self._command(work)
+
+    def _with_model(self, resolver: Resolver, model: identity_model.Model) -> Resolver:
+        """The resolver's state seen through another model (for scoring and planning)."""
+        settings = self.settings
+        matcher = ProbabilisticMatcher(model, resolver.blocks, settings.match_threshold, settings.review_threshold)
+        return Resolver(resolver.index, matcher, resolver.blocks, resolver.guardrails, resolver.cannot_link)
 
     def retrain_if_due(self) -> Retrained | None:
         """Self-training: `retrain` once enough records arrived since the latest model

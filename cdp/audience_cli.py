@@ -1,19 +1,21 @@
 """`cdp audiences …` and `cdp destinations …`: segments of the unified view that downstream tools
 receive as they change (projections/audiences.py keeps members, cdp/delivery.py delivers).
 
-Definitions are commands of the application (events in the store); the view takes them in when it
-next catches up: here, right after the command, when this process can open the view for writing.
+Definitions are commands of the application (events in the store), checked and stored by
+cdp/audience_commands.py. While `cdp serve` owns the view, the commands that change something are
+sent to its admin endpoints (`/v1/audiences…`, `/v1/destinations…`) with the server's local key;
+otherwise this process catches the view up itself, right after the command.
 """
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterator
-from urllib.parse import urlsplit
+from typing import Any, Iterator
 
 import click
 import duckdb
 
+from cdp import audience_commands as commands
 from cdp import console
 from cdp.commandline import UserError, open_view, settings
 from cdp.config import Settings
@@ -31,44 +33,56 @@ def _view_writer(cfg: Settings) -> Iterator[tuple]:
         try:
             projector = make_projector(cfg)
         except duckdb.IOException as error:
-            raise UserError(f"cannot open the view {cfg.duckdb_path} for writing (is `cdp serve` running? it "
-                            f"takes changes in itself): {str(error).splitlines()[0]}") from None
+            raise UserError(commands.view_busy(cfg, error)) from None
         try:
             projector.catch_up(app, cfg.projection_batch)
             yield app, projector
+        except commands.DefinitionError as error:
+            raise UserError(str(error)) from None
         finally:
             projector.close()
     finally:
         app.close()
 
 
-def _name(kind: str, name: str) -> str:
-    if not model.NAME_PATTERN.match(name):
-        raise UserError(f"{kind} name {name!r}: use letters, digits, '_', '.', '-' (at most 64, no ':')")
-    return name
+def _server(cfg: Settings) -> tuple[str, str] | None:
+    from cdp.server.client import running_server
+
+    return running_server(cfg)
 
 
-def _names(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
-    return {row[0] for row in con.execute(f"SELECT name FROM {table} WHERE NOT deleted").fetchall()}
+def _ask(server: tuple[str, str], method: str, path: str, body: Any = None) -> Any:
+    """The running server does it (it owns the view); its refusal is our one-line error."""
+    from cdp.server.client import ServerError, call
+
+    try:
+        return call(server, method, path, body)
+    except ServerError as error:
+        raise UserError(" ".join(str(error).split())) from None
+    except OSError as error:
+        raise UserError(f"the server at {server[0]} did not answer: {error}") from None
 
 
 def _delete(kind: str, name: str) -> None:
     """Deletes the audience or destination `name` (a command) and takes it into the view."""
+    from urllib.parse import quote
+
     cfg = settings()
-    with _view_writer(cfg) as (app, projector):
-        if name not in _names(projector.con, f"{kind}s"):
-            raise UserError(f"no {kind} {name!r} (see `cdp {kind}s list`)")
-        app.delete_definition(kind, name)
-        projector.catch_up(app, cfg.projection_batch)
+    server = _server(cfg)
+    if server is not None:
+        _ask(server, "DELETE", f"/v1/{kind}s/{quote(name, safe='')}")
+    else:
+        with _view_writer(cfg) as (app, projector):
+            commands.check_deletable(projector.con, kind, name)
+            app.delete_definition(kind, name)
+            projector.catch_up(app, cfg.projection_batch)
     console.out.print(f"{kind} {name} deleted")
 
 
 def _checked(where: str, consent: str | None) -> str:
-    if consent is not None and not model.PURPOSE_PATTERN.match(consent):
-        raise UserError(f"consent purpose {consent!r}: use letters, digits, '_', '.', '-'")
     try:
-        return model.check_predicate(where)
-    except model.PredicateError as error:
+        return commands.checked_predicate(where, consent)
+    except commands.DefinitionError as error:
         raise UserError(str(error)) from None
 
 
@@ -84,14 +98,15 @@ def audiences() -> None:
 def audiences_create(name: str, where: str, consent: str | None) -> None:
     """Define an audience; its members are computed now and kept up to date from then on."""
     cfg = settings()
-    predicate = _checked(where, consent)
-    with _view_writer(cfg) as (app, projector):
-        if _name("audience", name) in _names(projector.con, "audiences"):
-            raise UserError(f"audience {name!r} exists: delete it first to define it again")
-        app.define_audience(name, predicate, consent)
-        projector.catch_up(app, cfg.projection_batch)
-        size = projector.con.execute("SELECT count(*) FROM audience_members WHERE audience = ? AND until IS NULL",
-                                     [name]).fetchone()[0]
+    _checked(where, consent)  # a bad predicate is refused before anything is opened
+    server = _server(cfg)
+    if server is not None:
+        size = _ask(server, "POST", "/v1/audiences", {"name": name, "where": where, "consent": consent})["size"]
+    else:
+        with _view_writer(cfg) as (app, projector):
+            app.define_audience(name, commands.checked_audience(projector.con, name, where, consent), consent)
+            projector.catch_up(app, cfg.projection_batch)
+            size = commands.audience_size(projector.con, name)
     console.out.print(f"audience {name} created: {size:,} members (run `cdp audiences sync` to deliver)")
 
 
@@ -109,7 +124,7 @@ def audiences_list(fmt: str) -> None:
 def audiences_show(name: str, fmt: str) -> None:
     """One audience: its definition, size now and the history of its size."""
     con = open_view(settings())
-    if name not in _names(con, "audiences"):
+    if name not in commands.names(con, "audiences"):
         raise UserError(f"no audience {name!r} (see `cdp audiences list`)")
     if fmt == "table":
         row = con.execute(f"SELECT * FROM ({model.SELECT_LIST}) WHERE name = ?", [name]).fetchone()
@@ -154,11 +169,17 @@ def audiences_delete(name: str) -> None:
 @audiences.command("sync")
 def audiences_sync() -> None:
     """Bring the view up to date, deliver every pending change to the destinations, exit (for cron)."""
-    from cdp.delivery import deliver_pending
+    from cdp.delivery import Report, deliver_pending
 
     cfg = settings()
-    with _view_writer(cfg) as (_, projector):
-        report = deliver_pending(projector.con, cfg)
+    server = _server(cfg)
+    if server is not None:  # the server delivers continuously: this asks for a round now and waits for it
+        answer = _ask(server, "POST", "/v1/audiences/sync")
+        report = Report(answer["delivered"], answer["dead_lettered"], answer["published"],
+                        {name: tuple(pair) for name, pair in answer["destinations"].items()})
+    else:
+        with _view_writer(cfg) as (_, projector):
+            report = deliver_pending(projector.con, cfg)
     for name, (delivered, failed) in report.per_destination.items():
         console.out.print(f"{name}: {delivered:,} delivered, {failed:,} to the dead-letter")
     if cfg.kafka_bootstrap:
@@ -179,13 +200,6 @@ def destinations() -> None:
     """Where audience changes go: webhooks (and the cdp.audiences topic when Kafka is configured)."""
 
 
-def _webhook(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"--webhook {url!r}: expected an http:// or https:// URL")
-    return url
-
-
 def _list(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
@@ -198,27 +212,19 @@ def _list(value: str | None) -> list[str]:
 @click.option("--fields", help="Customer fields sent with an entered change (default: the golden record).")
 def destinations_create(name: str, webhook: str, audience_names: str, secret: str | None, fields: str | None) -> None:
     """Send the changes of some audiences to a webhook (from the start of their history)."""
-    from cdp.secrets import seal
-
     cfg = settings()
-    _name("destination", name)
-    url, wanted = _webhook(webhook), _list(audience_names)
-    try:
-        chosen = model.check_fields(_list(fields))
-    except ValueError as error:
-        raise UserError(str(error)) from None
     if secret == "-":
         secret = sys.stdin.readline().rstrip("\r\n")
-    if secret is not None and not secret:
-        raise UserError("--secret is empty")
-    with _view_writer(cfg) as (app, projector):
-        unknown = [a for a in wanted if a not in _names(projector.con, "audiences")]
-        if not wanted or unknown:
-            raise UserError(f"--audiences: no audience {unknown[0] if unknown else ''!r} (see `cdp audiences list`)")
-        if name in _names(projector.con, "destinations"):
-            raise UserError(f"destination {name!r} exists: delete it first to define it again")
-        app.define_destination(name, url, wanted, chosen, seal(cfg, secret) if secret else None)
-        projector.catch_up(app, cfg.projection_batch)
+    wanted, chosen = _list(audience_names), _list(fields)
+    server = _server(cfg)
+    if server is not None:
+        _ask(server, "POST", "/v1/destinations", {"name": name, "webhook": webhook, "audiences": wanted,
+                                                   "secret": secret, "fields": chosen})
+    else:
+        with _view_writer(cfg) as (app, projector):
+            checked = commands.checked_destination(cfg, projector.con, name, webhook, wanted, secret, chosen)
+            app.define_destination(name, *checked)
+            projector.catch_up(app, cfg.projection_batch)
     console.out.print(f"destination {name} created ({'signed' if secret else 'unsigned'}): "
                       "`cdp audiences sync` or `cdp serve` delivers")
 
@@ -251,10 +257,15 @@ def destinations_retry(name: str | None) -> None:
     from cdp.delivery import retry_dead_letters
 
     cfg = settings()
-    with _view_writer(cfg) as (_, projector):
-        if name is not None and name not in _names(projector.con, "destinations"):
-            raise UserError(f"no destination {name!r} (see `cdp destinations list`)")
-        delivered, failing = retry_dead_letters(projector.con, cfg, name)
+    server = _server(cfg)
+    if server is not None:
+        answer = _ask(server, "POST", "/v1/destinations/retry", {"name": name})
+        delivered, failing = answer["delivered"], answer["failing"]
+    else:
+        with _view_writer(cfg) as (_, projector):
+            if name is not None:
+                commands.check_deletable(projector.con, "destination", name)
+            delivered, failing = retry_dead_letters(projector.con, cfg, name)
     console.out.print(f"{delivered:,} delivered from the dead-letter, {failing:,} still failing")
     if failing:
         raise SystemExit(1)

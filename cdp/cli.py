@@ -370,16 +370,20 @@ def projections_rebuild() -> None:
 
     cfg = settings()
     app = CustomerApplication(cfg)
+    notes: list[str] = []
     try:
         total = app.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
             applied = rebuild(app, cfg.duckdb_path, progress=advance, as_of=cfg.as_of,
-                              memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship)
+                              memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship,
+                              note=lambda said: notes.append(f"audiences: {said}"))
         seconds = time.perf_counter() - started
     finally:
         app.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
+    for said in notes:
+        console.out.print(said)
 
 
 @cli.command()

@@ -205,6 +205,7 @@ class Settings:
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = 0                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
+    serve_memory: str = "2GB"                # CDP_SERVE_MEMORY: DuckDB memory limit of the server's view (look-up indexes)
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
     # delivery of audience changes to destinations (README: "Audiences and destinations")
     secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
@@ -252,6 +253,7 @@ class Settings:
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             serve_threads=_count(env, "CDP_SERVE_THREADS", 0),
+            serve_memory=_memory(env, "CDP_SERVE_MEMORY", "2GB"),
             console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             secret_key=env.get("CDP_SECRET_KEY") or None,
             delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),
@@ -268,6 +270,11 @@ class Settings:
     @property
     def sqlite_path(self) -> Path:
         return self.home / "events.sqlite"
+
+    @property
+    def intake_path(self) -> Path:
+        """What the embedded `cdp serve` accepted and has not resolved yet (cdp/intake.py)."""
+        return self.home / "intake.sqlite"
 
     @property
     def duckdb_path(self) -> Path:

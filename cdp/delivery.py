@@ -46,6 +46,7 @@ WINDOW = 5000                  # changes sent before the cursor moves
 KAFKA_CURSOR = "kafka:cdp.audiences"
 SIGNATURE_HEADER = "X-CDP-Signature"
 RETRIABLE = {408, 425, 429}
+_HEADERS = {"Content-Type": "application/json", "User-Agent": "cdp-delivery"}
 _KEYS = uuid.UUID("0b6a1f9e-5d1c-4f37-8f55-2a9b1c0d7e42")
 
 
@@ -64,12 +65,12 @@ class Change:
     audience: str
     customer_id: str
     action: str
-    time: datetime
+    time: str              # RFC 3339, UTC
     profile: dict[str, Any] | None
 
     def body(self) -> bytes:
         message: dict[str, Any] = {"audience": self.audience, "action": self.action,
-                                   "customer_id": self.customer_id, "time": self.time.isoformat(),
+                                   "customer_id": self.customer_id, "time": self.time,
                                    "change_id": self.change_id}
         if self.action == "entered":
             message["profile"] = self.profile or {}
@@ -92,9 +93,14 @@ class Report:
 
 
 def idempotency_key(destination: str, change: Change) -> str:
-    """The same for every send of one change to one destination."""
-    return str(uuid.uuid5(_KEYS, f"{destination}\n{change.change_id}\n{change.audience}\n{change.customer_id}\n"
-                                 f"{change.action}"))
+    """The same for every send of one change to one destination: the UUID version 5 of the
+    destination and the change (uuid.uuid5's arithmetic, without building a UUID object per change)."""
+    name = f"{destination}\n{change.change_id}\n{change.audience}\n{change.customer_id}\n{change.action}"
+    digest = bytearray(hashlib.sha1(_KEYS.bytes + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -106,12 +112,22 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _rfc3339(expression: str) -> str:
+    """A TIMESTAMPTZ as the text Python's isoformat gives for UTC, made by DuckDB: converting each
+    value to a time-zone-aware datetime and back costs more than sending the change."""
+    utc = f"({expression} AT TIME ZONE 'UTC')"
+    return (f"(CASE WHEN microsecond({utc}) = 0 THEN strftime({utc}, '%Y-%m-%dT%H:%M:%S') "
+            f"ELSE strftime({utc}, '%Y-%m-%dT%H:%M:%S.%f') END || '+00:00')")
+
+
 def _changes(con: duckdb.DuckDBPyConnection, fields: Sequence[str], where: str, params: list) -> list[Change]:
     """Changes (with the current profile fields of entered ones) matching `where` over c."""
-    columns = ", ".join(f"p.{_quoted(f)}" for f in fields)
+    zoned = {row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'customers' "
+                                           "AND data_type = 'TIMESTAMP WITH TIME ZONE'").fetchall()}
+    columns = ", ".join(_rfc3339(f"p.{_quoted(f)}") if f in zoned else f"p.{_quoted(f)}" for f in fields)
     rows = con.execute(
-        f"SELECT c.change_id, c.audience, c.customer_id, c.action, c.changed_at, p.customer_id IS NOT NULL"
-        f"{', ' + columns if columns else ''} FROM audience_changes c "
+        f"SELECT c.change_id, c.audience, c.customer_id, c.action, {_rfc3339('c.changed_at')}, "
+        f"p.customer_id IS NOT NULL{', ' + columns if columns else ''} FROM audience_changes c "
         f"LEFT JOIN customers p ON p.customer_id = c.customer_id AND c.action = 'entered' "
         f"WHERE {where} ORDER BY c.change_id", params).fetchall()
     return [Change(r[0], r[1], r[2], r[3], r[4], dict(zip(fields, r[6:])) if r[5] else None) for r in rows]
@@ -163,7 +179,6 @@ class Webhook:
         import aiohttp
 
         limit = self.settings.delivery_concurrency
-        self._gate = asyncio.Semaphore(limit)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30),
                                               timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout))
         return self
@@ -172,17 +187,23 @@ class Webhook:
         await self._session.close()
 
     async def send(self, changes: Sequence[Change]) -> list[Outcome]:
-        async def one(change: Change) -> Outcome:
-            async with self._gate:
-                return await self._deliver(self._session, change)
-        return list(await asyncio.gather(*(one(c) for c in changes)))
+        """Outcomes in the order of `changes`: CDP_DELIVERY_CONCURRENCY workers take the next
+        change as they finish one (no task or semaphore wait per change)."""
+        outcomes: list[Outcome] = [None] * len(changes)  # type: ignore[list-item]
+        work = iter(enumerate(changes))
+
+        async def worker() -> None:
+            for index, change in work:  # one iterator shared by the workers: each change once
+                outcomes[index] = await self._deliver(self._session, change)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.settings.delivery_concurrency, len(changes)))))
+        return outcomes
 
     async def _deliver(self, session: Any, change: Change) -> Outcome:
         import aiohttp
 
         body = change.body()
-        headers = {"Content-Type": "application/json", "User-Agent": "cdp-delivery",
-                   "Idempotency-Key": idempotency_key(self.destination.name, change)}
+        headers = {**_HEADERS, "Idempotency-Key": idempotency_key(self.destination.name, change)}
         if self.secret:
             headers[SIGNATURE_HEADER] = signature(self.secret, body)
         outcome = Outcome(change)
@@ -226,21 +247,36 @@ def deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings, dest
 
 async def _deliver_destination(con: duckdb.DuckDBPyConnection, settings: Settings,
                                destination: Destination) -> tuple[int, int]:
+    """Window after window: the next window is read (on a connection of its own, in a thread)
+    while this one is sent; the cursor moves once a window is answered."""
     delivered = failed = 0
-    async with Webhook(destination, _secret(settings, destination), settings) as webhook:
-        while True:
-            cursor = _cursor(con, destination.name)
-            last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchone()[0]
-            if last <= cursor:
-                return delivered, failed
-            through = min(last, cursor + WINDOW)
-            changes = _changes(con, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
-                               "AND list_contains(?, c.audience)", [cursor, through, destination.audiences])
-            outcomes = await webhook.send(changes) if changes else []
-            bad = [o for o in outcomes if o.error is not None]
-            _advance(con, destination.name, through, bad)
-            delivered += len(outcomes) - len(bad)
-            failed += len(bad)
+    reader = con.cursor()
+
+    def window(after: int, through: int) -> list[Change]:
+        return _changes(reader, _fields(destination), "c.change_id > ? AND c.change_id <= ? "
+                        "AND list_contains(?, c.audience)", [after, through, destination.audiences])
+
+    try:
+        async with Webhook(destination, _secret(settings, destination), settings) as webhook:
+            while True:
+                cursor = _cursor(con, destination.name)
+                last = con.execute("SELECT coalesce(max(change_id), 0) FROM audience_changes").fetchall()[0][0]
+                if last <= cursor:
+                    return delivered, failed
+                through = min(last, cursor + WINDOW)
+                reading = asyncio.ensure_future(asyncio.to_thread(window, cursor, through))
+                while cursor < last:
+                    changes = await reading
+                    if through < last:
+                        reading = asyncio.ensure_future(asyncio.to_thread(window, through, min(last, through + WINDOW)))
+                    outcomes = await webhook.send(changes) if changes else []
+                    bad = [o for o in outcomes if o.error is not None]
+                    _advance(con, destination.name, through, bad)
+                    delivered += len(outcomes) - len(bad)
+                    failed += len(bad)
+                    cursor, through = through, min(last, through + WINDOW)
+    finally:
+        reader.close()
 
 
 def publish_pending(con: duckdb.DuckDBPyConnection, settings: Settings) -> int:
@@ -336,6 +372,8 @@ class DeliveryLoop:
         self.error: BaseException | None = None
         self.last = Report()
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._rounds = threading.Condition()
+        self._started = self._finished = 0
         self._thread = threading.Thread(target=self._run, name="cdp-delivery", daemon=True)
 
     def start(self) -> None:
@@ -350,12 +388,30 @@ class DeliveryLoop:
         self._thread.join(timeout)
         self.con.close()
 
+    def deliver_now(self, timeout: float) -> Report:
+        """Waits for a round that starts after this call (so it sees every change committed
+        before it) and returns its report; its error, if it failed; TimeoutError past `timeout`."""
+        with self._rounds:
+            wanted = self._started + 1
+            self._wake.set()
+            if not self._rounds.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout):
+                raise TimeoutError(f"no delivery round finished within {timeout:g} s")
+            if self.error is not None:
+                raise self.error
+            return self.last
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            with self._rounds:
+                self._started += 1
+                this = self._started
             try:
                 self.last = deliver_pending(self.con, self.settings)
                 self.error = None
             except Exception as error:  # a broker or key away: reported (e.g. on /health), tried again
                 self.error = error
+            with self._rounds:
+                self._finished = this
+                self._rounds.notify_all()
             self._wake.wait(self.interval)
             self._wake.clear()

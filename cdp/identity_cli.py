@@ -129,6 +129,9 @@ def train(seed: int, dry_run: bool, limit: int) -> None:
             except ValueError as error:
                 raise UserError(str(error)) from None
         pipeline.catch_up()
+    if outcome is None:
+        raise UserError("another writer stored a new model while this one trained; it is in use now "
+                        "(run `cdp identity train` again to train once more)")
     model, changes = outcome.model, outcome.plan
     console.out.print(f"model v{model.version} trained on {model.trained_on.get('records', 0):,} records "
                       f"({model.trained_on.get('blocked_pairs', 0):,} candidate pairs)"

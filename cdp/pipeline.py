@@ -17,10 +17,12 @@ from cdp.application import CustomerApplication
 from cdp.config import Settings
 from cdp.store import Batch
 from cdp.summary import Summary
+from identity.resolver import source_key
 from ingest.deadletter import DeadLetterFile
 from ingest.parallel import ParseWorkers
 from ingest.ranges import Ranges
 from ingest.records import Accepted, Rejected
+from ingest.segment import anonymous_source
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
 from projections.follower import ViewFollower
@@ -31,6 +33,21 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
+
+
+def visitor_links(record: Accepted) -> list[tuple[str, str]]:
+    """(user, visitor) source keys an event says are one person: an identify naming the visitor's
+    `properties.anonymous_id`, an alias naming its `previous_id` (an anonymous id or an older
+    userId). Carried in the event itself, so the embedded server and the Kafka workers stitch alike."""
+    properties = record.data.get("properties")
+    if record.type not in ("cdp.identify", "cdp.alias") or not isinstance(properties, dict):
+        return []
+    earlier = properties.get("anonymous_id" if record.type == "cdp.identify" else "previous_id")
+    if not earlier:
+        return []
+    candidates = [anonymous_source(earlier)] + ([str(earlier)] if record.type == "cdp.alias" else [])
+    user = source_key(record.business_unit, record.source_id)
+    return [(user, source_key(record.business_unit, c)) for c in candidates if c != record.source_id]
 
 
 def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
@@ -101,6 +118,8 @@ class Pipeline:
             else:
                 accepted.append(record)
         part = self.app.ingest(accepted, committed)
+        for user, visitor in (link for record in accepted for link in visitor_links(record)):
+            self.app.merge_visitor(user, visitor)  # after the batch: the visitor's events may be in it
         for source, event_id in part.suppressed_events:  # an erased person's: the id, never the input
             self.deadletter.write(Rejected(reason="suppressed", origin="erasure", kind="suppressed",
                                            event_id=event_id, source=source))

@@ -1,7 +1,7 @@
 """`cdp worker`: the streaming worker, a Faust (faust-streaming) app.
 
     cdp.events ──► ingest (validate, normalise; bad → cdp.deadletter) ──► Pipeline.process_batch
-                   (identity → event store, under the writers' lock)
+                   (identity → event store, under the writers' lock) ──► self-training when due
 
 Workers resolve and commit, nothing else: the view and `cdp.profiles` belong to `cdp serve`, which
 follows the store (cdp/server/readside.py).
@@ -130,6 +130,7 @@ class BatchHandler:
             self.pipeline.process_batch(next(chunks, accepted), self.summary)
 
         wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
+        self.self_train()
         self.health.back(faults.POSTGRES)
         seconds = time.perf_counter() - started
         self.consumed += len(records)
@@ -138,6 +139,16 @@ class BatchHandler:
         metrics.EVENTS_STORED.inc(self.summary.stored_events - before[0])
         metrics.EVENTS_DEADLETTERED.inc(self.summary.rejected - before[1])
         metrics.BATCH_SECONDS.observe(seconds)
+
+    def self_train(self) -> None:
+        """Self-training as in `cdp ingest`: once enough records arrived since the latest model
+        (CDP_TRAIN_MIN_RECORDS, CDP_RETRAIN_GROWTH; all writers' records count), train and
+        re-resolve. The estimate holds no lock, so the other workers go on storing meanwhile and
+        take the new model in at their next batch."""
+        app = self.pipeline.app
+        outcome = wait_out(app.retrain_if_due, self.health, say, recover=app.reload)
+        if outcome is not None:
+            say(f"[worker {os.getpid()}] self-training: {outcome.describe()}")
 
     def close(self) -> None:
         self.pipeline.close()

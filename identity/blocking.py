@@ -2,9 +2,9 @@
 
 Each record gets a few *blocking keys*, each specific enough that a block stays small however large
 the customer base grows (names are phonetic codes combined with a birth year or a postcode; dates
-of birth with a postcode or a surname code). A candidate is any earlier record sharing at least one
-key. Blocks larger than a limit are cut off (only their first records are compared), so the cost
-per record stays flat.
+of birth with a postcode or a name code; the house number and postcode or street with a name
+code). A candidate is any earlier record sharing at least one key. Blocks larger than a limit are
+cut off (only their first records are compared), so the cost per record stays flat.
 
 The blocks live in memory beside each record's `Features`; the features are persisted as rows of
 `identity_records`, written in the events' transaction, and the blocks are rebuilt from them at
@@ -58,6 +58,12 @@ def blocking_keys(f: Features) -> list[str]:
         keys.append(f"ny:{names}{f.dob[:4]}")
     if names and f.postcode:
         keys.append(f"np:{names}{f.postcode}")
+    if f.number:  # the same house and one name (the other mistyped beyond its code, no birth date)
+        for code in sorted({first, last} - {""}):
+            if f.postcode:
+                keys.append(f"hp:{code}{f.number} {f.postcode}")
+            if f.street:  # … with the postcode mistyped
+                keys.append(f"hs:{code}{f.number} {f.street}")
     if f.dob:
         dob = _dob_key(f.dob)
         if f.postcode:
@@ -68,7 +74,13 @@ def blocking_keys(f: Features) -> list[str]:
         keys.append(f"ph:{f.phone}")
     if f.national_id:
         keys.append(f"ni:{f.national_id}")
+    for kind, value in f.later:  # identifiers the record's later events brought
+        if kind in _IDENTIFIER_BLOCKS:
+            keys.append(f"{_IDENTIFIER_BLOCKS[kind]}{value}")
     return keys
+
+
+_IDENTIFIER_BLOCKS = {"phone": "ph:", "national_id": "ni:"}
 
 
 class BlockingIndex:
@@ -101,6 +113,23 @@ class BlockingIndex:
     def add(self, source_key: str, f: Features, keys: list[str] | None = None) -> None:
         self._add(source_key, f, keys)
         self._dirty[source_key] = f
+
+    def learn(self, source_key: str, f: Features, persist: bool = True) -> list[tuple[str, str]]:
+        """Takes in a known record's features grown by a later event's identifiers (`persist`:
+        to be written, unless another writer stored them); returns the identifiers new to it."""
+        known = self.records[source_key]
+        new = [pair for pair in f.later if pair not in known.later]
+        if new:
+            old_keys = set(blocking_keys(known))
+            self.records[source_key] = f
+            if persist:
+                self._dirty[source_key] = f
+            for key in blocking_keys(f):
+                if key not in old_keys:
+                    block = self.blocks.setdefault(key, [])
+                    if len(block) < self.max_block:
+                        block.append(source_key)
+        return new
 
     def candidates(self, f: Features, keys: list[str] | None = None) -> Iterator[str]:
         """Earlier records sharing a blocking key with `f` (its `keys`, when already computed), each once."""

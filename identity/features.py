@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from ingest.normalise import fold
+from ingest.normalise import IDENTIFIER_KINDS, fold
 
 STREET_TYPES = {
     "st": "street", "rd": "road", "ln": "lane", "ave": "avenue", "av": "avenue", "cl": "close",
@@ -33,13 +33,30 @@ class Features(NamedTuple):
     email: str | None
     national_id: str | None
     loyalty_id: str | None
+    # (kind, value) of identifiers the record's later events brought: the links they made must
+    # survive a re-resolution, which sees the records' features only
+    later: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> list[Any]:
         return list(self)
 
     @classmethod
     def from_json(cls, row: list[Any]) -> "Features":
+        if len(row) > len(cls._fields) - 1:  # rows written before `later` existed have none
+            row = [*row[:-1], tuple((kind, value) for kind, value in row[-1])]
         return cls(*row)
+
+    def identifiers(self) -> list[tuple[str, str]]:
+        """Every (kind, value) the record carries: its first event's and its later events'."""
+        return [*((kind, getattr(self, kind)) for kind in IDENTIFIER_KINDS if getattr(self, kind) is not None),
+                *self.later]
+
+    def learned(self, identifiers: dict[str, str]) -> "Features":
+        """With the identifiers of a later event it does not carry yet (self when none are new)."""
+        known = set(self.identifiers())
+        new = tuple((kind, value) for kind, value in identifiers.items()
+                    if kind in IDENTIFIER_KINDS and (kind, value) not in known)
+        return self._replace(later=self.later + new) if new else self
 
 
 def _street(raw: str | None) -> tuple[str | None, str | None]:

@@ -39,6 +39,13 @@ class Guardrails:
             value = getattr(f, kind)
             if value is not None:
                 counts[(kind, value)] = counts.get((kind, value), 0) + 1
+        self.count_later(f.later)
+
+    def count_later(self, identifiers: Iterable[tuple[str, str]]) -> None:
+        """Counts identifiers a known record's later event brought."""
+        counts = self.counts
+        for pair in identifiers:
+            counts[pair] = counts.get(pair, 0) + 1
 
     def occurrences(self, kind: str, value: str) -> tuple[int, int]:
         """(records carrying `value`, records held): its term frequency."""

@@ -19,6 +19,7 @@ from identity.comparisons import COMPARISONS, Comparison
 DEFAULT_MODEL = Path(__file__).with_name("default_model.json")
 TABLES = ("CREATE TABLE IF NOT EXISTS identity_model (version INTEGER PRIMARY KEY, model TEXT NOT NULL)",)
 SELECT_LATEST = "SELECT model, version FROM identity_model ORDER BY version DESC LIMIT 1"
+SELECT_MODELS = "SELECT model, version FROM identity_model"  # another writer's, with a WHERE on cdp_seq
 INSERT_MODEL = "INSERT INTO identity_model (version, model) VALUES (?, ?)"
 TF_BOUND = 10.0  # a term-frequency adjustment moves a weight by at most this many bits
 TF_PSEUDO_RECORDS = 1000  # records' worth of the average (u) a value's observed share is smoothed with

@@ -127,38 +127,52 @@ class _Clusters:
         return True
 
 
+def _strength(identifier: tuple[str, str]) -> int:
+    kind = identifier[0]
+    return IDENTIFIER_RULES.index(kind) if kind in IDENTIFIER_RULES else len(IDENTIFIER_RULES)
+
+
 def _deterministic_edges(resolver: Resolver, order: Sequence[str]) -> Iterable[_Edge]:
     records, guardrails = resolver.blocks.records, resolver.guardrails
     holders: dict[tuple[str, str], str] = {}
     for src in order:
         f = records[src]
-        for kind in IDENTIFIER_RULES:
-            value = getattr(f, kind)
-            if value is not None and guardrails.allows(kind, value):
+        for kind, value in sorted(f.identifiers(), key=_strength):  # its later events' too, strongest first
+            if kind in IDENTIFIER_RULES and guardrails.allows(kind, value):
                 first = holders.setdefault((kind, value), src)
                 if first != src:
                     yield _Edge(first, src, f"shared_{kind}", {kind: value})
-        phone = f.phone
-        if phone is not None and guardrails.allows("phone", phone):
-            for holder in resolver.blocks.blocks.get(f"ph:{phone}", ()):
-                if holder != src and compatible(f, records[holder]):
-                    yield _Edge(holder, src, "shared_phone", {"phone": phone, "matched": holder})
+            elif kind == "phone" and guardrails.allows(kind, value):
+                for holder in resolver.blocks.blocks.get(f"ph:{value}", ()):
+                    if holder != src and compatible(f, records[holder]):
+                        yield _Edge(holder, src, "shared_phone", {"phone": value, "matched": holder})
 
 
-def _scored_edges(resolver: Resolver, order: Sequence[str], plan: Plan,
-                  progress: Progress | None) -> list[tuple[float, _Edge]]:
+@dataclass
+class Scores:
+    """The scored pairs at or above the match threshold, found from the records in `records`.
+    Scoring is the expensive part of a re-resolution: it runs on a snapshot of the records,
+    outside the writers' lock, and only the records that arrived since are scored under it."""
+
+    edges: dict[tuple[str, str], tuple[float, _Edge]] = field(default_factory=dict)
+    records: set[str] = field(default_factory=set)
+    pairs: int = 0
+
+
+def score(resolver: Resolver, order: Sequence[str], progress: Progress | None = None,
+          into: Scores | None = None) -> Scores:
+    """Scores every candidate pair the blocking indexes find for the records in `order`."""
+    scores = into if into is not None else Scores()
     matcher, records, guardrails = resolver.matcher, resolver.blocks.records, resolver.guardrails
     if matcher is None:
-        return []
-    threshold = matcher.match_threshold
-    edges: dict[tuple[str, str], tuple[float, _Edge]] = {}
+        return scores
+    threshold, edges = matcher.match_threshold, scores.edges
     step = 0
     for src in order:
-        f = records[src]
-        screened = guardrails.screen(f)
-        for scored in matcher.compare(screened):
+        scores.records.add(src)
+        for scored in matcher.compare(guardrails.screen(records[src])):
             other = scored.source_key
-            plan.pairs_scored += 1
+            scores.pairs += 1
             if other == src or scored.probability < threshold:
                 continue
             pair = (src, other) if src < other else (other, src)
@@ -170,15 +184,17 @@ def _scored_edges(resolver: Resolver, order: Sequence[str], plan: Plan,
             step = 0
     if progress is not None and step:
         progress(step)
-    return sorted(edges.values(), key=lambda item: (-item[0], item[1].a, item[1].b))
+    return scores
 
 
 def plan(resolver: Resolver, confirmed: Iterable[tuple[str, str]] = (),
-         oldest: Callable[[list[str]], str] = min, progress: Progress | None = None) -> Plan:
+         oldest: Callable[[list[str]], str] = min, progress: Progress | None = None,
+         scores: Scores | None = None) -> Plan:
     """The splits and merges that turn today's customers into the target clustering (see above).
 
     `confirmed` are the pairs people confirmed; `oldest` picks the oldest of several existing
-    customer ids; `progress` is told how many records have been scored."""
+    customer ids; `progress` is told how many records have been scored; `scores` are the pairs
+    scored beforehand (with this resolver's model), to which the records not among them are added."""
     matcher = resolver.matcher
     model_version = getattr(matcher.model, "version", 0) if matcher is not None else 0
     threshold = matcher.match_threshold if matcher is not None else 1.0
@@ -192,8 +208,13 @@ def plan(resolver: Resolver, confirmed: Iterable[tuple[str, str]] = (),
     for edge in [*people, *_deterministic_edges(resolver, order)]:
         if clusters.union(edge.a, edge.b):
             accepted.append(edge)
-    for _, edge in _scored_edges(resolver, order, result, progress):
-        if clusters.union(edge.a, edge.b):
+    if scores is None:
+        scores = score(resolver, order, progress)
+    else:
+        score(resolver, [src for src in order if src not in scores.records], progress, scores)
+    result.pairs_scored = scores.pairs
+    for _, edge in sorted(scores.edges.values(), key=lambda item: (-item[0], item[1].a, item[1].b)):
+        if edge.a in records and edge.b in records and clusters.union(edge.a, edge.b):  # (erased since)
             accepted.append(edge)
 
     current = {src: resolver.cluster_of(src) or src for src in order}

@@ -22,6 +22,7 @@ pipeline records as events.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -130,6 +131,8 @@ class Resolver:
         index = self.index
         src = source_key(record.business_unit, record.source_id)
         owner = index.find("source", src)
+        if owner is not None and record.identifiers:
+            self._learn(src, record.identifiers)
         if owner is not None and all(index.find(kind, value) == owner for kind, value in record.identifiers.items()):
             return Decision(customer_id=owner)  # a further event of a known record, nothing new: the hot path
         f = None
@@ -182,6 +185,15 @@ class Resolver:
         if f is not None:
             self.blocks.add(src, f, keys)
         return decision
+
+    def _learn(self, src: str, identifiers: dict[str, str]) -> None:
+        """A known record's later event may carry identifiers its first did not: the record's
+        features keep them, so a re-resolution sees the links they make."""
+        known = self.blocks.records.get(src)
+        if known is not None:
+            grown = known.learned(identifiers)
+            if grown is not known:
+                self.guardrails.count_later(self.blocks.learn(src, grown))
 
     def _shared_phone(self, f: Features, phone: str, found: dict[str, Link]) -> None:
         records = self.blocks.records
@@ -293,6 +305,9 @@ class Resolver:
             if source_key not in self.blocks.records:
                 f = self.blocks.load(source_key, text)
                 self.guardrails.count(f)
+            else:  # a record another writer saw a later event of
+                grown = Features.from_json(json.loads(text))
+                self.guardrails.count_later(self.blocks.learn(source_key, grown, persist=False))
         for a, b in pairs:
             self.cannot_link.pairs.add((a, b) if a <= b else (b, a))
 

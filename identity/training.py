@@ -4,9 +4,9 @@
   every random pair is a non-match.
 * m (how often the *same* person does) by expectation–maximisation, u held fixed, in *sessions*
   as Splink does: each session takes the pairs of one blocking rule and leaves out the comparisons
-  that rule blocked on (they agree by construction), so the fields a household shares (address,
-  phone) are learned from pairs blocked on name and birth date, and names from pairs blocked on
-  birth date and postcode. Each comparison takes its m from the sessions that did not block on it.
+  that rule blocked on, even in part (they agree by construction), so the fields a household shares
+  (address, phone) are learned from pairs blocked on name and birth year, names from pairs blocked
+  on birth date and postcode, and the date of birth from pairs blocked on name and postcode. Each comparison takes its m from the sessions that did not block on it.
 * the prior λ — the probability that two records drawn at random are the same person, as in
   Splink — from the matches the same EM expects among all blocked pairs (m and u held fixed),
   divided by the number of all pairs of records.
@@ -51,8 +51,12 @@ def estimate_u(records: Sequence[Features], pairs: int, rng: random.Random) -> d
     return {c.name: _normalise(counts[i]) for i, c in enumerate(COMPARISONS)}
 
 
-# blocking rule (key prefix) -> the comparisons it blocks on
-SESSIONS = {"ny:": ("first_name", "last_name"), "dp:": ("date_of_birth", "postcode")}
+# blocking rule (key prefix) -> the comparisons it blocks on, wholly or in part: a session must not
+# learn m for a comparison its pairs agree on by construction (names + birth *year* biases the
+# date's levels; a shared postcode biases the address comparison, which holds the postcode), so
+# every comparison is learned from a session that did not select its pairs by it
+SESSIONS = {"ny:": ("first_name", "last_name", "date_of_birth"), "dp:": ("date_of_birth", "address_phone"),
+            "np:": ("first_name", "last_name", "address_phone")}
 
 
 def blocked_vectors(records: Sequence[Features], max_block: int, prefix: str = "") -> Counter:

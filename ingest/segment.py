@@ -2,7 +2,7 @@
 
 | Segment call | CloudEvent `type` | `data` besides `business_unit` and `customer` |
 |---|---|---|
-| `identify` | `cdp.identify` | — (reserved traits fill `customer`) |
+| `identify` | `cdp.identify` | `properties.anonymous_id` when it carries both ids (reserved traits fill `customer`) |
 | `track` "Order Completed" | `cdp.purchase` | `order_id`, `amount` (revenue, else total), `currency`, `items` from `products` |
 | any other `track` | `cdp.track` | `event_name` (the event), `properties` |
 | `page` / `screen` | `cdp.page` / `cdp.screen` | `event_name` (the name), `properties` |
@@ -11,6 +11,8 @@
 
 `customer.source_id` is the `userId`, or `anonymous:<anonymousId>` for a visitor not yet known;
 `messageId` is the CloudEvent `id` and `<unit>/segment` its `source`, so a resend is a duplicate.
+An identify carrying both ids, or an alias, names the visitor's earlier id in the event itself, so
+whoever resolves it (`cdp serve` embedded, or a `cdp worker`) stitches the visitor onto the user.
 Reserved traits (`identify`'s `traits`, else `context.traits`): `email`, `phone`, `firstName`,
 `lastName`, `birthday`, `address{street, city, postalCode, state, country}`.
 """
@@ -95,6 +97,8 @@ def to_cloudevent(message: Any, unit: str, call: str | None = None) -> dict[str,
     data: dict[str, Any] = {"business_unit": unit, "customer": _customer(source_id, _traits(message, call))}
     if call == "identify":
         kind = "cdp.identify"
+        if user_id not in (None, "") and anonymous_id not in (None, "") and str(anonymous_id) != str(user_id):
+            data["properties"] = {"anonymous_id": str(anonymous_id)}
     elif call == "track" and message.get("event") == ORDER_COMPLETED:
         kind = "cdp.purchase"
         data.update(_purchase(properties))
@@ -111,19 +115,3 @@ def to_cloudevent(message: Any, unit: str, call: str | None = None) -> dict[str,
     time = message.get("timestamp") or message.get("originalTimestamp") or datetime.now(timezone.utc).isoformat()
     return {"specversion": "1.0", "id": str(message.get("messageId") or uuid.uuid4()), "source": f"{unit}/segment",
             "type": kind, "time": time, "subject": source_id, "datacontenttype": "application/json", "data": data}
-
-
-def stitches(message: dict[str, Any], call: str | None = None) -> tuple[str, list[str]] | None:
-    """(userId, the earlier ids' possible source ids) when an identify or alias says they are one
-    visitor: identify's anonymousId, alias's previousId (an anonymous id, or an older userId)."""
-    call = message.get("type") or call if isinstance(message, dict) else None
-    if call not in ("identify", "alias"):
-        return None
-    user_id = message.get("userId")
-    earlier = message.get("anonymousId") if call == "identify" else message.get("previousId")
-    if user_id in (None, "") or earlier in (None, "") or str(earlier) == str(user_id):
-        return None
-    candidates = [anonymous_source(earlier)]
-    if call == "alias":
-        candidates.append(str(earlier))
-    return str(user_id), candidates

@@ -53,6 +53,8 @@ def find(con: duckdb.DuckDBPyConnection, id_type: str, value: str, unit: str | N
         found = [Found(r[0]) for r in con.execute(
             "SELECT DISTINCT customer_id FROM customer_sources WHERE business_unit = ? AND source_id = ? ORDER BY 1",
             [id_type, value]).fetchall()]
+    if unit is None and id_type != "customer_id":  # found in the view's rows: the customer exists
+        return found
     return [f for f in found if knows(con, f.customer_id, unit)]
 
 

@@ -14,11 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-from cdp.contracts import stored_events
+from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
-from projections.tables import DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, recompute_customers_sql
+from projections.tables import (DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, prepare_listed_sql,
+                               recompute_customers_sql)
 
 NAME = "unified_view"
 TOPIC_EVENT = stored_events.EVENT_RECORDED
@@ -28,6 +29,10 @@ TOPIC_MERGED = stored_events.MERGED
 TOPIC_SPLIT = stored_events.SPLIT
 TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 
+# a batch without these leaves audiences and destinations as they are (skips their per-batch SQL)
+DEFINITION_TOPICS = frozenset((
+    audience_events.AUDIENCE_DEFINED, audience_events.AUDIENCE_REDEFINED, audience_events.AUDIENCE_DELETED,
+    audience_events.DESTINATION_DEFINED, audience_events.DESTINATION_REDEFINED, audience_events.DESTINATION_DELETED))
 LISTED_SCOPE_MAX = 2000  # touched customers recomputed through a constant id list, beyond: a join
 
 
@@ -128,6 +133,8 @@ class Projector:
         for statement in (*DDL, *IDENTITY_DDL, *audiences.DDL):
             self.con.execute(statement)
         metrics.check_columns(self.con, self.path)
+        for statement in prepare_listed_sql(self.survivorship):
+            self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                          "(SELECT 1 FROM projection_state WHERE name = ?)", [NAME, NAME])
 
@@ -173,7 +180,8 @@ class Projector:
             con.execute(INSERT_EVENTS)
             con.execute(INSERT_SOURCES)
             con.execute(INSERT_DECISIONS)
-            audiences.apply_definitions(con)
+            if not DEFINITION_TOPICS.isdisjoint(topics):
+                audiences.apply_definitions(con)
             absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall())
             if topics[-1] == TOPIC_SPLIT:
                 con.execute(SPLIT_MOVES)
@@ -265,9 +273,11 @@ def refresh_view(path: Path, as_of: date) -> bool:
 
 def rebuild(store: Any, path: Path, batch_size: int = 50000,
             progress: Callable[[int], None] | None = None, as_of: date | None = None,
-            memory_limit: str | None = None, survivorship: Mapping[str, str] | None = None) -> int:
+            memory_limit: str | None = None, survivorship: Mapping[str, str] | None = None,
+            note: Callable[[str], None] | None = None) -> int:
     """Builds a fresh view beside the live one from the whole store, then swaps it in, so the
-    live view stays queryable until the new one is complete."""
+    live view stays queryable until the new one is complete. Audience changes and delivery
+    progress are the one thing carried over from the old view (`note` hears how that went)."""
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal")):
         leftover.unlink(missing_ok=True)
@@ -275,6 +285,10 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
         projector.recompute_all()
+        if path.exists():
+            said = audiences.carry_delivery_history(projector.con, str(path), projector.position)
+            if note is not None:
+                note(said)
         projector.con.execute("CHECKPOINT")
     finally:
         projector.close()

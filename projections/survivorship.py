@@ -65,11 +65,11 @@ def golden_sources_type(columns: Sequence[str]) -> str:
     return "STRUCT(" + ", ".join(f"{c} VARCHAR" for c in columns) + ")"
 
 
-def events_source(rules: Mapping[str, str], where: str = "") -> str:
+def events_source(rules: Mapping[str, str], where: str = "", table: str = "customer_events") -> str:
     """The events the golden record reads: the table itself, or with per-value counts for the
     most_frequent fields (counted within the customers in scope only)."""
     frequent = [c for c, rule in rules.items() if rule == "most_frequent"]
     if not frequent:
-        return "customer_events"
+        return table
     counts = ", ".join(f"count(*) OVER (PARTITION BY customer_id, {c}) AS {c}__freq" for c in frequent)
-    return f"(SELECT *, {counts} FROM customer_events {where})"
+    return f"(SELECT *, {counts} FROM {table} {where})"

@@ -62,7 +62,7 @@ CUSTOMERS_SELECT = """
 SELECT e.customer_id,
   {golden},
   list_sort(list_distinct(list(e.business_unit))) AS business_units,
-  count(DISTINCT (e.business_unit, e.source_id))::INTEGER AS sources,
+  {sources}::INTEGER AS sources,
   count(*) AS events,
   min(e.time) AS first_seen,
   max(e.time) AS last_seen,
@@ -71,23 +71,56 @@ FROM {events} e
 """
 
 
+SCOPED_EVENTS = "scoped_events"  # a live batch's customers' events, copied out once per batch
+
+
 def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, str]) -> list[str]:
     """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
     touched customer_ids, or is the list of those ids, None = all; `rules` are the survivorship rules
-    per field. Scores stay NULL until metrics.refresh (see there)."""
+    per field. Scores stay NULL until metrics.refresh (see there). A list runs the statements
+    `prepare_listed_sql` prepared on the connection."""
+    if isinstance(scope, list):
+        members = scope_members(scope)
+        return [
+            f"DELETE FROM {SCOPED_EVENTS}",
+            f"INSERT INTO {SCOPED_EVENTS} SELECT * FROM customer_events WHERE customer_id IN {members}",
+            f"DELETE FROM customers WHERE customer_id IN {members}",
+            "EXECUTE recompute_listed_customers",
+            f"DELETE FROM customer_business_units WHERE customer_id IN {members}",
+            "EXECUTE recompute_listed_units",
+        ]
     members = scope_members(scope) if scope is not None else ""
     where = f"WHERE customer_id IN {members}" if scope is not None else ""
-    select = CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules), facts=metrics.FACTS_SELECT,
-                                     events=events_source(rules, where))
+    select = _customers_select(rules, events_source(rules, where), few=False)
     if scope is None:
         return ["DELETE FROM customers", f"INSERT INTO customers BY NAME {select} GROUP BY e.customer_id",
                 *metrics.units_sql(None)]
     return [
         f"DELETE FROM customers WHERE customer_id IN {members}",
-        f"INSERT INTO customers BY NAME {select} "
-        f"WHERE e.customer_id IN {members} GROUP BY e.customer_id",
+        f"INSERT INTO customers BY NAME {select} WHERE e.customer_id IN {members} GROUP BY e.customer_id",
         *metrics.units_sql(members),
     ]
+
+
+def prepare_listed_sql(rules: Mapping[str, str]) -> list[str]:
+    """Run once per connection: the table a live batch copies its customers' events into, and the
+    two statements that derive their rows from it, prepared. A live batch touches a few customers,
+    so planning the ~50 aggregates and scanning the view twice were most of its cost (measured on
+    a loaded machine: 192 → 145 ms for 50 customers of 300,000)."""
+    select = _customers_select(rules, events_source(rules, table=SCOPED_EVENTS), few=True)
+    return [
+        f"CREATE OR REPLACE TEMP TABLE {SCOPED_EVENTS} AS SELECT * FROM customer_events LIMIT 0",
+        f"PREPARE recompute_listed_customers AS INSERT INTO customers BY NAME {select} GROUP BY e.customer_id",
+        f"PREPARE recompute_listed_units AS INSERT INTO customer_business_units "
+        f"{metrics.units_select(SCOPED_EVENTS)} GROUP BY ALL",
+    ]
+
+
+def _customers_select(rules: Mapping[str, str], events: str, few: bool) -> str:
+    return CUSTOMERS_SELECT.format(golden=golden_columns(PROFILE_COLUMNS, rules),
+                                   facts=metrics.FACTS_SELECT_FEW if few else metrics.FACTS_SELECT,
+                                   sources=metrics.count_distinct("(e.business_unit, e.source_id)", few=few),
+                                   events=events)
 
 
 def scope_members(scope: str | list[str]) -> str:

@@ -302,3 +302,123 @@ def test_delivery_loop_delivers_continuously_beside_the_view_owner(shop, receive
         loop.stop()
         projector.close()
     assert loop.error is None and len(hook.kept()) == 3 and len(hook.requests) == 4
+
+
+HOSTILE = [
+    "(SELECT count(*) FROM read_csv('/etc/passwd')) > 0",
+    "customer_id IN (SELECT customer_id FROM audience_members)",
+    "EXISTS (SELECT * FROM glob('/etc/*'))",
+    "customer_id IN (SELECT * FROM query('SELECT customer_id FROM customer_events'))",
+    "(SELECT count(*) FROM (SELECT 1 FROM read_text('/etc/hostname'))) >= 0 OR true",
+]
+
+
+def test_predicates_that_slipped_past_the_check_run_in_the_sandbox(shop, tmp_path):
+    """Definitions stored without the CLI's check (an older version, a hand-written event): their
+    predicates still read the candidate rows only, in a sandbox with no files and no other tables;
+    each such audience records its error and keeps no members, the projection goes on."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+
+    app = CustomerApplication(Settings.from_env(shop.env))
+    try:
+        for n, where in enumerate(HOSTILE):
+            app.define_audience(f"sneaky{n}", where, None)
+    finally:
+        app.close()
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("ingest", str(write(tmp_path / "more.jsonl", [event("p9", "retail", "dan", "cdp.purchase", amount=5.0)])))
+    rows = shop.query("SELECT name, error FROM audiences ORDER BY name")
+    assert [r["name"] for r in rows] == ["buyers", *(f"sneaky{n}" for n in range(len(HOSTILE)))]
+    assert rows[0]["error"] is None and all(r["error"] for r in rows[1:]), rows
+    members = shop.query("SELECT audience, count(*) AS n FROM audience_members WHERE until IS NULL "
+                         "GROUP BY audience ORDER BY audience")
+    assert members == [{"audience": "buyers", "n": 4}]
+
+
+def test_a_rebuild_sends_nothing_already_delivered(shop, receiver, tmp_path):
+    """`cdp projections rebuild` keeps each change's id (so its idempotency key) and every
+    destination's progress: the next sync sends nothing; a real change after it is sent once."""
+    hook = receiver()
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "buyers")
+    shop("audiences", "sync")
+    assert len(hook.requests) == 3
+    before = shop.query("SELECT change_id, audience, customer_id, action FROM audience_changes ORDER BY change_id")
+    rebuilt = shop("projections", "rebuild")
+    assert "delivery progress kept; 0 membership change(s)" in rebuilt.stdout
+    assert shop.query("SELECT change_id, audience, customer_id, action FROM audience_changes "
+                      "ORDER BY change_id") == before
+    shop("audiences", "sync")
+    assert len(hook.requests) == 3
+    shop("ingest", str(write(tmp_path / "more.jsonl", [event("p9", "retail", "dan", "cdp.purchase", amount=5.0)])))
+    shop("audiences", "sync")
+    shop("audiences", "sync")
+    assert len(hook.requests) == 4 and len({r["key"] for r in hook.requests}) == 4
+    last = json.loads(hook.requests[-1]["body"])
+    assert last["action"] == "entered" and last["customer_id"] not in {b["customer_id"] for b in before}
+
+
+def test_audiences_beside_a_running_serve(cdp, tmp_path, receiver):
+    """While `cdp serve` owns the view the CLI's audience commands go to it (admin endpoints in the
+    OpenAPI document); events arriving over HTTP reach the webhook as entered, then exited."""
+    import httpx
+
+    from tests.serving import cloudevent, new_keys, start_server, wait_until
+
+    keys = new_keys(cdp.env, {"retail": ("publish", "retail"), "read": ("read", None)})
+    hook = receiver(secret=SECRET)
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    try:
+        made = cdp("audiences", "create", "marketable", "--where", "orders > 0", "--consent", "email_marketing")
+        assert "marketable created: 0 members" in made.stdout
+        assert cdp("audiences", "create", "bad", "--where", "1; DROP TABLE customers", check=False).returncode == 1
+        cdp("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "marketable", "--secret", "-",
+            input=SECRET + "\n")
+        refused = cdp("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "marketable", check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith("cdp: error: destination 'crm' exists")
+
+        def send(*events: dict) -> None:
+            answer = httpx.post(server.url + "/events", json=list(events), timeout=30, headers={
+                "Authorization": f"Bearer {keys['retail']}", "Content-Type": "application/cloudevents-batch+json"})
+            assert answer.status_code == 200, answer.text
+
+        send(cloudevent("e1", "retail", "R1", "cdp.purchase", order_id="o1", amount=10.0, currency="EUR"),
+             cloudevent("e2", "retail", "R1", "cdp.consent", purpose="email_marketing", granted=True),
+             cloudevent("e3", "retail", "R2", "cdp.purchase", order_id="o2", amount=5.0, currency="EUR"))
+        wait_until(lambda: len(hook.kept()) >= 1, 30, "the webhook to hear of R1 entering")
+        send({**cloudevent("e4", "retail", "R1", "cdp.consent", purpose="email_marketing", granted=False),
+              "time": "2026-03-02T10:00:00Z"})
+        wait_until(lambda: len(hook.kept()) >= 2, 30, "the webhook to hear of R1 exiting")
+        synced = cdp("audiences", "sync")
+        assert "crm: 0 delivered, 0 to the dead-letter" in synced.stdout
+        kept = hook.kept()
+        assert [k["action"] for k in kept] == ["entered", "exited"]
+        assert kept[0]["customer_id"] == kept[1]["customer_id"] and "profile" not in kept[1]
+        assert all(r["signed"] for r in hook.requests)
+        listed = json.loads(cdp("audiences", "list", "--format", "json").stdout)
+        assert [(a["name"], a["size"]) for a in listed] == [("marketable", 0)]
+        cdp("destinations", "delete", "crm")
+        cdp("audiences", "delete", "marketable")
+        assert cdp.query("SELECT count(*) AS n FROM audiences WHERE NOT deleted") == [{"n": 0}]
+        paths = httpx.get(server.url + "/openapi.json", timeout=30).json()["paths"]
+        assert {"/v1/audiences", "/v1/audiences/{name}", "/v1/audiences/sync", "/v1/destinations",
+                "/v1/destinations/{name}", "/v1/destinations/retry"} <= set(paths)
+        denied = httpx.post(server.url + "/v1/audiences", json={"name": "x", "where": "orders > 0"}, timeout=30,
+                            headers={"Authorization": f"Bearer {keys['read']}"})
+        assert denied.status_code == 403
+    finally:
+        server.stop()
+
+
+def test_idempotency_keys_stay_the_uuid5_they_always_were():
+    """Keys of changes already sent must not change when the code that makes them does."""
+    import uuid
+
+    from cdp.delivery import Change, idempotency_key
+
+    namespace = uuid.UUID("0b6a1f9e-5d1c-4f37-8f55-2a9b1c0d7e42")
+    for n, action in enumerate(("entered", "exited", "entered")):
+        change = Change(n + 1, "bank_churn", f"cüst-{n}", action, "2026-01-01T00:00:00+00:00", None)
+        assert idempotency_key("crm", change) == str(uuid.uuid5(
+            namespace, f"crm\n{n + 1}\nbank_churn\ncüst-{n}\n{action}"))

@@ -127,3 +127,20 @@ def test_retraining_on_postgresql(demo, tmp_path: Path, fresh_postgres_dsn: str)
     merges = int(out.split("model v1: ")[-1].split(" merges")[0].replace(",", ""))
     assert merges > 0 and len(partition(cdp)) == len(before) - merges
     assert "0 merges, 0 splits" in cdp("identity", "train").stdout
+
+
+def test_a_link_made_by_a_records_later_event_survives_retraining(demo, tmp_path: Path):
+    from tests.test_identity_cli import event
+
+    cdp = Cdp(tmp_path / "home", {"CDP_TRAIN_MIN_RECORDS": "0"})
+    cdp("ingest", *map(str, demo.event_files))
+    cdp.ingest(event("shop", "later-a", first_name="Ysolde", last_name="Brack", email="ysolde@example.org"),
+               event("web", "later-b", first_name="Quill", last_name="Marrow", date_of_birth="1960-01-02"))
+    assert cdp.customer_of("shop", "later-a") != cdp.customer_of("web", "later-b")
+    # the web record's second event brings the shop record's e-mail: one person
+    cdp.ingest(event("web", "later-b", time="2025-02-01T10:00:00Z", email="ysolde@example.org"))
+    customer = cdp.customer_of("shop", "later-a")
+    assert cdp.customer_of("web", "later-b") == customer
+    out = cdp("identity", "train", "--seed", "3").stdout
+    assert "re-resolution applied" in out
+    assert cdp.customer_of("web", "later-b") == cdp.customer_of("shop", "later-a")

@@ -33,9 +33,10 @@ def profile(server, key, ref, **params):
 
 
 def settled(server, key: str) -> None:
-    """Reads follow commits within moments (the view is projected after the commit): wait for it."""
-    wait_until(lambda: (lambda h: h["view_position"] == h["store_head"])(httpx.get(server.url + "/health").json()),
-               10, "the view to catch up")
+    """Reads follow within moments (the intake is resolved into the store, the view projected after
+    the commit): wait for it."""
+    wait_until(lambda: (lambda h: h["intake_pending"] == 0 and h["view_position"] == h["store_head"])(
+        httpx.get(server.url + "/health").json()), 10, "the view to catch up")
 
 
 def test_segment_sdk_identify_and_track_become_one_profile(served, cdp) -> None:
@@ -153,6 +154,7 @@ def test_every_access_rule(served) -> None:
     forged = cloudevent("f-1", "bank", "B666", customer={"email": "evil@example.org"})
     refused = server.client(keys["retail"]).post("/events", json=forged)
     assert refused.status_code == 403 and "bank" in refused.json()["message"]
+    settled(server, keys["read"])  # dead-lettered from the intake, right after the answer
     dead = deadletter(server_home(server))
     assert [(d["event_id"], "may not publish for 'bank'" in d["reason"]) for d in dead] == [("f-1", True)]
     segment_forged = httpx.post(server.url + "/v1/identify", auth=(keys["retail"], ""),
@@ -307,3 +309,20 @@ def test_kill_9_mid_stream_then_restart_keeps_every_event_once(cdp, tmp_path) ->
             "sql": "SELECT count(*), sum(orders) FROM customers"}).json()["rows"] == [[150, 600]]
     finally:
         server.stop()
+
+
+def test_the_intake_keeps_nothing_of_what_it_resolved(served, cdp) -> None:
+    """Requests pass through CDP_HOME/intake.sqlite in the clear; once resolved, no byte of them
+    may stay there (an erased person must not survive in the intake's free pages or its WAL)."""
+    server, keys = served
+    answer = server.client(keys["retail"]).post("/v1/identify", json={
+        "userId": "u-intake", "messageId": "m-intake-1",
+        "traits": {"email": "Zelda.Quorn@Example.net", "lastName": "Quornfeld"}})
+    assert answer.status_code == 200, answer.text
+    settled(server, keys["read"])
+    assert profile(server, keys["read"], "email:zelda.quorn@example.net").status_code == 200
+    files = sorted(cdp.home.glob("intake.sqlite*"))
+    assert files, "the embedded server keeps its intake in CDP_HOME"
+    for path in files:
+        data = path.read_bytes().lower()
+        assert b"zelda.quorn" not in data and b"quornfeld" not in data, path.name

@@ -92,3 +92,40 @@ def test_serve_with_a_worker_on_postgres_survives_kill_9(kafka_env, kafka_bootst
         server.stop()
         if worker is not None:
             stop(worker)
+
+
+def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) -> None:
+    """Segment's SDK through `cdp serve` with Kafka: the worker resolves, and an identify (or an
+    alias) carrying the visitor's id stitches the visitor's history onto the known user."""
+    from segment.analytics.client import Client
+
+    serve_env = kafka_env("serve", CDP_RATE_LIMIT="1000")
+    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None)})
+    server = start_server(serve_env, tmp_path / "serve.log")
+    worker = start_worker(kafka_env("worker", CDP_WORKER_BATCH="20", CDP_WORKER_LINGER_MS="10"), tmp_path / "worker.log")
+    try:
+        errors: list = []
+        sdk = Client(write_key=keys["publish"], host=server.url, sync_mode=True, on_error=lambda e, b: errors.append(e),
+                     max_retries=1)
+        reader = server.client(keys["read"])
+        found = lambda ref: reader.get(f"/v1/profiles/{ref}")  # noqa: E731
+        sdk.track(anonymous_id="visitor-7", event="Product Viewed", properties={"sku": "S-7"})
+        sdk.track(anonymous_id="visitor-8", event="Product Viewed", properties={"sku": "S-8"})
+        sdk.flush()
+        wait_until(lambda: found("anonymous_id:visitor-8").status_code == 200, 120, "the visitors' events")
+        sdk.identify(user_id="u-7", anonymous_id="visitor-7", traits={"email": "cy@example.org"})
+        sdk.identify(user_id="u-8", traits={"email": "di@example.org"})
+        sdk.alias(user_id="u-8", previous_id="visitor-8")
+        sdk.flush()
+        assert errors == []
+        for user, visitor in (("cy@example.org", "visitor-7"), ("di@example.org", "visitor-8")):
+            wait_until(lambda: found(f"email:{user}").status_code == 200 and
+                       found(f"email:{user}").json()["merges"], 120, f"{visitor} stitched onto {user}")
+            body = found(f"email:{user}").json()
+            assert [m["rule"] for m in body["merges"]] == ["anonymous_id"]
+            assert {"kind": "anonymous_id", "value": visitor} in body["identifiers"]
+            assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
+            assert body["metrics"]["events"] >= 2  # the visitor's track is on the user's timeline
+    finally:
+        server.stop()
+        stop(worker)

@@ -125,3 +125,32 @@ def test_stored_events_rebuild_the_customer_aggregate_with_the_library(cdp, tmp_
     assert customer.version == 5  # Registered, EventRecorded, SourceLinked, EventRecorded, EventRecorded
     assert customer.sources == [("retail", "R1"), ("bank", "B1")]
     assert customer.events == 3 and customer.profile["first_name"] == "Ann"
+
+
+def test_distinct_counts_of_a_live_batch_equal_the_rebuild(cdp, tmp_path):
+    """A live batch's few customers count distinct values (campaigns, purchase days, source
+    records) another way than the rebuild over everyone (projections/metrics.count_distinct):
+    repeats, several units and no campaign at all must come out the same."""
+    write(tmp_path / "counts.jsonl", [
+        event("c1", "retail", "R1", "cdp.email", customer={"email": "eve@example.org"}, campaign="spring", action="sent"),
+        event("c2", "retail", "R1", "cdp.email", campaign="spring", action="sent", time="2025-01-01T11:00:00Z"),
+        event("c3", "retail", "R1", "cdp.email", campaign="spring", action="opened", time="2025-01-01T12:00:00Z"),
+        event("c4", "retail", "R1", "cdp.email", campaign="summer", action="sent", time="2025-01-02T10:00:00Z"),
+        event("c5", "retail", "R1", "cdp.email", campaign="summer", action="clicked", time="2025-01-02T11:00:00Z"),
+        event("c6", "retail", "R1", "cdp.purchase", amount=5.0, order_id="o-1", time="2025-01-03T10:00:00Z"),
+        event("c7", "retail", "R1", "cdp.purchase", amount=7.0, order_id="o-2", time="2025-01-03T18:00:00Z"),
+        event("c8", "retail", "R2", "cdp.purchase", customer={"email": "eve@example.org"}, amount=1.0,
+              order_id="o-3", time="2025-01-05T10:00:00Z"),
+        event("c9", "bank", "B1", customer={"email": "eve@example.org"}, time="2025-01-06T10:00:00Z"),
+        event("c10", "bank", "B2", customer={"email": "dan@example.org"}, time="2025-01-06T10:00:00Z"),
+    ])
+    cdp("ingest", str(tmp_path / "counts.jsonl"), extra_env={"CDP_BATCH_SIZE": "1", "CDP_PROJECTION_BATCH": "1"})
+    live = snapshot(cdp)
+    eve = next(c for c in live["customers"] if c["email"] == "eve@example.org")
+    assert (eve["sources"], eve["purchase_days"], eve["emails_sent"]) == (3, 2, 2)
+    assert (eve["email_open_rate"], eve["email_click_rate"]) == (0.5, 0.5)
+    dan = next(c for c in live["customers"] if c["email"] == "dan@example.org")
+    assert (dan["sources"], dan["purchase_days"], dan["emails_sent"], dan["email_open_rate"]) == (1, 0, 0, None)
+
+    cdp("projections", "rebuild")
+    assert snapshot(cdp) == live

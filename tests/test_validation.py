@@ -181,7 +181,8 @@ def test_field_types(validator):
     assert set(validator.field_types("cdp.identify")) == {"data.business_unit"} | {
         f"data.customer.{f}" for f in ("source_id", "email", "phone", "first_name", "last_name", "date_of_birth",
                                        "national_id", "loyalty_id")} | {
-        f"data.customer.address.{f}" for f in ("street", "line2", "city", "postcode", "state", "country")}
+        f"data.customer.address.{f}" for f in ("street", "line2", "city", "postcode", "state", "country")} | {
+        "data.properties.anonymous_id"}  # the collector's identify naming the visitor it stitches
     assert validator.required_fields("cdp.purchase") == {
         "data.business_unit", "data.customer.source_id", "data.order_id", "data.amount", "data.currency"}
     with pytest.raises(KeyError):

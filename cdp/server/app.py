@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.server.access import Denied, token_of
+from cdp.server.audience_routes import mount as mount_audiences
 from cdp.server.sql import QueryRefused, QueryTimeout, encode, run_read_only
 from ingest import segment
 from ingest.normalise import email as normal_email, phone as normal_phone
@@ -143,9 +144,11 @@ def build_app(service: Any) -> FastAPI:
         head, position = await run_in_threadpool(lambda: (read.head(), read.position))
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
-                "store_head": head, "behind": max(head - position, 0)}
+                "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending}
         if not ok:
             body["problem"] = str(read.error).splitlines()[0]
+        if getattr(service.writer, "error", None):  # the intake's resolver retries; say why it waits
+            body["intake_problem"] = service.writer.error
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", summary="Prometheus metrics (a read or admin key)")
@@ -160,10 +163,9 @@ def build_app(service: Any) -> FastAPI:
 
     # -- collector ---------------------------------------------------------------------------
 
-    async def collect(key: Key, events: list[tuple[Any, str | None]], api: str,
-                      stitches: list[tuple[str, list[str]]] | None = None) -> JSONResponse:
+    async def collect(key: Key, events: list[tuple[Any, str | None]], api: str) -> JSONResponse:
         """`events` are (CloudEvent or a reason it could not be made, the unit the message named).
-        Answers once every accepted event is committed (embedded) or acknowledged (Kafka)."""
+        Answers once every record is committed to the intake (embedded) or acknowledged (Kafka)."""
         telemetry.events_in.labels(api).inc(len(events))
         records: list[Accepted | Rejected] = []
         forbidden, failed = [], []
@@ -184,10 +186,10 @@ def build_app(service: Any) -> FastAPI:
             records.append(record)
         if forbidden:  # the whole request is refused; only the offending messages are dead-lettered
             offending = [r for r in records if isinstance(r, Rejected) and r.kind == "forbidden"]
-            await run_in_threadpool(service.writer.write, offending)
+            await service.write(offending)
             telemetry.events_dead.labels("forbidden").inc(len(offending))
             return error(403, "forbidden", forbidden[0]["reason"], failed=forbidden)
-        await run_in_threadpool(service.write, records, key.unit, stitches or [])
+        await service.write(records)
         accepted = sum(isinstance(r, Accepted) for r in records)
         telemetry.events_accepted.inc(accepted)
         for r in records:
@@ -201,7 +203,9 @@ def build_app(service: Any) -> FastAPI:
 
     async def segment_call(request: Request, call: str | None) -> JSONResponse:
         limit = segment.MAX_BATCH_BYTES if call is None else segment.MAX_MESSAGE_BYTES
-        body = parse_json(await read_body(request, limit))
+        raw = await read_body(request, limit)
+        body = parse_json(raw)
+        small = len(raw) <= segment.MAX_MESSAGE_BYTES  # then no message in it can be too large
         if not isinstance(body, dict):
             raise Denied(400, "malformed", "the body must be a JSON object")
         key = admit(request, "publish", token=token_of(request) or body.get("writeKey"))
@@ -210,7 +214,7 @@ def build_app(service: Any) -> FastAPI:
             raise Denied(400, "malformed", "a batch needs a non-empty `batch` array")
         events: list[tuple[Any, str | None]] = []
         for index, message in enumerate(messages):
-            if len(orjson.dumps(message)) > segment.MAX_MESSAGE_BYTES:
+            if not small and len(orjson.dumps(message)) > segment.MAX_MESSAGE_BYTES:
                 raise Denied(400, "too_large", f"message {index} exceeds {segment.MAX_MESSAGE_BYTES:,} bytes")
             named = segment.named_unit(message) if isinstance(message, dict) else None
             unit = key.unit or named
@@ -221,8 +225,7 @@ def build_app(service: Any) -> FastAPI:
                 events.append((segment.to_cloudevent(message, unit, call), named))
             except segment.NotMappable as problem:
                 events.append((f"message {index}: {problem}", message))
-        stitches = [s for m in messages if (s := segment.stitches(m, call))]
-        return await collect(key, events, "segment", stitches)
+        return await collect(key, events, "segment")
 
     @app.post("/v1/batch", summary="Segment batch (up to 500 KB, 32 KB a message)")
     async def segment_batch(request: Request) -> JSONResponse:
@@ -350,4 +353,5 @@ def build_app(service: Any) -> FastAPI:
             raise
         return Response(content, media_type=media)
 
+    mount_audiences(app, service, admit)  # /v1/audiences…, /v1/destinations… (admin)
     return app

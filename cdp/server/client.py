@@ -65,11 +65,7 @@ class RemoteView:
             with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                 return pa.ipc.open_stream(response.read()).read_all()
         except urllib.error.HTTPError as failure:
-            try:
-                message = orjson.loads(failure.read()).get("message")
-            except ValueError:
-                message = failure.reason
-            raise ServerError(f"{message} (server {self.url})") from None
+            raise ServerError(f"{_message(failure)} (server {self.url})") from None
 
     def execute(self, sql: str, params: Any = None) -> "RemoteView":
         copy = _COPY_TO_PARQUET.match(sql)
@@ -99,3 +95,23 @@ class RemoteView:
 
     def close(self) -> None:
         self.table = None
+
+
+def call(server: tuple[str, str], method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> Any:
+    """One JSON request to the running server with its local key; ServerError with the server's message."""
+    url, key = server
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return orjson.loads(response.read() or b"null")
+    except urllib.error.HTTPError as failure:
+        raise ServerError(_message(failure)) from None
+
+
+def _message(failure: urllib.error.HTTPError) -> str:
+    try:
+        return str(orjson.loads(failure.read()).get("message"))
+    except (ValueError, AttributeError):
+        return str(failure.reason)

@@ -3,10 +3,13 @@
 A thread follows the event store — woken by the writers in this process, by PostgreSQL's
 LISTEN/NOTIFY on the store's channel, or by a short poll for SQLite written by other processes —
 and projects exactly once (rows and position in one DuckDB transaction, projections/projector.py).
-After each projected batch it publishes the changed profiles to `cdp.profiles` (Kafka only) and
-records, in the view, the store position whose profiles the broker acknowledged: a crash between
-the two republishes that range (the current profile again, harmless on a compacted topic) and never
-skips one. API key events from the same notifications feed the key ring.
+With Kafka, a second thread publishes the changed profiles of each projected batch to
+`cdp.profiles` and records, in the view, the store position whose profiles the broker
+acknowledged: a crash between the two republishes that range (the current profile again, harmless
+on a compacted topic) and never skips one. The two run side by side so that waiting for the broker
+never holds back the next batch's visibility (measured: publishing inside the follow loop let
+batches grow to thousands of events and profiles took seconds to show). API key events from the
+same notifications feed the key ring.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ class ReadSide:
         self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
         self.keyring = api_keys.load(app)
         self.published = 0
-        self.error: BaseException | None = None
+        self.follow_error: BaseException | None = None
+        self.publish_error: BaseException | None = None
         self.scored_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -68,6 +72,11 @@ class ReadSide:
         self._cursor_lock = threading.Lock()
         self._caught_up = threading.Condition()
         self._threads = [threading.Thread(target=self._follow, name="cdp-read-side", daemon=True)]
+        # batches projected but not yet published: (store position reached, customer ids, erased ids)
+        self._unpublished: list[tuple[int, list[str], list[str]]] = []
+        self._unpublished_ready = threading.Condition()
+        if producer is not None:
+            self._threads.append(threading.Thread(target=self._publish, name="cdp-profiles", daemon=True))
         if app.store.is_postgres:
             self._threads.append(threading.Thread(target=self._listen, name="cdp-store-listener", daemon=True))
 
@@ -92,11 +101,20 @@ class ReadSide:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._threads[0].join(timeout=30)
+        with self._unpublished_ready:
+            self._unpublished_ready.notify_all()
+        for thread in self._threads:
+            if thread.name != "cdp-store-listener":
+                thread.join(timeout=30)
         self.delivery.stop()
         for cursor in self._cursors:
             cursor.close()
         self.projector.close()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What keeps the view or `cdp.profiles` from following the store now (None: nothing)."""
+        return self.follow_error or self.publish_error
 
     def wake(self) -> None:
         """New events were committed (by this process)."""
@@ -140,9 +158,9 @@ class ReadSide:
         while not self._stop.is_set():
             try:
                 self.catch_up()
-                self.error = None
-            except Exception as error:  # the store or broker away: report on /health, retry
-                self.error = error
+                self.follow_error = None
+            except Exception as error:  # the store away: report on /health, retry
+                self.follow_error = error
                 self._stop.wait(1.0)
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
@@ -152,7 +170,6 @@ class ReadSide:
         the number of notifications applied."""
         projector, store = self.projector, self.store
         applied = 0
-        self.publish_profiles()  # a range left over by a crash, first
         while True:
             notifications = store.raw_notifications(projector.position, self.cfg.projection_batch)
             if not notifications:
@@ -160,7 +177,7 @@ class ReadSide:
             self.keyring.take(notifications)
             projector.apply(notifications)
             applied += len(notifications)
-            self.publish_profiles()
+            self._hand_to_publisher(notifications)
             with self._caught_up:
                 self._caught_up.notify_all()
             if self.on_batch is not None:
@@ -173,29 +190,72 @@ class ReadSide:
             self.delivery.wake()
         return applied
 
-    def publish_profiles(self) -> None:
-        """Profiles of the customers changed between the published position and the view's."""
-        con = self.projector.con
-        done = con.execute("SELECT position FROM projection_state WHERE name = ?", [PROFILES]).fetchall()[0][0]
-        upto = self.projector.position
-        if self.producer is None or done >= upto:
-            if done != upto and self.producer is None:
-                con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+    # -- publishing cdp.profiles -----------------------------------------------------------------
+
+    def _hand_to_publisher(self, notifications: list[tuple]) -> None:
+        """After a batch committed to the view: its changed customers to the publishing thread
+        (with Kafka); without Kafka there is no changelog and the published position just follows."""
+        upto = notifications[-1][0]
+        if self.producer is None:
+            self.projector.con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
             return
+        with self._unpublished_ready:
+            self._unpublished.append((upto, [r[1] for r in notifications], erased_ids(notifications)))
+            self._unpublished_ready.notify()
+
+    def _publish(self) -> None:
+        """The publishing thread: first what a crash left unpublished (read again from the store),
+        then each batch the follow thread hands over, several at once when it falls behind. After
+        an error the batches in hand are dropped and their range is read from the store again."""
+        con = self.cursor()
+        recovered = False
+        while not self._stop.is_set():
+            try:
+                if not recovered:
+                    self.publish_profiles(con)
+                    recovered, self.publish_error = True, None
+                with self._unpublished_ready:
+                    while not self._unpublished and not self._stop.is_set():
+                        self._unpublished_ready.wait(1.0)
+                    batches, self._unpublished = self._unpublished, []
+                if not batches:
+                    continue
+                done = published_position(con)
+                batches = [b for b in batches if b[0] > done]  # a recovery covered these
+                if batches:
+                    self._send_profiles(con, [cid for b in batches for cid in b[1]],
+                                        [cid for b in batches for cid in b[2]], batches[-1][0])
+                self.publish_error = None
+            except Exception as error:  # the broker away: report on /health, retry from the store
+                self.publish_error = error
+                recovered = False
+                with self._unpublished_ready:
+                    self._unpublished.clear()
+                self._stop.wait(1.0)
+
+    def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int) -> None:
+        """Sends the current profiles of `ids` (and tombstones of `erased`), waits for the broker's
+        acks, then records `upto` as published."""
+        changed, merged = changed_customers(con, ids)
         topic = self.cfg.topic("cdp.profiles")
+        for key, value in profile_messages(con, changed, merged, upto) + tombstones(erased):
+            self.producer.send(topic, key=key, value=value)
+            self.published += 1
+        self.producer.flush()
+        con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+
+    def publish_profiles(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Profiles of the customers changed between the published position and the view's, the
+        changes read again from the store (after a restart or an error)."""
+        done = published_position(con)
+        upto = con.execute("SELECT position FROM projection_state WHERE name = 'unified_view'").fetchall()[0][0]
         while done < upto:
             rows = self.store.raw_notifications(done, self.cfg.projection_batch)
             rows = [r for r in rows if r[0] <= upto]
             if not rows:
                 break
-            changed, merged = changed_customers(con, [r[1] for r in rows])
-            erased = [cid for r in rows if r[2] == stored_events.ERASED for cid in orjson.loads(r[3])["customer_ids"]]
-            for key, value in profile_messages(con, changed, merged, upto) + tombstones(erased):
-                self.producer.send(topic, key=key, value=value)
-                self.published += 1
-            self.producer.flush()
+            self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), rows[-1][0])
             done = rows[-1][0]
-            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [done, PROFILES])
 
     def _listen(self) -> None:
         """PostgreSQL: the store's recorder NOTIFYs its channel on every insert; wake on it."""
@@ -211,6 +271,15 @@ class ReadSide:
                             self._wake.set()
             except Exception:
                 self._stop.wait(1.0)  # reconnect; the poll keeps the view moving meanwhile
+
+
+def published_position(con: duckdb.DuckDBPyConnection) -> int:
+    return con.execute("SELECT position FROM projection_state WHERE name = ?", [PROFILES]).fetchall()[0][0]
+
+
+def erased_ids(notifications: list[tuple]) -> list[str]:
+    """The customer ids an erasure in `notifications` removed (their tombstones)."""
+    return [cid for r in notifications if r[2] == stored_events.ERASED for cid in orjson.loads(r[3])["customer_ids"]]
 
 
 def changed_customers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[set[str], dict[str, str]]:

@@ -8,13 +8,17 @@ with the process.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import orjson
+
+from starlette.concurrency import run_in_threadpool
 
 from cdp.config import ConfigError, Settings
 from cdp.keys import Key
@@ -28,32 +32,28 @@ VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the vi
 
 class Service:
     def __init__(self, cfg: Settings):
+        from cdp.application import CustomerApplication
         from cdp.pipeline import make_ingestor
 
         self.cfg = cfg
+        self.mode = "kafka" if cfg.kafka_bootstrap else "embedded"
         self.ingestor = make_ingestor(cfg)
+        self.ingestor.keep_raw = self.mode == "kafka"  # published as sent
         profiles_producer = None
-        if cfg.kafka_bootstrap:
+        if self.mode == "kafka":
             from kafka import KafkaProducer
 
-            from cdp.application import CustomerApplication
-            from cdp.server.writes import KafkaWriter
             from ingest.producer import PRODUCER_CONFIG
 
-            self.mode = "kafka"
-            self.ingestor.keep_raw = True
-            self.writer: Any = KafkaWriter(cfg)
-            app = CustomerApplication(cfg)  # read here: the workers run the commands
             profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
                                               **PRODUCER_CONFIG)
-        else:
-            from cdp.server.writes import EmbeddedWriter
+        self.app = app = CustomerApplication(cfg)  # read here: the resolver process or the workers write
+        # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
+        self.read = ReadSide(replace(cfg, duckdb_memory=cfg.serve_memory), app, profiles_producer)
+        from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
-            self.mode = "embedded"
-            self.writer = EmbeddedWriter(cfg, committed=lambda: self.read.wake())
-            app = self.writer.app
-        self.app = app
-        self.read = ReadSide(cfg, app, profiles_producer)
+        self.writer: Any = KafkaWriter(cfg) if self.mode == "kafka" else \
+            EmbeddedWriter(cfg, committed=self.read.wake, log=self.log)
         # user SQL runs on this database: no files, no network, no ATTACH, for good
         self.read.projector.con.execute("SET enable_external_access = false")
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
@@ -61,23 +61,27 @@ class Service:
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
 
-    def write(self, records: Sequence[Accepted | Rejected], unit: str | None, stitches: Sequence[tuple]) -> None:
-        first = next((r for r in records if isinstance(r, Accepted)), None)
-        unit = unit or (first.business_unit if first else None)
-        self.writer.write(records, [(unit, user, earlier) for user, earlier in stitches] if unit else [])
+    async def write(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Returns once the records are committed to the intake (embedded) or acknowledged (Kafka)."""
+        if self.mode == "embedded":  # the writer's own thread commits: no worker thread waits for it
+            await asyncio.shield(asyncio.wrap_future(self.writer.submit(records)))  # a gone client cancels nothing
+        else:
+            await run_in_threadpool(self.writer.write, records)
+
+    @property
+    def pending(self) -> int:
+        """Records accepted over HTTP and not yet in the store (embedded; with Kafka the broker holds them)."""
+        return self.writer.pending if self.mode == "embedded" else 0
 
     def steward(self, work: Callable[[Any], T]) -> T:
         """A person's identity decision, `work(app)` calling the application's command (the one
-        `cdp identity split|review` calls), returned once the view shows it. Embedded: on the
-        writer's application, between batches; with Kafka: on an application of its own (the
-        command takes the writers' lock, as the CLI's does)."""
-        if self.mode == "embedded":
-            result = self.writer.command(work)
-        else:
-            from cdp.pipeline import Pipeline
+        `cdp identity split|review` calls), returned once the view shows it. On an application of
+        its own: the command takes the writers' lock, as the CLI's does, so it comes between the
+        resolver's (or the workers') batches."""
+        from cdp.pipeline import Pipeline
 
-            with Pipeline(self.cfg, project=False) as pipeline:
-                result = work(pipeline.app)
+        with Pipeline(self.cfg, project=False) as pipeline:
+            result = work(pipeline.app)
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
@@ -90,8 +94,7 @@ class Service:
         self.writer.close()
         if self._profiles_producer is not None:
             self._profiles_producer.close(timeout=10)
-        if self.mode == "kafka":
-            self.app.close()
+        self.app.close()
 
     @staticmethod
     def log(text: str) -> None:

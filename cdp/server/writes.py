@@ -1,60 +1,114 @@
 """Where `cdp serve` hands what arrives over HTTP: the one place that calls the write path.
 
-* embedded (no Kafka): into the event store through the pipeline's batch command (resolve and
-  commit under the writers' lock), the HTTP request answered after the store commit. Requests
-  arriving together are committed together (group commit), one store transaction for many;
+* embedded (no Kafka): into the intake (cdp/intake.py), the HTTP request answered once it is
+  committed there; requests arriving together are committed together (group commit). A process
+  of its own (the resolver, so identity resolution does not share the HTTP process's interpreter
+  lock) takes the records out in commit order and runs the pipeline's batch command on them
+  (dead-letter the rejected, resolve and commit the accepted, stitch visitors), then drops them;
 * Kafka configured: onto `cdp.events` (acks=all, idempotent producer), the request answered after
-  the broker acknowledged; the workers resolve and commit.
+  the broker acknowledged every record; the workers resolve and commit.
 
 Rejected messages go to the dead-letter (the JSONL file, or `cdp.deadletter`) with their reason.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
+import signal
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 from cdp import topics
 from cdp.config import Settings
-from identity.resolver import source_key
+from cdp.intake import Intake
 from ingest.deadletter import DeadLetterFile, DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG, message_key
 from ingest.records import Accepted, Rejected
 
 GROUP_COMMIT_RECORDS = 5000
-Stitch = tuple[str, str, Sequence[str]]  # (business unit, userId, earlier source ids)
 ACK_SECONDS = 30.0
+DRAIN_SECONDS = 60.0
+RETRY_SECONDS = 1.0
+
+
+def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int) -> None:
+    """The resolver process: the intake's records through the pipeline, oldest first, each batch
+    dropped from the intake after the store's commit; reports ("committed", n) or ("error", text)
+    to the server. Ends when told to (after draining) or when the server is gone (kill -9)."""
+    from cdp.pipeline import Pipeline
+    from cdp.summary import Summary
+
+    # Ctrl-C or a stop signal to the whole process group is the server's to handle: it tells this
+    # process to drain and stop; a resolver killed mid-batch would only redo that batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    intake = Intake(cfg.intake_path)
+    summary = Summary()
+    with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+        while os.getppid() == parent:
+            wake.wait(0.5)
+            wake.clear()
+            while os.getppid() == parent:
+                upto, records = intake.oldest(GROUP_COMMIT_RECORDS)
+                if not upto:
+                    break
+                try:
+                    pipeline.process_batch(records, summary)
+                except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
+                    report.send(("error", f"{type(error).__name__}: {error}"))
+                    stop.wait(RETRY_SECONDS)
+                    wake.set()
+                    break
+                intake.drop(upto)
+                report.send(("committed", len(records)))
+            if stop.is_set() and (intake.pending() == 0 or wake.is_set()):
+                break
+    intake.close()
 
 
 class EmbeddedWriter:
-    """One thread owns the pipeline (store, resolver); requests queue their records and wait."""
+    """A thread commits requests to the intake; the resolver process resolves them."""
 
-    def __init__(self, cfg: Settings, committed: Callable[[], None]):
-        from cdp.pipeline import Pipeline
-        from cdp.summary import Summary
-
-        self.pipeline = Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path))
-        self.summary = Summary()
+    def __init__(self, cfg: Settings, committed: Callable[[], None], log: Callable[[str], None] = print):
+        self.cfg = cfg
         self.committed = committed
-        self._lock = threading.Lock()  # the pipeline: one batch or one person's command at a time
+        self.log = log
+        self.intake = Intake(cfg.intake_path)
+        self.error: str | None = None  # the resolver's last failure (it retries)
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="cdp-writer", daemon=True)
-        self._thread.start()
+        self._context = multiprocessing.get_context("spawn")
+        self._wake = self._context.Event()  # the intake has records for the resolver
+        self._stop = self._context.Event()
+        self._stopping = False
+        self._resolver = self._start_resolver()
+        self._threads = [threading.Thread(target=self._take_in, name="cdp-intake", daemon=True),
+                         threading.Thread(target=self._hear_resolver, name="cdp-resolver-reports", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._wake.set()  # what an earlier run accepted and did not resolve
+
+    def _start_resolver(self) -> Any:
+        self._reports, report = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=resolve_intake, name="cdp-resolver", daemon=True,
+                                        args=(self.cfg, self._wake, self._stop, report, os.getpid()))
+        process.start()
+        report.close()
+        return process
 
     @property
-    def app(self) -> Any:
-        """The application (the store's reader for the read side, in this process)."""
-        return self.pipeline.app
+    def pending(self) -> int:
+        """Records accepted and not yet through the pipeline."""
+        return self.intake.pending()
 
-    def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
-        """Returns once every accepted record is committed (or already was), and the stitches
-        after them; raises if not."""
+    def submit(self, records: Sequence[Accepted | Rejected]) -> Future:
+        """A future done once every record is durable in the intake (or failed with the reason)."""
         done: Future = Future()
-        self._queue.put((records, done, stitches))
-        done.result()
+        self._queue.put((records, done))
+        return done
 
-    def _run(self) -> None:
+    def _take_in(self) -> None:
         while (item := self._queue.get()) is not None:
             group = [item]
             size = len(item[0])
@@ -69,37 +123,50 @@ class EmbeddedWriter:
                 group.append(more)
                 size += len(more[0])
             try:
-                with self._lock:
-                    self.pipeline.process_batch([r for records, _, _ in group for r in records], self.summary)
-                    for stitch in (s for _, _, stitches in group for s in stitches):
-                        self.stitch(stitch)
+                self.intake.append([records for records, _ in group])
             except BaseException as error:  # every request of the group hears it (and may resend)
-                for _, done, _ in group:
+                for _, done in group:
                     done.set_exception(error)
                 continue
-            for _, done, _ in group:
+            for _, done in group:
                 done.set_result(None)
-            self.committed()
+            self._wake.set()
 
-    def command(self, work: Callable[[Any], Any]) -> Any:
-        """`work(app)`, a person's command (a split, a review verdict) on this writer's
-        application, between two batches."""
-        with self._lock:
-            result = work(self.pipeline.app)
-        self.committed()
-        return result
-
-    def stitch(self, stitch: Stitch) -> None:
-        """An anonymous visitor turned out to be a known user (Segment identify or alias): the
-        application's `merge_visitor` command merges them (explained and split like any link)."""
-        unit, user_id, earlier = stitch
-        for candidate in earlier:
-            self.pipeline.app.merge_visitor(source_key(unit, user_id), source_key(unit, candidate))
+    def _hear_resolver(self) -> None:
+        """The resolver's reports wake the read side; a resolver that died is started again."""
+        while not self._stopping:
+            try:
+                report = self._reports.recv() if self._reports.poll(0.5) else None
+            except (EOFError, OSError):  # the resolver is gone
+                report = None
+                self._resolver.join(timeout=1)
+            if report is None:
+                if not self._resolver.is_alive() and not self._stop.is_set():
+                    self.log(f"the resolver process ended (exit code {self._resolver.exitcode}): starting it again")
+                    self._resolver = self._start_resolver()
+                continue
+            kind, detail = report
+            if kind == "error":
+                if self.error != detail:
+                    self.log(f"resolving the intake failed, retrying: {detail}")
+                self.error = detail
+            else:
+                self.error = None
+                self.committed()
 
     def close(self) -> None:
+        """Stops taking requests; the resolver resolves what the intake holds (up to DRAIN_SECONDS)."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
-        self.pipeline.close()
+        self._threads[0].join(timeout=30)
+        self._stop.set()
+        self._wake.set()
+        self._resolver.join(timeout=DRAIN_SECONDS)
+        self._stopping = True
+        if self._resolver.is_alive():
+            self._resolver.kill()
+            self._resolver.join(timeout=10)
+        self._threads[1].join(timeout=5)
+        self.intake.close()
 
 
 class KafkaWriter:
@@ -114,8 +181,8 @@ class KafkaWriter:
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
 
-    def write(self, records: Sequence[Accepted | Rejected], stitches: Sequence[Stitch] = ()) -> None:
-        """Stitches need the resolver: in Kafka mode they are not made here (see the README)."""
+    def write(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Produces the whole request, then waits for every acknowledgement (no flush per record)."""
         futures = []
         for record in records:
             if isinstance(record, Rejected):

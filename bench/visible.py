@@ -1,0 +1,244 @@
+"""Publish-to-visible of `cdp serve`: `python -m bench.visible [--seconds S] [--customers N] [--mode M]`.
+
+Events are posted over HTTP at a steady 1,000 events/s (CloudEvents batches of 10 every 10 ms, from
+16 sender threads on a fixed clock, each batch naming 10 new customers) to a server whose view
+already holds N customers. For every 10th batch one of its customers is followed from the moment the
+request was answered (accepted) until
+
+* its profile is readable through `GET /v1/profiles/shop:…` (polled every 5 ms), and, with Kafka,
+* its profile message arrives on `cdp.profiles` (a consumer reading the topic all along).
+
+Two modes (`--mode embedded|kafka|both`, default both):
+
+* embedded: SQLite store, `cdp serve` runs the pipeline in process (answers after the store commit);
+* kafka: `cdp worker` consuming from the real broker into a PostgreSQL store, `cdp serve` answering
+  after the broker's ack and following the store, woken by PostgreSQL notifications (needs
+  CDP_KAFKA_BOOTSTRAP and CDP_POSTGRES_DSN; `source /work/svc/env.sh` or scripts/services.sh).
+
+The same-run baseline is the accepting request itself (round trip of the POST), and with Kafka the
+broker's own produce → consume round trip of a message (kafka-python, acks=all). Figures are
+printed, not asserted; the machine may be shared, so compare against the baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import orjson
+
+from bench.serve import percentile, synthetic_view
+from tests.serving import new_keys, start_server
+
+TARGET = "p99 under 500 ms"
+PROBE = re.compile(r"^v(\d+)@bench\.example$")
+
+
+class SteadyPublisher(threading.Thread):
+    """CloudEvents at `rate` events/s in batches of 10 new customers; the first customer of every
+    10th batch is probed (over HTTP here, on the topic by `ProfileTopicWatch`)."""
+
+    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
+        super().__init__()
+        self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
+        self.accept: list[float] = []
+        self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
+        self.visible: list[float] = []
+        self.sent = 0
+
+    def run(self) -> None:
+        interval = 10 / self.rate
+        local = threading.local()
+        probes: list[threading.Thread] = []
+
+        def send(n: int) -> None:
+            http = getattr(local, "http", None)
+            if http is None:
+                http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
+                                                 timeout=30)
+            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
+                      "time": "2026-03-01T10:00:00Z",
+                      "data": {"business_unit": "shop", "customer": {
+                          "source_id": f"P{n}-{i}", **({"email": f"v{n}@bench.example"} if i == 0 else {})}}}
+                     for i in range(10)]
+            started = time.monotonic()
+            answer = http.post("/events", content=orjson.dumps(batch),
+                               headers={"Content-Type": "application/cloudevents-batch+json"})
+            done = time.monotonic()
+            if answer.status_code == 200:
+                self.accept.append(done - started)
+                self.sent += 10
+                if n % 10 == 0:
+                    self.accepted_at[n] = done
+                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
+                    probe.start()
+                    probes.append(probe)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            next_at = time.monotonic()
+            end = next_at + self.seconds
+            n = 0
+            while time.monotonic() < end:
+                pool.submit(send, n)
+                n += 1
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        for probe in probes:
+            probe.join()
+
+    def probe(self, ref: str, accepted_at: float) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
+            while time.monotonic() - accepted_at < 10:
+                if http.get(f"/v1/profiles/{ref}").status_code == 200:
+                    self.visible.append(time.monotonic() - accepted_at)
+                    return
+                time.sleep(0.005)
+
+
+class ProfileTopicWatch(threading.Thread):
+    """Reads `cdp.profiles` all along; notes when each probed customer's first profile arrived."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer
+
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                      enable_auto_commit=False, group_id=None, fetch_max_wait_ms=5)
+        self.arrived: dict[int, float] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for records in self.consumer.poll(timeout_ms=50).values():
+                now = time.monotonic()
+                for record in records:
+                    email = orjson.loads(record.value).get("email") if record.value else None
+                    match = PROBE.match(email or "")
+                    if match:
+                        self.arrived.setdefault(int(match.group(1)), now)
+        self.consumer.close()
+
+    def latencies(self, accepted_at: dict[int, float]) -> list[float]:
+        return [self.arrived[n] - at for n, at in accepted_at.items() if n in self.arrived]
+
+
+def broker_round_trip(bootstrap: str, topic: str, n: int = 200) -> list[float]:
+    """The baseline with Kafka: produce (acks=all) → consume of one small message, kafka-python alone."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, fetch_max_wait_ms=5)
+    producer.send(topic, b"warm-up").get(timeout=30)
+    while not consumer.poll(timeout_ms=200):
+        pass
+    times = []
+    for i in range(n):
+        started = time.monotonic()
+        producer.send(topic, str(i).encode()).get(timeout=30)
+        while not consumer.poll(timeout_ms=50):
+            pass
+        times.append(time.monotonic() - started)
+        time.sleep(0.01)
+    producer.close()
+    consumer.close()
+    return times
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    env.update(CDP_HOME=str(home), CDP_RATE_LIMIT="100000", CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"),
+               **extra)
+    return env
+
+
+def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, broker: list[float] | None) -> None:
+    ms = 1000
+
+    def line(label: str, values: list[float], extra: str = "") -> None:
+        print(f"  {label:<40} p50 {percentile(values, .5) * ms:7.1f} ms   p99 {percentile(values, .99) * ms:7.1f} ms"
+              f"{extra}")
+
+    print(f"\n== publish-to-visible, {title}: {publisher.sent:,} events accepted, {len(publisher.accepted_at)} probes")
+    line("accepted → profile readable over HTTP", publisher.visible, f"   ({len(publisher.visible)} seen)")
+    if topic is not None:
+        line("accepted → profile on cdp.profiles", topic, f"   ({len(topic)} seen)")
+    line("baseline: the accepting request itself", publisher.accept)
+    if broker is not None:
+        line("baseline: broker produce → consume", broker)
+    print(f"  target: {TARGET}")
+
+
+def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
+    env = clean_env(tmp / "embedded")
+    synthetic_view(tmp / "embedded" / "view.duckdb", customers)
+    keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
+    server = start_server(env, tmp / "embedded.log", timeout=300)
+    try:
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher.run()
+    finally:
+        server.stop()
+    report(f"embedded (SQLite), 1,000 events/s for {seconds:g} s, view of {customers:,} customers",
+           publisher, None, None)
+
+
+def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
+    from bench.kafka import drop_database, fresh_database, services, start_worker, stop, stop_services, wait_ready
+
+    bootstrap, dsn, started = services()
+    store = fresh_database(dsn)
+    prefix = f"bench.visible.{uuid.uuid4().hex[:8]}."
+    shared = dict(CDP_KAFKA_BOOTSTRAP=bootstrap, CDP_TOPIC_PREFIX=prefix, CDP_EVENT_STORE=store)
+    worker_env, serve_env = clean_env(tmp / "worker", **shared), clean_env(tmp / "serve", **shared)
+    worker = server = watch = None
+    try:
+        synthetic_view(tmp / "serve" / "view.duckdb", customers)
+        keys = new_keys(serve_env, {"shop": ("publish", "shop"), "read": ("read", None)})
+        worker = start_worker(worker_env, tmp / "worker.log")
+        wait_ready(worker, tmp / "worker.log")
+        server = start_server(serve_env, tmp / "serve.log", timeout=300)
+        broker = broker_round_trip(bootstrap, f"{prefix}bench.roundtrip")
+        watch = ProfileTopicWatch(bootstrap, f"{prefix}cdp.profiles")
+        watch.start()
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher.run()
+        time.sleep(2)  # the last probes' messages
+        topic = watch.latencies(publisher.accepted_at)
+    finally:
+        if watch is not None:
+            watch.stopping.set()
+            watch.join(timeout=5)
+        if server is not None:
+            server.stop()
+        if worker is not None:
+            stop(worker)
+        drop_database(dsn, store)
+        stop_services(started)
+    report(f"Kafka + PostgreSQL (cdp worker, cdp serve), 1,000 events/s for {seconds:g} s, "
+           f"view of {customers:,} customers", publisher, topic, broker)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.visible", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
+    parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
+    parser.add_argument("--mode", choices=("embedded", "kafka", "both"), default="both")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
+        if args.mode in ("embedded", "both"):
+            run_embedded(Path(tmp), args.customers, args.seconds)
+        if args.mode in ("kafka", "both"):
+            run_kafka(Path(tmp), args.customers, args.seconds)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
