@@ -5,8 +5,11 @@ A view of N customers (synthetic rows in the real tables: names drawn from 40 fi
 a second unit; 1,000 grey-zone review pairs), then every console page fetched over HTTP from
 `cdp serve` with a signed-in session: search by e-mail, by a misspelt name, by phone, the customer
 page, the review queue and the dashboard. Beside each, the baseline measured in the same run: the
-queries behind the page on DuckDB in process, before the server takes the view. Target: every
-page under 100 ms (p50) on 1,000,000 customers. Figures are printed, not asserted.
+queries behind the page on DuckDB in process, before the server takes the view (p50 and p95 of
+both, and the ratio of the p50s); and the server's own account of each page's time (its
+Server-Timing header: session and key check, reads from the view, template). Measured once the
+server has settled (view caught up, scores computed). Target: every page under 100 ms (p50) on
+1,000,000 customers. Figures are printed, not asserted.
 """
 from __future__ import annotations
 
@@ -135,12 +138,11 @@ def baseline(path: Path, customers: int, rounds: int, seed: int) -> dict[str, li
     con.execute("CHECKPOINT")
     rng = random.Random(seed)
     work = {
-        "search by e-mail": lambda i: lookup.find(con, email(i), None, "GB"),
-        "search by misspelt name": lambda i: lookup.find(con, misspelt(i), None, "GB"),
-        "search by phone": lambda i: lookup.find(con, f"077 {i % 100000000:08d}", None, "GB"),
+        "search by e-mail": lambda i: lookup.find(con, email(i), None, ["GB"]),
+        "search by misspelt name": lambda i: lookup.find(con, misspelt(i), None, ["GB"]),
+        "search by phone": lambda i: lookup.find(con, f"077 {i % 100000000:08d}", None, ["GB"]),
         "customer page": lambda i: _customer_queries(con, customer_id(i), profiles, timeline, identity_views),
-        "review queue": lambda i: identity_views.record_values(con, [
-            p["customer_id"] for p in identity_views.review_queue(con, 20)]),
+        "review queue": lambda i: _review_queries(con, identity_views),
         "dashboard": lambda i: report.charts(con),
     }
     times: dict[str, list[float]] = {}
@@ -163,10 +165,18 @@ def _customer_queries(con, customer_id, profiles, timeline, identity_views) -> N
     identity_views.record_values(con, [customer_id])
 
 
-def over_http(url: str, key: str, customers: int, rounds: int, seed: int, log: Path | None = None) -> dict[str, list[float]]:
+def _review_queries(con, identity_views) -> None:
+    pairs = identity_views.review_queue(con, 20)
+    identity_views.record_values(con, sorted({p["customer_id"] for p in pairs} | {p["other_customer_id"] for p in pairs}))
+
+
+def over_http(url: str, key: str, customers: int, rounds: int, seed: int, log: Path | None = None
+              ) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]]]:
+    """Each page's times, and its stages as the server reported them (Server-Timing)."""
     rng = random.Random(seed)
     routes = PAGES
     times: dict[str, list[float]] = {}
+    stages: dict[str, dict[str, list[float]]] = {}
     with httpx.Client(base_url=url, timeout=60) as http:
         nonce = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text)[1]
         assert http.post("/login", data={"key": key, "csrf": nonce}).status_code == 303
@@ -178,19 +188,37 @@ def over_http(url: str, key: str, customers: int, rounds: int, seed: int, log: P
                 started = time.perf_counter()
                 answer = http.get(path, params=params)
                 times.setdefault(name, []).append(time.perf_counter() - started)
+                for stage in answer.headers.get("server-timing", "").split(","):
+                    if match := re.match(r"\s*(\w+);dur=([\d.]+)", stage):
+                        stages.setdefault(name, {}).setdefault(match[1], []).append(float(match[2]) / 1e3)
                 if answer.status_code != 200:
                     tail = log.read_text()[-2000:] if log else ""
                     raise SystemExit(f"bench.console: {name} {path} answered {answer.status_code}\n{tail}")
                 if name.startswith("search"):
                     assert "/customers/" in answer.text, (name, params)
-    return times
+    return times, stages
 
 
-def wait_for_view(url: str) -> None:
-    """Until the server's read side is settled (it may rescore everyone for CDP_AS_OF at start)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and httpx.get(url + "/health", timeout=30).status_code != 200:
-        time.sleep(1)
+SETTLED = """SELECT (SELECT max(position) FROM metric_state) =
+                     (SELECT position FROM projection_state WHERE name = 'unified_view') AS settled"""
+
+
+def wait_for_view(url: str, key: str) -> None:
+    """Until the server's read side is settled: the view has caught up with the store and the
+    scores are computed at its position. The key made for the bench moves the view on by one
+    event, so the server rescores all customers once after it starts (seconds of both cores on
+    1,000,000 customers); pages measured during that were 2-5 times slower, which is what the
+    earlier round's figures showed."""
+    deadline = time.monotonic() + 600
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+        while time.monotonic() < deadline:
+            health = http.get("/health").json()
+            if health.get("behind") == 0:
+                answer = http.post("/v1/query", json={"sql": SETTLED})
+                if answer.status_code == 200 and answer.json()["rows"][0][0] is True:
+                    return
+            time.sleep(1)
+    raise SystemExit("bench.console: the server's view did not settle in 10 minutes")
 
 
 def main(argv: list[str]) -> None:
@@ -211,14 +239,26 @@ def main(argv: list[str]) -> None:
         key = new_keys(env, {"admin": ("admin", None)})["admin"]
         server = start_server(env, Path(tmp) / "serve.log", timeout=300)
         try:
-            wait_for_view(server.url)
-            served = over_http(server.url, key, args.customers, args.rounds, 7, Path(tmp) / "serve.log")
+            wait_for_view(server.url, key)
+            served, stages = over_http(server.url, key, args.customers, args.rounds, 7, Path(tmp) / "serve.log")
         finally:
             server.stop()
-    print(f"{'page':<26}{'p50 ms':>9}{'p99 ms':>9}{'raw p50':>10}{'ratio':>8}   target: p50 under 100 ms")
+    report(served, stages, raw)
+
+
+def report(served: dict[str, list[float]], stages: dict[str, dict[str, list[float]]],
+           raw: dict[str, list[float]]) -> None:
+    """Per page: served p50/p95 beside the baseline's (the same queries bare in DuckDB), the ratio
+    of the p50s, and where the server's time went (median ms of the Server-Timing stages)."""
+    print(f"{'page':<26}{'p50 ms':>8}{'p95 ms':>8}{'raw p50':>9}{'raw p95':>9}{'ratio':>7}  "
+          f"{'session/read/render ms':<24}target: p50 < 100 ms")
     for name, times in served.items():
-        p50, p99, base = percentile(times, .5) * 1e3, percentile(times, .99) * 1e3, percentile(raw[name], .5) * 1e3
-        print(f"{name:<26}{p50:>9.1f}{p99:>9.1f}{base:>10.1f}{p50 / base:>8.2f}   {'ok' if p50 < 100 else 'OVER'}")
+        p50, p95 = percentile(times, .5) * 1e3, percentile(times, .95) * 1e3
+        base50, base95 = percentile(raw[name], .5) * 1e3, percentile(raw[name], .95) * 1e3
+        split = "/".join(f"{percentile(stages.get(name, {}).get(s, []), .5) * 1e3:.1f}"
+                         for s in ("session", "read", "render"))
+        print(f"{name:<26}{p50:>8.1f}{p95:>8.1f}{base50:>9.1f}{base95:>9.1f}{p50 / base50:>7.2f}  {split:<24}"
+              f"{'ok' if p50 < 100 else 'OVER'}")
 
 
 if __name__ == "__main__":

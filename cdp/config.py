@@ -294,6 +294,16 @@ class Settings:
         return self.home / "master.key"
 
     @property
+    def console_sessions_path(self) -> Path:
+        """The console's open sessions (hashed ids), so a restart of `cdp serve` keeps them."""
+        return self.home / "console-sessions.sqlite"
+
+    @property
+    def console_key_path(self) -> Path:
+        """The key console cookies and CSRF tokens are signed with (made on first use, mode 0600)."""
+        return self.home / "console.key"
+
+    @property
     def server_file(self) -> Path:
         """Where a running `cdp serve` leaves its address and local key for the CLI (mode 0600)."""
         return self.home / "server.json"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import httpx
+import phonenumbers
 import pytest
 
-from tests.serving import new_keys, start_server
+from tests.serving import cloudevent, new_keys, start_server, wait_until
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: make install")
 
@@ -46,6 +48,8 @@ def console(tmp_path_factory, demo_files, cdp_at):
         "bank_only": cdp.query("""
             SELECT customer_id, email FROM customers WHERE business_units = ['bank'] AND email IS NOT NULL
             ORDER BY customer_id LIMIT 1""")[0],
+        "phoned": cdp.query("""SELECT customer_id, phone FROM customers WHERE phone IS NOT NULL
+                               ORDER BY customer_id LIMIT 1""")[0],
         "review": json.loads(cdp("identity", "review", "--format", "json").stdout),
     }
     facts["order"] = cdp.query(f"""
@@ -53,12 +57,14 @@ def console(tmp_path_factory, demo_files, cdp_at):
           AND type = 'cdp.purchase' ORDER BY time DESC LIMIT 1""")[0]["order_id"]
     keys = new_keys(cdp.env, {"admin": ("admin", None), "read": ("read", None), "retail": ("read", "retail"),
                               "publish": ("publish", "retail")})
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, home / "serve.log")
+    facts["cdp"], facts["env"] = cdp, {**cdp.env, "CDP_RATE_LIMIT": "1000"}
+    servers = [start_server(facts["env"], home / "serve.log")]
+    facts["servers"] = servers  # the restart test replaces the server
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        yield server, keys, facts, browser
+        yield servers[0], keys, facts, browser
         browser.close()
-    server.stop()
+    servers[-1].stop()
 
 
 def signed_in(browser, server, key: str):
@@ -91,6 +97,15 @@ def test_agent_signs_in_searches_and_reads_a_customer(console) -> None:
     search(page, misspelt)
     link = page.get_by_role("link", name=f"{both['first_name']} {both['last_name']}")
     assert link.count() >= 1, f"{misspelt!r} did not find {both}"
+
+    # a phone number in the formats ingest accepts: spaced international, a tel: URI, dotted
+    phoned = facts["phoned"]
+    number = phonenumbers.parse(phoned["phone"])
+    for typed in (phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL),
+                  phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.RFC3966),
+                  phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164).replace("+", "00")):
+        search(page, typed)
+        assert page.locator(f"table.results a[href='/customers/{phoned['customer_id']}']").count() == 1, typed
 
     # type-ahead: a few letters offer the customer; arrow down and Enter open it
     page.goto("/")
@@ -209,3 +224,53 @@ def test_steward_confirms_a_review_pair_and_splits_a_record(console) -> None:
     page.goto(f"/customers/{new_customer}")
     assert [r.get_attribute("data-record") for r in page.locator(".record").all()] == [pair["other_record"]]
     context.close()
+
+
+def test_dashboard_follows_the_view_while_open(console) -> None:
+    server, keys, facts, browser = console
+    context, page = signed_in(browser, server, keys["read"])
+    page.goto("/dashboard")
+    shown = page.locator("#live").get_attribute("data-shown")
+    customers = page.locator(".kpi", has_text="customers").first.locator(".v").inner_text()
+    newcomer = cloudevent("console-live-1", "retail", "console-newcomer", customer={"email": "newcomer@example.org"})
+    answer = server.client(keys["publish"]).post("/events", json=newcomer,
+                                                 headers={"content-type": "application/cloudevents+json"})
+    assert answer.status_code == 200, answer.text
+    def customers_shown() -> int:
+        return int(page.locator(".kpi", has_text="customers").first.locator(".v").inner_text().replace(",", ""))
+
+    # the open page swaps in charts drawn at the newer position, without a reload
+    wait_until(lambda: customers_shown() == int(customers.replace(",", "")) + 1, 60, "the newcomer on the dashboard")
+    assert int(page.locator("#live").get_attribute("data-shown")) > int(shown)
+    context.close()
+
+
+def test_sessions_survive_a_restart_and_end_when_the_key_is_revoked(console) -> None:
+    """Runs last: it restarts the module's server."""
+    server, keys, facts, browser = console
+    made = facts["cdp"]("keys", "create", "--scope", "read")
+    token, key_id = made.stdout.strip().splitlines()[-1], re.search(r"key (\w+)", made.stderr)[1]
+    wait_until(lambda: server.client(token).get("/metrics").status_code == 200, 10, "the server to know the new key")
+    context, page = signed_in(browser, server, token)
+    other, other_page = signed_in(browser, server, token)  # a second session of the same key
+    stored = (facts["env"]["CDP_HOME"] + "/console-sessions.sqlite")
+    assert token.encode() not in open(stored, "rb").read()
+
+    port = int(server.url.rsplit(":", 1)[1])
+    server.stop()
+    again = start_server(facts["env"], server.log, port=port)
+    facts["servers"].append(again)
+    page.goto("/")
+    assert page.url == again.url + "/" and page.get_by_label("Find a customer").count() == 1
+
+    facts["cdp"]("keys", "revoke", key_id)
+
+    def signed_out() -> bool:
+        page.goto("/")
+        return page.url == again.url + "/login"
+
+    wait_until(signed_out, 10, "the revoked key's session to end")
+    other_page.goto("/")
+    assert other_page.url == again.url + "/login"  # every session of the key, not only the one that noticed
+    context.close()
+    other.close()

@@ -3,13 +3,14 @@ checked against the key ring, and a token bucket per key (429 with Retry-After w
 from __future__ import annotations
 
 import base64
+import hmac
 import math
 import threading
 import time
 
 from starlette.requests import Request
 
-from cdp.keys import Key, KeyRing
+from cdp.keys import Key, KeyRing, digest
 
 
 class Denied(Exception):
@@ -73,16 +74,24 @@ class Gate:
         self.ring = ring
         self.limiter = limiter
         self.local, self.local_token = local, local_token
+        self.local_digest = digest(local_token) if local_token else None
 
     def admit(self, token: str | None, scope: str, group: bool = False) -> Key:
         """The key allowed to do `scope` (group: group-wide only), or a Denied to answer with."""
         if not token:
             raise Denied(401, "unauthorized", "an API key is needed: Authorization: Bearer KEY (or Basic KEY:)",
                          {"WWW-Authenticate": 'Bearer realm="cdp"'})
-        if self.local_token is not None and token == self.local_token:
-            key = self.local
-        else:
-            key = self.ring.authenticate(token)
+        return self.admit_digest(digest(token), scope, group)
+
+    def known(self, wanted: str) -> Key | None:
+        """The live (not revoked) key whose SHA-256 digest is `wanted`."""
+        if self.local_digest is not None and hmac.compare_digest(wanted, self.local_digest):
+            return self.local
+        return self.ring.by_digest.get(wanted)
+
+    def admit_digest(self, wanted: str, scope: str, group: bool = False) -> Key:
+        """As `admit`, for the key whose SHA-256 digest is `wanted` (what a console session keeps)."""
+        key = self.known(wanted)
         if key is None:
             raise Denied(401, "unauthorized", "unknown or revoked API key", {"WWW-Authenticate": 'Bearer realm="cdp"'})
         if not key.may(scope):

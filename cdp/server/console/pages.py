@@ -9,6 +9,7 @@ verdicts an admin key. Those two go through the same write commands as `cdp iden
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from cdp.keys import digest
 from cdp.server.access import Denied, actor_of
 from cdp.server.console import lookup
 from cdp.server.console.sessions import Session, Sessions
@@ -33,26 +35,53 @@ MONEY = {"lifetime_value", "predicted_value_12m", "avg_order_value"}
 
 
 class LiveCharts:
-    """The report's charts for the dashboard, from the view as it is: drawn again when the view
-    has moved on, but at most once per REDRAW_SECONDS, since drawing them reads every event
-    (about 2.6 s on 1,000,000 customers) and a page must answer in well under a second."""
+    """The report's charts for the dashboard, kept drawn for the view as it is now.
 
-    REDRAW_SECONDS = 60.0
+    Drawing them reads the recent purchases (about a second on 1,000,000 customers), too long for
+    a page, so a thread of its own redraws them whenever the view has moved on since the last
+    drawing (asked by each dashboard request, and every few seconds by an open dashboard's
+    script), and the page answers at once with the newest drawing, saying which view position it
+    shows; the open page swaps in newer charts when they are ready. An unchanged view is never
+    redrawn."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.charts: dict[str, str] | None = None
-        self.position, self.drawn = -1, 0.0
+    def __init__(self, read: Any) -> None:
+        self.read = read
+        self.drawing: tuple[dict[str, str], int, float] | None = None  # charts, view position, when
+        self.ready = threading.Condition()
+        self.wanted = threading.Event()
+        threading.Thread(target=self._redraw, name="cdp-dashboard", daemon=True).start()
 
-    def get(self, read: Any) -> tuple[dict[str, str], int, float]:
-        """(charts, the view position they show, when they were drawn)."""
-        with self.lock:
-            position = read.position
-            fresh = position == self.position or time.monotonic() - self.drawn < self.REDRAW_SECONDS
-            if self.charts is None or not fresh:
-                self.charts = report.charts(read.cursor())
-                self.position, self.drawn = position, time.monotonic()
-            return self.charts, self.position, time.time() - (time.monotonic() - self.drawn)
+    def get(self, timeout: float = 60.0) -> tuple[dict[str, str], int, float, int]:
+        """(charts, the view position they show, when they were drawn, the view's position now);
+        waits only for the very first drawing."""
+        position = self.read.position
+        with self.ready:
+            if self.drawing is None or self.drawing[1] != position:
+                self.wanted.set()
+            self.ready.wait_for(lambda: self.drawing is not None, timeout)
+            if self.drawing is None:
+                raise Refused(503, "The dashboard is still being drawn for the first time: reload in a moment.")
+            charts, shown, drawn = self.drawing
+        return charts, shown, drawn, position
+
+    def _redraw(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            con = self.read.cursor()
+            try:
+                con.execute("BEGIN TRANSACTION")  # the position and the charts from one snapshot
+                try:
+                    position = self.read.position
+                    if self.drawing is None or self.drawing[1] != position:
+                        drawing = (report.charts(con), position, time.time())
+                        with self.ready:
+                            self.drawing = drawing
+                            self.ready.notify_all()
+                finally:
+                    con.execute("ROLLBACK")  # it only read; also leaves a failed transaction
+            except Exception as problem:  # e.g. the view closing at shutdown: drawn at the next ask
+                print(f"cdp serve: the dashboard was not drawn: {problem!r}", file=sys.stderr, flush=True)
 
 
 class SignIn(Exception):
@@ -80,21 +109,30 @@ def _environment() -> jinja2.Environment:
 
 def mount(app: FastAPI, service: Any) -> None:
     """Adds the console's routes, static files and error pages to the API's app."""
-    sessions = Sessions(service.cfg.console_session_hours * 3600)
+    cfg = service.cfg
+    sessions = Sessions(cfg.console_sessions_path, cfg.console_key_path, cfg.console_session_hours * 3600)
     templates = _environment()
-    live_charts = LiveCharts()
+    live_charts = LiveCharts(service.read)
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
     app.state.console_sessions = sessions
 
     def page(request: Request, name: str, status: int = 200, session: Session | None = None,
              **context: Any) -> HTMLResponse:
+        rendering = time.perf_counter()
         html = templates.get_template(name).render(
             request=request, session=session, key=session.key if session else None,
-            flash=session.take_flash() if session else None, **context)
+            flash=sessions.take_flash(session) if session else None, **context)
         return HTMLResponse(html, status_code=status, headers={
             "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                       "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"})
+                                       "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+            "Server-Timing": _server_timing(request, rendering)})
+
+    def _admitted(session: Session | None) -> Session | None:
+        """The session with its key filled in for the page's header, while the key is live."""
+        if session is not None and session.key is None:
+            session.key = service.gate.known(session.key_digest)
+        return session if session is None or session.key is not None else None
 
     @app.exception_handler(SignIn)
     async def sign_in(request: Request, _: SignIn) -> Response:
@@ -102,19 +140,21 @@ def mount(app: FastAPI, service: Any) -> None:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, problem: Refused) -> HTMLResponse:
-        return page(request, "error.html", problem.status, sessions.of(request), message=problem.message)
+        return page(request, "error.html", problem.status, _admitted(sessions.of(request)), message=problem.message)
 
     def signed_in(request: Request, scope: str = "read", group: bool = False) -> Session:
         """The session, its key admitted again for `scope` by the API's gate (revocation, scope,
         unit, rate limit)."""
+        request.state.started = time.perf_counter()
         session = sessions.of(request)
         if session is None:
             raise SignIn()
         try:
-            service.gate.admit(session.token, scope, group)
+            session.key = service.gate.admit_digest(session.key_digest, scope, group)
+            request.state.admitted = time.perf_counter()
         except Denied as problem:
-            if problem.status == 401:  # revoked since signing in
-                sessions.end_for_key(session.key.key_id)
+            if problem.status == 401:  # the key was revoked since signing in: its sessions end
+                sessions.end_for_key(session.key_digest)
                 raise SignIn() from None
             raise Refused(problem.status, problem.message) from None
         return session
@@ -136,7 +176,7 @@ def mount(app: FastAPI, service: Any) -> None:
 
     @app.get("/login", include_in_schema=False)
     def login_form(request: Request) -> Response:
-        if sessions.of(request) is not None:
+        if _admitted(sessions.of(request)) is not None:
             return RedirectResponse("/", status_code=303)
         return login_page(request)
 
@@ -146,12 +186,12 @@ def mount(app: FastAPI, service: Any) -> None:
             raise Refused(403, "The sign-in form expired or was not sent from the console (CSRF check): "
                                "open /login again.")
         try:
-            admitted = service.gate.admit(key.strip(), "read")
+            service.gate.admit(key.strip(), "read")
         except Denied as problem:
             return login_page(request, problem.status, "That key is unknown or revoked." if problem.status == 401
                               else f"That key may not sign in here: {problem.message}.")
         response = RedirectResponse("/", status_code=303)
-        sessions.start(response, request, key.strip(), admitted)
+        sessions.start(response, request, digest(key.strip()))
         return response
 
     @app.post("/logout", include_in_schema=False)
@@ -163,21 +203,23 @@ def mount(app: FastAPI, service: Any) -> None:
 
     # -- search --------------------------------------------------------------------------------
 
+    # where a typed number may have been written: any unit's region (ingest reads each unit's so)
+    phone_regions = [cfg.default_phone_region, *sorted(set(cfg.phone_regions.values()) - {cfg.default_phone_region})]
+
     @app.get("/", include_in_schema=False)
     def home(request: Request, q: str = Query("", max_length=200)) -> Response:
         session = signed_in(request)
         kind, rows = lookup.find(service.read.cursor(), q, session.key.unit,
-                                 service.cfg.default_phone_region) if q.strip() else ("", [])
+                                 phone_regions) if q.strip() else ("", [])
         return page(request, "search.html", session=session, q=q, kind=kind, rows=rows)
 
     @app.get("/console/suggest", include_in_schema=False)
     def suggest(request: Request, q: str = Query("", max_length=200)) -> Response:
         """Type-ahead: up to 8 matches as JSON for the search box."""
-        session = sessions.of(request)
-        if session is None:
+        if sessions.of(request) is None:
             return JSONResponse({"code": "unauthorized", "message": "sign in first"}, status_code=401)
-        signed_in(request)
-        rows = lookup.find(service.read.cursor(), q, session.key.unit, service.cfg.default_phone_region,
+        session = signed_in(request)
+        rows = lookup.find(service.read.cursor(), q, session.key.unit, phone_regions,
                            limit=8)[1] if len(q.strip()) >= 2 else []
         return JSONResponse([{"customer_id": r["customer_id"],
                               "name": " ".join(p for p in (r["first_name"], r["last_name"]) if p) or "(no name)",
@@ -234,7 +276,7 @@ def mount(app: FastAPI, service: Any) -> None:
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)
-        session.flash = f"Split: {moved}."
+        sessions.flash(session, f"Split: {moved}.")
         return RedirectResponse(f"/customers/{body['customer_id']}", status_code=303)
 
     # -- the review queue ----------------------------------------------------------------------
@@ -264,8 +306,9 @@ def mount(app: FastAPI, service: Any) -> None:
                 lambda app: (app.confirm_match if action == "confirm" else app.reject_match)(pair[0], pair[1]))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
-        session.flash = (f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}." if action == "confirm"
-                         else f"Rejected: {pair[0]} and {pair[1]} stay apart; the verdict is remembered.")
+        sessions.flash(session, f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}."
+                       if action == "confirm" else f"Rejected: {pair[0]} and {pair[1]} stay apart; the verdict is "
+                       "remembered.")
         return RedirectResponse("/review", status_code=303)
 
     # -- the dashboard -------------------------------------------------------------------------
@@ -273,9 +316,28 @@ def mount(app: FastAPI, service: Any) -> None:
     @app.get("/dashboard", include_in_schema=False)
     def dashboard(request: Request) -> Response:
         session = signed_in(request, "read", group=True)
-        charts, position, drawn = live_charts.get(service.read)
-        return page(request, "dashboard.html", session=session, charts=charts, position=position,
+        charts, shown, drawn, position = live_charts.get()
+        return page(request, "dashboard.html", session=session, charts=charts, shown=shown, position=position,
                     drawn=datetime.fromtimestamp(drawn, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+    @app.get("/console/dashboard-state", include_in_schema=False)
+    def dashboard_state(request: Request) -> Response:
+        """For the open dashboard's script: the view position its newest drawing shows (asking
+        redraws the charts when the view has moved on)."""
+        signed_in(request, "read", group=True)
+        _, shown, _, position = live_charts.get()
+        return JSONResponse({"shown": shown, "view": position}, headers={"Cache-Control": "no-store"})
+
+
+def _server_timing(request: Request, rendering: float) -> str:
+    """Where a page's time went (the Server-Timing header; bench/console.py prints it): the
+    session and key check, the reads from the view, and the template."""
+    started = getattr(request.state, "started", None)
+    admitted = getattr(request.state, "admitted", None)
+    stages = [("render", rendering, time.perf_counter())]
+    if started is not None and admitted is not None:
+        stages = [("session", started, admitted), ("read", admitted, rendering)] + stages
+    return ", ".join(f"{name};dur={(end - start) * 1e3:.2f}" for name, start, end in stages)
 
 
 def _customer(service: Any, customer_id: str) -> dict[str, Any]:

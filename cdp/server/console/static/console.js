@@ -53,3 +53,26 @@
   });
   input.addEventListener("blur", () => setTimeout(close, 150));
 })();
+
+// The dashboard stays live while it is open: every few seconds it asks which view position the
+// newest drawing shows (asking also gets the charts redrawn when the view has moved on) and, when
+// that is newer than what the page shows, swaps in the new charts without reloading the page.
+(function () {
+  const live = document.getElementById("live");
+  if (!live) return;
+  async function check() {
+    try {
+      const state = await fetch("/console/dashboard-state", { credentials: "same-origin" });
+      if (!state.ok) return;
+      const { shown } = await state.json();
+      if (shown === Number(live.dataset.shown)) return;
+      const answer = await fetch("/dashboard", { credentials: "same-origin" });
+      if (!answer.ok) return;
+      const fresh = new DOMParser().parseFromString(await answer.text(), "text/html").getElementById("live");
+      if (fresh) { live.innerHTML = fresh.innerHTML; live.dataset.shown = fresh.dataset.shown; }
+    } finally {
+      setTimeout(check, 3000);
+    }
+  }
+  setTimeout(check, 3000);
+})();
