@@ -113,6 +113,9 @@ def split(customer_id: str, sources: tuple[str, ...], reason: str) -> None:
         console.out.print(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id} (from {d.customer_id})")
 
 
+TRAIN_ATTEMPTS = 3
+
+
 @identity.command()
 @click.option("--seed", default=1, show_default=True, type=int, help="Sampling seed (same seed, same model).")
 @click.option("--dry-run", is_flag=True, help="Print what re-resolution would change; write nothing.")
@@ -123,15 +126,19 @@ def train(seed: int, dry_run: bool, limit: int) -> None:
     from cdp.pipeline import Pipeline
 
     with Pipeline(settings(), project=not dry_run) as pipeline:
-        with console.progress_bar("re-resolving", len(pipeline.app.resolver.blocks)) as bar:
-            try:
-                outcome = pipeline.app.retrain(seed=seed, dry_run=dry_run, progress=bar)
-            except ValueError as error:
-                raise UserError(str(error)) from None
+        outcome = None
+        for _ in range(TRAIN_ATTEMPTS):  # asked for a model: another writer's model meanwhile means train again
+            with console.progress_bar("re-resolving", len(pipeline.app.resolver.blocks)) as bar:
+                try:
+                    outcome = pipeline.app.retrain(seed=seed, dry_run=dry_run, progress=bar)
+                except ValueError as error:
+                    raise UserError(str(error)) from None
+            if outcome is not None:
+                break
         pipeline.catch_up()
     if outcome is None:
-        raise UserError("another writer stored a new model while this one trained; it is in use now "
-                        "(run `cdp identity train` again to train once more)")
+        raise UserError(f"other writers stored a new model while this one trained, {TRAIN_ATTEMPTS} times; "
+                        "theirs is in use now (run `cdp identity train` again to train once more)")
     model, changes = outcome.model, outcome.plan
     console.out.print(f"model v{model.version} trained on {model.trained_on.get('records', 0):,} records "
                       f"({model.trained_on.get('blocked_pairs', 0):,} candidate pairs)"
