@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
