@@ -96,7 +96,8 @@ def test_serve_with_a_worker_on_postgres_survives_kill_9(kafka_env, kafka_bootst
 
 def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) -> None:
     """Segment's SDK through `cdp serve` with Kafka: the worker resolves, and an identify (or an
-    alias) carrying the visitor's id stitches the visitor's history onto the known user."""
+    alias) carrying the visitor's id stitches the visitor's history onto the known user, whether
+    the visitor's events were stored before it or arrive after it."""
     from segment.analytics.client import Client
 
     serve_env = kafka_env("serve", CDP_RATE_LIMIT="1000")
@@ -126,6 +127,20 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
             assert {"kind": "anonymous_id", "value": visitor} in body["identifiers"]
             assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
             assert body["metrics"]["events"] >= 2  # the visitor's track is on the user's timeline
+        # the other order: the worker stores the identify (or alias) before the visitor's first event
+        sdk.identify(user_id="u-9", anonymous_id="visitor-9", traits={"email": "ed@example.org"})
+        sdk.alias(user_id="u-10", previous_id="visitor-10")
+        sdk.flush()
+        wait_until(lambda: found("shop:u-10").status_code == 200 and found("email:ed@example.org").status_code == 200,
+                   120, "the identify and the alias")
+        for visitor in ("visitor-9", "visitor-10"):
+            sdk.track(anonymous_id=visitor, event="Product Viewed", properties={"sku": visitor})
+        sdk.flush()
+        for user, visitor in (("email:ed@example.org", "visitor-9"), ("shop:u-10", "visitor-10")):
+            wait_until(lambda: found(user).json()["metrics"]["events"] == 2, 120, f"{visitor}'s event on {user}")
+            body = found(user).json()
+            assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
+            assert [s["rule"] for s in body["sources"] if s["source_id"] == f"anonymous:{visitor}"] == ["anonymous_id"]
     finally:
         server.stop()
         stop(worker)
