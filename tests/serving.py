@@ -92,3 +92,18 @@ def cloudevent(event_id: str, unit: str, source_id: str, kind: str = "cdp.identi
 def deadletter(home: Path) -> list[dict]:
     path = home / "deadletter.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def console_split(server: Server, admin_key: str, customer_id: str, record: str) -> httpx.Response:
+    """A steward splits `record` off a customer in the console, as a browser does: signs in with
+    the key, reads the form's CSRF token, posts the form; the response is the console's redirect."""
+    import re
+
+    token = lambda html: re.search(r'name="csrf" value="([^"]+)"', html).group(1)  # noqa: E731
+    with httpx.Client(base_url=server.url, timeout=120) as browser:
+        signed = browser.post("/login", data={"key": admin_key, "csrf": token(browser.get("/login").text)})
+        assert signed.status_code == 303, signed.text
+        form = browser.get(f"/customers/{customer_id}/split", params={"record": record})
+        assert form.status_code == 200, form.text
+        return browser.post(f"/customers/{customer_id}/split",
+                            data={"record": record, "csrf": token(form.text), "reason": "not the same visitor"})

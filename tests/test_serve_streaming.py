@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import cloudevent, new_keys, start_server, wait_until
+from tests.serving import cloudevent, console_split, new_keys, start_server, wait_until
 from tests.test_streaming import (  # noqa: F401 (fixtures)
     cdp, demo_input, embedded, kafka_env, read_topic, start_worker, stop, stored_keys)
 
@@ -101,7 +101,7 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
     from segment.analytics.client import Client
 
     serve_env = kafka_env("serve", CDP_RATE_LIMIT="1000")
-    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None)})
+    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None), "admin": ("admin", None)})
     server = start_server(serve_env, tmp_path / "serve.log")
     worker = start_worker(kafka_env("worker", CDP_WORKER_BATCH="20", CDP_WORKER_LINGER_MS="10"), tmp_path / "worker.log")
     try:
@@ -141,6 +141,14 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
             body = found(user).json()
             assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
             assert [s["rule"] for s in body["sources"] if s["source_id"] == f"anonymous:{visitor}"] == ["anonymous_id"]
+        # reversible: a steward splits the visitor off in the console (the server's kept application
+        # decides, under the writers' lock), and the visitor's history leaves with it
+        ed = found("email:ed@example.org").json()["customer_id"]
+        split = console_split(server, keys["admin"], ed, "shop:anonymous:visitor-9")
+        assert split.status_code == 303, split.text
+        wait_until(lambda: found("anonymous_id:visitor-9").json()["customer_id"] != ed, 60, "the split in the view")
+        assert found("email:ed@example.org").json()["metrics"]["events"] == 1
+        assert found("anonymous_id:visitor-9").json()["metrics"]["events"] == 1
     finally:
         server.stop()
         stop(worker)

@@ -13,7 +13,9 @@ import os
 import secrets
 import signal
 import sys
+import threading
 from dataclasses import replace
+from operator import methodcaller
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -51,7 +53,8 @@ class Service:
 
             profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
                                               **PRODUCER_CONFIG)
-        self.app = app = CustomerApplication(cfg)  # read here: the resolver process or the workers write
+        # read here, and written by people's decisions with Kafka (`steward`); the workers write the rest
+        self.app = app = CustomerApplication(cfg)
         # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
         self.read = ReadSide(replace(cfg, duckdb_memory=cfg.serve_memory), app, profiles_producer)
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
@@ -64,12 +67,14 @@ class Service:
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
+        self.commands = threading.Lock()  # one command at a time on `self.app` (the writers' lock is per process)
         self.audit = AuditTrail(self._append_audit, on_error=lambda error: self.log(f"audit trail: {error!r}"))
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
         """A batch of queued audit entries (reads) into the store, one commit (the command takes
         the writers' lock, so it comes between the resolver's or the workers' batches)."""
-        self.app.record_accesses(entries)
+        with self.commands:
+            self.app.record_accesses(entries)
 
     def audit_entries(self) -> list[dict]:
         """The audit trail, with the reads queued so far appended first."""
@@ -83,7 +88,7 @@ class Service:
         and the store's log are scrubbed. The view's file is rewritten when the server next stops
         or starts (it holds the file open; see `pending_view_rewrite`)."""
         started = time.perf_counter()
-        erasure = self.steward(lambda app: app.erase(customer_id, suppress, actor))
+        erasure = self.steward(methodcaller("erase", customer_id, suppress, actor))
         phases = {"store_and_view": time.perf_counter() - started}
         removed = scrub_deadletter(self.cfg.deadletter_path, erasure) if self.mode == "embedded" else 0
         self.app.store.scrub()
@@ -105,16 +110,30 @@ class Service:
         return self.writer.pending if self.mode == "embedded" else 0
 
     def steward(self, work: Callable[[Any], T]) -> T:
-        """A person's identity decision, `work(app)` calling the application's command (the one
-        `cdp identity split|review` calls), returned once the view shows it. On an application of
-        its own: the command takes the writers' lock, as the CLI's does, so it comes between the
-        resolver's (or the workers') batches. The reads queued for the audit trail
-        are appended first, so the trail keeps the order things happened in."""
+        """A person's decision, `work(app)` calling the application's command (the one the CLI
+        calls: `cdp identity split|review`, `erase`, an audience's definition), returned once the
+        view shows it. `work` must pickle (`operator.methodcaller`): embedded, it runs in the
+        resolver process, between two of its batches, on the application it keeps (SQLite's one
+        writer); with Kafka and PostgreSQL, on this server's kept application, under the writers'
+        lock like the workers' batches (which refreshes it with what they committed). Neither loads
+        the store's identity state again, so a decision costs the same on a store of millions of
+        records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
+        The reads queued for the audit trail are appended first, so the trail keeps the order
+        things happened in."""
         self.audit.flush()
-        from cdp.pipeline import Pipeline
+        if self.mode == "embedded":
+            result = self.writer.command(work)
+        elif self.cfg.event_store:
+            with self.commands:
+                result = work(self.app)
+        else:
+            from cdp.application import CustomerApplication
 
-        with Pipeline(self.cfg, project=False) as pipeline:
-            result = work(pipeline.app)
+            app = CustomerApplication(self.cfg)
+            try:
+                result = work(app)
+            finally:
+                app.close()
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
