@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -94,16 +97,24 @@ def deadletter(home: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def console_split(server: Server, admin_key: str, customer_id: str, record: str) -> httpx.Response:
-    """A steward splits `record` off a customer in the console, as a browser does: signs in with
-    the key, reads the form's CSRF token, posts the form; the response is the console's redirect."""
-    import re
 
-    token = lambda html: re.search(r'name="csrf" value="([^"]+)"', html).group(1)  # noqa: E731
-    with httpx.Client(base_url=server.url, timeout=120) as browser:
-        signed = browser.post("/login", data={"key": admin_key, "csrf": token(browser.get("/login").text)})
+def _csrf(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+@contextmanager
+def console_session(server: Server, key: str) -> Iterator[httpx.Client]:
+    """A browser signed in to the console with `key` (cookies kept), as a person signs in."""
+    with httpx.Client(base_url=server.url, timeout=600) as browser:
+        signed = browser.post("/login", data={"key": key, "csrf": _csrf(browser.get("/login").text)})
         assert signed.status_code == 303, signed.text
-        form = browser.get(f"/customers/{customer_id}/split", params={"record": record})
-        assert form.status_code == 200, form.text
-        return browser.post(f"/customers/{customer_id}/split",
-                            data={"record": record, "csrf": token(form.text), "reason": "not the same visitor"})
+        yield browser
+
+
+def console_split(browser: httpx.Client, customer_id: str, record: str) -> httpx.Response:
+    """A steward splits `record` off a customer in the console: opens the confirmation form, posts
+    it with the form's CSRF token; the response is the console's redirect (or its refusal)."""
+    form = browser.get(f"/customers/{customer_id}/split", params={"record": record})
+    assert form.status_code == 200, form.text
+    return browser.post(f"/customers/{customer_id}/split",
+                        data={"record": record, "csrf": _csrf(form.text), "reason": "not the same person"})

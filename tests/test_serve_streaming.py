@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import cloudevent, console_split, new_keys, start_server, wait_until
+from tests.serving import cloudevent, console_session, console_split, new_keys, start_server, wait_until
 from tests.test_streaming import (  # noqa: F401 (fixtures)
     cdp, demo_input, embedded, kafka_env, read_topic, start_worker, stop, stored_keys)
 
@@ -144,7 +144,8 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
         # reversible: a steward splits the visitor off in the console (the server's kept application
         # decides, under the writers' lock), and the visitor's history leaves with it
         ed = found("email:ed@example.org").json()["customer_id"]
-        split = console_split(server, keys["admin"], ed, "shop:anonymous:visitor-9")
+        with console_session(server, keys["admin"]) as browser:
+            split = console_split(browser, ed, "shop:anonymous:visitor-9")
         assert split.status_code == 303, split.text
         wait_until(lambda: found("anonymous_id:visitor-9").json()["customer_id"] != ed, 60, "the split in the view")
         assert found("email:ed@example.org").json()["metrics"]["events"] == 1

@@ -53,8 +53,7 @@ class Service:
 
             profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
                                               **PRODUCER_CONFIG)
-        # read here, and written by people's decisions with Kafka (`steward`); the workers write the rest
-        self.app = app = CustomerApplication(cfg)
+        self.app = app = CustomerApplication(cfg)  # read here: the resolver process or the workers write
         # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
         self.read = ReadSide(replace(cfg, duckdb_memory=cfg.serve_memory), app, profiles_producer)
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
@@ -67,14 +66,20 @@ class Service:
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
-        self.commands = threading.Lock()  # one command at a time on `self.app` (the writers' lock is per process)
+        # Kafka + PostgreSQL: people's decisions run on an application of their own, kept (its
+        # identity state loaded in the background from the start); apart from `self.app`, whose
+        # cached data keys the read side decrypts with while a command may reload its own
+        self.decisions = threading.Lock()  # one decision at a time (the writers' lock is per connection)
+        self._decider_lock = threading.Lock()
+        self._decider: Any = None
+        if self.mode == "kafka" and cfg.event_store:
+            threading.Thread(target=self._warm_decider, name="cdp-decider", daemon=True).start()
         self.audit = AuditTrail(self._append_audit, on_error=lambda error: self.log(f"audit trail: {error!r}"))
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
         """A batch of queued audit entries (reads) into the store, one commit (the command takes
         the writers' lock, so it comes between the resolver's or the workers' batches)."""
-        with self.commands:
-            self.app.record_accesses(entries)
+        self.app.record_accesses(entries)
 
     def audit_entries(self) -> list[dict]:
         """The audit trail, with the reads queued so far appended first."""
@@ -114,8 +119,9 @@ class Service:
         calls: `cdp identity split|review`, `erase`, an audience's definition), returned once the
         view shows it. `work` must pickle (`operator.methodcaller`): embedded, it runs in the
         resolver process, between two of its batches, on the application it keeps (SQLite's one
-        writer); with Kafka and PostgreSQL, on this server's kept application, under the writers'
-        lock like the workers' batches (which refreshes it with what they committed). Neither loads
+        writer); with Kafka and PostgreSQL, on the application this server keeps for them (`decider`),
+        under the writers' lock like the workers' batches (which refreshes it with what they
+        committed). Neither loads
         the store's identity state again, so a decision costs the same on a store of millions of
         records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
         The reads queued for the audit trail are appended first, so the trail keeps the order
@@ -124,8 +130,8 @@ class Service:
         if self.mode == "embedded":
             result = self.writer.command(work)
         elif self.cfg.event_store:
-            with self.commands:
-                result = work(self.app)
+            with self.decisions:
+                result = work(self.decider())
         else:
             from cdp.application import CustomerApplication
 
@@ -138,6 +144,24 @@ class Service:
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
 
+    def decider(self) -> Any:
+        """The application people's decisions run on with Kafka + PostgreSQL, opened and its
+        identity state loaded once (the writers' lock refreshes it before every command)."""
+        with self._decider_lock:
+            if self._decider is None:
+                from cdp.application import CustomerApplication
+
+                app = CustomerApplication(self.cfg)
+                app.resolver  # noqa: B018 - loaded now, not on the first decision
+                self._decider = app
+            return self._decider
+
+    def _warm_decider(self) -> None:
+        try:
+            self.decider()
+        except Exception as error:  # noqa: BLE001 - the first decision opens it again, and says why
+            self.log(f"loading the application for people's decisions failed: {error!r}")
+
     def start(self) -> None:
         self.read.start()
 
@@ -147,6 +171,9 @@ class Service:
         self.writer.close()
         if self._profiles_producer is not None:
             self._profiles_producer.close(timeout=10)
+        with self._decider_lock:
+            if self._decider is not None:
+                self._decider.close()
         self.app.close()
 
     @staticmethod

@@ -62,6 +62,7 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     intake = Intake(cfg.intake_path)
     summary = Summary()
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+        pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
         while os.getppid() == parent:
             wake.wait(0.5)
             wake.clear()
