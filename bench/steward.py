@@ -3,9 +3,9 @@
     python -m bench.steward [--events 1000000] [--splits 5]
 
 A store of about `--events` events (the demo's people through `cdp ingest`, built once and kept
-under bench/out, the same store bench.privacy erases from), served embedded by `cdp serve`. A
-steward signed in to the console splits one source record off each of `--splits` customers known
-to two units; each split is timed from opening its confirmation form to the console's redirect
+under bench/out, the same store bench.privacy erases from), served embedded by `cdp serve`. Once
+the server has settled (view caught up, scores computed), a steward signed in to the console
+splits one source record off each of `--splits` customers known to two units; each split is timed from opening its confirmation form to the console's redirect
 (the server answers once its view shows the split). The decision runs on the application the
 resolver process keeps, between two of its batches.
 
@@ -28,8 +28,9 @@ from pathlib import Path
 import httpx
 
 from bench.common import CACHE, demo_files
+from bench.console import wait_for_view
 from bench.serve import percentile
-from tests.serving import console_session, console_split, new_keys, start_server, wait_until
+from tests.serving import console_session, console_split, new_keys, start_server
 
 CANDIDATES = """SELECT customer_id, max(business_unit || ':' || source_id) AS record FROM customer_sources
                 GROUP BY customer_id HAVING count(DISTINCT business_unit) > 1 ORDER BY customer_id LIMIT ?"""
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
         try:
             admin = server.client(key)
             admin.timeout = httpx.Timeout(600)
-            wait_until(lambda: admin.get("/health").json().get("behind") == 0, 1800, "the view to catch up")
+            wait_for_view(server.url, key)  # caught up, and the start's rescoring done
             rows = admin.post("/v1/query", json={"sql": CANDIDATES.replace("?", str(args.splits))}).json()["rows"]
             times = []
             with console_session(server, key) as browser:
