@@ -92,10 +92,10 @@ def main(argv: list[str]) -> None:
             before = cold_application(env)
         finally:
             server.stop()
-    p50 = percentile(times, 50)
+    p50 = percentile(times, 0.5)
     print(f"\n== a steward's split in the console of `cdp serve` (embedded), store of {args.events:,} events")
     print(f"  split, form to redirect (view shows it): first {times[0]:.2f} s, p50 {p50:.2f} s, "
-          f"max {max(times):.2f} s over {len(times)}")
+          f"max {max(times):.2f} s over {len(times)} ({', '.join(f'{t:.2f}' for t in times)})")
     print(f"  baseline, same run: a fresh application and its identity state on the same store "
           f"(what each split paid before) {before:.2f} s")
     print(f"  ratio split p50 / baseline: {p50 / before:.2f}")
