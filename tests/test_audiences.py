@@ -362,6 +362,21 @@ def test_a_predicate_that_works_again_clears_its_error_and_catches_up(shop, tmp_
         ("buyers", "dan@example.com"), ("split", "dan@example.com")]
 
 
+def test_an_erased_member_exits_at_once_with_ids_only(shop):
+    """`cdp erase` (which refreshes no scores) makes the person exit every audience in the batch
+    that erased them: the change carries ids only, and no stay is left open."""
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("audiences", "create", "big", "--where", "lifetime_value > 100", "--consent", "email_marketing")
+    ann = _ids(shop)["ann"]
+    shop("erase", ann, "--yes")
+    changes = shop.query(f"SELECT audience, action FROM audience_changes WHERE customer_id = '{ann}' "
+                         "ORDER BY change_id")
+    assert sorted((c["audience"], c["action"]) for c in changes) == [
+        ("big", "entered"), ("big", "exited"), ("buyers", "entered"), ("buyers", "exited")]
+    assert shop.query(f"SELECT count(*) AS n FROM audience_members WHERE customer_id = '{ann}' "
+                      "AND until IS NULL") == [{"n": 0}]
+
+
 def test_a_rebuild_sends_nothing_already_delivered(shop, receiver, tmp_path):
     """`cdp projections rebuild` keeps each change's id (so its idempotency key) and every
     destination's progress: the next sync sends nothing; a real change after it is sent once."""
