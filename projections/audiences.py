@@ -223,12 +223,29 @@ def _in_scope(con: duckdb.DuckDBPyConnection) -> str:
 
 def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
     """Before a batch re-derives the customers in `scope` (scores NULL until the next refresh): the
-    scores the predicates name, of those customers, from before; and the customers, once."""
+    scores the predicates name, of those of them in `customers`, from before; the customers, once;
+    and how many rows `customers` has, up to which row id (see _rederived)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE audience_scope AS "
                 f"SELECT DISTINCT customer_id FROM {scope} WHERE customer_id IS NOT NULL")
     named = sorted(_named(_active(con, batch=True)) & _SCORES)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audience_prior_scores AS SELECT {', '.join(['customer_id', *named])} "
-                f"FROM customers WHERE {f'customer_id IN {_in_scope(con)}' if named else 'false'}")
+                f"FROM customers WHERE customer_id IN {_in_scope(con)}")
+    con.execute("CREATE OR REPLACE TEMP TABLE audience_rows_before AS SELECT count(*) AS n, "
+                "coalesce(max(rowid), -1) AS last_rowid FROM customers")
+
+
+def _rederived(con: duckdb.DuckDBPyConnection, in_scope: str) -> str:
+    """The condition that finds the batch's customers in `customers` after the batch re-derived them.
+    Rows written since keep_prior_scores have higher row ids, which DuckDB finds without reading
+    the rest of the table; that is used when the counts prove it finds them all (every row of
+    theirs replaced: rows now = rows before - theirs before + those found), else the ids are
+    looked up in the whole table."""
+    before, last = con.execute("SELECT n, last_rowid FROM audience_rows_before").fetchall()[0]
+    recent = f"rowid > {int(last)} AND customer_id IN {in_scope}"
+    found, now, theirs = con.execute(
+        f"SELECT (SELECT count(*) FROM customers WHERE {recent}), (SELECT count(*) FROM customers), "
+        "(SELECT count(*) FROM audience_prior_scores)").fetchall()[0]
+    return recent if found == now - before + theirs else f"customer_id IN {in_scope}"
 
 
 # -- predicates run in a sandbox of their own --------------------------------------------------
@@ -267,10 +284,12 @@ def _consent_flag(purpose: str) -> str:
     return _quoted(f"__consent__{purpose}")
 
 
-def _rows_sql(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool) -> str:
-    """The rows `audiences` are evaluated over: the customers in `scope` (None: everyone) with only
-    the columns their predicates name, in a batch the scores from before it where it left them NULL,
-    and one flag per consent purpose (the latest consent for it is granted)."""
+def _rows_sql(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool,
+             rows: str | None = None) -> str:
+    """The rows `audiences` are evaluated over: the customers in `scope` (None: everyone; `rows`:
+    the condition that finds them in `customers`) with only the columns their predicates name, in
+    a batch the scores from before it where it left them NULL, and one flag per consent purpose
+    (the latest consent for it is granted)."""
     named = _named(audiences)
     columns = [c for c in _customer_columns(con) if c in named]
     purposes = sorted({a.consent for a in audiences if a.consent})
@@ -287,17 +306,17 @@ def _rows_sql(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope:
                        "GROUP BY customer_id HAVING arg_max(granted, (time, position)))")
         select.append(f"{granted} AS {_consent_flag(purpose)}")
     join = " LEFT JOIN audience_prior_scores p ON p.customer_id = c.customer_id" if prior else ""
-    where = f" WHERE customer_id IN {scope}" if scope else ""
+    where = f" WHERE {rows or f'customer_id IN {scope}'}" if scope else ""
     return f"SELECT {', '.join(select)} FROM (SELECT {', '.join(inner)} FROM customers{where}) c{join}"
 
 
-def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool
-              ) -> tuple[pa.Table, set[str]]:
+def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool,
+              rows: str | None = None) -> tuple[pa.Table, set[str]]:
     """(audience, customer_id) of the customers in `scope` (None: everyone) each audience selects
     (its predicate, evaluated in the sandbox, and its consent), in one pass over those rows; and the
     audiences whose predicate failed (recorded in `audiences.error`; their members stay as they are)."""
     sandbox, failed = _sandbox(), set()
-    sandbox.register("customers", con.sql(_rows_sql(con, audiences, scope, batch)).to_arrow_table())
+    sandbox.register("customers", con.sql(_rows_sql(con, audiences, scope, batch, rows)).to_arrow_table())
     try:
         try:  # all audiences at once; only when that fails, one by one to find the culprits
             chosen = sandbox.sql(_one_pass(audiences)).to_arrow_table()
@@ -337,14 +356,14 @@ def _quoted(name: str) -> str:
 
 
 def _should(con: duckdb.DuckDBPyConnection, active: list[_Audience], scope: str | None,
-            batch: bool) -> tuple[set[str], set[str]]:
+            batch: bool, rows: str | None = None) -> tuple[set[str], set[str]]:
     """Registers `audience_should`: who should be a member, of the customers in `scope` (None:
     everyone) and of everyone for the audiences evaluated again. Returns the audiences whose
     predicate failed and those evaluated over everyone."""
     tables, failed = [], set()
     first = [a for a in active if not a.again]
     if first:
-        table, failed = _evaluate(con, first, scope, batch)
+        table, failed = _evaluate(con, first, scope, batch, rows)
         tables.append(table)
     # working again after an error: its members may be stale anywhere, so everyone is evaluated
     again = [a for a in active if a.again or (a.error and a.name not in failed)]
@@ -379,7 +398,7 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
     if not active and not redefined:
         return 0
     in_scope = _in_scope(con)
-    failed, everyone = _should(con, active, in_scope, batch=True)
+    failed, everyone = _should(con, active, in_scope, batch=True, rows=_rederived(con, in_scope))
     everyone = sorted(everyone | set(redefined))
     of_everyone = f" OR audience IN ({', '.join(map(_literal, everyone))})" if everyone else ""
     current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
