@@ -193,8 +193,8 @@ class Projector:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
-            if topics[-1] == stored_events.ERASED:
-                erasure.delete_erased(con)
+            if topics[-1] == stored_events.ERASED and erasure.delete_erased(con) and recompute:
+                con.execute("INSERT INTO touched SELECT customer_id FROM erased")  # exit audiences now
             if recompute:
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 if absorbed:
