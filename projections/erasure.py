@@ -47,6 +47,7 @@ def rewrite(path: Path) -> None:
         leftover.unlink(missing_ok=True)
     con = duckdb.connect(str(path))
     try:
+        con.execute("SET enable_progress_bar = false")  # DuckDB's own bar would land in the CLI's stdout
         con.execute("CHECKPOINT")
         source = con.execute("SELECT current_database()").fetchall()[0][0]
         con.execute(f"ATTACH '{fresh}' AS fresh")
