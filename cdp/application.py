@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import base64
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 from uuid import UUID
 
@@ -52,6 +52,7 @@ from cdp.summary import Summary
 from identity import blocking, constraints, index as identity_index, model as identity_model
 from identity.blocking import BlockingIndex
 from identity.constraints import CannotLink
+from identity.features import Features
 from identity.guardrails import Guardrails
 from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
@@ -74,13 +75,15 @@ T = TypeVar("T")
 class Erasure:
     """What an erasure touched: the customer, every id merged into it, its source records
     (`unit:source_id`) and identifiers (kind, value): the caller scrubs copies outside the store
-    (view, dead-letter) with them, then forgets them."""
+    (view, dead-letter) with them, then forgets them. `features` are the source records' names and
+    addresses in match form (identity_records), for copies that carry no identifier."""
 
     customer_id: str
     customer_ids: list[str]
     sources: list[str]
     identifiers: list[tuple[str, str]]
     fingerprints: list[str]
+    features: list[Features] = field(default_factory=list)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -400,7 +403,10 @@ class CustomerApplication(Application):
                      ordered)
         sources = sorted(value for kind, value in keys if kind == "source")
         fingerprints = sorted({self.keys.fingerprint(kind, value) for kind, value in keys}) if suppress else []
-        return Erasure(survivor, ordered, sources, [tuple(k) for k in keys if k[0] != "source"], fingerprints)
+        records = query(f"SELECT features FROM identity_records WHERE source_key IN ({', '.join('?' * len(sources))})",
+                        sources) if sources else []
+        return Erasure(survivor, ordered, sources, [tuple(k) for k in keys if k[0] != "source"], fingerprints,
+                       [Features.from_json(orjson.loads(text)) for (text,) in records])
 
     def _is_suppressed(self, record: Accepted) -> bool:
         fingerprint, suppressed = self.keys.fingerprint, self._suppressed

@@ -193,9 +193,12 @@ class Projector:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
-            if topics[-1] == stored_events.ERASED and erasure.delete_erased(con) and recompute:
-                con.execute("INSERT INTO touched SELECT customer_id FROM erased")  # exit audiences now
+            erased = erasure.delete_erased(con) if topics[-1] == stored_events.ERASED else []
             if recompute:
+                # the erased count as touched: audiences drop them, and the batch's recompute keeps
+                # to a list of ids rather than scanning every event for an empty scope
+                if erased:
+                    con.executemany("INSERT INTO touched VALUES (?)", [(c,) for c in erased])
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 if absorbed:
                     con.executemany("INSERT INTO touched VALUES (?)", [(a,) for a in absorbed])
