@@ -178,19 +178,6 @@ def test_erase_without_suppression_lets_the_person_come_back(cdp, tmp_path):
     assert cdp.query("SELECT first_name, events FROM customers WHERE last_name = 'Zephyrine'") == rows
 
 
-def test_an_erased_member_leaves_the_audiences(cdp, tmp_path):
-    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
-    cdp("audiences", "create", "buyers", "--where", "orders > 0")
-    members = "SELECT customer_id FROM audience_members WHERE audience = 'buyers' AND until IS NULL ORDER BY 1"
-    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
-    assert ann in [r["customer_id"] for r in cdp.query(members)]
-    cdp("erase", ann, "--yes")
-    assert ann not in [r["customer_id"] for r in cdp.query(members)]
-    assert len(cdp.query(members)) == 2
-    left = cdp.query(f"SELECT action FROM audience_changes WHERE customer_id = '{ann}' ORDER BY change_id")
-    assert [r["action"] for r in left][-1] == "exited"
-
-
 def test_erase_usage_errors_are_one_line(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     result = cdp("erase", "nobody@example.org", "--yes", check=False)
