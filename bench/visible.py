@@ -46,9 +46,10 @@ class SteadyPublisher(threading.Thread):
     """CloudEvents at `rate` events/s in batches of 10 new customers; the first customer of every
     10th batch is probed (over HTTP here, on the topic by `ProfileTopicWatch`)."""
 
-    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
+    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float, warmup: float = 0.0):
         super().__init__()
         self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
+        self.warmup = warmup  # seconds sent first at the same rate, not probed (the server's start-up)
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
         self.visible: list[float] = []
@@ -59,7 +60,7 @@ class SteadyPublisher(threading.Thread):
         local = threading.local()
         probes: list[threading.Thread] = []
 
-        def send(n: int) -> None:
+        def send(n: int, probed: bool) -> None:
             http = getattr(local, "http", None)
             if http is None:
                 http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
@@ -76,7 +77,7 @@ class SteadyPublisher(threading.Thread):
             if answer.status_code == 200:
                 self.accept.append(done - started)
                 self.sent += 10
-                if n % 10 == 0:
+                if probed and n % 10 == 0:
                     self.accepted_at[n] = done
                     probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
                     probe.start()
@@ -84,10 +85,11 @@ class SteadyPublisher(threading.Thread):
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             next_at = time.monotonic()
-            end = next_at + self.seconds
+            steady = next_at + self.warmup
+            end = steady + self.seconds
             n = 0
             while time.monotonic() < end:
-                pool.submit(send, n)
+                pool.submit(send, n, next_at >= steady)
                 n += 1
                 next_at += interval
                 time.sleep(max(0.0, next_at - time.monotonic()))
@@ -167,7 +169,8 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
         print(f"  {label:<40} p50 {percentile(values, .5) * ms:7.1f} ms   p99 {percentile(values, .99) * ms:7.1f} ms"
               f"{extra}")
 
-    print(f"\n== publish-to-visible, {title}: {publisher.sent:,} events accepted, {len(publisher.accepted_at)} probes")
+    print(f"\n== publish-to-visible, {title}: {publisher.sent:,} events accepted, {len(publisher.accepted_at)} probes"
+          f" (after {publisher.warmup:g} s of warm-up at the same rate)")
     line("accepted → profile readable over HTTP", publisher.visible, f"   ({len(publisher.visible)} seen)")
     if topic is not None:
         line("accepted → profile on cdp.profiles", topic, f"   ({len(topic)} seen)")
@@ -177,13 +180,13 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     print(f"  target: {TARGET}")
 
 
-def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
+def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float) -> None:
     env = clean_env(tmp / "embedded")
     synthetic_view(tmp / "embedded" / "view.duckdb", customers)
     keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
     server = start_server(env, tmp / "embedded.log", timeout=300)
     try:
-        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup)
         publisher.run()
     finally:
         server.stop()
@@ -191,7 +194,7 @@ def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
            publisher, None, None)
 
 
-def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
+def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float) -> None:
     from bench.kafka import drop_database, fresh_database, services, start_worker, stop, stop_services, wait_ready
 
     bootstrap, dsn, started = services()
@@ -209,7 +212,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
         broker = broker_round_trip(bootstrap, f"{prefix}bench.roundtrip")
         watch = ProfileTopicWatch(bootstrap, f"{prefix}cdp.profiles")
         watch.start()
-        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup)
         publisher.run()
         time.sleep(2)  # the last probes' messages
         topic = watch.latencies(publisher.accepted_at)
@@ -232,12 +235,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
     parser.add_argument("--mode", choices=("embedded", "kafka", "both"), default="both")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="seconds sent at the same rate before probing starts (a just-started server's "
+                             "resolver and view warm up: the figure is for a steady stream)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode in ("embedded", "both"):
-            run_embedded(Path(tmp), args.customers, args.seconds)
+            run_embedded(Path(tmp), args.customers, args.seconds, args.warmup)
         if args.mode in ("kafka", "both"):
-            run_kafka(Path(tmp), args.customers, args.seconds)
+            run_kafka(Path(tmp), args.customers, args.seconds, args.warmup)
 
 
 if __name__ == "__main__":
