@@ -298,28 +298,44 @@ class CustomerApplication(Application):
 
         return self._command(work)
 
-    def merge_visitor(self, user: str, visitor: str) -> str | None:
-        """An anonymous visitor's source record turned out to be a known user's (the collector's
-        Segment identify or alias): the visitor's customer is merged into the user's, rule
-        `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
-        one customer already, or a person's "not the same" or a split keeps them apart."""
+    def merge_visitor(self, user: str, visitors: Sequence[str]) -> str | None:
+        """An anonymous visitor turned out to be a known user (a Segment identify or alias naming
+        the visitor's earlier ids, `visitors`): rule `anonymous_id`. A visitor already seen is
+        merged in (its customer into the user's); when none of them was seen yet (the identify
+        overtook the visitor's events, e.g. from another partition), each is linked to the user's
+        customer ahead of its events, which then land there. Returns the user's customer, or None
+        when nothing changed: the user unknown, one customer already, or a person's "not the
+        same" or a split keeps them apart."""
         known = self.resolver.cluster_of(user)
-        if known is not None and known == self.resolver.cluster_of(visitor):
+        if known is not None and known in {self.resolver.cluster_of(v) for v in visitors}:
             return None  # one customer already (a site identifies on every visit): no lock, no transaction
 
         def work(batch: Batch) -> str | None:
             resolver = self.resolver
-            ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
-            pair = (user, visitor) if user <= visitor else (visitor, user)
-            if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
+            ours = resolver.cluster_of(user)
+            seen = [v for v in visitors if resolver.cluster_of(v) is not None]
+            if ours is None or ours in {resolver.cluster_of(v) for v in seen}:
                 return None
-            try:
-                survivor, absorbed, _ = resolver.confirm(user, visitor)
-            except ValueError:  # a remembered split keeps them apart
-                return None
-            self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
-                              evidence={"user": user, "anonymous": visitor})
-            self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+            evidence = lambda visitor: {"user": user, "anonymous": visitor}  # noqa: E731
+            if not seen:
+                linked = [v for v in visitors if resolver.link_ahead(user, v) is not None]
+                for visitor in linked:
+                    unit, source_id = split_key(visitor)
+                    self._append(batch, topics.SOURCE_LINKED, ours, visitor, business_unit=unit,
+                                 source_id=source_id, rule="anonymous_id", evidence=evidence(visitor))
+                return ours if linked else None
+            survivor = None
+            for visitor in seen:
+                pair = (user, visitor) if user <= visitor else (visitor, user)
+                if pair in resolver.cannot_link.pairs or resolver.cluster_of(visitor) == resolver.cluster_of(user):
+                    continue
+                try:
+                    survivor, absorbed, _ = resolver.confirm(user, visitor)
+                except ValueError:  # a remembered split keeps them apart
+                    continue
+                self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
+                                  evidence=evidence(visitor))
+                self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
             return survivor
 
         return self._command(work)
