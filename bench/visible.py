@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,13 +43,23 @@ TARGET = "p99 under 500 ms"
 PROBE = re.compile(r"^v(\d+)@bench\.example$")
 
 
+def request_batch(n: int) -> list[dict]:
+    """The n-th request's CloudEvents: 10 new customers of unit `shop`, the first with an e-mail."""
+    return [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
+             "time": "2026-03-01T10:00:00Z",
+             "data": {"business_unit": "shop", "customer": {
+                 "source_id": f"P{n}-{i}", **({"email": f"v{n}@bench.example"} if i == 0 else {})}}}
+            for i in range(10)]
+
+
 class SteadyPublisher(threading.Thread):
     """CloudEvents at `rate` events/s in batches of 10 new customers; the first customer of every
     10th batch is probed (over HTTP here, on the topic by `ProfileTopicWatch`)."""
 
-    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float):
+    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float, warmup: float = 0.0):
         super().__init__()
         self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
+        self.warmup = warmup  # seconds sent first at the same rate, not probed (the server's start-up)
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
         self.visible: list[float] = []
@@ -59,16 +70,12 @@ class SteadyPublisher(threading.Thread):
         local = threading.local()
         probes: list[threading.Thread] = []
 
-        def send(n: int) -> None:
+        def send(n: int, probed: bool) -> None:
             http = getattr(local, "http", None)
             if http is None:
                 http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
                                                  timeout=30)
-            batch = [{"specversion": "1.0", "id": f"v{n}-{i}", "source": "shop/web", "type": "cdp.identify",
-                      "time": "2026-03-01T10:00:00Z",
-                      "data": {"business_unit": "shop", "customer": {
-                          "source_id": f"P{n}-{i}", **({"email": f"v{n}@bench.example"} if i == 0 else {})}}}
-                     for i in range(10)]
+            batch = request_batch(n)
             started = time.monotonic()
             answer = http.post("/events", content=orjson.dumps(batch),
                                headers={"Content-Type": "application/cloudevents-batch+json"})
@@ -76,7 +83,7 @@ class SteadyPublisher(threading.Thread):
             if answer.status_code == 200:
                 self.accept.append(done - started)
                 self.sent += 10
-                if n % 10 == 0:
+                if probed and n % 10 == 0:
                     self.accepted_at[n] = done
                     probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
                     probe.start()
@@ -84,10 +91,11 @@ class SteadyPublisher(threading.Thread):
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             next_at = time.monotonic()
-            end = next_at + self.seconds
+            steady = next_at + self.warmup
+            end = steady + self.seconds
             n = 0
             while time.monotonic() < end:
-                pool.submit(send, n)
+                pool.submit(send, n, next_at >= steady)
                 n += 1
                 next_at += interval
                 time.sleep(max(0.0, next_at - time.monotonic()))
@@ -167,7 +175,8 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
         print(f"  {label:<40} p50 {percentile(values, .5) * ms:7.1f} ms   p99 {percentile(values, .99) * ms:7.1f} ms"
               f"{extra}")
 
-    print(f"\n== publish-to-visible, {title}: {publisher.sent:,} events accepted, {len(publisher.accepted_at)} probes")
+    print(f"\n== publish-to-visible, {title}: {publisher.sent:,} events accepted, {len(publisher.accepted_at)} probes"
+          f" (after {publisher.warmup:g} s of warm-up at the same rate)")
     line("accepted → profile readable over HTTP", publisher.visible, f"   ({len(publisher.visible)} seen)")
     if topic is not None:
         line("accepted → profile on cdp.profiles", topic, f"   ({len(topic)} seen)")
@@ -177,13 +186,13 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     print(f"  target: {TARGET}")
 
 
-def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
+def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float) -> None:
     env = clean_env(tmp / "embedded")
     synthetic_view(tmp / "embedded" / "view.duckdb", customers)
     keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
     server = start_server(env, tmp / "embedded.log", timeout=300)
     try:
-        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup)
         publisher.run()
     finally:
         server.stop()
@@ -191,7 +200,7 @@ def run_embedded(tmp: Path, customers: int, seconds: float) -> None:
            publisher, None, None)
 
 
-def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
+def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float) -> None:
     from bench.kafka import drop_database, fresh_database, services, start_worker, stop, stop_services, wait_ready
 
     bootstrap, dsn, started = services()
@@ -209,7 +218,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
         broker = broker_round_trip(bootstrap, f"{prefix}bench.roundtrip")
         watch = ProfileTopicWatch(bootstrap, f"{prefix}cdp.profiles")
         watch.start()
-        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds)
+        publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup)
         publisher.run()
         time.sleep(2)  # the last probes' messages
         topic = watch.latencies(publisher.accepted_at)
@@ -227,17 +236,89 @@ def run_kafka(tmp: Path, customers: int, seconds: float) -> None:
            f"view of {customers:,} customers", publisher, topic, broker)
 
 
+def run_batches(tmp: Path, customers: int, batches: int = 60) -> None:
+    """The read side's share, in process and in CPU time (what a loaded machine does not skew):
+    the stored events of `batches` requests as the server projects them, one live batch per
+    request, on the view of N customers with the server's look-up indexes. Baseline: DuckDB
+    inserting the same notifications into a table and committing, on the same connection."""
+    import statistics
+
+    import pyarrow as pa
+
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+    from cdp.server.readside import LOOKUP_INDEXES
+    from projections.projector import Projector
+    from projections.transactions import transaction
+
+    store_env = clean_env(tmp / "store")
+    (tmp / "store").mkdir(parents=True)
+    events = tmp / "events.jsonl"
+    events.write_bytes(b"".join(orjson.dumps(e) + b"\n" for n in range(batches) for e in request_batch(n)))
+    subprocess.run([sys.executable, "-m", "cdp", "ingest", str(events)], env=store_env, check=True,
+                   stdout=subprocess.DEVNULL)
+    app = CustomerApplication(Settings.from_env(store_env))
+    rows = app.raw_notifications(0, 1_000_000)
+    app.close()
+    per_request = len(rows) // batches
+    synthetic_view(tmp / "batches.duckdb", customers)
+    projector = Projector(tmp / "batches.duckdb", memory_limit=clean_env(tmp)["CDP_DUCKDB_MEMORY"])
+    con = projector.con
+    for statement in LOOKUP_INDEXES:
+        con.execute(statement)
+    con.execute("CREATE TEMP TABLE baseline (position BIGINT, customer_id VARCHAR, topic VARCHAR, state BLOB)")
+
+    def cpu(work) -> tuple[float, float]:
+        wall, used = time.perf_counter(), time.process_time()
+        work()
+        return time.process_time() - used, time.perf_counter() - wall
+
+    def baseline(batch: list[tuple]) -> None:
+        positions, ids, topics, states = zip(*batch)
+        con.register("notifications", pa.table({
+            "position": pa.array(positions, pa.int64()), "customer_id": pa.array(ids, pa.string()),
+            "topic": pa.array(topics, pa.string()), "state": pa.array(states, pa.binary())}))
+        with transaction(con):
+            con.execute("INSERT INTO baseline SELECT * FROM notifications")
+        con.unregister("notifications")
+
+    applied, raw = [], []
+    for start in range(0, per_request * batches, per_request):
+        batch = rows[start:start + per_request]
+        applied.append(cpu(lambda: projector.apply(batch)))
+        raw.append(cpu(lambda: baseline(batch)))
+    projector.close()
+    warm = slice(5, None)  # the first batches load the view's blocks
+    ms = 1000
+
+    def line(label: str, values: list[tuple[float, float]]) -> None:
+        cpus, walls = [v[0] for v in values[warm]], [v[1] for v in values[warm]]
+        print(f"  {label:<48} CPU p50 {statistics.median(cpus) * ms:6.1f} ms  p99 {percentile(cpus, .99) * ms:6.1f} ms"
+              f"   (wall p50 {statistics.median(walls) * ms:6.1f} ms)")
+
+    print(f"\n== the read side's live batch, in process: {len(applied) - 5} batches of {per_request} notifications "
+          f"(one request of 10 new customers), view of {customers:,} customers")
+    line("projector.apply (events, sources, customers, units)", applied)
+    line("baseline: DuckDB inserts the notifications, commits", raw)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.visible", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
-    parser.add_argument("--mode", choices=("embedded", "kafka", "both"), default="both")
+    parser.add_argument("--mode", choices=("embedded", "kafka", "both", "batches"), default="both",
+                        help="batches: the read side's CPU per live batch in process (not part of both)")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="seconds sent at the same rate before probing starts (a just-started server's "
+                             "resolver and view warm up: the figure is for a steady stream)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
+        if args.mode == "batches":
+            run_batches(Path(tmp), args.customers)
         if args.mode in ("embedded", "both"):
-            run_embedded(Path(tmp), args.customers, args.seconds)
+            run_embedded(Path(tmp), args.customers, args.seconds, args.warmup)
         if args.mode in ("kafka", "both"):
-            run_kafka(Path(tmp), args.customers, args.seconds)
+            run_kafka(Path(tmp), args.customers, args.seconds, args.warmup)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ _STATE = ('{"review_id": "VARCHAR", "business_unit": "VARCHAR", "source_id": "VA
           '"other_business_unit": "VARCHAR", "other_source_id": "VARCHAR", "probability": "DOUBLE", '
           '"evidence": "JSON", "kind": "VARCHAR", "value": "VARCHAR", "records": "BIGINT", "limit": "BIGINT"}')
 
+DECISION_TOPICS = (TOPIC_SUGGESTED, TOPIC_CONFIRMED, TOPIC_REJECTED, TOPIC_IGNORED)  # INSERT_DECISIONS' rows
 INSERT_DECISIONS = f"""
 INSERT INTO identity_decisions BY NAME
 SELECT CASE topic WHEN '{TOPIC_SUGGESTED}' THEN 'suggested' WHEN '{TOPIC_CONFIRMED}' THEN 'confirmed'
@@ -37,7 +38,7 @@ SELECT CASE topic WHEN '{TOPIC_SUGGESTED}' THEN 'suggested' WHEN '{TOPIC_CONFIRM
             ELSE s.evidence END AS evidence,
        position
 FROM (SELECT position, customer_id, topic, from_json(decode(state), '{_STATE}') AS s
-      FROM batch WHERE topic IN ('{TOPIC_SUGGESTED}', '{TOPIC_CONFIRMED}', '{TOPIC_REJECTED}', '{TOPIC_IGNORED}'))
+      FROM batch WHERE topic IN ({", ".join(f"'{t}'" for t in DECISION_TOPICS)}))
 """
 
 # The rows the batch's (final) Split moves: old customer, new customer, source record.

@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
-from projections.identity_tables import DDL as IDENTITY_DDL, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
+from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, prepare_listed_sql,
                                recompute_customers_sql)
@@ -148,8 +148,11 @@ class Projector:
     def position(self) -> int:
         return self.con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
 
-    def apply(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool = True) -> int:
-        """Projects one batch of (position, customer_id, topic, state) rows; returns how many."""
+    def apply(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool = True,
+              also: Sequence[str] = ()) -> int:
+        """Projects one batch of (position, customer_id, topic, state) rows; returns how many.
+        `also` names other projection_state rows that follow the view in the same commit (the
+        server's published position when it has no changelog: one commit per batch, not two)."""
         if not notifications:
             return 0
         with transaction(self.con) as con:
@@ -165,7 +168,9 @@ class Projector:
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
-            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [notifications[-1][0], NAME])
+            names = [NAME, *also]
+            con.execute(f"UPDATE projection_state SET position = ? WHERE name IN ({', '.join('?' * len(names))})",
+                        [notifications[-1][0], *names])
         return len(notifications)
 
     def _touched_scope(self) -> str | list[str]:
@@ -182,13 +187,20 @@ class Projector:
         con.register("batch", pa.table({
             "position": pa.array(positions, pa.int64()), "customer_id": pa.array(customers, pa.string()),
             "topic": pa.array(topics, pa.string()), "state": pa.array(states, pa.binary())}))
+        present = set(topics)
         try:
-            con.execute(INSERT_EVENTS)
-            con.execute(INSERT_SOURCES)
-            con.execute(INSERT_DECISIONS)
-            if not DEFINITION_TOPICS.isdisjoint(topics):
+            # each statement parses its topic's rows out of the batch: a fixed cost per statement,
+            # skipped when the batch holds none of them (a live batch is mostly events and new
+            # customers)
+            if TOPIC_EVENT in present:
+                con.execute(INSERT_EVENTS)
+            if not present.isdisjoint((TOPIC_REGISTERED, TOPIC_LINKED)):
+                con.execute(INSERT_SOURCES)
+            if not present.isdisjoint(DECISION_TOPICS):
+                con.execute(INSERT_DECISIONS)
+            if not DEFINITION_TOPICS.isdisjoint(present):
                 audiences.apply_definitions(con)
-            absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall())
+            absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall()) if TOPIC_MERGED in present else set()
             if topics[-1] == TOPIC_SPLIT:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
@@ -246,14 +258,17 @@ class Projector:
                 self.con.execute(statement)
         self.refresh_metrics()
 
-    def refresh_metrics(self) -> bool:
+    def refresh_metrics(self, con: duckdb.DuckDBPyConnection | None = None) -> bool:
         """Recomputes the time- and population-relative scores of all customers unless they were
-        computed at this position for this as-of date already; True when it did."""
-        if metrics.state(self.con) == (self.as_of, self.position):
+        computed at this position for this as-of date already; True when it did. `con`: a cursor
+        of the view's own (the server refreshes beside the projecting thread, see
+        cdp/server/readside.py); the scores then hold for the position read there."""
+        con = con or self.con
+        position = con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
+        if metrics.state(con) == (self.as_of, position):
             return False
-        position = self.position
         # time-relative scores move people in and out of audiences without new events
-        metrics.refresh(self.con, self.as_of, position, then=lambda con: audiences.update_all(con, position))
+        metrics.refresh(con, self.as_of, position, then=lambda con: audiences.update_all(con, position))
         return True
 
     def close(self) -> None:

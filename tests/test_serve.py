@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 
 import httpx
 import pyarrow as pa
@@ -351,3 +352,33 @@ def test_the_intake_keeps_nothing_of_what_it_resolved(served, cdp) -> None:
     for path in files:
         data = path.read_bytes().lower()
         assert b"zelda.quorn" not in data and b"quornfeld" not in data, path.name
+
+
+def test_scores_refresh_beside_the_stream_and_the_view_equals_a_rebuild(cdp, tmp_path) -> None:
+    """The score refresh runs on a thread of its own while batches keep being projected (every
+    second here, with the same customers bought for again and again): the view it leaves is the
+    one a rebuild makes, every event once, every customer scored."""
+    key = new_key(cdp, "publish", "retail")
+    reader = new_key(cdp, "read")
+    server = start_server({**cdp.env, "CDP_SCORE_INTERVAL": "1"}, tmp_path / "serve.log")
+    try:
+        with server.client(key) as client:
+            for n in range(12):
+                events = [cloudevent(f"s-{n}-{i}", "retail", f"R{i}", "cdp.purchase", order_id=f"o{n}-{i}",
+                                     amount=float(1 + i + n), currency="EUR",
+                                     customer={"email": f"c{i}@example.org"} if n == 0 else {})
+                          for i in range(20)]
+                assert client.post("/events", json=events,
+                                   headers={"Content-Type": "application/cloudevents-batch+json"}).status_code == 200
+                time.sleep(0.25)
+        settled(server, reader)
+        query = lambda sql: server.client(reader).post("/v1/query", json={"sql": sql}).json()["rows"]  # noqa: E731
+        wait_until(lambda: query("SELECT count(*) FROM customers WHERE lifecycle_stage IS NULL") == [[0]], 20,
+                   "every customer scored")
+        assert query("SELECT count(*), sum(orders), count(DISTINCT rfm_segment) > 0 FROM customers") == [[20, 240, True]]
+    finally:
+        server.stop()
+    tables = ("customers", "customer_business_units", "customer_events")
+    live = {t: cdp.query(f"SELECT * FROM {t} ORDER BY ALL") for t in tables}
+    cdp("projections", "rebuild")
+    assert {t: cdp.query(f"SELECT * FROM {t} ORDER BY ALL") for t in tables} == live

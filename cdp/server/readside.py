@@ -66,6 +66,8 @@ class ReadSide:
         self.follow_error: BaseException | None = None
         self.publish_error: BaseException | None = None
         self.scored_at = 0.0
+        self._refresh: threading.Thread | None = None  # the score refresh running beside the projector
+        self._refresh_inline = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._local = threading.local()
@@ -107,6 +109,8 @@ class ReadSide:
         for thread in self._threads:
             if thread.name != "cdp-store-listener":
                 thread.join(timeout=30)
+        if self._refresh is not None:
+            self._refresh.join(timeout=60)
         self.delivery.stop()
         for cursor in self._cursors:
             cursor.close()
@@ -188,7 +192,7 @@ class ReadSide:
             if not notifications:
                 break
             self.keyring.take(notifications)
-            projector.apply(notifications)
+            self._project(notifications)
             applied += len(notifications)
             self._hand_to_publisher(notifications)
             with self._caught_up:
@@ -202,22 +206,65 @@ class ReadSide:
             # the first live batch (a refresh of a large view held that batch back for seconds)
             self.scored_at = now
         if now - self.scored_at >= self.cfg.score_interval or (applied and not self.scored_at):
-            projector.refresh_metrics()
             self.scored_at = now
-            self.delivery.wake()
+            self._refresh_scores()
         return applied
+
+    def _project(self, notifications: list[tuple]) -> None:
+        """One batch into the view. A batch that collides with a score refresh running beside it
+        (both updated one row, e.g. an audience membership: DuckDB refuses the second writer) was
+        rolled back whole; it is applied again once the refresh ended (exactly once: its position
+        did not move). A customer row the batch replaces while the refresh updates it is no
+        collision: the batch's row (scores empty until the next refresh, as after every batch) wins."""
+        also = () if self.producer is not None else (PROFILES,)
+        while True:
+            try:
+                self.projector.apply(notifications, also=also)
+                return
+            except duckdb.TransactionException:
+                refresh = self._refresh
+                if refresh is None or not refresh.is_alive():
+                    raise
+                refresh.join()
+
+    # -- scores --------------------------------------------------------------------------------
+
+    def _refresh_scores(self) -> None:
+        """Recomputes every customer's scores (projector.refresh_metrics) on a thread and a cursor
+        of its own, so that new batches keep becoming visible meanwhile (on 1,000,000 customers a
+        refresh takes seconds). After a refresh lost a write conflict to the projecting thread,
+        the next one runs here, between two batches, as it always did before, so it cannot starve."""
+        if self._refresh is not None and self._refresh.is_alive():
+            return
+        if self._refresh_inline:
+            self._refresh_inline = False
+            self.projector.refresh_metrics()
+            self.delivery.wake()
+            return
+        self._refresh = threading.Thread(target=self._refresh_beside, name="cdp-scores", daemon=True)
+        self._refresh.start()
+
+    def _refresh_beside(self) -> None:
+        cursor = self.projector.con.cursor()
+        try:
+            self.projector.refresh_metrics(cursor)
+            self.delivery.wake()
+        except Exception:  # noqa: BLE001 - e.g. a batch updated a row first: again, between two batches
+            self._refresh_inline = True
+            self.scored_at -= self.cfg.score_interval
+        finally:
+            cursor.close()
 
     # -- publishing cdp.profiles -----------------------------------------------------------------
 
     def _hand_to_publisher(self, notifications: list[tuple]) -> None:
         """After a batch committed to the view: its changed customers to the publishing thread
-        (with Kafka); without Kafka there is no changelog and the published position just follows."""
-        upto = notifications[-1][0]
+        (with Kafka); without Kafka there is no changelog and the published position moved with
+        the view, in the batch's own commit (projector.apply's `also`)."""
         if self.producer is None:
-            self.projector.con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
             return
         with self._unpublished_ready:
-            self._unpublished.append((upto, [r[1] for r in notifications], erased_ids(notifications)))
+            self._unpublished.append((notifications[-1][0], [r[1] for r in notifications], erased_ids(notifications)))
             self._unpublished_ready.notify()
 
     def _publish(self) -> None:
