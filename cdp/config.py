@@ -213,7 +213,7 @@ class Settings:
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = 0                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
     serve_memory: str = "2GB"                # CDP_SERVE_MEMORY: DuckDB memory limit of the server's view (look-up indexes)
-    resolver_nice: int = 10                  # CDP_RESOLVER_NICE: niceness of the embedded server's resolver process
+    catch_up_nice: int = 10                  # CDP_CATCH_UP_NICE: niceness added to cdp serve's catch-up work
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
     # delivery of audience changes to destinations (README: "Audiences and destinations")
     secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
@@ -262,7 +262,7 @@ class Settings:
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             serve_threads=_count(env, "CDP_SERVE_THREADS", 0),
             serve_memory=_memory(env, "CDP_SERVE_MEMORY", "2GB"),
-            resolver_nice=_nice(env, "CDP_RESOLVER_NICE", 10),
+            catch_up_nice=_nice(env, "CDP_CATCH_UP_NICE", 10),
             console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             secret_key=env.get("CDP_SECRET_KEY") or None,
             delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),

@@ -46,11 +46,11 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     # process to drain and stop; a resolver killed mid-batch would only redo that batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The intake is durable, so catching up may wait: during a burst the HTTP process (accepting)
-    # and the read side come first, and the resolver takes the CPU they leave (CDP_RESOLVER_NICE).
+    # The intake is durable, so resolving may wait: during a burst the HTTP process (accepting,
+    # answering look-ups) comes first, and the resolver takes the CPU it leaves (cdp/server/priority.py).
     # Nothing the HTTP process waits for is locked here for long: the wake-up is a pipe, and the
     # intake's rows are dropped when the resolver caught up (or every DROP_RECORDS), not per batch.
-    os.nice(cfg.resolver_nice)
+    os.nice(cfg.catch_up_nice)
     intake = Intake(cfg.intake_path)
     summary = Summary()
     done = undropped = 0  # the last request in the store; records resolved and still in the intake
