@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from cdp import topics
 from cdp.config import Settings
@@ -32,13 +32,27 @@ ACK_SECONDS = 30.0
 DRAIN_SECONDS = 60.0
 RETRY_SECONDS = 1.0
 DROP_RECORDS = 50_000  # resolved records dropped from the intake at least this often (a restart redoes them)
+T = TypeVar("T")
 
 
-def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int) -> None:
+def run_commands(app: Any, commands: Any) -> None:
+    """Runs the people's commands waiting on `commands` (`work(app)`, e.g. a console split) on the
+    resolver's own application and answers each with ("ok", result) or ("raised", error)."""
+    while commands.poll():
+        work = commands.recv()
+        try:
+            answer = ("ok", work(app))
+        except Exception as error:  # noqa: BLE001 - the server raises it where the person asked
+            answer = ("raised", error)
+        commands.send(answer)
+
+
+def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int, commands: Any) -> None:
     """The resolver process: the intake's records through the pipeline, oldest first; reports
-    ("committed", n) or ("error", text) to the server. Ends when told to (after draining) or when
-    the server is gone (kill -9). `wake` is the reading end of a pipe the server writes a byte to
-    after each intake commit."""
+    ("committed", n) or ("error", text) to the server; between batches, runs the people's commands
+    the server sends on `commands` (the embedded store's one writer, its state already loaded).
+    Ends when told to (after draining) or when the server is gone (kill -9). `wake` is the reading
+    end of a pipe the server writes a byte to after each intake commit or command."""
     from cdp.pipeline import Pipeline
     from cdp.summary import Summary
 
@@ -55,11 +69,14 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     summary = Summary()
     done = undropped = 0  # the last request in the store; records resolved and still in the intake
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+        pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
         while os.getppid() == parent:
             if wake.poll(0.5):
                 os.read(wake.fileno(), 1 << 16)  # every wake-up so far: the loop below takes all
             failed = False
+            run_commands(pipeline.app, commands)
             while os.getppid() == parent:
+                run_commands(pipeline.app, commands)  # between batches: a person does not wait for the backlog
                 upto, records = intake.oldest(GROUP_COMMIT_RECORDS, after=done)
                 if not upto:
                     break
@@ -94,11 +111,13 @@ class EmbeddedWriter:
         self.error: str | None = None  # the resolver's last failure (it retries)
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
         self._context = multiprocessing.get_context("spawn")
-        # the intake has records for the resolver: a byte down a pipe, never blocking this process
+        # the intake has records (or a command waits) for the resolver: a byte down a pipe, never
+        # blocking this process
         self._wake, self._waker = self._context.Pipe(duplex=False)
         os.set_blocking(self._waker.fileno(), False)
         self._stop = self._context.Event()
         self._stopping = False
+        self._command_lock = threading.Lock()  # one person's command at a time on the channel
         self._resolver = self._start_resolver()
         self._threads = [threading.Thread(target=self._take_in, name="cdp-intake", daemon=True),
                          threading.Thread(target=self._hear_resolver, name="cdp-resolver-reports", daemon=True)]
@@ -108,11 +127,28 @@ class EmbeddedWriter:
 
     def _start_resolver(self) -> Any:
         self._reports, report = self._context.Pipe(duplex=False)
+        self._commands, commands = self._context.Pipe()
         process = self._context.Process(target=resolve_intake, name="cdp-resolver", daemon=True,
-                                        args=(self.cfg, self._wake, self._stop, report, os.getpid()))
+                                        args=(self.cfg, self._wake, self._stop, report, os.getpid(), commands))
         process.start()
         report.close()
+        commands.close()
         return process
+
+    def command(self, work: Callable[[Any], T]) -> T:
+        """`work(app)` (picklable, e.g. `operator.methodcaller`) run by the resolver process on its
+        application, between two batches of the intake; its result, or its error raised here."""
+        with self._command_lock:
+            resolver, channel = self._resolver, self._commands
+            channel.send(work)
+            self._nudge()
+            while not channel.poll(0.5):
+                if not resolver.is_alive():
+                    raise RuntimeError("the resolver process ended before it answered; try again")
+            kind, result = channel.recv()
+        if kind == "raised":
+            raise result
+        return result
 
     @property
     def pending(self) -> int:
