@@ -56,10 +56,12 @@ class SteadyPublisher(threading.Thread):
     """CloudEvents at `rate` events/s in batches of 10 new customers; the first customer of every
     10th batch is probed (over HTTP here, on the topic by `ProfileTopicWatch`)."""
 
-    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float, warmup: float = 0.0):
+    def __init__(self, url: str, key: str, reader: str, rate: int, seconds: float, warmup: float = 0.0,
+                 probes: bool = True):
         super().__init__()
         self.url, self.key, self.reader, self.rate, self.seconds = url, key, reader, rate, seconds
         self.warmup = warmup  # seconds sent first at the same rate, not probed (the server's start-up)
+        self.probes = probes  # False: ingest only (the probes poll the profile API every 5 ms)
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
         self.visible: list[float] = []
@@ -83,7 +85,7 @@ class SteadyPublisher(threading.Thread):
             if answer.status_code == 200:
                 self.accept.append(done - started)
                 self.sent += 10
-                if probed and n % 10 == 0:
+                if probed and self.probes and n % 10 == 0:
                     self.accepted_at[n] = done
                     probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
                     probe.start()

@@ -67,11 +67,11 @@ class Intake:
                 self._con.execute("ROLLBACK")
                 raise
 
-    def oldest(self, limit: int) -> tuple[int, list[Accepted | Rejected]]:
-        """The oldest requests' records (at least one request, then up to about `limit` records)
-        and the last sequence number read (0: nothing waits)."""
+    def oldest(self, limit: int, after: int = 0) -> tuple[int, list[Accepted | Rejected]]:
+        """The oldest requests' records after sequence `after` (at least one request, then up to
+        about `limit` records) and the last sequence number read (0: nothing waits)."""
         with self._lock:
-            cursor = self._con.execute("SELECT seq, records, body FROM intake ORDER BY seq")
+            cursor = self._con.execute("SELECT seq, records, body FROM intake WHERE seq > ? ORDER BY seq", (after,))
             last, records = 0, []
             for seq, count, body in cursor:
                 if records and len(records) + count > limit:

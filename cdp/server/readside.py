@@ -24,6 +24,7 @@ from cdp import keys as api_keys
 from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
+from cdp.server import priority
 from projections import metrics
 from projections.changelog import profile_messages, tombstones
 
@@ -52,11 +53,13 @@ class ReadSide:
         self.store = app
         self.producer = producer  # None: embedded without Kafka, no changelog
         self.on_batch = on_batch
+        before = priority.thread_ids()
         self.projector = make_projector(cfg)
         if cfg.serve_threads:
             # Fewer DuckDB threads leave cores to HTTP and the writer (CDP_SERVE_THREADS; one thread
             # measured faster in process, not in bench/serve.py: off by default).
             self.projector.con.execute(f"SET threads = {int(cfg.serve_threads)}")
+        self._duckdb_threads = priority.thread_ids() - before  # mostly the projector's work
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
         self.missing_indexes = self.create_indexes()
@@ -97,6 +100,7 @@ class ReadSide:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        priority.lower(self.cfg.catch_up_nice, self._duckdb_threads)
         for thread in self._threads:
             thread.start()
         self.delivery.start()
@@ -172,6 +176,7 @@ class ReadSide:
     # -- following ---------------------------------------------------------------------------
 
     def _follow(self) -> None:
+        priority.lower(self.cfg.catch_up_nice)  # look-ups and the collector answer first
         while not self._stop.is_set():
             try:
                 self.catch_up()

@@ -31,6 +31,7 @@ GROUP_COMMIT_RECORDS = 5000
 ACK_SECONDS = 30.0
 DRAIN_SECONDS = 60.0
 RETRY_SECONDS = 1.0
+DROP_RECORDS = 50_000  # resolved records dropped from the intake at least this often (a restart redoes them)
 T = TypeVar("T")
 
 
@@ -47,11 +48,11 @@ def run_commands(app: Any, commands: Any) -> None:
 
 
 def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int, commands: Any) -> None:
-    """The resolver process: the intake's records through the pipeline, oldest first, each batch
-    dropped from the intake after the store's commit; reports ("committed", n) or ("error", text)
-    to the server; between batches, runs the people's commands the server sends on `commands`
-    (the embedded store's one writer, its state already loaded). Ends when told to (after
-    draining) or when the server is gone (kill -9)."""
+    """The resolver process: the intake's records through the pipeline, oldest first; reports
+    ("committed", n) or ("error", text) to the server; between batches, runs the people's commands
+    the server sends on `commands` (the embedded store's one writer, its state already loaded).
+    Ends when told to (after draining) or when the server is gone (kill -9). `wake` is the reading
+    end of a pipe the server writes a byte to after each intake commit or command."""
     from cdp.pipeline import Pipeline
     from cdp.summary import Summary
 
@@ -59,29 +60,42 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     # process to drain and stop; a resolver killed mid-batch would only redo that batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The intake is durable, so resolving may wait: during a burst the HTTP process (accepting,
+    # answering look-ups) comes first, and the resolver takes the CPU it leaves (cdp/server/priority.py).
+    # Nothing the HTTP process waits for is locked here for long: the wake-up is a pipe, and the
+    # intake's rows are dropped when the resolver caught up (or every DROP_RECORDS), not per batch.
+    os.nice(cfg.catch_up_nice)
     intake = Intake(cfg.intake_path)
     summary = Summary()
+    done = undropped = 0  # the last request in the store; records resolved and still in the intake
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
         pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
         while os.getppid() == parent:
-            wake.wait(0.5)
-            wake.clear()
+            if wake.poll(0.5):
+                os.read(wake.fileno(), 1 << 16)  # every wake-up so far: the loop below takes all
+            failed = False
             run_commands(pipeline.app, commands)
             while os.getppid() == parent:
                 run_commands(pipeline.app, commands)  # between batches: a person does not wait for the backlog
-                upto, records = intake.oldest(GROUP_COMMIT_RECORDS)
+                upto, records = intake.oldest(GROUP_COMMIT_RECORDS, after=done)
                 if not upto:
                     break
                 try:
                     pipeline.process_batch(records, summary)
                 except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
                     report.send(("error", f"{type(error).__name__}: {error}"))
+                    failed = True
                     stop.wait(RETRY_SECONDS)
-                    wake.set()
                     break
-                intake.drop(upto)
+                done, undropped = upto, undropped + len(records)
+                if undropped >= DROP_RECORDS:
+                    intake.drop(done)
+                    undropped = 0
                 report.send(("committed", len(records)))
-            if stop.is_set() and (intake.pending() == 0 or wake.is_set()):
+            if undropped:  # caught up (or failing): what is in the store leaves the intake
+                intake.drop(done)
+                undropped = 0
+            if stop.is_set() and (failed or intake.pending() == 0):
                 break
     intake.close()
 
@@ -97,7 +111,10 @@ class EmbeddedWriter:
         self.error: str | None = None  # the resolver's last failure (it retries)
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
         self._context = multiprocessing.get_context("spawn")
-        self._wake = self._context.Event()  # the intake has records for the resolver
+        # the intake has records (or a command waits) for the resolver: a byte down a pipe, never
+        # blocking this process
+        self._wake, self._waker = self._context.Pipe(duplex=False)
+        os.set_blocking(self._waker.fileno(), False)
         self._stop = self._context.Event()
         self._stopping = False
         self._command_lock = threading.Lock()  # one person's command at a time on the channel
@@ -106,7 +123,7 @@ class EmbeddedWriter:
                          threading.Thread(target=self._hear_resolver, name="cdp-resolver-reports", daemon=True)]
         for thread in self._threads:
             thread.start()
-        self._wake.set()  # what an earlier run accepted and did not resolve
+        self._nudge()  # what an earlier run accepted and did not resolve
 
     def _start_resolver(self) -> Any:
         self._reports, report = self._context.Pipe(duplex=False)
@@ -124,7 +141,7 @@ class EmbeddedWriter:
         with self._command_lock:
             resolver, channel = self._resolver, self._commands
             channel.send(work)
-            self._wake.set()
+            self._nudge()
             while not channel.poll(0.5):
                 if not resolver.is_alive():
                     raise RuntimeError("the resolver process ended before it answered; try again")
@@ -166,7 +183,14 @@ class EmbeddedWriter:
                 continue
             for _, done in group:
                 done.set_result(None)
-            self._wake.set()
+            self._nudge()
+
+    def _nudge(self) -> None:
+        """Wakes the resolver; a full pipe has wake-ups enough."""
+        try:
+            os.write(self._waker.fileno(), b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     def _hear_resolver(self) -> None:
         """The resolver's reports wake the read side; a resolver that died is started again."""
@@ -195,7 +219,7 @@ class EmbeddedWriter:
         self._queue.put(None)
         self._threads[0].join(timeout=30)
         self._stop.set()
-        self._wake.set()
+        self._nudge()
         self._resolver.join(timeout=DRAIN_SECONDS)
         self._stopping = True
         if self._resolver.is_alive():
