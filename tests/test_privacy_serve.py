@@ -51,7 +51,7 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         assert sorted(e["event_id"] for e in mine["events"]) == ["a1", "a2"]
         assert [s["business_unit"] for s in mine["source_records"]] == ["retail"]
         assert mine["merged_customers"] == [] and mine["golden_record"]["customer_id"] == ann
-        archive = zipfile.ZipFile(io.BytesIO(admin.get(f"/v1/profiles/retail:R-1/export?format=zip").content))
+        archive = zipfile.ZipFile(io.BytesIO(admin.get("/v1/profiles/retail:R-1/export?format=zip").content))
         assert {"customer.json", "events.csv", "source_records.csv", "consents.csv"} <= set(archive.namelist())
         rows = list(csv.DictReader(io.StringIO(archive.read("events.csv").decode())))
         assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4"]
@@ -65,7 +65,7 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         assert {"get", "delete"} <= set(paths["/v1/profiles/{ref}"]) and "/v1/profiles/{ref}/export" in paths
         assert "/v1/audit" in paths
 
-        erased = admin.delete(f"/v1/profiles/email:quorra.zephyrine@example.org").json()
+        erased = admin.delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
         assert erased["customer_id"] == ann and erased["sources"] == 2 and erased["deadletter_entries"] == 2
         refusal(read.get(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
         refusal(admin.delete(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
