@@ -38,8 +38,10 @@ def plain_install(tmp_path_factory) -> Path:
     sources = _copy_sources(base / "src")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # --no-compile: byte-compiling every module of every dependency (scipy, pyarrow, faust …) is CPU
+    # time spent on nothing the test checks; Python compiles what `cdp` imports when it runs
     result = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-                             str(sources)], capture_output=True, text=True, timeout=900)
+                             "--no-compile", str(sources)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return venv / "bin"
 
