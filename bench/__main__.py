@@ -6,7 +6,8 @@ bench.kafka, bench.analytics). `python -m bench NAME…` runs only those named.
 import importlib
 import sys
 
-BENCHMARKS = ["ingest", "identity", "kafka", "analytics", "serve", "visible", "console", "audiences", "privacy"]
+BENCHMARKS = ["ingest", "identity", "kafka", "analytics", "serve", "visible", "console", "audiences", "privacy",
+              "steward"]
 
 
 def main(names: list[str]) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import base64
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 from uuid import UUID
 
@@ -52,6 +52,7 @@ from cdp.summary import Summary
 from identity import blocking, constraints, index as identity_index, model as identity_model
 from identity.blocking import BlockingIndex
 from identity.constraints import CannotLink
+from identity.features import Features
 from identity.guardrails import Guardrails
 from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
@@ -74,13 +75,15 @@ T = TypeVar("T")
 class Erasure:
     """What an erasure touched: the customer, every id merged into it, its source records
     (`unit:source_id`) and identifiers (kind, value): the caller scrubs copies outside the store
-    (view, dead-letter) with them, then forgets them."""
+    (view, dead-letter) with them, then forgets them. `features` are the source records' names and
+    addresses in match form (identity_records), for copies that carry no identifier."""
 
     customer_id: str
     customer_ids: list[str]
     sources: list[str]
     identifiers: list[tuple[str, str]]
     fingerprints: list[str]
+    features: list[Features] = field(default_factory=list)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -298,28 +301,44 @@ class CustomerApplication(Application):
 
         return self._command(work)
 
-    def merge_visitor(self, user: str, visitor: str) -> str | None:
-        """An anonymous visitor's source record turned out to be a known user's (the collector's
-        Segment identify or alias): the visitor's customer is merged into the user's, rule
-        `anonymous_id`. Returns the survivor, or None when nothing was merged: a record unknown,
-        one customer already, or a person's "not the same" or a split keeps them apart."""
+    def merge_visitor(self, user: str, visitors: Sequence[str]) -> str | None:
+        """An anonymous visitor turned out to be a known user (a Segment identify or alias naming
+        the visitor's earlier ids, `visitors`): rule `anonymous_id`. A visitor already seen is
+        merged in (its customer into the user's); when none of them was seen yet (the identify
+        overtook the visitor's events, e.g. from another partition), each is linked to the user's
+        customer ahead of its events, which then land there. Returns the user's customer, or None
+        when nothing changed: the user unknown, one customer already, or a person's "not the
+        same" or a split keeps them apart."""
         known = self.resolver.cluster_of(user)
-        if known is not None and known == self.resolver.cluster_of(visitor):
+        if known is not None and known in {self.resolver.cluster_of(v) for v in visitors}:
             return None  # one customer already (a site identifies on every visit): no lock, no transaction
 
         def work(batch: Batch) -> str | None:
             resolver = self.resolver
-            ours, theirs = resolver.cluster_of(user), resolver.cluster_of(visitor)
-            pair = (user, visitor) if user <= visitor else (visitor, user)
-            if ours is None or theirs is None or ours == theirs or pair in resolver.cannot_link.pairs:
+            ours = resolver.cluster_of(user)
+            seen = [v for v in visitors if resolver.cluster_of(v) is not None]
+            if ours is None or ours in {resolver.cluster_of(v) for v in seen}:
                 return None
-            try:
-                survivor, absorbed, _ = resolver.confirm(user, visitor)
-            except ValueError:  # a remembered split keeps them apart
-                return None
-            self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
-                              evidence={"user": user, "anonymous": visitor})
-            self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
+            evidence = lambda visitor: {"user": user, "anonymous": visitor}  # noqa: E731
+            if not seen:
+                linked = [v for v in visitors if resolver.link_ahead(user, v) is not None]
+                for visitor in linked:
+                    unit, source_id = split_key(visitor)
+                    self._append(batch, topics.SOURCE_LINKED, ours, visitor, business_unit=unit,
+                                 source_id=source_id, rule="anonymous_id", evidence=evidence(visitor))
+                return ours if linked else None
+            survivor = None
+            for visitor in seen:
+                pair = (user, visitor) if user <= visitor else (visitor, user)
+                if pair in resolver.cannot_link.pairs or resolver.cluster_of(visitor) == resolver.cluster_of(user):
+                    continue
+                try:
+                    survivor, absorbed, _ = resolver.confirm(user, visitor)
+                except ValueError:  # a remembered split keeps them apart
+                    continue
+                self.store.append(batch, topics.MERGED, survivor, absorbed_id=absorbed, rule="anonymous_id",
+                                  evidence=evidence(visitor))
+                self.store.append(batch, topics.ABSORBED, absorbed, survivor_id=survivor)
             return survivor
 
         return self._command(work)
@@ -384,7 +403,10 @@ class CustomerApplication(Application):
                      ordered)
         sources = sorted(value for kind, value in keys if kind == "source")
         fingerprints = sorted({self.keys.fingerprint(kind, value) for kind, value in keys}) if suppress else []
-        return Erasure(survivor, ordered, sources, [tuple(k) for k in keys if k[0] != "source"], fingerprints)
+        records = query(f"SELECT features FROM identity_records WHERE source_key IN ({', '.join('?' * len(sources))})",
+                        sources) if sources else []
+        return Erasure(survivor, ordered, sources, [tuple(k) for k in keys if k[0] != "source"], fingerprints,
+                       [Features.from_json(orjson.loads(text)) for (text,) in records])
 
     def _is_suppressed(self, record: Accepted) -> bool:
         fingerprint, suppressed = self.keys.fingerprint, self._suppressed

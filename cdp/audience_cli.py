@@ -19,6 +19,7 @@ from cdp import audience_commands as commands
 from cdp import console
 from cdp.commandline import UserError, open_view, settings
 from cdp.config import Settings
+from cdp.server.client import ask, running_server
 from projections import audiences as model
 
 
@@ -45,32 +46,14 @@ def _view_writer(cfg: Settings) -> Iterator[tuple]:
         app.close()
 
 
-def _server(cfg: Settings) -> tuple[str, str] | None:
-    from cdp.server.client import running_server
-
-    return running_server(cfg)
-
-
-def _ask(server: tuple[str, str], method: str, path: str, body: Any = None) -> Any:
-    """The running server does it (it owns the view); its refusal is our one-line error."""
-    from cdp.server.client import ServerError, call
-
-    try:
-        return call(server, method, path, body)
-    except ServerError as error:
-        raise UserError(" ".join(str(error).split())) from None
-    except OSError as error:
-        raise UserError(f"the server at {server[0]} did not answer: {error}") from None
-
-
 def _delete(kind: str, name: str) -> None:
     """Deletes the audience or destination `name` (a command) and takes it into the view."""
     from urllib.parse import quote
 
     cfg = settings()
-    server = _server(cfg)
+    server = running_server(cfg)
     if server is not None:
-        _ask(server, "DELETE", f"/v1/{kind}s/{quote(name, safe='')}")
+        ask(server, "DELETE", f"/v1/{kind}s/{quote(name, safe='')}")
     else:
         with _view_writer(cfg) as (app, projector):
             commands.check_deletable(projector.con, kind, name)
@@ -99,9 +82,9 @@ def audiences_create(name: str, where: str, consent: str | None) -> None:
     """Define an audience; its members are computed now and kept up to date from then on."""
     cfg = settings()
     _checked(where, consent)  # a bad predicate is refused before anything is opened
-    server = _server(cfg)
+    server = running_server(cfg)
     if server is not None:
-        size = _ask(server, "POST", "/v1/audiences", {"name": name, "where": where, "consent": consent})["size"]
+        size = ask(server, "POST", "/v1/audiences", {"name": name, "where": where, "consent": consent})["size"]
     else:
         with _view_writer(cfg) as (app, projector):
             app.define_audience(name, commands.checked_audience(projector.con, name, where, consent), consent)
@@ -172,9 +155,9 @@ def audiences_sync() -> None:
     from cdp.delivery import Report, deliver_pending
 
     cfg = settings()
-    server = _server(cfg)
+    server = running_server(cfg)
     if server is not None:  # the server delivers continuously: this asks for a round now and waits for it
-        answer = _ask(server, "POST", "/v1/audiences/sync")
+        answer = ask(server, "POST", "/v1/audiences/sync")
         report = Report(answer["delivered"], answer["dead_lettered"], answer["published"],
                         {name: tuple(pair) for name, pair in answer["destinations"].items()})
     else:
@@ -216,9 +199,9 @@ def destinations_create(name: str, webhook: str, audience_names: str, secret: st
     if secret == "-":
         secret = sys.stdin.readline().rstrip("\r\n")
     wanted, chosen = _list(audience_names), _list(fields)
-    server = _server(cfg)
+    server = running_server(cfg)
     if server is not None:
-        _ask(server, "POST", "/v1/destinations", {"name": name, "webhook": webhook, "audiences": wanted,
+        ask(server, "POST", "/v1/destinations", {"name": name, "webhook": webhook, "audiences": wanted,
                                                    "secret": secret, "fields": chosen})
     else:
         with _view_writer(cfg) as (app, projector):
@@ -257,9 +240,9 @@ def destinations_retry(name: str | None) -> None:
     from cdp.delivery import retry_dead_letters
 
     cfg = settings()
-    server = _server(cfg)
+    server = running_server(cfg)
     if server is not None:
-        answer = _ask(server, "POST", "/v1/destinations/retry", {"name": name})
+        answer = ask(server, "POST", "/v1/destinations/retry", {"name": name})
         delivered, failing = answer["delivered"], answer["failing"]
     else:
         with _view_writer(cfg) as (_, projector):

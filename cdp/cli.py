@@ -264,7 +264,7 @@ def customer_export(who: str, directory: Path) -> None:
 def erase(who: str, yes: bool, keep_suppression: str) -> None:
     """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
     from cdp.erasure import erase_customer
-    from cdp.server.client import ServerError, call, running_server
+    from cdp.server.client import ask, running_server
 
     cfg = settings()
     con = open_view(cfg)
@@ -278,11 +278,8 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
         raise UserError("not erased")
     server = running_server(cfg)
     if server is not None:  # `cdp serve` holds the view: it erases (as DELETE /v1/profiles/{id} does)
-        try:
-            done = call(server, "DELETE", f"/v1/profiles/customer_id:{ids[0]}?suppress={keep_suppression == 'yes'}",
-                        actor=local_user())
-        except ServerError as error:
-            raise UserError(f"erase failed: {error}") from None
+        done = ask(server, "DELETE", f"/v1/profiles/customer_id:{ids[0]}?suppress={keep_suppression == 'yes'}",
+                   actor=local_user(), failed="erase failed")
         sources, customer_ids, entries = done["sources"], done["customer_ids"], done["deadletter_entries"]
         seconds, phases = done["seconds"], done["phases"]
     else:
@@ -315,7 +312,7 @@ def audit(who: str | None, since: str | None, fmt: str) -> None:
     """List the audit trail: who read, exported, erased or split which customer, and when."""
     from cdp.application import CustomerApplication
     from cdp.audit import select, since as parse_since
-    from cdp.server.client import ServerError, call, running_server
+    from cdp.server.client import ask, running_server
     from projections.queries import classify
 
     cfg = settings()
@@ -329,10 +326,7 @@ def audit(who: str | None, since: str | None, fmt: str) -> None:
         ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg), who))
     server = running_server(cfg)
     if server is not None:  # the server's queued reads are appended first
-        try:
-            entries = call(server, "GET", "/v1/audit?limit=100000")["entries"]
-        except ServerError as error:
-            raise UserError(f"audit failed: {error}") from None
+        entries = ask(server, "GET", "/v1/audit?limit=100000", failed="audit failed")["entries"]
     else:
         app = CustomerApplication(cfg)
         try:

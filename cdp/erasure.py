@@ -8,6 +8,7 @@ is checkpointed and truncated (the store deletes with `secure_delete`, so freed 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -16,10 +17,13 @@ from pathlib import Path
 
 from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
+from identity.features import STREET_TYPES
+from ingest.normalise import fold
 from projections import erasure as view_erasure
 
 MIN_PHONE_DIGITS = 7
 PHONE_LIKE = re.compile(rb"[+\d][\d ()./-]{5,}\d")
+STREET_TYPE_WORDS = frozenset(STREET_TYPES.values())
 
 
 @dataclass
@@ -104,6 +108,10 @@ def publish_tombstones(settings: Settings, customer_ids: list[str]) -> None:
         producer.close()
 
 
+def _carries_marks(text: str, marks: list[tuple[str, ...]]) -> bool:
+    return any(all(f" {phrase} " in text for phrase in group) for group in marks)
+
+
 def _needles(erasure: Erasure) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes]]]:
     """What marks a dead-letter line as the person's: identifiers (lower-cased), phone digits and
     their source records (unit and source id)."""
@@ -119,19 +127,55 @@ def _needles(erasure: Erasure) -> tuple[list[bytes], list[bytes], list[tuple[byt
     return [t for t in texts if t], [d for d in digits if len(d) >= MIN_PHONE_DIGITS], records
 
 
+def _street_name(street: str | None) -> str | None:
+    """The street's name without its type (spelled out in match form, abbreviated in the input)."""
+    words = (street or "").split()
+    if len(words) > 1 and words[-1] in STREET_TYPE_WORDS:
+        words = words[:-1]
+    return " ".join(words) or None
+
+
+def name_marks(erasure: Erasure) -> list[tuple[str, ...]]:
+    """Groups of phrases (match form) that mark an entry as the person's when every phrase of a
+    group is in it, for entries that carry no identifier: the full name, the surname with the
+    street, or the house number with the street. A first name or a street alone is many people's."""
+    marks: set[tuple[str, ...]] = set()
+    for f in erasure.features:
+        street = _street_name(f.street)
+        if f.last and f.first:
+            marks.add((f.last, f.first))
+        if f.last and street:
+            marks.add((f.last, street))
+        if f.number and street:
+            marks.add((f"{f.number} {street}",))
+    return sorted(marks)
+
+
+def _match_form(line: bytes) -> str:
+    """The entry's text as names are compared: JSON escapes undone, then folded (case, accents,
+    punctuation), padded so phrases match as whole words."""
+    try:
+        text = json.dumps(json.loads(line), ensure_ascii=False)
+    except ValueError:
+        text = line.decode("utf-8", "replace")
+    return f" {fold(text)} "
+
+
 def scrub_deadletter(path: Path, erasure: Erasure) -> int:
-    """Rewrites the dead-letter without the entries that carry the person's identifiers; returns
-    how many went."""
+    """Rewrites the dead-letter without the entries that carry the person's identifiers, source
+    records, or their name or street (name_marks); returns how many went."""
     if not path.exists():
         return 0
     texts, digits, records = _needles(erasure)
+    marks = name_marks(erasure)
     kept, removed = [], 0
     with open(path, "rb") as source:
         for line in source:
             lower = line.lower().replace(b'\\"', b'"').replace(b'": "', b'":"')
             numbers = [re.sub(rb"\D", b"", m) for m in PHONE_LIKE.findall(line)] if digits else []
             if (any(t in lower for t in texts) or any(d in n for d in digits for n in numbers)
-                    or any(u.lower() in lower and s.lower() in lower for u, s in records)):
+                    or any(u.lower() in lower and s.lower() in lower for u, s in records)
+                    or (marks and _carries_marks(_match_form(line), marks))):
                 removed += 1
             else:
                 kept.append(line)

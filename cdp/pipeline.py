@@ -35,10 +35,11 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def visitor_links(record: Accepted) -> list[tuple[str, str]]:
-    """(user, visitor) source keys an event says are one person: an identify naming the visitor's
-    `properties.anonymous_id`, an alias naming its `previous_id` (an anonymous id or an older
-    userId). Carried in the event itself, so the embedded server and the Kafka workers stitch alike."""
+def visitor_links(record: Accepted) -> list[tuple[str, list[str]]]:
+    """(user, [visitor …]) source keys an event says are one person: an identify naming the
+    visitor's `properties.anonymous_id`, an alias naming its `previous_id` (an anonymous id or an
+    older userId: both are candidates). Carried in the event itself, so the embedded server and
+    the Kafka workers stitch alike."""
     properties = record.data.get("properties")
     if record.type not in ("cdp.identify", "cdp.alias") or not isinstance(properties, dict):
         return []
@@ -46,8 +47,8 @@ def visitor_links(record: Accepted) -> list[tuple[str, str]]:
     if not earlier:
         return []
     candidates = [anonymous_source(earlier)] + ([str(earlier)] if record.type == "cdp.alias" else [])
-    user = source_key(record.business_unit, record.source_id)
-    return [(user, source_key(record.business_unit, c)) for c in candidates if c != record.source_id]
+    visitors = [source_key(record.business_unit, c) for c in candidates if c != record.source_id]
+    return [(source_key(record.business_unit, record.source_id), visitors)] if visitors else []
 
 
 def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
@@ -118,8 +119,8 @@ class Pipeline:
             else:
                 accepted.append(record)
         part = self.app.ingest(accepted, committed)
-        for user, visitor in (link for record in accepted for link in visitor_links(record)):
-            self.app.merge_visitor(user, visitor)  # after the batch: the visitor's events may be in it
+        for user, visitors in (link for record in accepted for link in visitor_links(record)):
+            self.app.merge_visitor(user, visitors)  # after the batch: the visitor's events may be in it
         for source, event_id in part.suppressed_events:  # an erased person's: the id, never the input
             self.deadletter.write(Rejected(reason="suppressed", origin="erasure", kind="suppressed",
                                            event_id=event_id, source=source))

@@ -285,6 +285,17 @@ class Resolver:
         self.index.redirect(cb, ca)
         return ca, cb, link
 
+    def link_ahead(self, known: str, unseen: str) -> str | None:
+        """Links a source record not seen yet to the customer of a known one (a visitor's id named
+        by an identify before the visitor's own events arrived), so its events land there; returns
+        that customer, or None when `unseen` is known after all or a remembered split forbids it."""
+        customer = self.cluster_of(known)
+        if customer is None or self.cluster_of(unseen) is not None or \
+                not self.cannot_link.compatible([customer], [unseen], self._cluster_or_self(known))[0]:
+            return None
+        self.index.assign("source", unseen, customer)
+        return customer
+
     def reject(self, a: str, b: str) -> tuple[str, str]:
         """A person says records a and b are different people: remembered from now on."""
         ca, cb = self._known(a), self._known(b)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import duckdb
 import orjson
@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from cdp.contracts import audience_events as topics
 from projections import metrics
+from projections.tables import scope_members
 from projections.transactions import transaction
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -184,34 +185,67 @@ def apply_definitions(con: duckdb.DuckDBPyConnection) -> None:
 
 # -- membership --------------------------------------------------------------------------------
 
-_SCORES = list(metrics.SCORE_COLUMNS)
-# `customers` as the predicates see it during a batch: the touched customers' scores are NULL until
-# the next refresh, so the ones from before the batch stand in for them until then
-_WITH_PRIOR_SCORES = ("(SELECT c.* REPLACE ({}) FROM customers c LEFT JOIN audience_prior_scores p "
-                      "ON p.customer_id = c.customer_id)").format(
-    ", ".join(f"coalesce(c.{n}, p.{n}) AS {n}" for n in _SCORES))
+_SCORES = frozenset(metrics.SCORE_COLUMNS)
+# purposes whose latest consent `customers` keeps already (consent_<purpose>, projections/metrics.py)
+_KEPT_PURPOSES = frozenset(metrics.CONSENT_PURPOSES)
+_LISTED = 2000  # a batch's customers read through a constant id list up to this many (tables.scope_members)
+
+
+class _Audience(NamedTuple):
+    name: str
+    predicate: str
+    consent: str | None
+    again: bool  # evaluated over everyone: (re)defined by this batch, or a score refresh
+    error: str | None  # from its last evaluation
 
 
 def begin_batch(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE audiences_redefined (name VARCHAR)")
 
 
-def _active(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str | None, bool]]:
-    """(name, predicate, consent, redefined in this batch) of every audience not deleted."""
-    redefined = "name IN (SELECT name FROM audiences_redefined)" if _has_table(con, "audiences_redefined") else "false"
-    return con.execute(f"SELECT name, predicate, consent, {redefined} FROM audiences WHERE NOT deleted "
-                       "ORDER BY name").fetchall()
+def _active(con: duckdb.DuckDBPyConnection, batch: bool) -> list[_Audience]:
+    """Every audience not deleted; in a batch only those it (re)defined are evaluated over everyone."""
+    again = "name IN (SELECT name FROM audiences_redefined)" if batch else "true"
+    return [_Audience(*row) for row in con.execute(
+        f"SELECT name, predicate, consent, {again}, error FROM audiences WHERE NOT deleted ORDER BY name").fetchall()]
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0])
+def _named(audiences: Iterable[_Audience]) -> set[str]:
+    return {column for a in audiences for column in _referenced_columns(a.predicate)}
+
+
+def _in_scope(con: duckdb.DuckDBPyConnection) -> str:
+    """The batch's customers (`audience_scope`) as the right side of IN: a constant list when few,
+    which DuckDB pushes into the scan, else the table."""
+    ids = [row[0] for row in con.execute(f"SELECT customer_id FROM audience_scope LIMIT {_LISTED + 1}").fetchall()]
+    return scope_members(ids if 0 < len(ids) <= _LISTED else "audience_scope")
 
 
 def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
-    """Before a batch re-derives the customers in `scope`: their scores, for the predicates."""
-    columns = ", ".join(_SCORES)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_prior_scores AS SELECT customer_id, {columns} "
-                f"FROM customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
+    """Before a batch re-derives the customers in `scope` (scores NULL until the next refresh): the
+    scores the predicates name, of those of them in `customers`, from before; the customers, once;
+    and how many rows `customers` has, up to which row id (see _rederived)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_scope AS "
+                f"SELECT DISTINCT customer_id FROM {scope} WHERE customer_id IS NOT NULL")
+    named = sorted(_named(_active(con, batch=True)) & _SCORES)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_prior_scores AS SELECT {', '.join(['customer_id', *named])} "
+                f"FROM customers WHERE customer_id IN {_in_scope(con)}")
+    con.execute("CREATE OR REPLACE TEMP TABLE audience_rows_before AS SELECT count(*) AS n, "
+                "coalesce(max(rowid), -1) AS last_rowid FROM customers")
+
+
+def _rederived(con: duckdb.DuckDBPyConnection, in_scope: str) -> str:
+    """The condition that finds the batch's customers in `customers` after the batch re-derived them.
+    Rows written since keep_prior_scores have higher row ids, which DuckDB finds without reading
+    the rest of the table; that is used when the counts prove it finds them all (every row of
+    theirs replaced: rows now = rows before - theirs before + those found), else the ids are
+    looked up in the whole table."""
+    before, last = con.execute("SELECT n, last_rowid FROM audience_rows_before").fetchall()[0]
+    recent = f"rowid > {int(last)} AND customer_id IN {in_scope}"
+    found, now, theirs = con.execute(
+        f"SELECT (SELECT count(*) FROM customers WHERE {recent}), (SELECT count(*) FROM customers), "
+        "(SELECT count(*) FROM audience_prior_scores)").fetchall()[0]
+    return recent if found == now - before + theirs else f"customer_id IN {in_scope}"
 
 
 # -- predicates run in a sandbox of their own --------------------------------------------------
@@ -246,25 +280,55 @@ def _referenced_columns(predicate: str) -> tuple[str, ...]:
     return tuple(c for c in columns if c in named or c == "customer_id")
 
 
-def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], source: str) -> tuple[pa.Table, set[str]]:
-    """(audience, customer_id) of the rows of `source` (in the view) each audience's predicate selects,
-    evaluated in the sandbox; and the audiences whose predicate failed (their members stay as they are)."""
-    wanted = {c for _, predicate in audiences for c in _referenced_columns(predicate)}
-    columns = ", ".join(_quoted(c) for c in _column_order(con) if c in wanted)
+def _consent_flag(purpose: str) -> str:
+    return _quoted(f"__consent__{purpose}")
+
+
+def _rows_sql(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool,
+             rows: str | None = None) -> str:
+    """The rows `audiences` are evaluated over: the customers in `scope` (None: everyone; `rows`:
+    the condition that finds them in `customers`) with only the columns their predicates name, in
+    a batch the scores from before it where it left them NULL, and one flag per consent purpose
+    (the latest consent for it is granted)."""
+    named = _named(audiences)
+    columns = [c for c in _customer_columns(con) if c in named]
+    purposes = sorted({a.consent for a in audiences if a.consent})
+    inner = [*map(_quoted, columns), *(f"consent_{p}" for p in purposes if p in _KEPT_PURPOSES)]
+    prior = (set(columns) & set(_customer_columns(con, "audience_prior_scores")) - {"customer_id"}) if batch else set()
+    select = [f"coalesce(c.{_quoted(n)}, p.{_quoted(n)}) AS {_quoted(n)}" if n in prior else f"c.{_quoted(n)}"
+              for n in columns]
+    for purpose in purposes:
+        if purpose in _KEPT_PURPOSES:
+            granted = f"c.consent_{purpose} IS TRUE"
+        else:  # a purpose `customers` does not keep: the latest consent of these customers' events
+            granted = (f"c.customer_id IN (SELECT customer_id FROM customer_events WHERE type = 'cdp.consent' "
+                       f"AND purpose = {_literal(purpose)}{f' AND customer_id IN {scope}' if scope else ''} "
+                       "GROUP BY customer_id HAVING arg_max(granted, (time, position)))")
+        select.append(f"{granted} AS {_consent_flag(purpose)}")
+    join = " LEFT JOIN audience_prior_scores p ON p.customer_id = c.customer_id" if prior else ""
+    where = f" WHERE {rows or f'customer_id IN {scope}'}" if scope else ""
+    return f"SELECT {', '.join(select)} FROM (SELECT {', '.join(inner)} FROM customers{where}) c{join}"
+
+
+def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope: str | None, batch: bool,
+              rows: str | None = None) -> tuple[pa.Table, set[str]]:
+    """(audience, customer_id) of the customers in `scope` (None: everyone) each audience selects
+    (its predicate, evaluated in the sandbox, and its consent), in one pass over those rows; and the
+    audiences whose predicate failed (recorded in `audiences.error`; their members stay as they are)."""
     sandbox, failed = _sandbox(), set()
-    sandbox.register("customers", con.sql(f"SELECT {columns} FROM {source}").to_arrow_table())
+    sandbox.register("customers", con.sql(_rows_sql(con, audiences, scope, batch, rows)).to_arrow_table())
     try:
-        try:  # all audiences in one query; only when that fails, one by one to find the culprits
-            chosen = sandbox.sql(_union(audiences)).to_arrow_table()
+        try:  # all audiences at once; only when that fails, one by one to find the culprits
+            chosen = sandbox.sql(_one_pass(audiences)).to_arrow_table()
         except duckdb.Error:
             kept = []
-            for name, predicate in audiences:
+            for audience in audiences:
                 try:
-                    kept.append(sandbox.sql(_union([(name, predicate)])).to_arrow_table())
+                    kept.append(sandbox.sql(_one_pass([audience])).to_arrow_table())
                 except duckdb.Error as error:
-                    failed.add(name)
+                    failed.add(audience.name)
                     con.execute("UPDATE audiences SET error = ? WHERE name = ? AND NOT deleted",
-                                [_one_line(error)[:500], name])
+                                [_one_line(error)[:500], audience.name])
             chosen = pa.concat_tables(kept) if kept else _NO_MEMBERS
     finally:
         sandbox.unregister("customers")
@@ -274,42 +338,44 @@ def _evaluate(con: duckdb.DuckDBPyConnection, audiences: list[tuple[str, str]], 
 _NO_MEMBERS = pa.table({"audience": pa.array([], pa.string()), "customer_id": pa.array([], pa.string())})
 
 
-def _union(audiences: list[tuple[str, str]]) -> str:
-    return " UNION ALL ".join(f"SELECT {_literal(name)}::VARCHAR AS audience, customer_id::VARCHAR AS customer_id "
-                              f"FROM customers WHERE {predicate}" for name, predicate in audiences)
+def _one_pass(audiences: list[_Audience]) -> str:
+    """Every audience's predicate over each row once: the names of the audiences a row is in."""
+    def chooses(a: _Audience) -> str:
+        chosen = f"CASE WHEN ({a.predicate}) THEN {_literal(a.name)} END"
+        return f"CASE WHEN {_consent_flag(a.consent)} THEN {chosen} END" if a.consent else chosen
+    return (f"SELECT audience, customer_id FROM (SELECT unnest([{', '.join(map(chooses, audiences))}]::VARCHAR[]) "
+            "AS audience, customer_id::VARCHAR AS customer_id FROM customers) WHERE audience IS NOT NULL")
 
 
-def _column_order(con: duckdb.DuckDBPyConnection) -> list[str]:
-    return _table_columns(con, "customers")
+def _customer_columns(con: duckdb.DuckDBPyConnection, table: str = "customers") -> list[str]:
+    return [column[0] for column in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
 
 
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _should(con: duckdb.DuckDBPyConnection, active: list[tuple[str, str, str | None, bool]], everyone: str,
-            candidates: str) -> tuple[str, set[str]]:
-    """Registers `audience_should` (who should be a member, consent applied) and returns the SQL
-    that reads it, with the audiences whose predicate failed."""
+def _should(con: duckdb.DuckDBPyConnection, active: list[_Audience], scope: str | None,
+            batch: bool, rows: str | None = None) -> tuple[set[str], set[str]]:
+    """Registers `audience_should`: who should be a member, of the customers in `scope` (None:
+    everyone) and of everyone for the audiences evaluated again. Returns the audiences whose
+    predicate failed and those evaluated over everyone."""
     tables, failed = [], set()
-    for again, source in ((False, candidates), (True, everyone)):
-        chosen = [(name, predicate) for name, predicate, _, redefined in active if redefined == again]
-        if chosen:
-            table, bad = _evaluate(con, chosen, source)
-            tables.append(table)
-            failed |= bad
+    first = [a for a in active if not a.again]
+    if first:
+        table, failed = _evaluate(con, first, scope, batch, rows)
+        tables.append(table)
+    # working again after an error: its members may be stale anywhere, so everyone is evaluated
+    again = [a for a in active if a.again or (a.error and a.name not in failed)]
+    if again:
+        table, bad = _evaluate(con, again, None, batch)
+        tables.append(table)
+        failed |= bad
+    mended = [a.name for a in active if a.error and a.name not in failed]
+    if mended:
+        con.execute(f"UPDATE audiences SET error = NULL WHERE name IN ({', '.join(map(_literal, mended))})")
     con.register("audience_should", pa.concat_tables(tables) if tables else _NO_MEMBERS)
-    purposes = sorted({consent for _, _, consent, _ in active if consent})
-    if not purposes:
-        return "SELECT audience, customer_id FROM audience_should", failed
-    # consent is ours to check, on the view: the latest cdp.consent per purpose of these customers
-    return (f"""SELECT s.audience, s.customer_id FROM audience_should s JOIN audiences a ON a.name = s.audience
-        AND NOT a.deleted LEFT JOIN (SELECT customer_id, purpose FROM customer_events WHERE type = 'cdp.consent'
-          AND purpose IN ({", ".join(map(_literal, purposes))})
-          AND customer_id IN (SELECT customer_id FROM audience_should)
-          GROUP BY customer_id, purpose HAVING arg_max(granted, (time, position))) g
-        ON g.customer_id = s.customer_id AND g.purpose = a.consent
-        WHERE a.consent IS NULL OR g.customer_id IS NOT NULL""", failed)
+    return failed, {a.name for a in again}
 
 
 def _members_sql(name: str, predicate: str, consent: str | None, source: str) -> str:
@@ -324,49 +390,51 @@ def _members_sql(name: str, predicate: str, consent: str | None, source: str) ->
 
 
 def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) -> int:
-    """After a batch re-derived the customers in `scope`: their memberships, and everyone's in the
-    audiences (re)defined or deleted by the batch. Returns the changes recorded."""
-    active = _active(con)
-    redefined_all = con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()
-    if not active and not redefined_all:
+    """After a batch re-derived the customers in `scope` (noted by keep_prior_scores): their
+    memberships, and everyone's in the audiences (re)defined or deleted by the batch. Returns the
+    changes recorded. Reads only the batch's customers, so its cost follows the batch, not the view."""
+    active = _active(con, batch=True)
+    redefined = [row[0] for row in con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()]
+    if not active and not redefined:
         return 0
-    candidates = (f"{_WITH_PRIOR_SCORES} AS customers WHERE customer_id IN (SELECT customer_id FROM {scope})")
-    should, failed = _should(con, active, f"{_WITH_PRIOR_SCORES} AS customers", candidates)
-    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND "
-               f"(audience IN (SELECT name FROM audiences_redefined) OR customer_id IN (SELECT customer_id FROM {scope}))")
-    return _record(con, should, current, position, failed)
+    in_scope = _in_scope(con)
+    failed, everyone = _should(con, active, in_scope, batch=True, rows=_rederived(con, in_scope))
+    everyone = sorted(everyone | set(redefined))
+    of_everyone = f" OR audience IN ({', '.join(map(_literal, everyone))})" if everyone else ""
+    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
+               f"AND (customer_id IN {in_scope}{of_everyone})")
+    return _record(con, current, position, failed)
 
 
 def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
     """Everyone's membership in every audience (after the scores were refreshed); returns the changes."""
-    active = [(name, predicate, consent, True) for name, predicate, consent, _ in _active(con)]
-    should, failed = _should(con, active, "customers", "customers")
-    current = "SELECT audience, customer_id FROM audience_members WHERE until IS NULL"
-    return _record(con, should, current, position, failed)
+    failed, _ = _should(con, _active(con, batch=False), None, batch=False)
+    return _record(con, "SELECT audience, customer_id FROM audience_members WHERE until IS NULL", position, failed)
 
 
-def _record(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int,
-            failed: set[str] = frozenset()) -> int:
-    """Records the difference between who should be a member and who is, as changes and stays
-    (the members of an audience whose predicate failed stay as they are)."""
-    if failed:
-        current = f"SELECT * FROM ({current}) WHERE audience NOT IN ({', '.join(map(_literal, sorted(failed)))})"
+def _record(con: duckdb.DuckDBPyConnection, current: str, position: int, failed: set[str]) -> int:
+    """Records the difference between who should be a member (`audience_should`) and who is, as
+    changes and stays (the members of an audience whose predicate failed stay as they are)."""
+    kept = f" WHERE audience NOT IN ({', '.join(map(_literal, sorted(failed)))})" if failed else ""
     try:
-        changes = _record_delta(con, should, current, position)
+        return _record_delta(con, f"SELECT audience, customer_id FROM audience_should{kept}",
+                             f"SELECT * FROM ({current}){kept}", position)
     finally:
         con.unregister("audience_should")
-    return changes
 
 
 def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int) -> int:
+    """Changes from `current` to `should` members, numbered on from the last change in a fixed
+    order (exits first), and the stays they open and close."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_now AS {current}")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE audience_delta AS
-        WITH should AS ({should}), now_in AS ({current})
-        SELECT audience, customer_id, 'entered' AS action FROM (FROM should EXCEPT FROM now_in)
+        SELECT audience, customer_id, 'entered' AS action FROM ({should} EXCEPT FROM audience_now)
         UNION ALL
-        SELECT audience, customer_id, 'exited' AS action FROM (FROM now_in EXCEPT FROM should)""")
-    changes = con.execute("SELECT count(*) FROM audience_delta").fetchall()[0][0]
-    if not changes:
+        SELECT audience, customer_id, 'exited' AS action FROM (FROM audience_now EXCEPT {should})""")
+    entered, exited = con.execute("SELECT count(*) FILTER (WHERE action = 'entered'), "
+                                  "count(*) FILTER (WHERE action = 'exited') FROM audience_delta").fetchall()[0]
+    if not entered + exited:
         return 0
     con.execute("""
         INSERT INTO audience_changes
@@ -374,16 +442,18 @@ def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, pos
                  + row_number() OVER (ORDER BY action DESC, audience, customer_id),
                audience, customer_id, action, now(), $position
         FROM audience_delta""", {"position": position})
-    con.execute("""
-        UPDATE audience_members SET until = now(), until_position = $position FROM audience_delta d
-        WHERE d.action = 'exited' AND audience_members.until IS NULL
-          AND audience_members.audience = d.audience AND audience_members.customer_id = d.customer_id""",
-                {"position": position})
-    con.execute("""
-        INSERT INTO audience_members
-        SELECT audience, customer_id, now(), NULL, $position, NULL FROM audience_delta WHERE action = 'entered'""",
-                {"position": position})
-    return changes
+    if exited:
+        con.execute("""
+            UPDATE audience_members SET until = now(), until_position = $position FROM audience_delta d
+            WHERE d.action = 'exited' AND audience_members.until IS NULL
+              AND audience_members.audience = d.audience AND audience_members.customer_id = d.customer_id""",
+                    {"position": position})
+    if entered:
+        con.execute("""
+            INSERT INTO audience_members
+            SELECT audience, customer_id, now(), NULL, $position, NULL FROM audience_delta WHERE action = 'entered'""",
+                    {"position": position})
+    return entered + exited
 
 
 _DELIVERY_HISTORY = ("audience_members", "audience_changes", "destination_state", "destination_deadletter")

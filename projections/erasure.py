@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 from cdp.contracts.stored_events import ERASED
+from projections.tables import scope_members
 
 # Tables keyed by the customer, and the column naming them.
 CUSTOMER_TABLES = (
@@ -26,14 +27,16 @@ FROM batch WHERE topic = '{ERASED}'
 """
 
 
-def delete_erased(con: duckdb.DuckDBPyConnection) -> bool:
-    """Deletes the rows of the customers the registered `batch` erased; True when there were any."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE erased AS {SELECT_ERASED}")
-    if not con.execute("SELECT count(*) FROM erased").fetchall()[0][0]:
-        return False
-    for table, column in CUSTOMER_TABLES:
-        con.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT customer_id FROM erased)")
-    return True
+def delete_erased(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Deletes the rows of the customers the registered `batch` erased; returns their ids. The ids
+    go into the statements as a constant list, which DuckDB checks inside the scan rather than by
+    a join over every row (tables.scope_members)."""
+    erased = [row[0] for row in con.execute(SELECT_ERASED).fetchall()]
+    if erased:
+        members = scope_members(erased)
+        for table, column in CUSTOMER_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE {column} IN {members}")
+    return erased
 
 
 def rewrite(path: Path) -> None:
@@ -44,6 +47,7 @@ def rewrite(path: Path) -> None:
         leftover.unlink(missing_ok=True)
     con = duckdb.connect(str(path))
     try:
+        con.execute("SET enable_progress_bar = false")  # DuckDB's own bar would land in the CLI's stdout
         con.execute("CHECKPOINT")
         source = con.execute("SELECT current_database()").fetchall()[0][0]
         con.execute(f"ATTACH '{fresh}' AS fresh")

@@ -96,6 +96,12 @@ def connect(path: Path | str, read_only: bool = False, memory_limit: str | None 
     if not read_only:
         # Checkpoint rarely (and on close) rather than inside the commit of every batch.
         con.execute("SET checkpoint_threshold = '1GB'")
+        # With the look-up indexes `cdp serve` keeps in the file (cdp/server/readside.py), DuckDB's
+        # order-preserving batch insert fails fatally with several threads while projecting a split
+        # ("batch index … is present in multiple collections") and invalidates the database:
+        # measured on a 1M-event view, every split did, by the server or `cdp identity split`
+        # after it. Writers take the plain insert path; readers order what they read.
+        con.execute("SET preserve_insertion_order = false")
     return con
 
 
@@ -187,9 +193,12 @@ class Projector:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
-            if topics[-1] == stored_events.ERASED:
-                erasure.delete_erased(con)
+            erased = erasure.delete_erased(con) if topics[-1] == stored_events.ERASED else []
             if recompute:
+                # the erased count as touched: audiences drop them, and the batch's recompute keeps
+                # to a list of ids rather than scanning every event for an empty scope
+                if erased:
+                    con.executemany("INSERT INTO touched VALUES (?)", [(c,) for c in erased])
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 if absorbed:
                     con.executemany("INSERT INTO touched VALUES (?)", [(a,) for a in absorbed])

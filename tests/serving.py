@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -92,3 +95,26 @@ def cloudevent(event_id: str, unit: str, source_id: str, kind: str = "cdp.identi
 def deadletter(home: Path) -> list[dict]:
     path = home / "deadletter.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+
+def _csrf(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+@contextmanager
+def console_session(server: Server, key: str) -> Iterator[httpx.Client]:
+    """A browser signed in to the console with `key` (cookies kept), as a person signs in."""
+    with httpx.Client(base_url=server.url, timeout=600) as browser:
+        signed = browser.post("/login", data={"key": key, "csrf": _csrf(browser.get("/login").text)})
+        assert signed.status_code == 303, signed.text
+        yield browser
+
+
+def console_split(browser: httpx.Client, customer_id: str, record: str) -> httpx.Response:
+    """A steward splits `record` off a customer in the console: opens the confirmation form, posts
+    it with the form's CSRF token; the response is the console's redirect (or its refusal)."""
+    form = browser.get(f"/customers/{customer_id}/split", params={"record": record})
+    assert form.status_code == 200, form.text
+    return browser.post(f"/customers/{customer_id}/split",
+                        data={"record": record, "csrf": _csrf(form.text), "reason": "not the same person"})

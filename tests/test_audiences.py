@@ -336,6 +336,47 @@ def test_predicates_that_slipped_past_the_check_run_in_the_sandbox(shop, tmp_pat
     assert members == [{"audience": "buyers", "n": 4}]
 
 
+def test_a_predicate_that_works_again_clears_its_error_and_catches_up(shop, tmp_path):
+    """A predicate that fails on some data (a last name that is no number) records the error and
+    keeps its members; once the data lets it work again, the error is cleared and its members are
+    right again."""
+    shop("audiences", "create", "split", "--where", "lifetime_value / CAST(last_name AS INTEGER) > 1")
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    dan = {"email": "dan@example.com", "first_name": "Dan"}
+
+    def ingest(name: str, *events: dict) -> None:
+        shop("ingest", str(write(tmp_path / name, list(events))))
+
+    ingest("dan1.jsonl", event("d1", "retail", "dan", "cdp.purchase", "2025-01-12T10:00:00Z",
+                               {**dan, "last_name": "Smith"}, amount=30.0, order_id="d1"))
+    rows = {r["name"]: r["error"] for r in shop.query("SELECT name, error FROM audiences")}
+    assert "Smith" in rows["split"] and rows["buyers"] is None, rows
+    ingest("dan2.jsonl", event("d2", "retail", "dan", "cdp.identify", "2025-01-13T10:00:00Z",
+                               {**dan, "last_name": "3"}))
+    rows = {r["name"]: r["error"] for r in shop.query("SELECT name, error FROM audiences")}
+    assert rows == {"split": None, "buyers": None}
+    members = shop.query("SELECT m.audience, c.email FROM audience_members m JOIN customers c USING (customer_id) "
+                         "WHERE m.until IS NULL ORDER BY m.audience, c.email")
+    assert [(r["audience"], r["email"]) for r in members] == [
+        ("buyers", "ann@example.com"), ("buyers", "bob@example.com"), ("buyers", "cat@example.com"),
+        ("buyers", "dan@example.com"), ("split", "dan@example.com")]
+
+
+def test_an_erased_member_exits_at_once_with_ids_only(shop):
+    """`cdp erase` (which refreshes no scores) makes the person exit every audience in the batch
+    that erased them: the change carries ids only, and no stay is left open."""
+    shop("audiences", "create", "buyers", "--where", "orders > 0")
+    shop("audiences", "create", "big", "--where", "lifetime_value > 100", "--consent", "email_marketing")
+    ann = _ids(shop)["ann"]
+    shop("erase", ann, "--yes")
+    changes = shop.query(f"SELECT audience, action FROM audience_changes WHERE customer_id = '{ann}' "
+                         "ORDER BY change_id")
+    assert sorted((c["audience"], c["action"]) for c in changes) == [
+        ("big", "entered"), ("big", "exited"), ("buyers", "entered"), ("buyers", "exited")]
+    assert shop.query(f"SELECT count(*) AS n FROM audience_members WHERE customer_id = '{ann}' "
+                      "AND until IS NULL") == [{"n": 0}]
+
+
 def test_a_rebuild_sends_nothing_already_delivered(shop, receiver, tmp_path):
     """`cdp projections rebuild` keeps each change's id (so its idempotency key) and every
     destination's progress: the next sync sends nothing; a real change after it is sent once."""

@@ -108,3 +108,45 @@ def test_phone_region_per_business_unit(cdp, tmp_path):
     write(tmp_path / "e.jsonl", [event("1", "bank", "B1", customer={"phone": "030 1234567"})])
     cdp("ingest", str(tmp_path / "e.jsonl"), extra_env={"CDP_PHONE_REGIONS": "bank=DE"})
     assert cdp.query("SELECT phone FROM customers") == [{"phone": "+49301234567"}]
+
+
+@pytest.fixture
+def vanishing_server(cdp):
+    """A "running server" in CDP_HOME/server.json that answers its health check, then hangs up on
+    every other request: a `cdp serve` stopped between the CLI's check and its request."""
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+            self.close_connection = True  # anything else: no answer at all
+
+        do_POST = do_DELETE = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cdp.home.mkdir(parents=True, exist_ok=True)
+    (cdp.home / "server.json").write_text(json.dumps(
+        {"url": f"http://127.0.0.1:{server.server_port}", "pid": os.getpid(), "key": "cdp_local_test"}))
+    yield server
+    server.shutdown()
+
+
+@pytest.mark.parametrize("args, failed", [(["audit"], "audit failed: "),
+                                          (["audiences", "delete", "vip"], ""),
+                                          (["destinations", "retry"], "")])
+def test_a_server_that_stops_answering_is_one_line(vanishing_server, cdp, args, failed):
+    done = cdp(*args, check=False, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"cdp: error: {failed}the server at http://127.0.0.1:{vanishing_server.server_port} did not answer: "
+        + done.stderr.split("did not answer: ", 1)[1].strip()]

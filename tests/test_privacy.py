@@ -40,9 +40,16 @@ def people_events() -> list:
 
 
 def invalid_event_of_ann() -> bytes:
-    """An event the schema rejects, carrying Ann's e-mail: it lands in the dead-letter."""
+    """Events the schema rejects: one carrying Ann's e-mail, one only her name and street (spelled
+    another way, from a record of a unit that never sent a valid one), one with another person's
+    name and street: all land in the dead-letter."""
     bad = event("bad1", "retail", "R-1", "cdp.purchase", amount="lots", customer={"email": ANN["email"]})
-    return jsonl([bad])
+    named = event("bad2", "telecom", "T-44", "cdp.purchase", amount="lots",
+                  customer={"first_name": "QUORRALIND", "last_name": "Zéphyrine",
+                            "address": {"street": "17 Wobblesworth Ln"}})
+    other = event("bad3", "telecom", "T-45", "cdp.purchase", amount="lots",
+                  customer={"first_name": "Bob", "last_name": "Other", "address": {"street": "1 High Street"}})
+    return jsonl([bad, named, other])
 
 
 def files_holding(home: Path, needles: list[str]) -> dict[str, list[str]]:
@@ -135,6 +142,8 @@ def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
 
     assert files_holding(cdp.home, NEEDLES) == {}
     assert others(cdp) == before
+    kept = [json.loads(line)["event_id"] for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+    assert kept == ["bad3"]  # another person's entry stays
     erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
     assert len(erased) == 1 and erased[0]["detail"]["sources"] == 2 and erased[0]["detail"]["suppressed"] is True
     missing = cdp("customer", "show", "quorra.zephyrine@example.org", check=False)

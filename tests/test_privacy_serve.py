@@ -66,7 +66,7 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         assert "/v1/audit" in paths
 
         erased = admin.delete(f"/v1/profiles/email:quorra.zephyrine@example.org").json()
-        assert erased["customer_id"] == ann and erased["sources"] == 2 and erased["deadletter_entries"] == 1
+        assert erased["customer_id"] == ann and erased["sources"] == 2 and erased["deadletter_entries"] == 2
         refusal(read.get(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
         refusal(admin.delete(f"/v1/profiles/customer_id:{ann}"), 404, "not_found")
 

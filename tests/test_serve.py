@@ -105,6 +105,30 @@ def curl(server, key: str, *args: str) -> tuple[int, dict]:
     return int(status), json.loads(body)
 
 
+
+def test_a_visitor_named_before_its_events_arrive_lands_on_the_user(served) -> None:
+    """An identify (or an alias) resolved before the visitor's own first event: the visitor's id
+    is linked to the user ahead of its events, rule `anonymous_id`, and they land on the user."""
+    from segment.analytics.client import Client
+
+    server, keys = served
+    sdk = Client(write_key=keys["retail"], host=server.url, sync_mode=True, max_retries=1)
+    sdk.identify(user_id="u-50", anonymous_id="visitor-50", traits={"email": "eve@example.org"})
+    sdk.alias(user_id="u-51", previous_id="visitor-51")
+    sdk.flush()
+    settled(server, keys["read"])
+    sdk.track(anonymous_id="visitor-50", event="Product Viewed", properties={"sku": "S-50"})
+    sdk.track(anonymous_id="visitor-51", event="Product Viewed", properties={"sku": "S-51"})
+    sdk.flush()
+    settled(server, keys["read"])
+    for user, visitor in (("email:eve@example.org", "visitor-50"), ("retail:u-51", "visitor-51")):
+        body = profile(server, keys["read"], user).json()
+        assert profile(server, keys["read"], f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
+        linked = [s for s in body["sources"] if s["source_id"] == f"anonymous:{visitor}"]
+        assert [(s["rule"], s["evidence"]["anonymous"]) for s in linked] == [("anonymous_id", f"retail:anonymous:{visitor}")]
+        events = server.client(keys["read"]).get(f"/v1/profiles/customer_id:{body['customer_id']}/events").json()
+        assert "cdp.track" in [e["type"] for e in events["events"]]  # the visitor's view is on the user's timeline
+
 def test_cloudevents_structured_batched_and_binary_modes(served) -> None:
     server, keys = served
     one = cloudevent("ce-1", "retail", "R1", customer={"email": "bo@example.org"})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import cloudevent, new_keys, start_server, wait_until
+from tests.serving import cloudevent, console_session, console_split, new_keys, start_server, wait_until
 from tests.test_streaming import (  # noqa: F401 (fixtures)
     cdp, demo_input, embedded, kafka_env, read_topic, start_worker, stop, stored_keys)
 
@@ -96,11 +96,12 @@ def test_serve_with_a_worker_on_postgres_survives_kill_9(kafka_env, kafka_bootst
 
 def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) -> None:
     """Segment's SDK through `cdp serve` with Kafka: the worker resolves, and an identify (or an
-    alias) carrying the visitor's id stitches the visitor's history onto the known user."""
+    alias) carrying the visitor's id stitches the visitor's history onto the known user, whether
+    the visitor's events were stored before it or arrive after it."""
     from segment.analytics.client import Client
 
     serve_env = kafka_env("serve", CDP_RATE_LIMIT="1000")
-    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None)})
+    keys = new_keys(serve_env, {"publish": ("publish", "shop"), "read": ("read", None), "admin": ("admin", None)})
     server = start_server(serve_env, tmp_path / "serve.log")
     worker = start_worker(kafka_env("worker", CDP_WORKER_BATCH="20", CDP_WORKER_LINGER_MS="10"), tmp_path / "worker.log")
     try:
@@ -126,6 +127,29 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
             assert {"kind": "anonymous_id", "value": visitor} in body["identifiers"]
             assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
             assert body["metrics"]["events"] >= 2  # the visitor's track is on the user's timeline
+        # the other order: the worker stores the identify (or alias) before the visitor's first event
+        sdk.identify(user_id="u-9", anonymous_id="visitor-9", traits={"email": "ed@example.org"})
+        sdk.alias(user_id="u-10", previous_id="visitor-10")
+        sdk.flush()
+        wait_until(lambda: found("shop:u-10").status_code == 200 and found("email:ed@example.org").status_code == 200,
+                   120, "the identify and the alias")
+        for visitor in ("visitor-9", "visitor-10"):
+            sdk.track(anonymous_id=visitor, event="Product Viewed", properties={"sku": visitor})
+        sdk.flush()
+        for user, visitor in (("email:ed@example.org", "visitor-9"), ("shop:u-10", "visitor-10")):
+            wait_until(lambda: found(user).json()["metrics"]["events"] == 2, 120, f"{visitor}'s event on {user}")
+            body = found(user).json()
+            assert found(f"anonymous_id:{visitor}").json()["customer_id"] == body["customer_id"]
+            assert [s["rule"] for s in body["sources"] if s["source_id"] == f"anonymous:{visitor}"] == ["anonymous_id"]
+        # reversible: a steward splits the visitor off in the console (the server's kept application
+        # decides, under the writers' lock), and the visitor's history leaves with it
+        ed = found("email:ed@example.org").json()["customer_id"]
+        with console_session(server, keys["admin"]) as browser:
+            split = console_split(browser, ed, "shop:anonymous:visitor-9")
+        assert split.status_code == 303, split.text
+        wait_until(lambda: found("anonymous_id:visitor-9").json()["customer_id"] != ed, 60, "the split in the view")
+        assert found("email:ed@example.org").json()["metrics"]["events"] == 1
+        assert found("anonymous_id:visitor-9").json()["metrics"]["events"] == 1
     finally:
         server.stop()
         stop(worker)

@@ -5,6 +5,7 @@ the CLI's own (cdp/audience_commands.py); a definition is answered once the view
 """
 from __future__ import annotations
 
+from operator import methodcaller
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
@@ -60,7 +61,7 @@ def mount(app: FastAPI, service: Any, admit: Callable[..., Any]) -> None:
     async def create_audience(body: AudienceBody, request: Request) -> JSONResponse:
         def check(con: Any) -> Callable[[Any], None]:
             predicate = commands.checked_audience(con, body.name, body.where, body.consent)
-            return lambda app: app.define_audience(body.name, predicate, body.consent)
+            return methodcaller("define_audience", body.name, predicate, body.consent)
 
         await define(request, check)
         size = commands.audience_size(service.read.cursor(), body.name)
@@ -76,7 +77,7 @@ def mount(app: FastAPI, service: Any, admit: Callable[..., Any]) -> None:
         def check(con: Any) -> Callable[[Any], None]:
             checked = commands.checked_destination(service.cfg, con, body.name, body.webhook, body.audiences,
                                                    body.secret, body.fields)
-            return lambda app: app.define_destination(body.name, *checked)
+            return methodcaller("define_destination", body.name, *checked)
 
         await define(request, check)
         return JSONResponse({"name": body.name, "signed": body.secret is not None}, status_code=201)
@@ -125,4 +126,4 @@ def mount(app: FastAPI, service: Any, admit: Callable[..., Any]) -> None:
 
 def _deleting(con: Any, kind: str, name: str) -> Callable[[Any], None]:
     commands.check_deletable(con, kind, name)
-    return lambda app: app.delete_definition(kind, name)
+    return methodcaller("delete_definition", kind, name)

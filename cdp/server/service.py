@@ -13,7 +13,9 @@ import os
 import secrets
 import signal
 import sys
+import threading
 from dataclasses import replace
+from operator import methodcaller
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -64,6 +66,14 @@ class Service:
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
         self._profiles_producer = profiles_producer
+        # Kafka + PostgreSQL: people's decisions run on an application of their own, kept (its
+        # identity state loaded in the background from the start); apart from `self.app`, whose
+        # cached data keys the read side decrypts with while a command may reload its own
+        self.decisions = threading.Lock()  # one decision at a time (the writers' lock is per connection)
+        self._decider_lock = threading.Lock()
+        self._decider: Any = None
+        if self.mode == "kafka" and cfg.event_store:
+            threading.Thread(target=self._warm_decider, name="cdp-decider", daemon=True).start()
         self.audit = AuditTrail(self._append_audit, on_error=lambda error: self.log(f"audit trail: {error!r}"))
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
@@ -83,7 +93,7 @@ class Service:
         and the store's log are scrubbed. The view's file is rewritten when the server next stops
         or starts (it holds the file open; see `pending_view_rewrite`)."""
         started = time.perf_counter()
-        erasure = self.steward(lambda app: app.erase(customer_id, suppress, actor))
+        erasure = self.steward(methodcaller("erase", customer_id, suppress, actor))
         phases = {"store_and_view": time.perf_counter() - started}
         removed = scrub_deadletter(self.cfg.deadletter_path, erasure) if self.mode == "embedded" else 0
         self.app.store.scrub()
@@ -105,19 +115,52 @@ class Service:
         return self.writer.pending if self.mode == "embedded" else 0
 
     def steward(self, work: Callable[[Any], T]) -> T:
-        """A person's identity decision, `work(app)` calling the application's command (the one
-        `cdp identity split|review` calls), returned once the view shows it. On an application of
-        its own: the command takes the writers' lock, as the CLI's does, so it comes between the
-        resolver's (or the workers') batches. The reads queued for the audit trail
-        are appended first, so the trail keeps the order things happened in."""
+        """A person's decision, `work(app)` calling the application's command (the one the CLI
+        calls: `cdp identity split|review`, `erase`, an audience's definition), returned once the
+        view shows it. `work` must pickle (`operator.methodcaller`): embedded, it runs in the
+        resolver process, between two of its batches, on the application it keeps (SQLite's one
+        writer); with Kafka and PostgreSQL, on the application this server keeps for them (`decider`),
+        under the writers' lock like the workers' batches (which refreshes it with what they
+        committed). Neither loads
+        the store's identity state again, so a decision costs the same on a store of millions of
+        records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
+        The reads queued for the audit trail are appended first, so the trail keeps the order
+        things happened in."""
         self.audit.flush()
-        from cdp.pipeline import Pipeline
+        if self.mode == "embedded":
+            result = self.writer.command(work)
+        elif self.cfg.event_store:
+            with self.decisions:
+                result = work(self.decider())
+        else:
+            from cdp.application import CustomerApplication
 
-        with Pipeline(self.cfg, project=False) as pipeline:
-            result = work(pipeline.app)
+            app = CustomerApplication(self.cfg)
+            try:
+                result = work(app)
+            finally:
+                app.close()
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
+
+    def decider(self) -> Any:
+        """The application people's decisions run on with Kafka + PostgreSQL, opened and its
+        identity state loaded once (the writers' lock refreshes it before every command)."""
+        with self._decider_lock:
+            if self._decider is None:
+                from cdp.application import CustomerApplication
+
+                app = CustomerApplication(self.cfg)
+                app.resolver  # noqa: B018 - loaded now, not on the first decision
+                self._decider = app
+            return self._decider
+
+    def _warm_decider(self) -> None:
+        try:
+            self.decider()
+        except Exception as error:  # noqa: BLE001 - the first decision opens it again, and says why
+            self.log(f"loading the application for people's decisions failed: {error!r}")
 
     def start(self) -> None:
         self.read.start()
@@ -128,6 +171,9 @@ class Service:
         self.writer.close()
         if self._profiles_producer is not None:
             self._profiles_producer.close(timeout=10)
+        with self._decider_lock:
+            if self._decider is not None:
+                self._decider.close()
         self.app.close()
 
     @staticmethod

@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from cdp import topics
 from cdp.config import Settings
@@ -31,12 +31,27 @@ GROUP_COMMIT_RECORDS = 5000
 ACK_SECONDS = 30.0
 DRAIN_SECONDS = 60.0
 RETRY_SECONDS = 1.0
+T = TypeVar("T")
 
 
-def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int) -> None:
+def run_commands(app: Any, commands: Any) -> None:
+    """Runs the people's commands waiting on `commands` (`work(app)`, e.g. a console split) on the
+    resolver's own application and answers each with ("ok", result) or ("raised", error)."""
+    while commands.poll():
+        work = commands.recv()
+        try:
+            answer = ("ok", work(app))
+        except Exception as error:  # noqa: BLE001 - the server raises it where the person asked
+            answer = ("raised", error)
+        commands.send(answer)
+
+
+def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int, commands: Any) -> None:
     """The resolver process: the intake's records through the pipeline, oldest first, each batch
     dropped from the intake after the store's commit; reports ("committed", n) or ("error", text)
-    to the server. Ends when told to (after draining) or when the server is gone (kill -9)."""
+    to the server; between batches, runs the people's commands the server sends on `commands`
+    (the embedded store's one writer, its state already loaded). Ends when told to (after
+    draining) or when the server is gone (kill -9)."""
     from cdp.pipeline import Pipeline
     from cdp.summary import Summary
 
@@ -47,10 +62,13 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     intake = Intake(cfg.intake_path)
     summary = Summary()
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+        pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
         while os.getppid() == parent:
             wake.wait(0.5)
             wake.clear()
+            run_commands(pipeline.app, commands)
             while os.getppid() == parent:
+                run_commands(pipeline.app, commands)  # between batches: a person does not wait for the backlog
                 upto, records = intake.oldest(GROUP_COMMIT_RECORDS)
                 if not upto:
                     break
@@ -82,6 +100,7 @@ class EmbeddedWriter:
         self._wake = self._context.Event()  # the intake has records for the resolver
         self._stop = self._context.Event()
         self._stopping = False
+        self._command_lock = threading.Lock()  # one person's command at a time on the channel
         self._resolver = self._start_resolver()
         self._threads = [threading.Thread(target=self._take_in, name="cdp-intake", daemon=True),
                          threading.Thread(target=self._hear_resolver, name="cdp-resolver-reports", daemon=True)]
@@ -91,11 +110,28 @@ class EmbeddedWriter:
 
     def _start_resolver(self) -> Any:
         self._reports, report = self._context.Pipe(duplex=False)
+        self._commands, commands = self._context.Pipe()
         process = self._context.Process(target=resolve_intake, name="cdp-resolver", daemon=True,
-                                        args=(self.cfg, self._wake, self._stop, report, os.getpid()))
+                                        args=(self.cfg, self._wake, self._stop, report, os.getpid(), commands))
         process.start()
         report.close()
+        commands.close()
         return process
+
+    def command(self, work: Callable[[Any], T]) -> T:
+        """`work(app)` (picklable, e.g. `operator.methodcaller`) run by the resolver process on its
+        application, between two batches of the intake; its result, or its error raised here."""
+        with self._command_lock:
+            resolver, channel = self._resolver, self._commands
+            channel.send(work)
+            self._wake.set()
+            while not channel.poll(0.5):
+                if not resolver.is_alive():
+                    raise RuntimeError("the resolver process ended before it answered; try again")
+            kind, result = channel.recv()
+        if kind == "raised":
+            raise result
+        return result
 
     @property
     def pending(self) -> int:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -271,8 +272,8 @@ def mount(app: FastAPI, service: Any) -> None:
         session = checked(request, csrf, "admin", group=True)
         body = _customer(service, customer_id)
         try:
-            decisions = service.steward(lambda app: app.split(body["customer_id"], [record], reason,
-                                                                actor_of(session.key)))
+            decisions = service.steward(methodcaller("split", body["customer_id"], [record], reason,
+                                                     actor_of(session.key)))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)
@@ -303,7 +304,7 @@ def mount(app: FastAPI, service: Any) -> None:
             raise Refused(404, f"No review {review_id}.")
         try:
             customer_id = service.steward(
-                lambda app: (app.confirm_match if action == "confirm" else app.reject_match)(pair[0], pair[1]))
+                methodcaller("confirm_match" if action == "confirm" else "reject_match", pair[0], pair[1]))
         except ValueError as problem:
             raise Refused(409, str(problem)) from None
         sessions.flash(session, f"Confirmed: {pair[0]} and {pair[1]} are one customer, {customer_id}."
