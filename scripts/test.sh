@@ -6,6 +6,11 @@
 # started are stopped again at the end, ones that were already running are left running.
 # Without Java, Kafka cannot run: with CI=true that is an error, elsewhere a warning, and the
 # Kafka tests skip with a reason. Extra arguments go to pytest.
+#
+# The files run in parallel, CDP_TEST_WORKERS of them at a time (default 3; 0 runs them in this
+# process): pytest-xdist with `--dist loadfile`, so a file's tests and module fixtures stay in one
+# worker. Most tests wait on subprocesses, sockets and the services, so 3 workers pay off on 2 cores.
+# Every run prints its 25 slowest tests.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,8 +88,13 @@ if [[ -n "${CDP_KAFKA_BOOTSTRAP:-}" ]] && ! command -v kcat >/dev/null; then
                                   say "WARNING: kcat could not be installed: its test will be skipped"; }
 fi
 
+WORKERS="${CDP_TEST_WORKERS:-3}"
+[[ "$WORKERS" =~ ^[0-9]+$ ]] || { say "ERROR: CDP_TEST_WORKERS must be a number of workers (0: no parallel run), not '$WORKERS'"; exit 2; }
+PARALLEL=()
+if ((WORKERS > 0)); then PARALLEL=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
+
 status=0
-"$PYTEST" -q -ra "$@" || status=$?
+"$PYTEST" -q -ra --durations=25 "${PARALLEL[@]}" "$@" || status=$?
 if ((status == 5)); then
     say "ERROR: pytest collected no tests (exit code 5): check testpaths in pyproject.toml and the arguments given"
     exit 5

@@ -6,6 +6,11 @@ Tests that need them take the fixtures below. Without the variables those tests 
 CI (CI=true), where a missing service is an error rather than a silent skip.
 
 Add new fixtures in their own section; keep the service fixtures together.
+
+scripts/test.sh runs the files in parallel (pytest-xdist, `--dist loadfile`: each file in one worker,
+so its module fixtures are built once). Every test already gets its own CDP_HOME (tmp_path), topic
+prefix, database and free ports; the services are started once, before pytest, by scripts/test.sh.
+Files with a test marked `slow` are handed out first, so the long ones do not end the run alone.
 """
 from __future__ import annotations
 
@@ -157,3 +162,16 @@ def demo_view(tmp_path_factory, demo_files) -> CdpRunner:
     cdp("ingest", *files[:2])
     cdp("ingest", *files[2:])
     return cdp
+
+
+# ------------------------------------------------------------------------------ running in parallel
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding a `slow` test first (in their usual order), then the rest.
+
+    Under `--dist loadfile` a worker takes the next file as it finishes one, so the longest files
+    must start early or the run ends with one worker busy and the others idle. The order is the
+    same in every worker (xdist requires it) and changes nothing in what each test does."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort keeps the order within a file

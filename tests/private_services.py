@@ -4,6 +4,7 @@ state in the test's temporary folder, on free ports. And a small disk of its own
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_to_keep() -> int:
+    """A free port below the kernel's ephemeral range, for a service stopped and started again on it.
+
+    A port from `free_port()` is an ephemeral one: while the service is down, the kernel may hand it
+    to any outgoing connection or to another test's `free_port()` (the files run in parallel), and
+    the restart then finds it taken. Ports below the range are never handed out by the kernel."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class PrivateService:
     """`start()` / `stop()` one service (kafka or postgres); the port stays the same across restarts."""
 
@@ -29,7 +52,7 @@ class PrivateService:
         self.state = state
         self.env = {**os.environ, "CDP_SERVICES_DIR": str(state)}
         for variable in ("CDP_KAFKA_PORT", "CDP_KAFKA_CONTROLLER_PORT", "CDP_POSTGRES_PORT"):
-            self.env[variable] = str(free_port())
+            self.env[variable] = str(port_to_keep())
         self.address = ""
 
     def start(self) -> str:

@@ -176,6 +176,7 @@ def test_bad_arguments_print_one_line(cdp: Cdp, args, env, message):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_estimates_and_stores_a_model_used_from_then_on(cdp: Cdp, tmp_path: Path):
     from cdp.demo import DemoSpec, generate
 

@@ -13,6 +13,9 @@ from tests.test_identity_cli import Cdp
 SMALL = {"CDP_TRAIN_MIN_RECORDS": "100"}  # a first import of a few hundred records trains itself
 
 
+pytestmark = pytest.mark.slow  # every test trains a model on the demo
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from cdp.demo import DemoSpec, generate
