@@ -17,9 +17,9 @@ import duckdb
 
 from cdp import audience_commands as commands
 from cdp import console
-from cdp.commandline import UserError, open_view, settings
+from cdp.commandline import UserError, ask, open_view, settings
 from cdp.config import Settings
-from cdp.server.client import ask, running_server
+from cdp.server.client import running_server
 from projections import audiences as model
 
 

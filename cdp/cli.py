@@ -12,7 +12,7 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, first_line, local_user, open_view, refresh_view, settings, view_error
+from cdp.commandline import UserError, ask, first_line, local_user, open_view, refresh_view, settings, view_error
 from cdp.config import ConfigError, Settings
 from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
@@ -264,7 +264,7 @@ def customer_export(who: str, directory: Path) -> None:
 def erase(who: str, yes: bool, keep_suppression: str) -> None:
     """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
     from cdp.erasure import erase_customer
-    from cdp.server.client import ask, running_server
+    from cdp.server.client import running_server
 
     cfg = settings()
     con = open_view(cfg)
@@ -312,7 +312,7 @@ def audit(who: str | None, since: str | None, fmt: str) -> None:
     """List the audit trail: who read, exported, erased or split which customer, and when."""
     from cdp.application import CustomerApplication
     from cdp.audit import select, since as parse_since
-    from cdp.server.client import ask, running_server
+    from cdp.server.client import running_server
     from projections.queries import classify
 
     cfg = settings()

@@ -3,6 +3,8 @@ from the environment here and passed down; the read-only view; the one-line user
 user named in the audit trail."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 import duckdb
 
@@ -55,6 +57,22 @@ def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.Error as error:
         raise view_error(cfg, error) from None
+
+
+def ask(server: tuple[str, str], method: str, path: str, body: Any = None, actor: str | None = None,
+        failed: str = "") -> Any:
+    """`cdp.server.client.call` for a CLI command beside a running server: the server's refusal, or
+    its silence, becomes the command's one-line `cdp: error: …` (after `failed`, e.g. "erase
+    failed") instead of a traceback."""
+    from cdp.server.client import ServerError, call
+
+    prefix = f"{failed}: " if failed else ""
+    try:
+        return call(server, method, path, body, actor)
+    except ServerError as error:
+        raise UserError(prefix + " ".join(str(error).split())) from None
+    except OSError as error:  # gone between the health check and this request, or timed out
+        raise UserError(f"{prefix}the server at {server[0]} did not answer: {error}") from None
 
 
 def local_user() -> str:

@@ -68,21 +68,6 @@ def call(server: tuple[str, str], method: str, path: str, body: Any = None, acto
     return orjson.loads(_send(url, request, timeout) or b"null")
 
 
-def ask(server: tuple[str, str], method: str, path: str, body: Any = None, actor: str | None = None,
-        failed: str = "") -> Any:
-    """`call` for a CLI command: the server's refusal, or its silence, becomes the command's one-line
-    `cdp: error: …` (after `failed`, e.g. "erase failed") instead of a traceback."""
-    from cdp.commandline import UserError
-
-    prefix = f"{failed}: " if failed else ""
-    try:
-        return call(server, method, path, body, actor)
-    except ServerError as error:
-        raise UserError(prefix + " ".join(str(error).split())) from None
-    except OSError as error:  # gone between the health check and this request, or timed out
-        raise UserError(f"{prefix}the server at {server[0]} did not answer: {error}") from None
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
