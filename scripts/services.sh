@@ -79,12 +79,14 @@ save_port() { # save_port KEY VALUE
 }
 
 pid_alive() { # pid_alive PIDFILE PATTERN: the pid in PIDFILE runs and its command line matches
+    # -ww: a COLUMNS in the environment (parallel test runs had one) would cut the java command line
+    # before its main class, and a running broker would look stopped
     local pid
     [[ -f "$1" ]] || return 1
     pid="$(cat "$1" 2>/dev/null)" || return 1
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    ps -p "$pid" -o args= 2>/dev/null | grep -q -- "$2"
+    ps -ww -p "$pid" -o args= 2>/dev/null | grep -q -- "$2"
 }
 
 fetch_url() { # fetch_url URL FILE
