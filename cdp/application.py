@@ -380,8 +380,10 @@ class CustomerApplication(Application):
 
         erasure = self._command(work, needs_resolver=False)
         self.keys.forget()
-        if self._resolver is not None:
-            self.reload()  # the copies in memory still hold the person's identifiers
+        # The copies in memory still hold the person's identifiers: dropped now, read again by the
+        # next command that needs them. Reading them here held the erasure (and the server's
+        # answer) for the whole identity state: seconds on a store of a million events.
+        self._resolver = None
         return erasure
 
     def _erasure(self, customer_id: str, suppress: bool) -> Erasure:
