@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import gammaln, hyp2f1
 
 HORIZON_DAYS = 365.0
 
@@ -42,6 +40,7 @@ LOG_BOUNDS = (-10.0, 12.0)   # every parameter between 4.5e-5 and 1.6e5: keeps d
 
 def _minimise(nll, start: np.ndarray) -> np.ndarray:
     """Maximum likelihood over log-parameters (L-BFGS-B, deterministic for the same input)."""
+    from scipy.optimize import minimize  # here: every `cdp` command imports this module, few fit
     result = minimize(nll, start, method="L-BFGS-B", bounds=[LOG_BOUNDS] * len(start),
                       options={"maxiter": 500, "ftol": 1e-11, "gtol": 1e-7})
     return np.exp(result.x)
@@ -51,6 +50,7 @@ def _mbgnbd_nll(log_params: np.ndarray, x: np.ndarray, tx: np.ndarray, T: np.nda
                 xs: np.ndarray, xi: np.ndarray) -> float:
     """Mean negative log-likelihood; `xs` are the distinct x and `xi` index them, so that the
     gamma functions (the costly part) are evaluated once per distinct frequency."""
+    from scipy.special import gammaln
     r, alpha, a, b = np.exp(log_params)
     by_x = gammaln(r + xs) - gammaln(r) + gammaln(a + b) + gammaln(b + xs + 1) - gammaln(b) - gammaln(a + b + xs + 1)
     log_t = np.log(alpha + T)
@@ -61,6 +61,7 @@ def _mbgnbd_nll(log_params: np.ndarray, x: np.ndarray, tx: np.ndarray, T: np.nda
 
 def _gamma_gamma_nll(log_params: np.ndarray, x: np.ndarray, m: np.ndarray, w: np.ndarray,
                      xs: np.ndarray, xi: np.ndarray) -> float:
+    from scipy.special import gammaln
     p, q, v = np.exp(log_params)
     by_x = gammaln(p * xs + q) - gammaln(p * xs) - gammaln(q) + p * xs * np.log(xs)
     ll = by_x[xi] + q * np.log(v) + (p * x - 1) * np.log(m) - (p * x + q) * np.log(x * m + v)
@@ -100,6 +101,7 @@ def probability_alive(params: Params, x: np.ndarray, tx: np.ndarray, T: np.ndarr
 
 def expected_purchases(params: Params, t: float, x: np.ndarray, tx: np.ndarray, T: np.ndarray) -> np.ndarray:
     """Expected purchase days in the next `t` days, given the history (Wagner & Hoppe 2008)."""
+    from scipy.special import hyp2f1
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     hyp = hyp2f1(r + x, b + x + 1, a + b + x, t / (alpha + T + t))
     numerator = (a + b + x) / (a - 1) * (1 - hyp * ((alpha + T) / (alpha + T + t)) ** (r + x))
