@@ -291,10 +291,10 @@ def _rows_sql(con: duckdb.DuckDBPyConnection, audiences: list[_Audience], scope:
     a batch the scores from before it where it left them NULL, and one flag per consent purpose
     (the latest consent for it is granted)."""
     named = _named(audiences)
-    columns = [c for c in _customer_columns(con) if c in named]
+    columns = [c for c in _columns(con) if c in named]
     purposes = sorted({a.consent for a in audiences if a.consent})
     inner = [*map(_quoted, columns), *(f"consent_{p}" for p in purposes if p in _KEPT_PURPOSES)]
-    prior = (set(columns) & set(_customer_columns(con, "audience_prior_scores")) - {"customer_id"}) if batch else set()
+    prior = (set(columns) & set(_columns(con, "audience_prior_scores")) - {"customer_id"}) if batch else set()
     select = [f"coalesce(c.{_quoted(n)}, p.{_quoted(n)}) AS {_quoted(n)}" if n in prior else f"c.{_quoted(n)}"
               for n in columns]
     for purpose in purposes:
@@ -347,7 +347,8 @@ def _one_pass(audiences: list[_Audience]) -> str:
             "AS audience, customer_id::VARCHAR AS customer_id FROM customers) WHERE audience IS NOT NULL")
 
 
-def _customer_columns(con: duckdb.DuckDBPyConnection, table: str = "customers") -> list[str]:
+def _columns(con: duckdb.DuckDBPyConnection, table: str = "customers") -> list[str]:
+    """The columns of `table` (of the view's own database, not an attached one), in order."""
     return [column[0] for column in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
 
 
@@ -478,7 +479,7 @@ def carry_delivery_history(con: duckdb.DuckDBPyConnection, old_view: str, positi
             con.execute("CREATE OR REPLACE TEMP TABLE rebuilt_members AS "
                         "SELECT audience, customer_id FROM audience_members WHERE until IS NULL")
             for table in _DELIVERY_HISTORY:
-                columns = ", ".join(_quoted(c) for c in _table_columns(con, table))
+                columns = ", ".join(_quoted(c) for c in _columns(con, table))
                 con.execute(f"DELETE FROM {table}")
                 con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM replaced_view.{table}")
             changes = _record_delta(con, "SELECT audience, customer_id FROM rebuilt_members",
@@ -486,12 +487,6 @@ def carry_delivery_history(con: duckdb.DuckDBPyConnection, old_view: str, positi
         return f"change history and delivery progress kept; {changes:,} membership change(s) found by the rebuild"
     finally:
         con.execute("DETACH replaced_view")
-
-
-def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    return [row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
-                                          "AND database_name = current_database() ORDER BY column_index",
-                                          [table]).fetchall()]
 
 
 def has_audiences(con: duckdb.DuckDBPyConnection) -> bool:

@@ -126,6 +126,11 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
 
 
+def view_position(con: duckdb.DuckDBPyConnection) -> int:
+    """The store position the view holds, as `con`'s transaction sees it."""
+    return con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
+
+
 class Projector:
     """`survivorship` is the golden record's rule per field (CDP_SURVIVORSHIP, parsed by the caller)."""
 
@@ -146,7 +151,7 @@ class Projector:
 
     @property
     def position(self) -> int:
-        return self.con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
+        return view_position(self.con)
 
     def apply(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool = True,
               also: Sequence[str] = ()) -> int:
@@ -207,13 +212,11 @@ class Projector:
                     con.execute(statement)
             erased = erasure.delete_erased(con) if topics[-1] == stored_events.ERASED else []
             if recompute:
-                # the erased count as touched: audiences drop them, and the batch's recompute keeps
-                # to a list of ids rather than scanning every event for an empty scope
-                if erased:
-                    con.executemany("INSERT INTO touched VALUES (?)", [(c,) for c in erased])
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
-                if absorbed:
-                    con.executemany("INSERT INTO touched VALUES (?)", [(a,) for a in absorbed])
+                # the erased count as touched too: audiences drop them, and the batch's recompute
+                # keeps to a list of ids rather than scanning every event for an empty scope
+                if absorbed or erased:
+                    con.executemany("INSERT INTO touched VALUES (?)", [(c,) for c in absorbed.union(erased)])
         finally:
             con.unregister("batch")
 
@@ -264,7 +267,7 @@ class Projector:
         of the view's own (the server refreshes beside the projecting thread, see
         cdp/server/readside.py); the scores then hold for the position read there."""
         con = con or self.con
-        position = con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
+        position = view_position(con)
         if metrics.state(con) == (self.as_of, position):
             return False
         # time-relative scores move people in and out of audiences without new events

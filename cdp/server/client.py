@@ -118,4 +118,3 @@ class RemoteView:
 
     def close(self) -> None:
         self.table = None
-

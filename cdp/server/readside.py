@@ -27,6 +27,7 @@ from cdp.delivery import DeliveryLoop
 from cdp.server import priority
 from projections import metrics
 from projections.changelog import profile_messages, tombstones
+from projections.projector import view_position
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
 POLL_SECONDS = 0.2
@@ -147,7 +148,7 @@ class ReadSide:
     @property
     def position(self) -> int:
         """The store position the view reached (read on this thread's own connection)."""
-        return self.cursor().execute("SELECT position FROM projection_state WHERE name = 'unified_view'").fetchall()[0][0]
+        return view_position(self.cursor())
 
     def wait_for(self, position: int, timeout: float) -> bool:
         """Blocks until the view reached `position` (True) or `timeout` passed (False)."""
@@ -317,7 +318,7 @@ class ReadSide:
         """Profiles of the customers changed between the published position and the view's, the
         changes read again from the store (after a restart or an error)."""
         done = published_position(con)
-        upto = con.execute("SELECT position FROM projection_state WHERE name = 'unified_view'").fetchall()[0][0]
+        upto = view_position(con)
         while done < upto:
             rows = self.store.raw_notifications(done, self.cfg.projection_batch)
             rows = [r for r in rows if r[0] <= upto]

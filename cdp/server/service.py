@@ -14,14 +14,13 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from operator import methodcaller
-import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import orjson
-
 from starlette.concurrency import run_in_threadpool
 
 from cdp.audit import AuditTrail, Entry
@@ -121,9 +120,8 @@ class Service:
         resolver process, between two of its batches, on the application it keeps (SQLite's one
         writer); with Kafka and PostgreSQL, on the application this server keeps for them (`decider`),
         under the writers' lock like the workers' batches (which refreshes it with what they
-        committed). Neither loads
-        the store's identity state again, so a decision costs the same on a store of millions of
-        records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
+        committed). Neither loads the store's identity state again, so a decision costs the same
+        on a store of millions of records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
         The reads queued for the audit trail are appended first, so the trail keeps the order
         things happened in."""
         self.audit.flush()

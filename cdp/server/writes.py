@@ -74,7 +74,6 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
             if wake.poll(0.5):
                 os.read(wake.fileno(), 1 << 16)  # every wake-up so far: the loop below takes all
             failed = False
-            run_commands(pipeline.app, commands)
             while os.getppid() == parent:
                 run_commands(pipeline.app, commands)  # between batches: a person does not wait for the backlog
                 upto, records = intake.oldest(GROUP_COMMIT_RECORDS, after=done)
