@@ -425,8 +425,8 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
     whose = [*([f"customer_id IN {held}"] if held else []),
              *([f"audience IN ({', '.join(map(_literal, sorted(everyone | set(redefined))))})"]
                if everyone or redefined else [])]
-    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
-               f"AND ({' OR '.join(whose) or 'false'})")
+    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND ({' OR '.join(whose)})"
+               if whose else None)
     return _record(con, current, position, failed)
 
 
@@ -436,26 +436,31 @@ def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
     return _record(con, "SELECT audience, customer_id FROM audience_members WHERE until IS NULL", position, failed)
 
 
-def _record(con: duckdb.DuckDBPyConnection, current: str, position: int, failed: set[str]) -> int:
-    """Records the difference between who should be a member (`audience_should`) and who is, as
-    changes and stays (the members of an audience whose predicate failed stay as they are)."""
+def _record(con: duckdb.DuckDBPyConnection, current: str | None, position: int, failed: set[str]) -> int:
+    """Records the difference between who should be a member (`audience_should`) and who is
+    (`current`; None: nobody), as changes and stays (the members of an audience whose predicate
+    failed stay as they are)."""
     kept = f" WHERE audience NOT IN ({', '.join(map(_literal, sorted(failed)))})" if failed else ""
     try:
         return _record_delta(con, f"SELECT audience, customer_id FROM audience_should{kept}",
-                             f"SELECT * FROM ({current}){kept}", position)
+                             current and f"SELECT * FROM ({current}){kept}", position)
     finally:
         con.unregister("audience_should")
 
 
-def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int) -> int:
-    """Changes from `current` to `should` members, numbered on from the last change in a fixed
-    order (exits first), and the stays they open and close."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_now AS {current}")
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE audience_delta AS
-        SELECT audience, customer_id, 'entered' AS action FROM ({should} EXCEPT FROM audience_now)
-        UNION ALL
-        SELECT audience, customer_id, 'exited' AS action FROM (FROM audience_now EXCEPT {should})""")
+def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str | None, position: int) -> int:
+    """Changes from `current` (None: nobody, so all enter) to `should` members, numbered on from the
+    last change in a fixed order (exits first), and the stays they open and close."""
+    if current is None:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE audience_delta AS "
+                    f"SELECT DISTINCT audience, customer_id, 'entered' AS action FROM ({should})")
+    else:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE audience_now AS {current}")
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE audience_delta AS
+            SELECT audience, customer_id, 'entered' AS action FROM ({should} EXCEPT FROM audience_now)
+            UNION ALL
+            SELECT audience, customer_id, 'exited' AS action FROM (FROM audience_now EXCEPT {should})""")
     entered, exited = con.execute("SELECT count(*) FILTER (WHERE action = 'entered'), "
                                   "count(*) FILTER (WHERE action = 'exited') FROM audience_delta").fetchall()[0]
     if not entered + exited:
