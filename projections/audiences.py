@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from cdp.contracts import audience_events as topics
 from projections import metrics
-from projections.tables import scope_members
+from projections.tables import scope_members, view_position
 from projections.transactions import transaction
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -243,8 +243,6 @@ def _registered(con: duckdb.DuckDBPyConnection) -> str:
     which DuckDB finds without reading older row groups), less the survivors of its merges (a
     registration merged into an older customer now names that customer). _rederived checks by
     counts that no customer of the batch was missed."""
-    from projections.projector import view_position  # the projector imports this module
-
     before = int(view_position(con))
     return (f"(SELECT customer_id FROM customer_sources WHERE position > {before} AND linked_by = 'new_customer' "
             f"EXCEPT SELECT survivor_id FROM customer_redirects WHERE position > {before})")
