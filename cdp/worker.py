@@ -34,6 +34,7 @@ from cdp.config import ConfigError, Settings
 from cdp.consumer_group import ConsumerGroup
 from cdp.health import Abandoned, Health, say, serve, wait_out
 from cdp.pipeline import Pipeline
+from cdp.self_training import Trainer
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
@@ -110,6 +111,7 @@ class BatchHandler:
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
         self.pipeline = Pipeline(cfg, project=False, deadletter=self.deadletter)
         self.summary = Summary()
+        self.trainer = Trainer()
         self.consumed = 0
         self.last_batch = (0, 0.0)  # events, seconds
 
@@ -142,12 +144,9 @@ class BatchHandler:
     def self_train(self) -> None:
         """Self-training as in `cdp ingest`: once enough records arrived since the latest model
         (CDP_TRAIN_MIN_RECORDS, CDP_RETRAIN_GROWTH; all writers' records count), train and
-        re-resolve. The estimate holds no lock, so the other workers go on storing meanwhile and
-        take the new model in at their next batch."""
-        app = self.pipeline.app
-        outcome = wait_out(app.retrain_if_due, self.health, say, recover=app.reload)
-        if outcome is not None:
-            say(f"[worker {os.getpid()}] self-training: {outcome.describe()}")
+        re-resolve, in a process beside the stream (cdp/self_training.py): this worker and the
+        others go on storing meanwhile and take the new model in at their next batch."""
+        self.trainer.poll(self.pipeline.app)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -294,6 +293,7 @@ def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, heal
         try:
             await consumer.run()
         finally:
+            handler.trainer.stop()
             await producer.stop()
             say(progress.line(handler, health))
 
