@@ -256,6 +256,112 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
            f"view of {customers:,} customers", publisher, topic, broker)
 
 
+def process_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def follow_store(env: dict[str, str], view: Path, size: int, limit: int = 20_000) -> tuple[tuple, tuple, int]:
+    """What cdp serve's read side does for the first `limit` stored events, in process, in batches
+    of `size`: read back and decrypt (CustomerApplication.raw_notifications), then project onto a
+    copy of `view` with the server's look-up indexes. Returns (CPU, wall) of each part and the count."""
+    import shutil
+
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+    from cdp.server.readside import LOOKUP_INDEXES
+    from projections.projector import Projector
+
+    copy = view.with_name(f"follow-{size}.duckdb")
+    shutil.copy(view, copy)
+    app = CustomerApplication(Settings.from_env(env))
+    projector = Projector(copy, memory_limit=env["CDP_DUCKDB_MEMORY"])
+    for statement in LOOKUP_INDEXES:
+        projector.con.execute(statement)
+    reading, projecting, count, position = [0.0, 0.0], [0.0, 0.0], 0, 0
+    try:
+        while count < limit:
+            cpu, wall = time.process_time(), time.perf_counter()
+            batch = app.raw_notifications(position, min(size, limit - count))
+            reading[0] += time.process_time() - cpu
+            reading[1] += time.perf_counter() - wall
+            if not batch:
+                break
+            cpu, wall = time.process_time(), time.perf_counter()
+            projector.apply(batch)
+            projecting[0] += time.process_time() - cpu
+            projecting[1] += time.perf_counter() - wall
+            count, position = count + len(batch), batch[-1][0]
+    finally:
+        projector.close()
+        app.close()
+        copy.unlink()
+    return tuple(reading), tuple(projecting), count
+
+
+def run_ceiling(tmp: Path, customers: int, events: int) -> None:
+    """How fast the Kafka path can go, stage by stage, on this machine: `events` bench events are
+    published first; then one `cdp worker` stores them all into PostgreSQL (events/s, its CPU per
+    event), beside a raw kafka-python consume of the same topic; then what `cdp serve`'s read side
+    does with the filled store, in process (`follow_store`: read back and decrypt, project onto a
+    view of N customers; stored events/s and CPU per stored event, in live-sized batches of 200
+    and in catch-up batches of 5,000), beside a raw read of the same rows from PostgreSQL.
+    Self-training is off (CDP_TRAIN_MIN_RECORDS=0) unless set: it runs in a process of its own."""
+    from bench.kafka import (drop_database, fresh_database, publish, raw_consume, services, start_worker, stop,
+                             stop_services, stored)
+
+    bootstrap, dsn, started = services()
+    store = fresh_database(dsn)
+    prefix = f"bench.ceiling.{uuid.uuid4().hex[:8]}."
+    shared = dict(CDP_KAFKA_BOOTSTRAP=bootstrap, CDP_TOPIC_PREFIX=prefix, CDP_EVENT_STORE=store)
+    lines = tmp / "events.jsonl"
+    lines.write_bytes(b"".join(orjson.dumps(e) + b"\n" for n in range(events // 10) for e in request_batch(n)))
+    worker = None
+    try:
+        sent, _ = publish(bootstrap, prefix, [lines], tmp / "publisher")
+        raw = raw_consume(bootstrap, f"{prefix}cdp.events", sent)
+        worker = start_worker(clean_env(tmp / "worker", CDP_TRAIN_MIN_RECORDS=os.environ.get(
+            "CDP_TRAIN_MIN_RECORDS", "0"), **shared), tmp / "worker.log")
+        while not (first := stored(store)):
+            time.sleep(0.02)
+        began, cpu = time.monotonic(), process_cpu(worker.pid)
+        while stored(store) < sent:
+            if worker.poll() is not None:
+                raise SystemExit(f"bench: the worker stopped: {(tmp / 'worker.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        stored_s, stored_cpu = time.monotonic() - began, process_cpu(worker.pid) - cpu
+        stop(worker)
+        worker = None
+
+        import psycopg
+
+        with psycopg.connect(store) as conn:
+            began = time.perf_counter()
+            rows = len(conn.execute("SELECT notification_id, originator_id, topic, state FROM cdp_events "
+                                    "ORDER BY notification_id").fetchall())
+            read_s = time.perf_counter() - began
+        synthetic_view(tmp / "view.duckdb", customers)
+        reader = clean_env(tmp / "worker", **shared)  # the worker's home: its master key
+        follow = {size: follow_store(reader, tmp / "view.duckdb", size) for size in (200, 5000)}
+    finally:
+        if worker is not None:
+            stop(worker)
+        drop_database(dsn, store)
+        stop_services(started)
+    print(f"\n== Kafka path's ceiling: {sent:,} events ({rows:,} stored events), one worker, view of {customers:,} customers")
+    print(f"  cdp worker → PostgreSQL                 {(sent - first) / stored_s:9,.0f} events/s   "
+          f"CPU {stored_cpu / (sent - first) * 1e6:6.0f} µs/event (after its first batch)")
+    print(f"  baseline: raw consume of cdp.events     {sent / raw:9,.0f} events/s   "
+          f"(ratio {raw / sent * (sent - first) / stored_s:.2f})")
+    for size, (reading, projecting, count) in follow.items():
+        print(f"  cdp serve's read side, batches of {size:>6,}  {count / (reading[1] + projecting[1]):9,.0f} stored events/s   "
+              f"CPU {(reading[0] + projecting[0]) / count * 1e6:6.0f} µs/stored event: read back + decrypt "
+              f"{reading[0] / count * 1e6:.0f}, project {projecting[0] / count * 1e6:.0f}")
+    print(f"  baseline: raw read of the rows from PostgreSQL {rows / read_s:9,.0f} stored events/s")
+    print(f"  needed for 1,000 events/s: 1,000 events/s stored, {rows / sent * 1000:,.0f} stored events/s followed")
+
+
 def run_batches(tmp: Path, customers: int, batches: int = 60) -> None:
     """The read side's share, in process and in CPU time (what a loaded machine does not skew):
     the stored events of `batches` requests as the server projects them, one live batch per
@@ -326,8 +432,10 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.visible", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
-    parser.add_argument("--mode", choices=("embedded", "kafka", "both", "batches"), default="both",
-                        help="batches: the read side's CPU per live batch in process (not part of both)")
+    parser.add_argument("--mode", choices=("embedded", "kafka", "both", "batches", "ceiling"), default="both",
+                        help="batches: the read side's CPU per live batch in process; ceiling: the Kafka "
+                             "path's sustained rates, stage by stage (neither part of both)")
+    parser.add_argument("--events", type=int, default=50_000, help="ceiling: events published first")
     parser.add_argument("--warmup", type=float, default=3.0,
                         help="seconds sent at the same rate before probing starts (a just-started server's "
                              "resolver and view warm up: the figure is for a steady stream)")
@@ -338,6 +446,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode == "batches":
             run_batches(Path(tmp), args.customers)
+        if args.mode == "ceiling":
+            run_ceiling(Path(tmp), args.customers, args.events)
         if args.mode in ("embedded", "both"):
             run_embedded(Path(tmp), args.customers, args.seconds, args.warmup)
         if args.mode in ("kafka", "both"):
