@@ -18,10 +18,9 @@ from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
-from projections.tables import (DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, prepare_listed_sql,
-                               recompute_customers_sql)
+from projections.tables import (DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME, prepare_listed_sql,
+                               recompute_customers_sql, view_position)
 
-NAME = "unified_view"
 TOPIC_EVENT = stored_events.EVENT_RECORDED
 TOPIC_REGISTERED = stored_events.REGISTERED
 TOPIC_LINKED = stored_events.SOURCE_LINKED
@@ -124,11 +123,6 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
     cuts = [i + 1 for i, n in enumerate(notifications) if n[2] in (TOPIC_SPLIT, stored_events.ERASED)]
     starts = [0, *cuts]
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
-
-
-def view_position(con: duckdb.DuckDBPyConnection) -> int:
-    """The store position the view holds, as `con`'s transaction sees it."""
-    return con.execute("SELECT position FROM projection_state WHERE name = ?", [NAME]).fetchall()[0][0]
 
 
 class Projector:
