@@ -24,7 +24,7 @@ from cdp import keys as api_keys
 from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
-from cdp.server import priority
+from cdp.server import priority, stages
 from projections import metrics
 from projections.changelog import profile_messages, tombstones
 from projections.projector import view_position
@@ -194,11 +194,17 @@ class ReadSide:
         projector, store = self.projector, self.store
         applied = 0
         while True:
+            noticed, used = time.time(), time.thread_time()
             notifications = store.raw_notifications(projector.position, self.cfg.projection_batch)
             if not notifications:
                 break
+            read = time.time()
             self.keyring.take(notifications)
             self._project(notifications)
+            if self.cfg.trace_stages:
+                stages.log(stages.PROJECTED, events=len(notifications), first=notifications[0][0],
+                           last=notifications[-1][0], noticed=noticed, read=read, committed=time.time(),
+                           cpu=time.thread_time() - used)
             applied += len(notifications)
             self._hand_to_publisher(notifications)
             with self._caught_up:
