@@ -132,8 +132,10 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
 def fresh_customers(notifications: Sequence[tuple]) -> set[str]:
     """Customers registered in this batch, so nothing of theirs was in the view before it and all
     their events are in BATCH_EVENTS; none when the batch merges, splits or erases (those move or
-    remove rows of others, and cut the batch into segments: BATCH_EVENTS holds the last one's)."""
-    if any(n[2] in RESHAPING_TOPICS for n in notifications):
+    remove rows of others, and cut the batch into segments: BATCH_EVENTS holds the last one's), and
+    when it holds no event (BATCH_EVENTS is then an earlier batch's)."""
+    topics = {n[2] for n in notifications}
+    if TOPIC_EVENT not in topics or not RESHAPING_TOPICS.isdisjoint(topics):
         return set()
     return {n[1] for n in notifications if n[2] == TOPIC_REGISTERED}
 
