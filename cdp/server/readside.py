@@ -41,6 +41,10 @@ LOOKUP_INDEXES = (
     "CREATE INDEX IF NOT EXISTS lookup_sources_customer ON customer_sources (customer_id)",
     "CREATE INDEX IF NOT EXISTS lookup_sources_source ON customer_sources (source_id)",
     "CREATE INDEX IF NOT EXISTS lookup_redirects ON customer_redirects (absorbed_id)",
+    # not a look-up: a live batch deletes its known customers' unit rows before deriving them again;
+    # without it that is a scan of the whole table (1,000,000 customers: 44-60 ms CPU for 10 ids,
+    # 2.4-2.8 ms with it)
+    "CREATE INDEX IF NOT EXISTS lookup_units_customer ON customer_business_units (customer_id)",
 )
 
 
