@@ -261,6 +261,13 @@ def stage_breakdown(publisher: SteadyPublisher, positions: dict[int, int], log: 
     spread("read side: events per batch", [b["events"] for b in live], "events", 1)
     spread("read side: noticed → committed", [b["committed"] - b["noticed"] for b in live])
     spread("read side: CPU of the projecting thread", [b["cpu"] for b in live])
+    print("  slowest read-side batches: events, idle before (ms), reading, projecting + committing, thread CPU")
+    previous = {id(b): a for a, b in zip(projected, projected[1:])}
+    for batch in sorted(live, key=lambda b: b["committed"] - b["noticed"])[-3:]:
+        before = previous.get(id(batch))
+        idle = (batch["noticed"] - before["committed"]) * ms if before else float("nan")
+        print(f"    {batch['events']:>8,} {idle:9.1f} {(batch['read'] - batch['noticed']) * ms:9.1f} "
+              f"{(batch['committed'] - batch['read']) * ms:9.1f} {batch['cpu'] * ms:9.1f}")
 
 
 def view_of(path: Path, customers: int) -> None:
