@@ -179,12 +179,17 @@ class Projector:
             audiences.begin_batch(con)
             for segment in segments(notifications):
                 self._apply_segment(segment, recompute)
-            if recompute:
+            scope = self._touched_scope() if recompute else None
+            # a batch that touched no customer and defined no audience (e.g. the audit entries of
+            # profile reads, committed every half second while the API is read) has nothing to
+            # recompute: ~100 ms of CPU saved per such batch, which held back the next one
+            if scope is None and recompute and not DEFINITION_TOPICS.isdisjoint(n[2] for n in notifications):
+                scope = "touched"
+            if scope is not None:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql(self._touched_scope(), self.survivorship,
-                                                         fresh_customers(notifications)):
+                for statement in recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
@@ -193,13 +198,15 @@ class Projector:
                         [notifications[-1][0], *names])
         return len(notifications)
 
-    def _touched_scope(self) -> str | list[str]:
+    def _touched_scope(self) -> str | list[str] | None:
         """The customers this batch touched: their ids as a constant list when few (a live batch;
-        see tables.scope_members), else the `touched` table (a catch-up of many)."""
+        see tables.scope_members), else the `touched` table (a catch-up of many); None: none."""
         ids = [row[0] for row in self.con.execute(
             "SELECT DISTINCT customer_id FROM touched WHERE customer_id IS NOT NULL "
             f"LIMIT {LISTED_SCOPE_MAX + 1}").fetchall()]
-        return ids if 0 < len(ids) <= LISTED_SCOPE_MAX else "touched"
+        if not ids:
+            return None
+        return ids if len(ids) <= LISTED_SCOPE_MAX else "touched"
 
     def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
         positions, customers, topics, states = zip(*notifications)
