@@ -66,7 +66,10 @@ class SteadyPublisher(threading.Thread):
         self.probes = probes  # False: no look-ups over HTTP (the topic watch still measures)
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
+        self.accepted_wall: dict[int, float] = {}  # the same, seconds since the epoch (the server's stage times)
         self.visible: list[float] = []
+        self.seen: dict[int, float] = {}  # probed batch -> accepted → readable
+        self.lookups = 0  # profile requests the probes made
         self.sent = 0
 
     def run(self) -> None:
@@ -87,10 +90,10 @@ class SteadyPublisher(threading.Thread):
             if answer.status_code == 200:
                 self.accept.append(done - started)
                 self.sent += 10
-                if probed and n % 10 == 0:
-                    self.accepted_at[n] = done  # also what the topic watch measures from
+                if probed and n % 10 == 0:  # also what the topic watch measures from
+                    self.accepted_at[n], self.accepted_wall[n] = done, time.time()
                 if probed and self.probes and n % 10 == 0:
-                    probe = threading.Thread(target=self.probe, args=(f"shop:P{n}-0", done))
+                    probe = threading.Thread(target=self.probe, args=(n, done))
                     probe.start()
                     probes.append(probe)
 
@@ -107,7 +110,7 @@ class SteadyPublisher(threading.Thread):
         for probe in probes:
             probe.join()
 
-    def probe(self, ref: str, accepted_at: float) -> None:
+    def probe(self, n: int, accepted_at: float) -> None:
         """Polls the profile until it is readable: every 5 ms at first, then every tenth of the time
         waited so far (at most every 100 ms), so a figure is high by at most a tenth. Polling every
         5 ms throughout made the probes a load of their own on the server they measure (seconds of
@@ -115,8 +118,10 @@ class SteadyPublisher(threading.Thread):
         A/B pair at 100,000 customers, cdp.profiles p50 was 2.1 s without API probes, 6.2 s with."""
         with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
             while (waited := time.monotonic() - accepted_at) < 10:
-                if http.get(f"/v1/profiles/{ref}").status_code == 200:
-                    self.visible.append(time.monotonic() - accepted_at)
+                self.lookups += 1
+                if http.get(f"/v1/profiles/shop:P{n}-0").status_code == 200:
+                    self.seen[n] = time.monotonic() - accepted_at
+                    self.visible.append(self.seen[n])
                     return
                 time.sleep(poll_interval(waited))
 
@@ -202,18 +207,136 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     print(f"  target: {TARGET}")
 
 
-def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float) -> None:
-    env = clean_env(tmp / "embedded")
-    synthetic_view(tmp / "embedded" / "view.duckdb", customers)
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU (user + system) a process and its living children used so far, by name (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for each in [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]:
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text()
+        except OSError:
+            continue
+        name = "server" if each == pid else "resolver process"
+        fields = stat[stat.rindex(")") + 2:].split()
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def probe_positions(url: str, reader: str, probed: list[int]) -> dict[int, int]:
+    """The store position of each probed customer's event (as the view holds it)."""
+    ids = ", ".join(f"'v{n}-0'" for n in probed)
+    answer = httpx.post(f"{url}/v1/query", headers={"Authorization": f"Bearer {reader}"}, timeout=60,
+                        json={"sql": f"SELECT event_id, position FROM customer_events WHERE event_id IN ({ids})"})
+    answer.raise_for_status()
+    return {int(event_id[1:].split("-")[0]): position for event_id, position in answer.json()["rows"]}
+
+
+def stage_breakdown(publisher: SteadyPublisher, positions: dict[int, int], log: Path) -> None:
+    """Where each probed event spent its time, from the server's stage lines (CDP_TRACE_STAGES):
+    accepted → taken from the intake by the resolver → committed to the store → noticed by the read
+    side → committed to the view → seen by the probe; then the batches themselves."""
+    from cdp.server import stages
+
+    logged = stages.read(log)
+    resolved, projected = logged[stages.RESOLVED], logged[stages.PROJECTED]
+    names = ("accepted → resolver took it", "resolving, committing to the store", "store → read side noticed",
+             "read side: reading the store (decrypting)", "read side: projecting, committing", "view commit → probe saw it")
+    rows: list[tuple[float, list[float]]] = []
+    for n, position in positions.items():
+        took, batch = stages.holding(resolved, position), stages.holding(projected, position)
+        if took is None or batch is None or n not in publisher.seen:
+            continue
+        accepted = publisher.accepted_wall[n]
+        marks = [accepted, took["taken"], took["committed"], batch["noticed"], batch["read"], batch["committed"],
+                 accepted + publisher.seen[n]]
+        rows.append((publisher.seen[n], [b - a for a, b in zip(marks, marks[1:])]))
+    if not rows:
+        print("  (no stage lines matched the probes)")
+        return
+    rows.sort()
+    tail = rows[-max(1, len(rows) // 20):]  # the slowest 5%
+    ms = 1000
+    print(f"  stages of {len(rows)} probes (server's CDP_TRACE_STAGES lines)   p50 ms   p99 ms   mean of slowest 5%")
+    for i, name in enumerate(names):
+        values = [r[1][i] for r in rows]
+        print(f"    {name:<40} {percentile(values, .5) * ms:7.1f}  {percentile(values, .99) * ms:7.1f}"
+              f"   {sum(r[1][i] for r in tail) / len(tail) * ms:7.1f}")
+    start = min(publisher.accepted_wall.values())
+    live = [b for b in projected if b["noticed"] >= start]
+    taken = [b for b in resolved if b["taken"] >= start]
+
+    def spread(label: str, values: list[float], unit: str = "ms", scale: float = ms) -> None:
+        print(f"    {label:<40} {percentile(values, .5) * scale:7.1f}  {percentile(values, .99) * scale:7.1f}  {unit}")
+
+    print(f"  batches while probing: {len(taken)} resolved, {len(live)} projected        p50      p99")
+    spread("resolver: records per batch", [b["records"] for b in taken], "records", 1)
+    spread("resolver: taken → committed", [b["committed"] - b["taken"] for b in taken])
+    spread("read side: events per batch", [b["events"] for b in live], "events", 1)
+    spread("read side: noticed → committed", [b["committed"] - b["noticed"] for b in live])
+    spread("read side: CPU of the projecting thread", [b["cpu"] for b in live])
+    print("  slowest read-side batches: events, idle before (ms), reading, projecting + committing, thread CPU")
+    previous = {id(b): a for a, b in zip(projected, projected[1:])}
+    for batch in sorted(live, key=lambda b: b["committed"] - b["noticed"])[-3:]:
+        before = previous.get(id(batch))
+        idle = (batch["noticed"] - before["committed"]) * ms if before else float("nan")
+        print(f"    {batch['events']:>8,} {idle:9.1f} {(batch['read'] - batch['noticed']) * ms:9.1f} "
+              f"{(batch['committed'] - batch['read']) * ms:9.1f} {batch['cpu'] * ms:9.1f}")
+
+
+def view_of(path: Path, customers: int) -> None:
+    """bench.serve's synthetic view of N customers at `path`, with the server's look-up indexes
+    (kept in the file; the server would build them at start): built once per version of the code
+    that shapes it and kept under bench/out, copied from there."""
+    import hashlib
+    import shutil
+
+    from bench.common import CACHE
+
+    root = Path(__file__).resolve().parent.parent
+    from cdp.server.readside import LOOKUP_INDEXES
+
+    shaping = ["bench/serve.py", "projections/tables.py", "projections/identity_tables.py",
+               "projections/audiences.py", "projections/metrics.py"]
+    digest = hashlib.sha256(b"".join((root / name).read_bytes() for name in shaping)
+                            + repr(LOOKUP_INDEXES).encode()).hexdigest()[:12]
+    kept = CACHE / f"visible-view-{customers}-{digest}.duckdb"
+    if not kept.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        building = kept.with_suffix(".building")
+        building.unlink(missing_ok=True)
+        synthetic_view(building, customers)
+        from projections.projector import connect
+
+        con = connect(building, memory_limit="2GB")
+        for statement in LOOKUP_INDEXES:
+            con.execute(statement)
+        con.close()
+        building.replace(kept)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{path}.wal").unlink(missing_ok=True)
+    shutil.copyfile(kept, path)
+
+
+def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float, server_env: dict[str, str]) -> None:
+    env = clean_env(tmp / "embedded", CDP_TRACE_STAGES="1", **server_env)
+    view_of(tmp / "embedded" / "view.duckdb", customers)
     keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None)})
-    server = start_server(env, tmp / "embedded.log", timeout=300)
+    log = tmp / "embedded.log"
+    server = start_server(env, log, timeout=300)
     try:
+        before = cpu_seconds(server.process.pid)
         publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup)
         publisher.run()
+        used = {name: spent - before.get(name, 0.0) for name, spent in cpu_seconds(server.process.pid).items()}
+        positions = probe_positions(server.url, keys["read"], list(publisher.accepted_at))
     finally:
         server.stop()
     report(f"embedded (SQLite), 1,000 events/s for {seconds:g} s, view of {customers:,} customers",
            publisher, None, None)
+    print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
+          + ", ".join(f"{name} {spent:.1f} s" for name, spent in used.items()))
+    stage_breakdown(publisher, positions, log)
 
 
 def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: bool = True) -> None:
@@ -373,7 +496,6 @@ def run_batches(tmp: Path, customers: int, batches: int = 60) -> None:
 
     from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from cdp.server.readside import LOOKUP_INDEXES
     from projections.projector import Projector
     from projections.transactions import transaction
 
@@ -387,11 +509,9 @@ def run_batches(tmp: Path, customers: int, batches: int = 60) -> None:
     rows = app.raw_notifications(0, 1_000_000)
     app.close()
     per_request = len(rows) // batches
-    synthetic_view(tmp / "batches.duckdb", customers)
+    view_of(tmp / "batches.duckdb", customers)  # with the server's look-up indexes
     projector = Projector(tmp / "batches.duckdb", memory_limit=clean_env(tmp)["CDP_DUCKDB_MEMORY"])
     con = projector.con
-    for statement in LOOKUP_INDEXES:
-        con.execute(statement)
     con.execute("CREATE TEMP TABLE baseline (position BIGINT, customer_id VARCHAR, topic VARCHAR, state BLOB)")
 
     def cpu(work) -> tuple[float, float]:
@@ -439,17 +559,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=float, default=3.0,
                         help="seconds sent at the same rate before probing starts (a just-started server's "
                              "resolver and view warm up: the figure is for a steady stream)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a CDP_ variable for the embedded server (e.g. CDP_CATCH_UP_NICE=0), repeatable")
     parser.add_argument("--no-probes", dest="probes", action="store_false",
                         help="kafka: measure cdp.profiles only, without look-ups over HTTP (which load the "
                              "server measured)")
     args = parser.parse_args(argv)
+    server_env = dict(item.split("=", 1) for item in args.set)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode == "batches":
             run_batches(Path(tmp), args.customers)
         if args.mode == "ceiling":
             run_ceiling(Path(tmp), args.customers, args.events)
         if args.mode in ("embedded", "both"):
-            run_embedded(Path(tmp), args.customers, args.seconds, args.warmup)
+            run_embedded(Path(tmp), args.customers, args.seconds, args.warmup, server_env)
         if args.mode in ("kafka", "both"):
             run_kafka(Path(tmp), args.customers, args.seconds, args.warmup, args.probes)
 

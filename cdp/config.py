@@ -213,7 +213,8 @@ class Settings:
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = 0                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
     serve_memory: str = "2GB"                # CDP_SERVE_MEMORY: DuckDB memory limit of the server's view (look-up indexes)
-    catch_up_nice: int = 10                  # CDP_CATCH_UP_NICE: niceness added to cdp serve's catch-up work
+    catch_up_nice: int = 0                   # CDP_CATCH_UP_NICE: niceness added to cdp serve's catch-up work
+    trace_stages: bool = False               # CDP_TRACE_STAGES: cdp serve logs each batch's stage times (bench.visible)
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
     # delivery of audience changes to destinations (README: "Audiences and destinations")
     secret_key: str | None = None            # CDP_SECRET_KEY: seals destination secrets (default: CDP_HOME/secret.key)
@@ -262,7 +263,8 @@ class Settings:
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             serve_threads=_count(env, "CDP_SERVE_THREADS", 0),
             serve_memory=_memory(env, "CDP_SERVE_MEMORY", "2GB"),
-            catch_up_nice=_nice(env, "CDP_CATCH_UP_NICE", 10),
+            catch_up_nice=_nice(env, "CDP_CATCH_UP_NICE", 0),
+            trace_stages=env.get("CDP_TRACE_STAGES", "") not in ("", "0"),
             console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),
             secret_key=env.get("CDP_SECRET_KEY") or None,
             delivery_attempts=_int(env, "CDP_DELIVERY_ATTEMPTS", 6),

@@ -18,8 +18,8 @@ from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
-from projections.tables import (DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME, prepare_listed_sql,
-                               recompute_customers_sql, view_position)
+from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
+                               prepare_listed_sql, recompute_customers_sql, view_position)
 
 TOPIC_EVENT = stored_events.EVENT_RECORDED
 TOPIC_REGISTERED = stored_events.REGISTERED
@@ -32,6 +32,7 @@ TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 DEFINITION_TOPICS = frozenset((
     audience_events.AUDIENCE_DEFINED, audience_events.AUDIENCE_REDEFINED, audience_events.AUDIENCE_DELETED,
     audience_events.DESTINATION_DEFINED, audience_events.DESTINATION_REDEFINED, audience_events.DESTINATION_DELETED))
+RESHAPING_TOPICS = frozenset((TOPIC_MERGED, TOPIC_SPLIT, TOPIC_SPLIT_OFF, stored_events.ERASED))
 LISTED_SCOPE_MAX = 2000  # touched customers recomputed through a constant id list, beyond: a join
 
 
@@ -55,12 +56,14 @@ _EVENT_FIELDS = {
 }
 assert set(_EVENT_FIELDS) == set(EVENT_COLUMNS)
 
-INSERT_EVENTS = f"""
-INSERT INTO customer_events BY NAME
+# the segment's events parsed once into BATCH_EVENTS, then appended: the recompute copies its new
+# customers' rows from there (tables.recompute_customers_sql)
+INSERT_EVENTS = (f"""
+CREATE OR REPLACE TEMP TABLE {BATCH_EVENTS} AS
 SELECT {", ".join(f"{expr} AS {name}" for name, expr in _EVENT_FIELDS.items())}
 FROM (SELECT position, customer_id, from_json(decode(state), '{_EVENT_STATE}') AS s
       FROM batch WHERE topic = '{TOPIC_EVENT}')
-"""
+""", f"INSERT INTO customer_events BY NAME SELECT * FROM {BATCH_EVENTS}")
 INSERT_SOURCES = f"""
 INSERT INTO customer_sources BY NAME
 SELECT s.business_unit, s.source_id, customer_id,
@@ -125,6 +128,17 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
 
 
+def fresh_customers(notifications: Sequence[tuple]) -> set[str]:
+    """Customers registered in this batch, so nothing of theirs was in the view before it and all
+    their events are in BATCH_EVENTS; none when the batch merges, splits or erases (those move or
+    remove rows of others, and cut the batch into segments: BATCH_EVENTS holds the last one's), and
+    when it holds no event (BATCH_EVENTS is then an earlier batch's)."""
+    topics = {n[2] for n in notifications}
+    if TOPIC_EVENT not in topics or not RESHAPING_TOPICS.isdisjoint(topics):
+        return set()
+    return {n[1] for n in notifications if n[2] == TOPIC_REGISTERED}
+
+
 class Projector:
     """`survivorship` is the golden record's rule per field (CDP_SURVIVORSHIP, parsed by the caller)."""
 
@@ -169,7 +183,7 @@ class Projector:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql(scope, self.survivorship):
+                for statement in recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
@@ -200,7 +214,8 @@ class Projector:
             # skipped when the batch holds none of them (a live batch is mostly events and new
             # customers)
             if TOPIC_EVENT in present:
-                con.execute(INSERT_EVENTS)
+                for statement in INSERT_EVENTS:
+                    con.execute(statement)
             if not present.isdisjoint((TOPIC_REGISTERED, TOPIC_LINKED)):
                 con.execute(INSERT_SOURCES)
             if not present.isdisjoint(DECISION_TOPICS):

@@ -9,7 +9,7 @@ built incrementally and the view rebuilt in one pass come out identical.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import duckdb
 
@@ -82,21 +82,31 @@ def view_position(con: duckdb.DuckDBPyConnection) -> int:
 
 
 SCOPED_EVENTS = "scoped_events"  # a live batch's customers' events, copied out once per batch
+BATCH_EVENTS = "batch_events"  # the events of the batch (its last segment) as customer_events rows
 
 
-def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, str]) -> list[str]:
+def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, str],
+                            fresh: Collection[str] = ()) -> list[str]:
     """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
     touched customer_ids, or is the list of those ids, None = all; `rules` are the survivorship rules
     per field. Scores stay NULL until metrics.refresh (see there). A list runs the statements
-    `prepare_listed_sql` prepared on the connection."""
+    `prepare_listed_sql` prepared on the connection.
+
+    `fresh`: ids of the list that first appeared in this batch, every event of theirs in the
+    batch's own rows (BATCH_EVENTS). They have no rows to delete and no history to look up: on
+    1,000,000 customers the two deletes and the copy by id scan whole tables, ~80 ms of CPU for
+    a batch of new customers whatever their number."""
     if isinstance(scope, list):
-        members = scope_members(scope)
+        known = [cid for cid in scope if cid not in fresh]
+        new = [cid for cid in scope if cid in fresh]
         return [
             f"DELETE FROM {SCOPED_EVENTS}",
-            f"INSERT INTO {SCOPED_EVENTS} SELECT * FROM customer_events WHERE customer_id IN {members}",
-            f"DELETE FROM customers WHERE customer_id IN {members}",
+            *([f"INSERT INTO {SCOPED_EVENTS} SELECT * FROM customer_events WHERE customer_id IN {scope_members(known)}",
+               f"DELETE FROM customers WHERE customer_id IN {scope_members(known)}"] if known else []),
+            *([f"INSERT INTO {SCOPED_EVENTS} BY NAME SELECT * FROM {BATCH_EVENTS}"
+               + (f" WHERE customer_id IN {scope_members(new)}" if known else "")] if new else []),
             "EXECUTE recompute_listed_customers",
-            f"DELETE FROM customer_business_units WHERE customer_id IN {members}",
+            *([f"DELETE FROM customer_business_units WHERE customer_id IN {scope_members(known)}"] if known else []),
             "EXECUTE recompute_listed_units",
         ]
     members = scope_members(scope) if scope is not None else ""

@@ -408,7 +408,7 @@ def test_a_burst_is_accepted_first_and_resolved_once(cdp, tmp_path) -> None:
     """The resolver catches up at a lower priority than the HTTP process that accepts: a burst is
     answered from the durable intake, lands in the store once, and a resend changes nothing."""
     keys = new_keys(cdp.env, {"retail": ("publish", "retail"), "read": ("read", None)})
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_CATCH_UP_NICE": "10"}, tmp_path / "serve.log")
     try:
         wait_until(lambda: any(niceness(c) == niceness(server.process.pid) + 10 for c in children(server.process.pid)),
                    30, "the resolver process at niceness +10")

@@ -2,9 +2,9 @@
 
 What `cdp serve` owes a caller now (an accepted request, a profile look-up) and what may wait (the
 resolver working through the durable intake, the read side projecting the store into the view)
-share two cores. The catch-up work runs at a higher niceness (CDP_CATCH_UP_NICE): when the cores
-are busy the answering threads go first, and catch-up takes whatever they leave, so on a quiet
-machine it is not slowed at all. Linux keeps niceness per thread, so a thread of the HTTP process
+share two cores. The catch-up work can run at a higher niceness (CDP_CATCH_UP_NICE, default 0):
+when the cores are busy the answering threads go first, and catch-up takes whatever they leave.
+Catching up is also what makes a published event visible, so the default leaves it level. Linux keeps niceness per thread, so a thread of the HTTP process
 (the read side's projecting thread, DuckDB's worker threads) can be lowered on its own.
 """
 from __future__ import annotations

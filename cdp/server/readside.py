@@ -24,7 +24,7 @@ from cdp import keys as api_keys
 from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
-from cdp.server import priority
+from cdp.server import priority, stages
 from projections import metrics
 from projections.changelog import profile_messages, tombstones
 from projections.projector import view_position
@@ -41,6 +41,10 @@ LOOKUP_INDEXES = (
     "CREATE INDEX IF NOT EXISTS lookup_sources_customer ON customer_sources (customer_id)",
     "CREATE INDEX IF NOT EXISTS lookup_sources_source ON customer_sources (source_id)",
     "CREATE INDEX IF NOT EXISTS lookup_redirects ON customer_redirects (absorbed_id)",
+    # not a look-up: a live batch deletes its known customers' unit rows before deriving them again;
+    # without it that is a scan of the whole table (1,000,000 customers: 44-60 ms CPU for 10 ids,
+    # 2.4-2.8 ms with it)
+    "CREATE INDEX IF NOT EXISTS lookup_units_customer ON customer_business_units (customer_id)",
 )
 
 
@@ -194,11 +198,17 @@ class ReadSide:
         projector, store = self.projector, self.store
         applied = 0
         while True:
+            noticed, used = time.time(), time.thread_time()
             notifications = store.raw_notifications(projector.position, self.cfg.projection_batch)
             if not notifications:
                 break
+            read = time.time()
             self.keyring.take(notifications)
             self._project(notifications)
+            if self.cfg.trace_stages:
+                stages.log(stages.PROJECTED, events=len(notifications), first=notifications[0][0],
+                           last=notifications[-1][0], noticed=noticed, read=read, committed=time.time(),
+                           cpu=time.thread_time() - used)
             applied += len(notifications)
             self._hand_to_publisher(notifications)
             with self._caught_up:

@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -54,14 +55,16 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     Ends when told to (after draining) or when the server is gone (kill -9). `wake` is the reading
     end of a pipe the server writes a byte to after each intake commit or command."""
     from cdp.pipeline import Pipeline
+    from cdp.server import stages
     from cdp.summary import Summary
 
     # Ctrl-C or a stop signal to the whole process group is the server's to handle: it tells this
     # process to drain and stop; a resolver killed mid-batch would only redo that batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The intake is durable, so resolving may wait: during a burst the HTTP process (accepting,
-    # answering look-ups) comes first, and the resolver takes the CPU it leaves (cdp/server/priority.py).
+    # The intake is durable, so resolving may wait: with CDP_CATCH_UP_NICE the HTTP process
+    # (accepting, answering look-ups) comes first, and the resolver takes the CPU it leaves
+    # (cdp/server/priority.py).
     # Nothing the HTTP process waits for is locked here for long: the wake-up is a pipe, and the
     # intake's rows are dropped when the resolver caught up (or every DROP_RECORDS), not per batch.
     os.nice(cfg.catch_up_nice)
@@ -70,6 +73,7 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     done = undropped = 0  # the last request in the store; records resolved and still in the intake
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
         pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
+        head = pipeline.app.max_position() if cfg.trace_stages else 0
         while os.getppid() == parent:
             if wake.poll(0.5):
                 os.read(wake.fileno(), 1 << 16)  # every wake-up so far: the loop below takes all
@@ -79,6 +83,7 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
                 upto, records = intake.oldest(GROUP_COMMIT_RECORDS, after=done)
                 if not upto:
                     break
+                taken = time.time()
                 try:
                     pipeline.process_batch(records, summary)
                 except Exception as error:  # noqa: BLE001 - kept in the intake: tried again
@@ -87,6 +92,10 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
                     stop.wait(RETRY_SECONDS)
                     break
                 done, undropped = upto, undropped + len(records)
+                if cfg.trace_stages:
+                    first, head = head + 1, pipeline.app.max_position()
+                    stages.log(stages.RESOLVED, records=len(records), first=first, last=head, taken=taken,
+                               committed=time.time())
                 if undropped >= DROP_RECORDS:
                     intake.drop(done)
                     undropped = 0
