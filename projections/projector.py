@@ -169,7 +169,11 @@ class Projector:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql(self._touched_scope(), self.survivorship):
+                scope = self._touched_scope()
+                # a batch that touched no customer (e.g. the audit entries of profile reads, appended
+                # every half second while reads go on) re-derives nothing: measured ~300 ms of CPU a
+                # batch on 1,000,000 customers for the statements over the empty `touched`
+                for statement in recompute_customers_sql(scope, self.survivorship) if scope else ():
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
@@ -180,11 +184,12 @@ class Projector:
 
     def _touched_scope(self) -> str | list[str]:
         """The customers this batch touched: their ids as a constant list when few (a live batch;
-        see tables.scope_members), else the `touched` table (a catch-up of many)."""
+        see tables.scope_members), else the `touched` table (a catch-up of many); an empty list
+        when it touched none."""
         ids = [row[0] for row in self.con.execute(
             "SELECT DISTINCT customer_id FROM touched WHERE customer_id IS NOT NULL "
             f"LIMIT {LISTED_SCOPE_MAX + 1}").fetchall()]
-        return ids if 0 < len(ids) <= LISTED_SCOPE_MAX else "touched"
+        return ids if len(ids) <= LISTED_SCOPE_MAX else "touched"
 
     def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
         positions, customers, topics, states = zip(*notifications)
