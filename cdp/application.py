@@ -493,12 +493,20 @@ class CustomerApplication(Application):
         matcher = ProbabilisticMatcher(model, resolver.blocks, settings.match_threshold, settings.review_threshold)
         return Resolver(resolver.index, matcher, resolver.blocks, resolver.guardrails, resolver.cannot_link)
 
-    def retrain_if_due(self) -> Retrained | None:
-        """Self-training: `retrain` once enough records arrived since the latest model
-        (CDP_TRAIN_MIN_RECORDS, CDP_RETRAIN_GROWTH); None when not due or nothing to learn from."""
+    def records_held(self) -> int:
+        """Source records the resolver holds (every writer's, as of the last refresh)."""
+        return len(self.resolver.blocks)
+
+    def training_due(self) -> bool:
+        """Whether enough records arrived since the latest model to train again (CDP_TRAIN_MIN_RECORDS,
+        CDP_RETRAIN_GROWTH; never with deterministic matching)."""
         settings, resolver = self.settings, self.resolver
-        if resolver.matcher is None or not due(len(resolver.blocks), resolver.matcher.model,
-                                               settings.train_min_records, settings.retrain_growth):
+        return resolver.matcher is not None and due(len(resolver.blocks), resolver.matcher.model,
+                                                    settings.train_min_records, settings.retrain_growth)
+
+    def retrain_if_due(self) -> Retrained | None:
+        """Self-training: `retrain` when `training_due`; None when not due or nothing to learn from."""
+        if not self.training_due():
             return None
         try:
             return self.retrain()

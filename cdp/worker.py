@@ -34,6 +34,7 @@ from cdp.config import ConfigError, Settings
 from cdp.consumer_group import ConsumerGroup
 from cdp.health import Abandoned, Health, say, serve, wait_out
 from cdp.pipeline import Pipeline
+from cdp.self_training import Trainer
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
@@ -110,6 +111,7 @@ class BatchHandler:
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
         self.pipeline = Pipeline(cfg, project=False, deadletter=self.deadletter)
         self.summary = Summary()
+        self.trainer = Trainer()
         self.consumed = 0
         self.last_batch = (0, 0.0)  # events, seconds
 
@@ -142,12 +144,9 @@ class BatchHandler:
     def self_train(self) -> None:
         """Self-training as in `cdp ingest`: once enough records arrived since the latest model
         (CDP_TRAIN_MIN_RECORDS, CDP_RETRAIN_GROWTH; all writers' records count), train and
-        re-resolve. The estimate holds no lock, so the other workers go on storing meanwhile and
-        take the new model in at their next batch."""
-        app = self.pipeline.app
-        outcome = wait_out(app.retrain_if_due, self.health, say, recover=app.reload)
-        if outcome is not None:
-            say(f"[worker {os.getpid()}] self-training: {outcome.describe()}")
+        re-resolve, in a process beside the stream (cdp/self_training.py): this worker and the
+        others go on storing meanwhile and take the new model in at their next batch."""
+        self.trainer.poll(self.pipeline.app)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -186,8 +185,9 @@ class EventConsumer:
     machinery (Event objects, channels, per-event acks) is the cost. So the worker keeps Faust for
     the app, the worker lifecycle, signals and timers, and consumes with the client Faust is built
     on (aiokafka), a batch per `getmany`. Offsets are committed explicitly, and only after the
-    batch's store transaction committed. Two threads overlap the work: while batch n is stored,
-    batch n+1 is fetched and parsed; stores stay in order (one store thread)."""
+    batch's store transaction committed. Threads overlap the work: while batch n is stored,
+    batch n+1 is fetched and parsed, and while n+1 is stored, n's offsets are committed; stores
+    and commits each stay in order (one thread each)."""
 
     def __init__(self, cfg: Settings, handler: BatchHandler, health: Health, store_id: str):
         self.cfg = cfg
@@ -197,6 +197,7 @@ class EventConsumer:
         self.parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-parse")
         self.store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-store")
         self.commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-commit")
+        self.committing: asyncio.Future | None = None  # the last stored batch's offsets, being committed
         self.consumer: Any = None
 
     async def run(self) -> None:
@@ -232,6 +233,7 @@ class EventConsumer:
             self.health.stopping.set()
             if pending is not None:
                 await self.finish(pending)
+            await self.committed()
             await consumer.stop()
 
     async def finish(self, pending: tuple[asyncio.Future, dict]) -> None:
@@ -244,6 +246,19 @@ class EventConsumer:
             return
         if error is not None:
             fail(faults.describe(error, self.cfg))
+        await self.committed()  # the previous batch's offsets first: commits stay in store order
+        self.committing = asyncio.ensure_future(self.commit_offsets(offsets))
+
+    async def committed(self) -> None:
+        """Waits for the offsets commit under way (if any)."""
+        if self.committing is not None:
+            committing, self.committing = self.committing, None
+            await committing
+
+    async def commit_offsets(self, offsets: dict) -> None:
+        """Commits a stored batch's offsets while the next batch is stored: the broker's round trip
+        is off the events' path (a crash before it redelivers the batch, which the store's event
+        keys then drop, as for any batch stored and not yet committed)."""
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.commit_pool, wait_out, lambda: self.commit(offsets, loop),
@@ -294,6 +309,7 @@ def build_app(cfg: Settings, handler: BatchHandler, producer: LoopProducer, heal
         try:
             await consumer.run()
         finally:
+            handler.trainer.stop()
             await producer.stop()
             say(progress.line(handler, health))
 

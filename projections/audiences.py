@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from cdp.contracts import audience_events as topics
 from projections import metrics
-from projections.tables import scope_members
+from projections.tables import scope_members, view_position
 from projections.transactions import transaction
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -214,38 +214,53 @@ def _named(audiences: Iterable[_Audience]) -> set[str]:
     return {column for a in audiences for column in _referenced_columns(a.predicate)}
 
 
-def _in_scope(con: duckdb.DuckDBPyConnection) -> str:
-    """The batch's customers (`audience_scope`) as the right side of IN: a constant list when few,
-    which DuckDB pushes into the scan, else the table."""
-    ids = [row[0] for row in con.execute(f"SELECT customer_id FROM audience_scope LIMIT {_LISTED + 1}").fetchall()]
-    return scope_members(ids if 0 < len(ids) <= _LISTED else "audience_scope")
+def _in_scope(con: duckdb.DuckDBPyConnection, table: str = "audience_scope") -> str | None:
+    """The customers in `table` (the batch's: `audience_scope`) as the right side of IN: a constant
+    list when few, which DuckDB pushes into the scan, else the table; None when there are none."""
+    ids = [row[0] for row in con.execute(f"SELECT customer_id FROM {table} LIMIT {_LISTED + 1}").fetchall()]
+    return scope_members(ids if len(ids) <= _LISTED else table) if ids else None
 
 
 def keep_prior_scores(con: duckdb.DuckDBPyConnection, scope: str) -> None:
     """Before a batch re-derives the customers in `scope` (scores NULL until the next refresh): the
     scores the predicates name, of those of them in `customers`, from before; the customers, once;
-    and how many rows `customers` has, up to which row id (see _rederived)."""
+    and how many rows `customers` has, up to which row id (see _rederived). Customers registered
+    by the batch itself are not looked for: they have no row yet (see _registered)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE audience_scope AS "
                 f"SELECT DISTINCT customer_id FROM {scope} WHERE customer_id IS NOT NULL")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_known AS FROM audience_scope EXCEPT {_registered(con)}")
     named = sorted(_named(_active(con, batch=True)) & _SCORES)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audience_prior_scores AS SELECT {', '.join(['customer_id', *named])} "
-                f"FROM customers WHERE customer_id IN {_in_scope(con)}")
+                f"FROM customers WHERE customer_id IN {_in_scope(con, 'audience_known') or '(NULL)'}")
     con.execute("CREATE OR REPLACE TEMP TABLE audience_rows_before AS SELECT count(*) AS n, "
                 "coalesce(max(rowid), -1) AS last_rowid FROM customers")
 
 
-def _rederived(con: duckdb.DuckDBPyConnection, in_scope: str) -> str:
-    """The condition that finds the batch's customers in `customers` after the batch re-derived them.
-    Rows written since keep_prior_scores have higher row ids, which DuckDB finds without reading
-    the rest of the table; that is used when the counts prove it finds them all (every row of
-    theirs replaced: rows now = rows before - theirs before + those found), else the ids are
-    looked up in the whole table."""
+def _registered(con: duckdb.DuckDBPyConnection) -> str:
+    """The customers registered by the batch being projected: a customer's registration is the
+    first event of its stream, so none of them had events, a row in `customers` or a stay before.
+    Read from the rows the batch added to `customer_sources` (their positions are past the view's,
+    which DuckDB finds without reading older row groups), less the survivors of its merges (a
+    registration merged into an older customer now names that customer). _rederived checks by
+    counts that no customer of the batch was missed."""
+    before = int(view_position(con))
+    return (f"(SELECT customer_id FROM customer_sources WHERE position > {before} AND linked_by = 'new_customer' "
+            f"EXCEPT SELECT survivor_id FROM customer_redirects WHERE position > {before})")
+
+
+def _rederived(con: duckdb.DuckDBPyConnection, in_scope: str) -> tuple[str, bool]:
+    """The condition that finds the batch's customers in `customers` after the batch re-derived them,
+    and whether the counts prove what keep_prior_scores noted: rows written since have higher row
+    ids, which DuckDB finds without reading the rest of the table, and every customer of the batch
+    who had a row before is among `audience_prior_scores` (rows now = rows before - theirs before +
+    those found). Unproven, the ids are looked up in the whole table."""
     before, last = con.execute("SELECT n, last_rowid FROM audience_rows_before").fetchall()[0]
     recent = f"rowid > {int(last)} AND customer_id IN {in_scope}"
     found, now, theirs = con.execute(
         f"SELECT (SELECT count(*) FROM customers WHERE {recent}), (SELECT count(*) FROM customers), "
         "(SELECT count(*) FROM audience_prior_scores)").fetchall()[0]
-    return recent if found == now - before + theirs else f"customer_id IN {in_scope}"
+    proven = found == now - before + theirs
+    return (recent if proven else f"customer_id IN {in_scope}"), proven
 
 
 # -- predicates run in a sandbox of their own --------------------------------------------------
@@ -398,12 +413,18 @@ def update_for_batch(con: duckdb.DuckDBPyConnection, scope: str, position: int) 
     redefined = [row[0] for row in con.execute("SELECT DISTINCT name FROM audiences_redefined").fetchall()]
     if not active and not redefined:
         return 0
-    in_scope = _in_scope(con)
-    failed, everyone = _should(con, active, in_scope, batch=True, rows=_rederived(con, in_scope))
-    everyone = sorted(everyone | set(redefined))
-    of_everyone = f" OR audience IN ({', '.join(map(_literal, everyone))})" if everyone else ""
-    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
-               f"AND (customer_id IN {in_scope}{of_everyone})")
+    in_scope = _in_scope(con) or "(NULL)"
+    rows, proven = _rederived(con, in_scope)
+    failed, everyone = _should(con, active, in_scope, batch=True, rows=rows)
+    # a stay is held only by a customer in `customers` (one who leaves it exits every audience; an
+    # audience whose predicate failed keeps its stays and is evaluated over everyone once it works
+    # again): proven, those of the batch are among the customers it did not register
+    held = _in_scope(con, "audience_known") if proven else in_scope
+    whose = [*([f"customer_id IN {held}"] if held else []),
+             *([f"audience IN ({', '.join(map(_literal, sorted(everyone | set(redefined))))})"]
+               if everyone or redefined else [])]
+    current = (f"SELECT audience, customer_id FROM audience_members WHERE until IS NULL AND ({' OR '.join(whose)})"
+               if whose else None)
     return _record(con, current, position, failed)
 
 
@@ -413,26 +434,31 @@ def update_all(con: duckdb.DuckDBPyConnection, position: int) -> int:
     return _record(con, "SELECT audience, customer_id FROM audience_members WHERE until IS NULL", position, failed)
 
 
-def _record(con: duckdb.DuckDBPyConnection, current: str, position: int, failed: set[str]) -> int:
-    """Records the difference between who should be a member (`audience_should`) and who is, as
-    changes and stays (the members of an audience whose predicate failed stay as they are)."""
+def _record(con: duckdb.DuckDBPyConnection, current: str | None, position: int, failed: set[str]) -> int:
+    """Records the difference between who should be a member (`audience_should`) and who is
+    (`current`; None: nobody), as changes and stays (the members of an audience whose predicate
+    failed stay as they are)."""
     kept = f" WHERE audience NOT IN ({', '.join(map(_literal, sorted(failed)))})" if failed else ""
     try:
         return _record_delta(con, f"SELECT audience, customer_id FROM audience_should{kept}",
-                             f"SELECT * FROM ({current}){kept}", position)
+                             current and f"SELECT * FROM ({current}){kept}", position)
     finally:
         con.unregister("audience_should")
 
 
-def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str, position: int) -> int:
-    """Changes from `current` to `should` members, numbered on from the last change in a fixed
-    order (exits first), and the stays they open and close."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audience_now AS {current}")
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE audience_delta AS
-        SELECT audience, customer_id, 'entered' AS action FROM ({should} EXCEPT FROM audience_now)
-        UNION ALL
-        SELECT audience, customer_id, 'exited' AS action FROM (FROM audience_now EXCEPT {should})""")
+def _record_delta(con: duckdb.DuckDBPyConnection, should: str, current: str | None, position: int) -> int:
+    """Changes from `current` (None: nobody, so all enter) to `should` members, numbered on from the
+    last change in a fixed order (exits first), and the stays they open and close."""
+    if current is None:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE audience_delta AS "
+                    f"SELECT DISTINCT audience, customer_id, 'entered' AS action FROM ({should})")
+    else:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE audience_now AS {current}")
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE audience_delta AS
+            SELECT audience, customer_id, 'entered' AS action FROM ({should} EXCEPT FROM audience_now)
+            UNION ALL
+            SELECT audience, customer_id, 'exited' AS action FROM (FROM audience_now EXCEPT {should})""")
     entered, exited = con.execute("SELECT count(*) FILTER (WHERE action = 'entered'), "
                                   "count(*) FILTER (WHERE action = 'exited') FROM audience_delta").fetchall()[0]
     if not entered + exited:

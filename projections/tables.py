@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import duckdb
+
 from cdp.contracts.profile import PROFILE_COLUMNS
 from projections import metrics
 from projections.survivorship import events_source, golden_columns, golden_sources_type
@@ -69,6 +71,14 @@ SELECT e.customer_id,
   {facts}
 FROM {events} e
 """
+
+
+VIEW = "unified_view"  # the view's row in projection_state
+
+
+def view_position(con: duckdb.DuckDBPyConnection) -> int:
+    """The store position the view holds, as `con`'s transaction sees it."""
+    return con.execute("SELECT position FROM projection_state WHERE name = ?", [VIEW]).fetchall()[0][0]
 
 
 SCOPED_EVENTS = "scoped_events"  # a live batch's customers' events, copied out once per batch

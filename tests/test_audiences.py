@@ -463,3 +463,67 @@ def test_idempotency_keys_stay_the_uuid5_they_always_were():
         change = Change(n + 1, "bank_churn", f"cüst-{n}", action, "2026-01-01T00:00:00+00:00", None)
         assert idempotency_key("crm", change) == str(uuid.uuid5(
             namespace, f"crm\n{n + 1}\nbank_churn\ncüst-{n}\n{action}"))
+
+
+def _notification(position: int, customer_id: str, topic: str, state: dict) -> tuple[int, str, str, bytes]:
+    return position, customer_id, topic, json.dumps({"timestamp": {"_type_": "datetime_iso",
+                                                                   "_data_": "2025-05-01T00:00:00+00:00"},
+                                                     **state}).encode()
+
+
+def _registered_with_a_purchase(position: int, customer_id: str, source_id: str, amount: float) -> list[tuple]:
+    from cdp.contracts import stored_events
+
+    return [_notification(position, customer_id, stored_events.REGISTERED,
+                          {"business_unit": "retail", "source_id": source_id,
+                           "originator_topic": stored_events.CUSTOMER}),
+            *_purchase(position + 1, customer_id, source_id, amount)]
+
+
+def _purchase(position: int, customer_id: str, source_id: str, amount: float) -> list[tuple]:
+    from cdp.contracts import stored_events
+
+    return [_notification(position, customer_id, stored_events.EVENT_RECORDED, {
+        "event_id": f"e{position}", "event_source": "retail/pos", "event_type": "cdp.purchase",
+        "time": "2025-04-01T10:00:00Z", "business_unit": "retail", "source_id": source_id,
+        "profile": {"email": f"{source_id}@example.com"},
+        "data": {"order_id": f"o{position}", "amount": amount, "currency": "EUR", "channel": "store"}})]
+
+
+def test_a_batch_that_registers_and_merges_keeps_members_scores_and_exits(tmp_path):
+    """A batch that registers a customer and merges it into an existing member (so the new
+    registration now names the member), beside a new purchase of another member: the survivor keeps
+    the scores from before the batch (NULL until the next refresh) and the stays a score holds;
+    both exit the audience their new purchase ends; the absorbed registration enters nothing."""
+    from datetime import date
+
+    from cdp.contracts import audience_events, stored_events
+    from projections.audiences import check_predicate
+    from projections.projector import Projector
+
+    ann, cid, new = "a" * 32, "c" * 32, "e" * 32
+    projector = Projector(tmp_path / "view.duckdb", date(2025, 6, 1))
+    try:
+        projector.apply([_notification(n + 1, audience_events.definition_id("audience", name),
+                                       audience_events.AUDIENCE_DEFINED,
+                                       {"name": name, "where": check_predicate(where), "consent": None,
+                                        "originator_topic": audience_events.AUDIENCE})
+                         for n, (name, where) in enumerate((("recent", "recency_days < 10000"),
+                                                            ("single", "orders = 1")))])
+        projector.apply([*_registered_with_a_purchase(3, ann, "ann", 20.0),
+                         *_registered_with_a_purchase(5, cid, "cid", 30.0)])
+        projector.refresh_metrics()
+        open_stays = ("SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
+                      "ORDER BY audience, customer_id")
+        assert projector.con.execute(open_stays).fetchall() == [
+            ("recent", ann), ("recent", cid), ("single", ann), ("single", cid)]
+        projector.apply([*_registered_with_a_purchase(7, new, "nina", 40.0),
+                         _notification(9, ann, stored_events.MERGED,
+                                       {"absorbed_id": new, "rule": "email", "evidence": {}}),
+                         *_purchase(10, cid, "cid", 50.0)])
+        assert projector.con.execute(open_stays).fetchall() == [("recent", ann), ("recent", cid)]
+        assert projector.con.execute("SELECT audience, customer_id, action FROM audience_changes WHERE position = 10 "
+                                     "ORDER BY change_id").fetchall() == [("single", ann, "exited"),
+                                                                          ("single", cid, "exited")]
+    finally:
+        projector.close()

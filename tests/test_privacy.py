@@ -178,6 +178,30 @@ def test_erase_without_suppression_lets_the_person_come_back(cdp, tmp_path):
     assert cdp.query("SELECT first_name, events FROM customers WHERE last_name = 'Zephyrine'") == rows
 
 
+def test_a_lone_surname_goes_with_the_last_record_that_bears_it(cdp, tmp_path):
+    """A dead-letter entry holding nothing of a person but a surname stays while another source
+    record carries that surname (it is not only the erased person's), and goes with the last one."""
+    ingest(cdp, tmp_path, "vex.jsonl", jsonl([
+        event("v1", "retail", "R-7", customer={"email": "ann.vexbridge@example.org", "first_name": "Ann",
+                                               "last_name": "Vexbridge"}),
+        event("v2", "bank", "B-8", customer={"email": "dan.v@example.org", "first_name": "Dan",
+                                             "last_name": "Vexbridge", "phone": "+44 7700 900123"}),
+    ]))
+    lone = event("bad5", "telecom", "T-9", "cdp.purchase", amount="lots", customer={"last_name": "VEXBRIDGE"})
+    other = event("bad6", "telecom", "T-10", "cdp.purchase", amount="lots", customer={"last_name": "Other"})
+    (tmp_path / "bad.jsonl").write_bytes(jsonl([lone, other]))
+    cdp("ingest", str(tmp_path / "bad.jsonl"))
+
+    def dead_lettered() -> list[str]:
+        return [json.loads(line)["event_id"] for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+
+    cdp("erase", "ann.vexbridge@example.org", "--yes")
+    assert dead_lettered() == ["bad5", "bad6"]  # Dan still bears the name
+    cdp("erase", "dan.v@example.org", "--yes")
+    assert dead_lettered() == ["bad6"]
+    assert files_holding(cdp.home, ["vexbridge"]) == {}
+
+
 def test_erase_usage_errors_are_one_line(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     result = cdp("erase", "nobody@example.org", "--yes", check=False)

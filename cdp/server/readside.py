@@ -206,6 +206,8 @@ class ReadSide:
             if self.on_batch is not None:
                 self.on_batch(len(notifications))
             self.delivery.wake()
+            if len(notifications) < self.cfg.projection_batch:
+                break  # all the store had: what commits next wakes this thread (no second read to learn so)
         now = time.monotonic()
         if not self.scored_at and metrics.state(projector.con)[0] == projector.as_of:
             # the view was scored for this as-of date: the next refresh after the interval, not on

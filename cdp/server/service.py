@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import Erased, mark_view_rewrite, rewrite_view_if_pending, scrub_deadletter
+from cdp.erasure import Erased, mark_view_rewrite, rewrite_view_if_pending, scrub_deadletter, surname_shared
 from cdp.keys import Key
 from cdp.server.access import Gate, RateLimiter
 from cdp.server.readside import ReadSide
@@ -95,7 +95,8 @@ class Service:
         started = time.perf_counter()
         erasure = self.steward(methodcaller("erase", customer_id, suppress, actor))
         phases = {"store_and_view": time.perf_counter() - started}
-        removed = scrub_deadletter(self.cfg.deadletter_path, erasure) if self.mode == "embedded" else 0
+        removed = (scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
+                   if self.mode == "embedded" else 0)
         self.app.store.scrub()
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
