@@ -284,7 +284,16 @@ def test_docs_health_metrics_and_query_formats(served) -> None:
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["view_position"] == health["store_head"] > 0
     assert httpx.get(server.url + "/metrics").status_code == 401
+    # look-ups are answered ahead of FastAPI's router: the same answers, refusals and measurements
+    assert client.get("/v1/profiles/retail:M1").json()["sources"][0]["source_id"] == "M1"
+    missing = client.get("/v1/profiles/email:nobody@example.org")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert client.get("/v1/profiles/nocolon").json()["code"] == "invalid_id"
+    assert httpx.get(server.url + "/v1/profiles/retail:M1").json()["code"] == "unauthorized"
+    assert client.post("/v1/profiles/retail:M1").status_code == 405
     metrics = client.get("/metrics").text
+    for status in (200, 400, 401, 404):
+        assert f'cdp_http_requests_total{{route="/v1/profiles/{{ref}}",status="{status}"}} 1.0' in metrics
     assert 'cdp_events_received_total{api="cloudevents"} 1.0' in metrics and "cdp_view_position" in metrics
     assert "cdp_http_request_seconds_bucket" in metrics
     sql = {"sql": "SELECT customer_id, business_units FROM customers"}

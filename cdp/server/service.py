@@ -9,6 +9,7 @@ with the process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import signal
@@ -221,6 +222,11 @@ def run(cfg: Settings, host: str, port: int) -> None:
     Service.log(f"serving {url} ({service.mode}; store "
                 f"{'PostgreSQL' if cfg.event_store else cfg.sqlite_path}; view {cfg.duckdb_path}); docs at {url}/docs")
     write_server_file(cfg, url, service.local_token)
+    # what start-up made lives as long as the server: out of the collector's sight, a full
+    # collection (which holds the GIL, so every look-up and request waits) walks only what
+    # serving makes (py-spy of look-ups on a 1M-customer view: 2.2% of the samples in gc_collect
+    # without, 0% with it; 0.6% with it while ingest runs)
+    gc.freeze()
     try:
         server.run()
     finally:
