@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
+from projections.registrations import registered_customers
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
@@ -32,7 +33,6 @@ TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 DEFINITION_TOPICS = frozenset((
     audience_events.AUDIENCE_DEFINED, audience_events.AUDIENCE_REDEFINED, audience_events.AUDIENCE_DELETED,
     audience_events.DESTINATION_DEFINED, audience_events.DESTINATION_REDEFINED, audience_events.DESTINATION_DELETED))
-RESHAPING_TOPICS = frozenset((TOPIC_MERGED, TOPIC_SPLIT, TOPIC_SPLIT_OFF, stored_events.ERASED))
 LISTED_SCOPE_MAX = 2000  # touched customers recomputed through a constant id list, beyond: a join
 
 
@@ -128,17 +128,6 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
 
 
-def fresh_customers(notifications: Sequence[tuple]) -> set[str]:
-    """Customers registered in this batch, so nothing of theirs was in the view before it and all
-    their events are in BATCH_EVENTS; none when the batch merges, splits or erases (those move or
-    remove rows of others, and cut the batch into segments: BATCH_EVENTS holds the last one's), and
-    when it holds no event (BATCH_EVENTS is then an earlier batch's)."""
-    topics = {n[2] for n in notifications}
-    if TOPIC_EVENT not in topics or not RESHAPING_TOPICS.isdisjoint(topics):
-        return set()
-    return {n[1] for n in notifications if n[2] == TOPIC_REGISTERED}
-
-
 class Projector:
     """`survivorship` is the golden record's rule per field (CDP_SURVIVORSHIP, parsed by the caller)."""
 
@@ -180,13 +169,12 @@ class Projector:
             if scope is None and recompute and not DEFINITION_TOPICS.isdisjoint(n[2] for n in notifications):
                 scope = "touched"
             if scope is not None:
-                upkeep = audiences.has_audiences(con)
-                if upkeep:
-                    audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)):
+                registered = registered_customers(notifications)  # nothing of theirs to look up
+                upkeep = audiences.keep_prior_scores(con, scope, registered)  # None without audiences
+                for statement in recompute_customers_sql(scope, self.survivorship, registered):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
-                    audiences.update_for_batch(con, "touched", notifications[-1][0])
+                    audiences.update_for_batch(con, upkeep, notifications[-1][0])
             names = [NAME, *also]
             con.execute(f"UPDATE projection_state SET position = ? WHERE name IN ({', '.join('?' * len(names))})",
                         [notifications[-1][0], *names])
