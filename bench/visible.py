@@ -507,11 +507,8 @@ def stored_rows(tmp: Path, requests: int, known_every: int) -> list[tuple]:
         orjson.dumps(e) + b"\n" for n in range(requests)
         for e in (*request_batch(n), *(known_orders(n, 40) if known_every and n >= 40 and n % known_every == 0 else ()))))
     subprocess.run([sys.executable, "-m", "cdp", "ingest", str(events)], env=env, check=True, stdout=subprocess.DEVNULL)
-    app = CustomerApplication(Settings.from_env(env))
-    try:
+    with CustomerApplication(Settings.from_env(env)) as app:
         return app.raw_notifications(0, 10_000_000)
-    finally:
-        app.close()
 
 
 def run_batches(tmp: Path, customers: int, requests: int, against: Path | None, batches: int = 40) -> None:
