@@ -19,7 +19,7 @@ from projections import audiences, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
-                               prepare_listed_sql, recompute_customers_sql, view_position)
+                               prepare_listed_sql, recompute_customers_sql, scope_members, view_position)
 
 TOPIC_EVENT = stored_events.EVENT_RECORDED
 TOPIC_REGISTERED = stored_events.REGISTERED
@@ -150,6 +150,12 @@ def fresh_customers(notifications: Sequence[tuple]) -> set[str]:
     return {n[1] for n in notifications if n[2] == TOPIC_REGISTERED}
 
 
+def move_position_sql(position: int, names: Sequence[str]) -> str:
+    """The statement that moves the view's position (and those of `names` following it) to
+    `position`, with its values written in, so that it can share a call with other statements."""
+    return f"UPDATE projection_state SET position = {int(position)} WHERE name IN {scope_members(list(names))}"
+
+
 def listed_scope(ids: list[str]) -> list[str] | str | None:
     """The touched customers' ids as a constant list when few (a live batch; see
     tables.scope_members), else the `touched` table (a catch-up of many); None: none."""
@@ -205,20 +211,22 @@ class Projector:
             # recompute: ~100 ms of CPU saved per such batch, which held back the next one
             if scope is None and recompute and not DEFINITION_TOPICS.isdisjoint(n[2] for n in notifications):
                 scope = "touched"
+            # the rest in one call: each call hands the GIL back and waits to take it again (up to
+            # the 5 ms switch interval while the server's other threads run Python)
+            last = [move_position_sql(notifications[-1][0], [NAME, *also])]
             if scope is not None:
                 upkeep = audiences.has_audiences(con)
                 if listed is not None and (upkeep or scope == "touched"):
                     self._note_touched(listed)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                # one call for the whole recompute: each call hands the GIL back and waits to take it
-                # again (up to the 5 ms switch interval while the server's other threads run Python)
-                con.execute(";\n".join(recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications))))
+                recomputing = recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications))
                 if upkeep:  # membership changes commit with the batch that caused them
+                    con.execute(";\n".join(recomputing))
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
-            names = [NAME, *also]
-            con.execute(f"UPDATE projection_state SET position = ? WHERE name IN ({', '.join('?' * len(names))})",
-                        [notifications[-1][0], *names])
+                else:
+                    last = [*recomputing, *last]
+            con.execute(";\n".join(last))
         return len(notifications)
 
     def _touched_scope(self) -> str | list[str] | None:
