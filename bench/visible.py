@@ -485,67 +485,107 @@ def run_ceiling(tmp: Path, customers: int, events: int) -> None:
     print(f"  needed for 1,000 events/s: 1,000 events/s stored, {rows / sent * 1000:,.0f} stored events/s followed")
 
 
-def run_batches(tmp: Path, customers: int, batches: int = 60) -> None:
-    """The read side's share, in process and in CPU time (what a loaded machine does not skew):
-    the stored events of `batches` requests as the server projects them, one live batch per
-    request, on the view of N customers with the server's look-up indexes. Baseline: DuckDB
-    inserting the same notifications into a table and committing, on the same connection."""
-    import statistics
+def known_orders(n: int, back: int) -> list[dict]:
+    """An order by each of the 10 customers request n - `back` registered: customers the view knows."""
+    return [{"specversion": "1.0", "id": f"o{n}-{i}", "source": "shop/web", "type": "cdp.purchase",
+             "time": "2026-03-02T10:00:00Z",
+             "data": {"business_unit": "shop", "customer": {"source_id": f"P{n - back}-{i}"},
+                      "order_id": f"O{n}-{i}", "amount": 10.5 + i, "currency": "EUR", "channel": "web"}}
+            for i in range(10)]
 
-    import pyarrow as pa
 
+def stored_rows(tmp: Path, requests: int, known_every: int) -> list[tuple]:
+    """The store's notifications after `requests` requests of 10 new customers (request_batch), every
+    `known_every`-th of them (0: none) followed by orders of customers registered ~3 batches before."""
     from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from projections.projector import Projector
-    from projections.transactions import transaction
 
-    store_env = clean_env(tmp / "store")
+    env = clean_env(tmp / "store")
     (tmp / "store").mkdir(parents=True)
     events = tmp / "events.jsonl"
-    events.write_bytes(b"".join(orjson.dumps(e) + b"\n" for n in range(batches) for e in request_batch(n)))
-    subprocess.run([sys.executable, "-m", "cdp", "ingest", str(events)], env=store_env, check=True,
-                   stdout=subprocess.DEVNULL)
-    app = CustomerApplication(Settings.from_env(store_env))
-    rows = app.raw_notifications(0, 1_000_000)
-    app.close()
-    per_request = len(rows) // batches
-    view_of(tmp / "batches.duckdb", customers)  # with the server's look-up indexes
-    projector = Projector(tmp / "batches.duckdb", memory_limit=clean_env(tmp)["CDP_DUCKDB_MEMORY"])
-    con = projector.con
-    con.execute("CREATE TEMP TABLE baseline (position BIGINT, customer_id VARCHAR, topic VARCHAR, state BLOB)")
+    events.write_bytes(b"".join(
+        orjson.dumps(e) + b"\n" for n in range(requests)
+        for e in (*request_batch(n), *(known_orders(n, 40) if known_every and n >= 40 and n % known_every == 0 else ()))))
+    subprocess.run([sys.executable, "-m", "cdp", "ingest", str(events)], env=env, check=True, stdout=subprocess.DEVNULL)
+    with CustomerApplication(Settings.from_env(env)) as app:
+        return app.raw_notifications(0, 10_000_000)
 
-    def cpu(work) -> tuple[float, float]:
-        wall, used = time.perf_counter(), time.process_time()
-        work()
-        return time.process_time() - used, time.perf_counter() - wall
 
-    def baseline(batch: list[tuple]) -> None:
-        positions, ids, topics, states = zip(*batch)
-        con.register("notifications", pa.table({
-            "position": pa.array(positions, pa.int64()), "customer_id": pa.array(ids, pa.string()),
-            "topic": pa.array(topics, pa.string()), "state": pa.array(states, pa.binary())}))
-        with transaction(con):
-            con.execute("INSERT INTO baseline SELECT * FROM notifications")
-        con.unregister("notifications")
+def run_batches(tmp: Path, customers: int, requests: int, against: Path | None, batches: int = 40) -> None:
+    """The read side's share, in process and in CPU time (what a loaded machine does not skew): the
+    stored events of `requests` requests per live batch as the server projects them, on the view of
+    N customers with the server's look-up indexes, `batches` times; first a stream of new customers
+    only (what the end-to-end run sends), then one where every other request also brings orders of
+    customers the view knows. Baseline: DuckDB inserting the same notifications into a table and
+    committing, on the same connection. `against`: another code tree (e.g. a checkout of main)
+    whose projector runs on a copy of the same view, interleaved batch by batch with this tree's;
+    the two views are then compared table by table (EXCEPT ALL both ways)."""
+    import pickle
+    import statistics
 
-    applied, raw = [], []
-    for start in range(0, per_request * batches, per_request):
-        batch = rows[start:start + per_request]
-        applied.append(cpu(lambda: projector.apply(batch)))
-        raw.append(cpu(lambda: baseline(batch)))
-    projector.close()
+    import duckdb
+
+    root = Path(__file__).resolve().parent.parent
+    trees = {"this tree": root, **({f"against {against}": against.resolve()} if against else {})}
     warm = slice(5, None)  # the first batches load the view's blocks
     ms = 1000
+    print(f"\n== the read side's live batch, in process, view of {customers:,} customers: {batches} batches of "
+          f"{requests} requests each (10 new customers a request), the first 5 not counted")
+    for title, known_every in (("new customers only (the stream of the end-to-end run)", 0),
+                               ("new customers, and orders of known customers every other request", 2)):
+        work = tmp / f"stream-{known_every}"
+        rows = stored_rows(work, requests * batches, known_every)
+        size = len(rows) // batches
+        (work / "rows.pickle").write_bytes(pickle.dumps(rows))
+        sides = {}
+        for name, tree in trees.items():
+            view = work / f"view-{len(sides)}.duckdb"
+            view_of(view, customers)
+            process = subprocess.Popen(
+                [sys.executable, str(root / "bench" / "projector_worker.py"), str(view), str(work / "rows.pickle"),
+                 str(work / f"dump-{len(sides)}")], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            if process.stdout.readline().strip() != "ready":
+                raise SystemExit(f"bench: the projector of {tree} did not start")
+            sides[name] = (process, [])
+        for i in range(batches):
+            order = list(sides) if i % 2 == 0 else list(reversed(sides))
+            for name in order:
+                process, timings = sides[name]
+                process.stdin.write(f"{i * size} {(i + 1) * size if i < batches - 1 else len(rows)}\n")
+                process.stdin.flush()
+                timings.append(tuple(map(float, process.stdout.readline().split())))
+        for process, _ in sides.values():
+            process.stdin.write("\n")
+            process.stdin.flush()
+            process.stdout.readline()
+            process.wait()
+        print(f"  {title}: {size:,} notifications a batch")
 
-    def line(label: str, values: list[tuple[float, float]]) -> None:
-        cpus, walls = [v[0] for v in values[warm]], [v[1] for v in values[warm]]
-        print(f"  {label:<48} CPU p50 {statistics.median(cpus) * ms:6.1f} ms  p99 {percentile(cpus, .99) * ms:6.1f} ms"
-              f"   (wall p50 {statistics.median(walls) * ms:6.1f} ms)")
+        def line(label: str, values: list[tuple[float, ...]], first: int) -> float:
+            cpus, walls = [v[first] for v in values[warm]], [v[first + 1] for v in values[warm]]
+            print(f"    {label:<52} CPU p50 {statistics.median(cpus) * ms:6.1f} ms  p99 "
+                  f"{percentile(cpus, .99) * ms:6.1f} ms   (wall p50 {statistics.median(walls) * ms:6.1f} ms)")
+            return statistics.median(cpus)
 
-    print(f"\n== the read side's live batch, in process: {len(applied) - 5} batches of {per_request} notifications "
-          f"(one request of 10 new customers), view of {customers:,} customers")
-    line("projector.apply (events, sources, customers, units)", applied)
-    line("baseline: DuckDB inserts the notifications, commits", raw)
+        medians = [line(f"projector.apply, {name}", timings, 0) for name, (_, timings) in sides.items()]
+        line("baseline: DuckDB inserts the notifications, commits", next(iter(sides.values()))[1], 2)
+        if len(medians) == 2:
+            print(f"    ratio this tree / against: {medians[0] / medians[1]:.2f}")
+            con = duckdb.connect()
+            differing = []
+            for table in ("customers", "customer_business_units", "customer_events", "customer_sources",
+                          "customer_redirects", "projection_state"):
+                a, b = (f"'{work}/dump-{k}-{table}.parquet'" for k in (0, 1))
+                if con.execute(f"SELECT (SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})) + "
+                               f"(SELECT count(*) FROM (FROM {b} EXCEPT ALL FROM {a}))").fetchall()[0][0]:
+                    differing.append(table)
+            con.close()
+            print("    the two views after the run: " + (f"DIFFER in {', '.join(differing)}" if differing else
+                                                         "identical (EXCEPT ALL both ways, every table)"))
+        import shutil
+
+        shutil.rmtree(work)
 
 
 def main(argv: list[str]) -> None:
@@ -556,6 +596,12 @@ def main(argv: list[str]) -> None:
                         help="batches: the read side's CPU per live batch in process; ceiling: the Kafka "
                              "path's sustained rates, stage by stage (neither part of both)")
     parser.add_argument("--events", type=int, default=50_000, help="ceiling: events published first")
+    parser.add_argument("--batch-requests", type=int, default=13,
+                        help="batches: requests per live batch (13 requests, 260 stored events: the read side's "
+                             "batch at p50 on a quiet machine)")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="batches: also run the projector of another code tree (e.g. a checkout of main), "
+                             "interleaved, and compare the two views")
     parser.add_argument("--warmup", type=float, default=3.0,
                         help="seconds sent at the same rate before probing starts (a just-started server's "
                              "resolver and view warm up: the figure is for a steady stream)")
@@ -568,7 +614,7 @@ def main(argv: list[str]) -> None:
     server_env = dict(item.split("=", 1) for item in args.set)
     with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode == "batches":
-            run_batches(Path(tmp), args.customers)
+            run_batches(Path(tmp), args.customers, args.batch_requests, args.against)
         if args.mode == "ceiling":
             run_ceiling(Path(tmp), args.customers, args.events)
         if args.mode in ("embedded", "both"):

@@ -20,7 +20,7 @@ from projections.registrations import registered_customers
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
-                               prepare_listed_sql, recompute_customers_sql, view_position)
+                               prepare_listed_sql, recompute_customers_sql, scope_members, view_position)
 
 TOPIC_EVENT = stored_events.EVENT_RECORDED
 TOPIC_REGISTERED = stored_events.REGISTERED
@@ -33,6 +33,7 @@ TOPIC_SPLIT_OFF = stored_events.SPLIT_OFF
 DEFINITION_TOPICS = frozenset((
     audience_events.AUDIENCE_DEFINED, audience_events.AUDIENCE_REDEFINED, audience_events.AUDIENCE_DELETED,
     audience_events.DESTINATION_DEFINED, audience_events.DESTINATION_REDEFINED, audience_events.DESTINATION_DELETED))
+RESHAPING_TOPICS = frozenset((TOPIC_MERGED, TOPIC_SPLIT, TOPIC_SPLIT_OFF, stored_events.ERASED))
 LISTED_SCOPE_MAX = 2000  # touched customers recomputed through a constant id list, beyond: a join
 
 
@@ -80,10 +81,10 @@ FROM (SELECT position, customer_id,
       FROM batch WHERE topic = '{TOPIC_MERGED}')
 ORDER BY position
 """
+TOUCHING_TOPICS = (TOPIC_EVENT, TOPIC_REGISTERED, TOPIC_LINKED, TOPIC_MERGED, TOPIC_SPLIT, TOPIC_SPLIT_OFF)
 SELECT_TOUCHED = f"""
 SELECT DISTINCT customer_id FROM batch
-WHERE topic IN ('{TOPIC_EVENT}', '{TOPIC_REGISTERED}', '{TOPIC_LINKED}', '{TOPIC_MERGED}', '{TOPIC_SPLIT}',
-                '{TOPIC_SPLIT_OFF}')
+WHERE topic IN ({", ".join(f"'{topic}'" for topic in TOUCHING_TOPICS)})
 """
 
 
@@ -128,6 +129,31 @@ def segments(notifications: Sequence[tuple]) -> list[Sequence[tuple]]:
     return [notifications[a:b] for a, b in zip(starts, [*cuts, len(notifications)]) if a < b]
 
 
+def plain(notifications: Sequence[tuple]) -> bool:
+    """A batch that neither merges, splits nor erases (a live batch, almost always): one segment,
+    and the customers it touched are the ids its own rows name (`touched_customers`)."""
+    return RESHAPING_TOPICS.isdisjoint(n[2] for n in notifications)
+
+
+def touched_customers(notifications: Sequence[tuple]) -> list[str]:
+    """The customers a plain batch touched (what SELECT_TOUCHED finds), in the order they appear."""
+    return list(dict.fromkeys(n[1] for n in notifications if n[2] in TOUCHING_TOPICS and n[1] is not None))
+
+
+def move_position_sql(position: int, names: Sequence[str]) -> str:
+    """The statement that moves the view's position (and those of `names` following it) to
+    `position`, with its values written in, so that it can share a call with other statements."""
+    return f"UPDATE projection_state SET position = {int(position)} WHERE name IN {scope_members(list(names))}"
+
+
+def listed_scope(ids: list[str]) -> list[str] | str | None:
+    """The touched customers' ids as a constant list when few (a live batch; see
+    tables.scope_members), else the `touched` table (a catch-up of many); None: none."""
+    if not ids:
+        return None
+    return ids if len(ids) <= LISTED_SCOPE_MAX else "touched"
+
+
 class Projector:
     """`survivorship` is the golden record's rule per field (CDP_SURVIVORSHIP, parsed by the caller)."""
 
@@ -157,40 +183,57 @@ class Projector:
         server's published position when it has no changelog: one commit per batch, not two)."""
         if not notifications:
             return 0
+        # a plain batch's touched customers are known from its rows: no `touched` table to fill and
+        # read back unless the audience upkeep or a long scope reads it
+        listed = touched_customers(notifications) if recompute and plain(notifications) else None
         with transaction(self.con) as con:
-            con.execute("CREATE OR REPLACE TEMP TABLE touched (customer_id VARCHAR)")
+            if listed is None:
+                con.execute("CREATE OR REPLACE TEMP TABLE touched (customer_id VARCHAR)")
             audiences.begin_batch(con)
             for segment in segments(notifications):
-                self._apply_segment(segment, recompute)
-            scope = self._touched_scope() if recompute else None
+                self._apply_segment(segment, recompute, note_touched=listed is None)
+            if not recompute:
+                scope = None
+            else:
+                scope = self._touched_scope() if listed is None else listed_scope(listed)
             # a batch that touched no customer and defined no audience (e.g. the audit entries of
             # profile reads, committed every half second while the API is read) has nothing to
             # recompute: ~100 ms of CPU saved per such batch, which held back the next one
             if scope is None and recompute and not DEFINITION_TOPICS.isdisjoint(n[2] for n in notifications):
                 scope = "touched"
+            # the rest in one call: each call hands the GIL back and waits to take it again (up to
+            # the 5 ms switch interval while the server's other threads run Python)
+            last = [move_position_sql(notifications[-1][0], [NAME, *also])]
             if scope is not None:
+                if listed is not None and scope == "touched":
+                    self._note_touched(listed)
                 registered = registered_customers(notifications)  # nothing of theirs to look up
                 upkeep = audiences.keep_prior_scores(con, scope, registered)  # None without audiences
-                for statement in recompute_customers_sql(scope, self.survivorship, registered):
-                    con.execute(statement)
+                recomputing = recompute_customers_sql(scope, self.survivorship, registered)
                 if upkeep:  # membership changes commit with the batch that caused them
+                    con.execute(";\n".join(recomputing))
                     audiences.update_for_batch(con, upkeep, notifications[-1][0])
-            names = [NAME, *also]
-            con.execute(f"UPDATE projection_state SET position = ? WHERE name IN ({', '.join('?' * len(names))})",
-                        [notifications[-1][0], *names])
+                else:
+                    last = [*recomputing, *last]
+            con.execute(";\n".join(last))
         return len(notifications)
 
     def _touched_scope(self) -> str | list[str] | None:
-        """The customers this batch touched: their ids as a constant list when few (a live batch;
-        see tables.scope_members), else the `touched` table (a catch-up of many); None: none."""
-        ids = [row[0] for row in self.con.execute(
+        """The customers this batch touched, as the `touched` table holds them (see listed_scope)."""
+        return listed_scope([row[0] for row in self.con.execute(
             "SELECT DISTINCT customer_id FROM touched WHERE customer_id IS NOT NULL "
-            f"LIMIT {LISTED_SCOPE_MAX + 1}").fetchall()]
-        if not ids:
-            return None
-        return ids if len(ids) <= LISTED_SCOPE_MAX else "touched"
+            f"LIMIT {LISTED_SCOPE_MAX + 1}").fetchall()])
 
-    def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool) -> None:
+    def _note_touched(self, ids: list[str]) -> None:
+        """The `touched` table of a plain batch, from the ids its rows name."""
+        self.con.register("touched_ids", pa.table({"customer_id": pa.array(ids, pa.string())}))
+        try:
+            self.con.execute("CREATE OR REPLACE TEMP TABLE touched AS SELECT customer_id FROM touched_ids")
+        finally:
+            self.con.unregister("touched_ids")
+
+    def _apply_segment(self, notifications: Sequence[tuple[int, str, str, bytes]], recompute: bool,
+                       note_touched: bool = True) -> None:
         positions, customers, topics, states = zip(*notifications)
         con = self.con
         con.register("batch", pa.table({
@@ -201,13 +244,11 @@ class Projector:
             # each statement parses its topic's rows out of the batch: a fixed cost per statement,
             # skipped when the batch holds none of them (a live batch is mostly events and new
             # customers)
-            if TOPIC_EVENT in present:
-                for statement in INSERT_EVENTS:
-                    con.execute(statement)
-            if not present.isdisjoint((TOPIC_REGISTERED, TOPIC_LINKED)):
-                con.execute(INSERT_SOURCES)
-            if not present.isdisjoint(DECISION_TOPICS):
-                con.execute(INSERT_DECISIONS)
+            facts = [*(INSERT_EVENTS if TOPIC_EVENT in present else ()),
+                     *((INSERT_SOURCES,) if not present.isdisjoint((TOPIC_REGISTERED, TOPIC_LINKED)) else ()),
+                     *((INSERT_DECISIONS,) if not present.isdisjoint(DECISION_TOPICS) else ())]
+            if facts:  # one call (see apply)
+                con.execute(";\n".join(facts))
             if not DEFINITION_TOPICS.isdisjoint(present):
                 audiences.apply_definitions(con)
             absorbed = self._apply_merges(con.execute(SELECT_MERGES).fetchall()) if TOPIC_MERGED in present else set()
@@ -216,7 +257,7 @@ class Projector:
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
             erased = erasure.delete_erased(con) if topics[-1] == stored_events.ERASED else []
-            if recompute:
+            if recompute and note_touched:
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 # the erased count as touched too: audiences drop them, and the batch's recompute
                 # keeps to a list of ids rather than scanning every event for an empty scope
