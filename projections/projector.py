@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 from cdp.contracts import audience_events, stored_events
 from projections import audiences, erasure, metrics
+from projections.registrations import registered_customers
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
@@ -139,17 +140,6 @@ def touched_customers(notifications: Sequence[tuple]) -> list[str]:
     return list(dict.fromkeys(n[1] for n in notifications if n[2] in TOUCHING_TOPICS and n[1] is not None))
 
 
-def fresh_customers(notifications: Sequence[tuple]) -> set[str]:
-    """Customers registered in this batch, so nothing of theirs was in the view before it and all
-    their events are in BATCH_EVENTS; none when the batch merges, splits or erases (those move or
-    remove rows of others, and cut the batch into segments: BATCH_EVENTS holds the last one's), and
-    when it holds no event (BATCH_EVENTS is then an earlier batch's)."""
-    topics = {n[2] for n in notifications}
-    if TOPIC_EVENT not in topics or not RESHAPING_TOPICS.isdisjoint(topics):
-        return set()
-    return {n[1] for n in notifications if n[2] == TOPIC_REGISTERED}
-
-
 def move_position_sql(position: int, names: Sequence[str]) -> str:
     """The statement that moves the view's position (and those of `names` following it) to
     `position`, with its values written in, so that it can share a call with other statements."""
@@ -215,15 +205,14 @@ class Projector:
             # the 5 ms switch interval while the server's other threads run Python)
             last = [move_position_sql(notifications[-1][0], [NAME, *also])]
             if scope is not None:
-                upkeep = audiences.has_audiences(con)
-                if listed is not None and (upkeep or scope == "touched"):
+                if listed is not None and scope == "touched":
                     self._note_touched(listed)
-                if upkeep:
-                    audiences.keep_prior_scores(con, "touched")
-                recomputing = recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications))
+                registered = registered_customers(notifications)  # nothing of theirs to look up
+                upkeep = audiences.keep_prior_scores(con, scope, registered)  # None without audiences
+                recomputing = recompute_customers_sql(scope, self.survivorship, registered)
                 if upkeep:  # membership changes commit with the batch that caused them
                     con.execute(";\n".join(recomputing))
-                    audiences.update_for_batch(con, "touched", notifications[-1][0])
+                    audiences.update_for_batch(con, upkeep, notifications[-1][0])
                 else:
                     last = [*recomputing, *last]
             con.execute(";\n".join(last))

@@ -490,6 +490,17 @@ def _purchase(position: int, customer_id: str, source_id: str, amount: float) ->
         "data": {"order_id": f"o{position}", "amount": amount, "currency": "EUR", "channel": "store"}})]
 
 
+def _definitions(audiences: tuple[tuple[str, str], ...]) -> list[tuple]:
+    """The store's notifications defining (name, predicate) audiences, at positions 1, 2, …"""
+    from cdp.contracts import audience_events
+    from projections.audiences import check_predicate
+
+    return [_notification(n + 1, audience_events.definition_id("audience", name), audience_events.AUDIENCE_DEFINED,
+                          {"name": name, "where": check_predicate(where), "consent": None,
+                           "originator_topic": audience_events.AUDIENCE})
+            for n, (name, where) in enumerate(audiences)]
+
+
 def test_a_batch_that_registers_and_merges_keeps_members_scores_and_exits(tmp_path):
     """A batch that registers a customer and merges it into an existing member (so the new
     registration now names the member), beside a new purchase of another member: the survivor keeps
@@ -497,19 +508,13 @@ def test_a_batch_that_registers_and_merges_keeps_members_scores_and_exits(tmp_pa
     both exit the audience their new purchase ends; the absorbed registration enters nothing."""
     from datetime import date
 
-    from cdp.contracts import audience_events, stored_events
-    from projections.audiences import check_predicate
+    from cdp.contracts import stored_events
     from projections.projector import Projector
 
     ann, cid, new = "a" * 32, "c" * 32, "e" * 32
     projector = Projector(tmp_path / "view.duckdb", date(2025, 6, 1))
     try:
-        projector.apply([_notification(n + 1, audience_events.definition_id("audience", name),
-                                       audience_events.AUDIENCE_DEFINED,
-                                       {"name": name, "where": check_predicate(where), "consent": None,
-                                        "originator_topic": audience_events.AUDIENCE})
-                         for n, (name, where) in enumerate((("recent", "recency_days < 10000"),
-                                                            ("single", "orders = 1")))])
+        projector.apply(_definitions((("recent", "recency_days < 10000"), ("single", "orders = 1"))))
         projector.apply([*_registered_with_a_purchase(3, ann, "ann", 20.0),
                          *_registered_with_a_purchase(5, cid, "cid", 30.0)])
         projector.refresh_metrics()
@@ -525,5 +530,43 @@ def test_a_batch_that_registers_and_merges_keeps_members_scores_and_exits(tmp_pa
         assert projector.con.execute("SELECT audience, customer_id, action FROM audience_changes WHERE position = 10 "
                                      "ORDER BY change_id").fetchall() == [("single", ann, "exited"),
                                                                           ("single", cid, "exited")]
+    finally:
+        projector.close()
+
+
+def test_the_customers_a_batch_registered_are_those_that_are_still_themselves_and_new(tmp_path):
+    """One rule (projections.registrations) decides which customers a batch registered, for the
+    projector's re-derive and the audiences alike: a registration merged into an older customer is
+    not one, nor is a survivor; a batch that splits, erases or records no event has none. The
+    projection of such a batch is the one of its customers taken one by one: the new customer's
+    row comes from its own events, the survivor's takes the absorbed one's, and the absorbed
+    registration has no row and enters nothing."""
+    from datetime import date
+
+    from cdp.contracts import stored_events
+    from projections.projector import Projector
+    from projections.registrations import registered_customers
+
+    ann, fay, gus = "a" * 32, "f" * 32, "9" * 32
+    merged_batch = [*_registered_with_a_purchase(10, fay, "fay", 30.0),
+                    *_registered_with_a_purchase(12, gus, "gus", 40.0),
+                    _notification(14, ann, stored_events.MERGED, {"absorbed_id": gus, "rule": "email", "evidence": {}})]
+    assert registered_customers(merged_batch) == {fay}
+    split = _notification(15, ann, stored_events.SPLIT, {"source_ids": ["gus"]})
+    assert registered_customers([*merged_batch, split]) == frozenset()
+    assert registered_customers([n for n in merged_batch if n[2] == stored_events.REGISTERED]) == frozenset()
+
+    projector = Projector(tmp_path / "view.duckdb", date(2025, 6, 1))
+    try:
+        projector.apply(_definitions((("single", "orders = 1"), ("big", "lifetime_value >= 60"))))
+        projector.apply(_registered_with_a_purchase(3, ann, "ann", 20.0))
+        projector.apply(merged_batch)
+        assert projector.con.execute("SELECT customer_id, events, orders, lifetime_value FROM customers "
+                                     "ORDER BY customer_id").fetchall() == [(ann, 2, 2, 60.0), (fay, 1, 1, 30.0)]
+        assert projector.con.execute("SELECT audience, customer_id, action FROM audience_changes WHERE position = 14 "
+                                     "ORDER BY change_id").fetchall() == [
+            ("single", ann, "exited"), ("big", ann, "entered"), ("single", fay, "entered")]
+        assert projector.con.execute("SELECT audience, customer_id FROM audience_members WHERE until IS NULL "
+                                     "ORDER BY ALL").fetchall() == [("big", ann), ("single", fay)]
     finally:
         projector.close()
