@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 from cdp.contracts import audience_events, stored_events
-from projections import audiences, erasure, metrics
+from projections import audiences, documents, erasure, metrics
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
 from projections.tables import (BATCH_EVENTS, DATA_COLUMNS, DDL, EVENT_COLUMNS, PROFILE_COLUMNS, VIEW as NAME,
@@ -152,6 +152,7 @@ class Projector:
         for statement in (*DDL, *IDENTITY_DDL, *audiences.DDL):
             self.con.execute(statement)
         metrics.check_columns(self.con, self.path)
+        documents.ensure(self.con)
         for statement in prepare_listed_sql(self.survivorship):
             self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
@@ -183,7 +184,8 @@ class Projector:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)):
+                for statement in (*recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)),
+                                  *documents.update_sql(scope)):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
@@ -274,7 +276,7 @@ class Projector:
 
     def recompute_all(self) -> None:
         with transaction(self.con):
-            for statement in recompute_customers_sql(None, self.survivorship):
+            for statement in (*recompute_customers_sql(None, self.survivorship), *documents.rebuild_sql()):
                 self.con.execute(statement)
         self.refresh_metrics()
 
