@@ -1,15 +1,16 @@
-"""Profile documents: each customer's profile kept whole in one row of `profile_documents`, so
-the profile API reads one row by key instead of assembling it from five tables per request.
+"""Profile documents: the lists of a customer's profile kept in one row of `profile_documents`,
+so the profile API reads two rows by key (the customer's and its document) instead of assembling
+the lists from four tables per request.
 
-Assembling took five index look-ups and ~10 ms of DuckDB CPU per profile on 1,000,000 customers
-(most of a look-up's cost, and twice that while the view projects beside it); one keyed row
-costs about a tenth of that. A document holds what changes only when the customer's own facts
-change: the `customers` row without its scores, the source records, identifiers and consent
-changes (each tagged with its business unit, so a unit's view is a filter of the same row) and
-the merges into the customer. The projector re-derives the documents of the customers a batch
-touched, in the batch's own transaction (a merge, split or erasure touches every customer it
-changes), so a look-up never sees a document older than the view. Scores, which the refresh
-rewrites for every customer at once, stay on `customers` and are read beside the document by key.
+Assembling took five index look-ups and ~6-10 ms of DuckDB CPU per profile on 1,000,000 customers
+(most of a look-up's cost, and twice that while the view projects beside it); the two keyed rows
+cost ~2 ms. A document holds the source records, identifiers and consent changes (each tagged with
+its business unit, so a unit's view is a filter of the same row) and the merges into the
+customer. The projector re-derives the documents of the customers a batch touched, in the batch's
+own transaction (a merge, split or erasure touches every customer it changes), so a look-up never
+sees a document older than the view. The golden record, facts and scores stay on `customers` and
+are read beside the document by key: the score refresh, which rewrites every customer's scores
+at once, leaves documents alone, and no personal value of the golden record is copied here.
 
 The build reads the `customers` relation, whatever it is made of (one place to change if it
 moves), and runs set-based: for a batch's listed customers, or for everyone at a rebuild.
@@ -20,7 +21,6 @@ from typing import Any
 
 import duckdb
 
-from projections.metrics import SCORE_COLUMNS
 from projections.tables import SCOPED_EVENTS, scope_members
 
 TABLE = "profile_documents"
@@ -39,7 +39,7 @@ def select_sql(where: str, events: str = "customer_events") -> str:
         return f"WHERE {column} {where}" if where else ""
 
     return f"""
-    WITH row AS (SELECT * EXCLUDE ({", ".join(SCORE_COLUMNS)}) FROM customers {scoped()}),
+    WITH row AS (SELECT customer_id FROM customers {scoped()}),
     src AS (SELECT customer_id, list(struct_pack(business_unit, source_id, rule := linked_by,
                                                  evidence := evidence::VARCHAR, position) ORDER BY position) AS doc_sources
             FROM customer_sources {scoped()} GROUP BY customer_id),
@@ -50,7 +50,7 @@ def select_sql(where: str, events: str = "customer_events") -> str:
     mer AS (SELECT survivor_id AS customer_id, list(struct_pack(absorbed_id, rule, evidence := evidence::VARCHAR,
                                                                 position) ORDER BY position) AS doc_merges
             FROM customer_redirects {scoped("survivor_id")} GROUP BY survivor_id)
-    SELECT row.*, src.doc_sources, ev.doc_identifiers, ev.doc_consent, mer.doc_merges
+    SELECT row.customer_id, src.doc_sources, ev.doc_identifiers, ev.doc_consent, mer.doc_merges
     FROM row LEFT JOIN src USING (customer_id) LEFT JOIN ev USING (customer_id) LEFT JOIN mer USING (customer_id)"""
 
 
@@ -85,12 +85,12 @@ def update_sql(scope: str | list[str]) -> list[str]:
             f"INSERT INTO {TABLE} BY NAME {select_sql(members, events)}"]
 
 
-READ_SQL = (f"SELECT d.*, {', '.join(f'c.{name}' for name in SCORE_COLUMNS)} "
-            f"FROM {TABLE} d, customers c WHERE d.customer_id = $id AND c.customer_id = $id")
+READ_SQL = (f"SELECT c.*, {', '.join(f'd.{part}' for part in PARTS)} "
+            f"FROM customers c, {TABLE} d WHERE c.customer_id = $id AND d.customer_id = $id")
 
 
 def read(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, Any] | None:
-    """The customer's document with its current scores (None: no such customer)."""
+    """The customer's row with its document's lists (None: no such customer)."""
     cursor = con.execute(READ_SQL, {"id": customer_id})
     row = cursor.fetchone()
     return None if row is None else dict(zip([d[0] for d in cursor.description], row))

@@ -75,7 +75,7 @@ def _consent(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def profile(con: duckdb.DuckDBPyConnection, customer_id: str, unit: str | None) -> dict[str, Any]:
     """Golden record (each value with its source), identifiers, source records with the rule that
     linked them, metrics and consent; a unit sees its own source records only. Read from the
-    customer's document (projections/documents.py): one row by key, a unit's part filtered here."""
+    customer's row and document (projections/documents.py) by key, a unit's part filtered here."""
     row = documents.read(con, customer_id)
     if row is None:
         raise LookupError(f"no profile document for customer {customer_id!r}")
