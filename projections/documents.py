@@ -17,7 +17,7 @@ moves), and runs set-based: for a batch's listed customers, or for everyone at a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import duckdb
 
@@ -38,9 +38,10 @@ def select_sql(where: str, events: str = "customer_events") -> str:
     def scoped(column: str = "customer_id") -> str:
         return f"WHERE {column} {where}" if where else ""
 
+    # every customer has a source record (the one it was registered by), and one merged away or
+    # erased has none left: the source records say whose documents there are
     return f"""
-    WITH row AS (SELECT customer_id FROM customers {scoped()}),
-    src AS (SELECT customer_id, list(struct_pack(business_unit, source_id, rule := linked_by,
+    WITH src AS (SELECT customer_id, list(struct_pack(business_unit, source_id, rule := linked_by,
                                                  evidence := evidence::VARCHAR, position) ORDER BY position) AS doc_sources
             FROM customer_sources {scoped()} GROUP BY customer_id),
     ev AS (SELECT customer_id, list_distinct(flatten(list([{_KINDS}]))) AS doc_identifiers,
@@ -50,8 +51,8 @@ def select_sql(where: str, events: str = "customer_events") -> str:
     mer AS (SELECT survivor_id AS customer_id, list(struct_pack(absorbed_id, rule, evidence := evidence::VARCHAR,
                                                                 position) ORDER BY position) AS doc_merges
             FROM customer_redirects {scoped("survivor_id")} GROUP BY survivor_id)
-    SELECT row.customer_id, src.doc_sources, ev.doc_identifiers, ev.doc_consent, mer.doc_merges
-    FROM row LEFT JOIN src USING (customer_id) LEFT JOIN ev USING (customer_id) LEFT JOIN mer USING (customer_id)"""
+    SELECT src.customer_id, src.doc_sources, ev.doc_identifiers, ev.doc_consent, mer.doc_merges
+    FROM src LEFT JOIN ev USING (customer_id) LEFT JOIN mer USING (customer_id)"""
 
 
 DDL = (f"CREATE TABLE IF NOT EXISTS {TABLE} AS {select_sql('')} LIMIT 0",)
@@ -74,15 +75,16 @@ def rebuild_sql() -> list[str]:
     return [f"DELETE FROM {TABLE}", f"INSERT INTO {TABLE} BY NAME {select_sql('')}"]
 
 
-def update_sql(scope: str | list[str]) -> list[str]:
+def update_sql(scope: str | list[str], fresh: Collection[str] = ()) -> list[str]:
     """The documents of the customers in `scope` (a table of their ids, or the ids) derived again,
-    after tables.recompute_customers_sql derived their rows; those without a `customers` row any
-    more (merged away, erased) lose theirs. A list's events are the ones that recompute copied out
-    (SCOPED_EVENTS holds exactly theirs), a table's are read from customer_events."""
-    members = f"IN {scope_members(scope)}"
+    after tables.recompute_customers_sql derived their rows; those merged away or erased lose
+    theirs. A list's events are the ones that recompute copied out (SCOPED_EVENTS holds exactly
+    theirs), a table's are read from customer_events. `fresh`: ids of the list first seen in this
+    batch, which have no document to delete (a live batch of new customers: no DELETE at all)."""
     events = SCOPED_EVENTS if isinstance(scope, list) else "customer_events"
-    return [f"DELETE FROM {TABLE} WHERE customer_id {members}",
-            f"INSERT INTO {TABLE} BY NAME {select_sql(members, events)}"]
+    known = [cid for cid in scope if cid not in fresh] if isinstance(scope, list) else scope
+    return [*([f"DELETE FROM {TABLE} WHERE customer_id IN {scope_members(known)}"] if known else []),
+            f"INSERT INTO {TABLE} BY NAME {select_sql(f'IN {scope_members(scope)}', events)}"]
 
 
 READ_SQL = (f"SELECT c.*, {', '.join(f'd.{part}' for part in PARTS)} "

@@ -184,8 +184,9 @@ class Projector:
                 upkeep = audiences.has_audiences(con)
                 if upkeep:
                     audiences.keep_prior_scores(con, "touched")
-                for statement in (*recompute_customers_sql(scope, self.survivorship, fresh_customers(notifications)),
-                                  *documents.update_sql(scope)):
+                fresh = fresh_customers(notifications)
+                for statement in (*recompute_customers_sql(scope, self.survivorship, fresh),
+                                  *documents.update_sql(scope, fresh)):
                     con.execute(statement)
                 if upkeep:  # membership changes commit with the batch that caused them
                     audiences.update_for_batch(con, "touched", notifications[-1][0])
