@@ -94,5 +94,5 @@ READ_SQL = (f"SELECT c.*, {', '.join(f'd.{part}' for part in PARTS)} "
 def read(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, Any] | None:
     """The customer's row with its document's lists (None: no such customer)."""
     cursor = con.execute(READ_SQL, {"id": customer_id})
-    row = cursor.fetchone()
-    return None if row is None else dict(zip([d[0] for d in cursor.description], row))
+    rows = cursor.fetchall()  # all: a result left unread keeps its transaction open (a CHECKPOINT waits)
+    return dict(zip([d[0] for d in cursor.description], rows[0])) if rows else None
