@@ -32,9 +32,10 @@ _KINDS = ", ".join(f"CASE WHEN {c} IS NOT NULL THEN struct_pack(business_unit, k
                    for c in IDENTIFIER_COLUMNS)
 
 
-def select_sql(where: str, events: str = "customer_events") -> str:
+def select_sql(where: str, events: str = "customer_events", merges: bool = True) -> str:
     """The documents of the customers `where` picks (a condition on `customer_id`, '' for all);
-    `events`: a table holding (at least) those customers' events."""
+    `events`: a table holding (at least) those customers' events; not `merges`: none of them has
+    absorbed anyone (customers new in a batch that merged nobody)."""
     def scoped(column: str = "customer_id") -> str:
         return f"WHERE {column} {where}" if where else ""
 
@@ -50,7 +51,7 @@ def select_sql(where: str, events: str = "customer_events") -> str:
            FROM {events} {scoped()} GROUP BY customer_id),
     mer AS (SELECT survivor_id AS customer_id, list(struct_pack(absorbed_id, rule, evidence := evidence::VARCHAR,
                                                                 position) ORDER BY position) AS doc_merges
-            FROM customer_redirects {scoped("survivor_id")} GROUP BY survivor_id)
+            FROM customer_redirects {scoped("survivor_id") if merges else "WHERE false"} GROUP BY survivor_id)
     SELECT src.customer_id, src.doc_sources, ev.doc_identifiers, ev.doc_consent, mer.doc_merges
     FROM src LEFT JOIN ev USING (customer_id) LEFT JOIN mer USING (customer_id)"""
 
@@ -84,7 +85,7 @@ def update_sql(scope: str | list[str], fresh: Collection[str] = ()) -> list[str]
     events = SCOPED_EVENTS if isinstance(scope, list) else "customer_events"
     known = [cid for cid in scope if cid not in fresh] if isinstance(scope, list) else scope
     return [*([f"DELETE FROM {TABLE} WHERE customer_id IN {scope_members(known)}"] if known else []),
-            f"INSERT INTO {TABLE} BY NAME {select_sql(f'IN {scope_members(scope)}', events)}"]
+            f"INSERT INTO {TABLE} BY NAME {select_sql(f'IN {scope_members(scope)}', events, merges=bool(known))}"]
 
 
 READ_SQL = (f"SELECT c.*, {', '.join(f'd.{part}' for part in PARTS)} "
