@@ -45,7 +45,7 @@ def select_sql(where: str, events: str = "customer_events", merges: bool = True)
     WITH src AS (SELECT customer_id, list(struct_pack(business_unit, source_id, rule := linked_by,
                                                  evidence := evidence::VARCHAR, position) ORDER BY position) AS doc_sources
             FROM customer_sources {scoped()} GROUP BY customer_id),
-    ev AS (SELECT customer_id, list_distinct(flatten(list([{_KINDS}]))) AS doc_identifiers,
+    ev AS (SELECT customer_id, list_sort(list_distinct(flatten(list([{_KINDS}])))) AS doc_identifiers,
                   list(struct_pack(business_unit, purpose, granted, time) ORDER BY position)
                       FILTER (WHERE type = 'cdp.consent') AS doc_consent
            FROM {events} {scoped()} GROUP BY customer_id),
