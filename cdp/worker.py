@@ -35,6 +35,7 @@ from cdp.consumer_group import ConsumerGroup
 from cdp.health import Abandoned, Health, say, serve, wait_out
 from cdp.pipeline import Pipeline
 from cdp.self_training import Trainer
+from cdp.server import stages
 from cdp.summary import Summary
 from ingest.deadletter import DeadLetterTopic
 from ingest.producer import PRODUCER_CONFIG
@@ -119,10 +120,13 @@ class BatchHandler:
         ingestor = self.pipeline.ingestor
         return [ingestor.from_message(value, origin) for value, origin in messages]
 
-    def store(self, records: Sequence[Accepted | Rejected]) -> None:
+    def store(self, records: Sequence[Accepted | Rejected], fetched: float = 0.0) -> None:
         """Resolves and commits the batch, waiting out outages; dead-letters are sent once: a retry
-        after a failure takes the accepted records only."""
+        after a failure takes the accepted records only. `fetched`: when the consumer had the
+        batch (seconds since the epoch), for the stage line (CDP_TRACE_STAGES)."""
         started = time.perf_counter()
+        taken = time.time()
+        head = self.pipeline.app.max_position() if self.cfg.trace_stages else 0
         accepted = [r for r in records if not isinstance(r, Rejected)]
         chunks = iter([records])
         before = (self.summary.stored_events, self.summary.rejected)
@@ -131,6 +135,9 @@ class BatchHandler:
             self.pipeline.process_batch(next(chunks, accepted), self.summary)
 
         wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
+        if self.cfg.trace_stages:
+            stages.log(stages.RESOLVED, records=len(records), first=head + 1, last=self.pipeline.app.max_position(),
+                       fetched=fetched, taken=taken, committed=time.time())
         self.self_train()
         self.health.back(faults.POSTGRES)
         seconds = time.perf_counter() - started
@@ -223,12 +230,13 @@ class EventConsumer:
                     messages = [(m.value, f"{m.topic}:{m.partition}:{m.offset}")
                                 for records in fetched.values() for m in records]
                     offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+                    arrived = time.time()
                     batch = (await loop.run_in_executor(self.parse_pool, self.handler.parse, messages), offsets)
                 if pending is not None:
                     await self.finish(pending)
                     pending = None
                 if batch is not None:
-                    pending = (loop.run_in_executor(self.store_pool, self.handler.store, batch[0]), batch[1])
+                    pending = (loop.run_in_executor(self.store_pool, self.handler.store, batch[0], arrived), batch[1])
         finally:  # stopping: the batch in hand finishes and is committed, or is abandoned if it waits
             self.health.stopping.set()
             if pending is not None:

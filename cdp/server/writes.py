@@ -248,17 +248,25 @@ class KafkaWriter:
                                       **{**PRODUCER_CONFIG, "linger_ms": 2})
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
+        self.trace = cfg.trace_stages
 
     def write(self, records: Sequence[Accepted | Rejected]) -> None:
         """Produces the whole request, then waits for every acknowledgement (no flush per record)."""
+        called = time.time()
         futures = []
         for record in records:
             if isinstance(record, Rejected):
                 self.deadletter.write(record)
             else:
                 futures.append(self.producer.send(self.topic, key=message_key(record), value=record.raw))
+        produced = time.time()
         for future in futures:
             future.get(timeout=ACK_SECONDS)  # raises when the broker did not acknowledge
+        if self.trace and futures:
+            from cdp.server import stages
+
+            first = next(r for r in records if isinstance(r, Accepted))
+            stages.log(stages.ACCEPTED, id=first.event_id, called=called, produced=produced, acked=time.time())
 
     def close(self) -> None:
         self.producer.flush(timeout=ACK_SECONDS)
