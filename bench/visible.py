@@ -347,7 +347,7 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
                 accepted - acc["acked"]]))
         if stored is None or batch is None:
             continue
-        woken = batch["woken"] if batch["woken"] is not None and batch["woken"] >= stored["committed"] else None
+        woken = batch.get("woken") if (batch.get("woken") or 0) >= stored["committed"] else None
         path = [stored["fetched"] - accepted, stored["taken"] - stored["fetched"], stored["committed"] - stored["taken"],
                 None if woken is None else woken - stored["committed"], batch["noticed"] - (woken or stored["committed"]),
                 batch["read"] - batch["noticed"], batch["committed"] - batch["read"]]
@@ -379,7 +379,7 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
         print(f"    {label:<44} {percentile(values, .5) * scale:7.1f}  {percentile(values, .99) * scale:7.1f}  {unit}")
 
     print(f"  batches while probing: {len(taken)} stored, {len(live)} projected "
-          f"({sum(b['woken'] is None for b in live)} found by polling), {len(ranges)} published   p50      p99")
+          f"({sum(b.get('woken') is None for b in live)} found by polling), {len(ranges)} published   p50      p99")
     spread("worker: records per batch", [b["records"] for b in taken], "records", 1)
     spread("worker: fetched → committed", [b["committed"] - b["fetched"] for b in taken])
     spread("read side: events per batch", [b["events"] for b in live], "events", 1)

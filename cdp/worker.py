@@ -192,9 +192,10 @@ class EventConsumer:
     machinery (Event objects, channels, per-event acks) is the cost. So the worker keeps Faust for
     the app, the worker lifecycle, signals and timers, and consumes with the client Faust is built
     on (aiokafka), a batch per `getmany`. Offsets are committed explicitly, and only after the
-    batch's store transaction committed. Threads overlap the work: while batch n is stored,
-    batch n+1 is fetched and parsed, and while n+1 is stored, n's offsets are committed; stores
-    and commits each stay in order (one thread each)."""
+    batch's store transaction committed. Threads overlap the work: while batch n is stored, n-1's
+    offsets are committed, and, while the worker is behind (its last fetch was a full batch),
+    batch n+1 is fetched and parsed; caught up, it fetches once n is stored, so an event waits for
+    one store at most before its own. Stores and commits each stay in order (one thread each)."""
 
     def __init__(self, cfg: Settings, handler: BatchHandler, health: Health, store_id: str):
         self.cfg = cfg
@@ -222,13 +223,21 @@ class EventConsumer:
         self.health.started = True
         loop = asyncio.get_running_loop()
         pending: tuple[asyncio.Future, dict] | None = None
+        behind = False  # the last fetch was a full batch: more waits on the broker
         try:
             while True:
+                if pending is not None and not behind:
+                    # caught up: fetch once the batch in hand is stored, so that what arrived
+                    # meanwhile is stored next, all of it, rather than behind a small batch fetched
+                    # at once (which made an event wait for two stores before its own)
+                    await self.finish(pending)
+                    pending = None
                 fetched = await consumer.getmany(timeout_ms=cfg.worker_linger_ms, max_records=cfg.worker_batch)
-                batch = None
+                batch, behind = None, False
                 if fetched:
                     messages = [(m.value, f"{m.topic}:{m.partition}:{m.offset}")
                                 for records in fetched.values() for m in records]
+                    behind = len(messages) >= cfg.worker_batch
                     offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
                     arrived = time.time()
                     batch = (await loop.run_in_executor(self.parse_pool, self.handler.parse, messages), offsets)
