@@ -72,6 +72,7 @@ class SteadyPublisher(threading.Thread):
         self.visible: list[float] = []
         self.seen: dict[int, float] = {}  # probed batch -> accepted → readable
         self.lookups = 0  # profile requests the probes made
+        self.lookup_times: list[float] = []  # each one's round trip
         self.sent = 0
 
     def run(self) -> None:
@@ -122,7 +123,10 @@ class SteadyPublisher(threading.Thread):
         with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
             while (waited := time.monotonic() - accepted_at) < 10:
                 self.lookups += 1
-                if http.get(f"/v1/profiles/shop:P{n}-0").status_code == 200:
+                asked = time.monotonic()
+                found = http.get(f"/v1/profiles/shop:P{n}-0").status_code == 200
+                self.lookup_times.append(time.monotonic() - asked)
+                if found:
                     self.seen[n] = time.monotonic() - accepted_at
                     self.visible.append(self.seen[n])
                     return
@@ -231,6 +235,8 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     if topic is not None:
         line("accepted → profile on cdp.profiles", topic, f"   ({len(topic)} seen)")
     line("baseline: the accepting request itself", publisher.accept)
+    if publisher.probes:
+        line("(a probe's look-up, found or not)", publisher.lookup_times)
     if broker is not None:
         line("baseline: broker produce → consume", broker)
     print(f"  target: {TARGET}")
