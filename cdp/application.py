@@ -626,6 +626,12 @@ class CustomerApplication(Application):
                      time=record.time, business_unit=unit, source_id=source_id,
                      profile=record.profile, data=record.data)
 
+    def __enter__(self) -> "CustomerApplication":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.store.close()
         if self._writers is not None:

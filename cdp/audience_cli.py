@@ -29,8 +29,7 @@ def _view_writer(cfg: Settings) -> Iterator[tuple]:
     from cdp.application import CustomerApplication
     from cdp.pipeline import make_projector
 
-    app = CustomerApplication(cfg)
-    try:
+    with CustomerApplication(cfg) as app:
         try:
             projector = make_projector(cfg)
         except duckdb.IOException as error:
@@ -42,8 +41,6 @@ def _view_writer(cfg: Settings) -> Iterator[tuple]:
             raise UserError(str(error)) from None
         finally:
             projector.close()
-    finally:
-        app.close()
 
 
 def _delete(kind: str, name: str) -> None:

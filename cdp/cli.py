@@ -296,12 +296,9 @@ def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail:
     """An audit-trail entry per customer read or exported by the local user."""
     from cdp.application import CustomerApplication
 
-    app = CustomerApplication(cfg)
-    try:
+    with CustomerApplication(cfg) as app:
         for customer_id in customer_ids:
             app.record_access(local_user(), action, customer_id, **detail)
-    finally:
-        app.close()
 
 
 @cli.command("audit")
@@ -328,11 +325,8 @@ def audit(who: str | None, since: str | None, fmt: str) -> None:
     if server is not None:  # the server's queued reads are appended first
         entries = ask(server, "GET", "/v1/audit?limit=100000", failed="audit failed")["entries"]
     else:
-        app = CustomerApplication(cfg)
-        try:
+        with CustomerApplication(cfg) as app:
             entries = app.audit_entries()
-        finally:
-            app.close()
     entries = select(entries, ids, start)
     if fmt == "json":
         sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -378,9 +372,8 @@ def projections_rebuild() -> None:
     from projections.projector import rebuild
 
     cfg = settings()
-    app = CustomerApplication(cfg)
     notes: list[str] = []
-    try:
+    with CustomerApplication(cfg) as app:
         total = app.max_position()
         started = time.perf_counter()
         with console.progress_bar("rebuild", total) as advance:
@@ -388,8 +381,6 @@ def projections_rebuild() -> None:
                               memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship,
                               note=lambda said: notes.append(f"audiences: {said}"))
         seconds = time.perf_counter() - started
-    finally:
-        app.close()
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
     for said in notes:
         console.out.print(said)

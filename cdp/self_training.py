@@ -67,11 +67,8 @@ def main() -> int:
     cfg = Settings.from_env()
     worker = f"[worker {os.getppid()}]"
     try:
-        app = CustomerApplication(cfg)
-        try:
+        with CustomerApplication(cfg) as app:
             outcome = app.retrain_if_due()
-        finally:
-            app.close()
     except Exception as error:  # noqa: BLE001 - one line; the worker starts it again later
         say(f"{worker} self-training failed: {faults.describe(error, cfg).line}; it is tried again later")
         return 1

@@ -131,11 +131,8 @@ class Service:
         else:
             from cdp.application import CustomerApplication
 
-            app = CustomerApplication(self.cfg)
-            try:
+            with CustomerApplication(self.cfg) as app:
                 result = work(app)
-            finally:
-                app.close()
         self.read.wake()
         self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
         return result
