@@ -126,7 +126,7 @@ class BatchHandler:
         batch (seconds since the epoch), for the stage line (CDP_TRACE_STAGES)."""
         started = time.perf_counter()
         taken = time.time()
-        head = self.pipeline.app.max_position() if self.cfg.trace_stages else 0
+        head = self.pipeline.app.store.position  # as of its last batch: no query of its own
         accepted = [r for r in records if not isinstance(r, Rejected)]
         chunks = iter([records])
         before = (self.summary.stored_events, self.summary.rejected)
@@ -136,7 +136,7 @@ class BatchHandler:
 
         wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
         if self.cfg.trace_stages:
-            stages.log(stages.RESOLVED, records=len(records), first=head + 1, last=self.pipeline.app.max_position(),
+            stages.log(stages.RESOLVED, records=len(records), first=head + 1, last=self.pipeline.app.store.position,
                        fetched=fetched, taken=taken, committed=time.time())
         self.self_train()
         self.health.back(faults.POSTGRES)
