@@ -33,6 +33,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import httpx
 import orjson
@@ -67,9 +68,11 @@ class SteadyPublisher(threading.Thread):
         self.accept: list[float] = []
         self.accepted_at: dict[int, float] = {}  # probed batch -> when its request was answered
         self.accepted_wall: dict[int, float] = {}  # the same, seconds since the epoch (the server's stage times)
+        self.sent_wall: dict[int, float] = {}  # when a probed batch's request was sent, seconds since the epoch
         self.visible: list[float] = []
         self.seen: dict[int, float] = {}  # probed batch -> accepted → readable
         self.lookups = 0  # profile requests the probes made
+        self.lookup_times: list[float] = []  # each one's round trip
         self.sent = 0
 
     def run(self) -> None:
@@ -83,7 +86,7 @@ class SteadyPublisher(threading.Thread):
                 http = local.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
                                                  timeout=30)
             batch = request_batch(n)
-            started = time.monotonic()
+            started, started_wall = time.monotonic(), time.time()
             answer = http.post("/events", content=orjson.dumps(batch),
                                headers={"Content-Type": "application/cloudevents-batch+json"})
             done = time.monotonic()
@@ -92,6 +95,7 @@ class SteadyPublisher(threading.Thread):
                 self.sent += 10
                 if probed and n % 10 == 0:  # also what the topic watch measures from
                     self.accepted_at[n], self.accepted_wall[n] = done, time.time()
+                    self.sent_wall[n] = started_wall
                 if probed and self.probes and n % 10 == 0:
                     probe = threading.Thread(target=self.probe, args=(n, done))
                     probe.start()
@@ -119,7 +123,10 @@ class SteadyPublisher(threading.Thread):
         with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.reader}"}, timeout=30) as http:
             while (waited := time.monotonic() - accepted_at) < 10:
                 self.lookups += 1
-                if http.get(f"/v1/profiles/shop:P{n}-0").status_code == 200:
+                asked = time.monotonic()
+                found = http.get(f"/v1/profiles/shop:P{n}-0").status_code == 200
+                self.lookup_times.append(time.monotonic() - asked)
+                if found:
                     self.seen[n] = time.monotonic() - accepted_at
                     self.visible.append(self.seen[n])
                     return
@@ -131,31 +138,57 @@ def poll_interval(waited: float) -> float:
     return min(POLL_MAX, max(POLL_MIN, waited / 10))
 
 
-class ProfileTopicWatch(threading.Thread):
-    """Reads `cdp.profiles` all along; notes when each probed customer's first profile arrived."""
+class ProfileTopicWatch:
+    """Reads `cdp.profiles` all along, in a process of its own (in this one, busy with 16 senders
+    and the probes, a message waited for the interpreter lock: hundreds of milliseconds at load);
+    notes when each probed customer's first profile arrived."""
 
     def __init__(self, bootstrap: str, topic: str):
-        super().__init__(daemon=True)
-        from kafka import KafkaConsumer
+        import multiprocessing
 
-        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                      enable_auto_commit=False, group_id=None, fetch_max_wait_ms=5)
-        self.arrived: dict[int, float] = {}
-        self.stopping = threading.Event()
+        context = multiprocessing.get_context("spawn")
+        self.stopping, self.ready = context.Event(), context.Event()
+        self._answers, answer = context.Pipe(duplex=False)
+        self.process = context.Process(target=watch_topic, args=(bootstrap, topic, answer, self.ready, self.stopping),
+                                       daemon=True)
+        self.arrived: dict[int, float] = {}  # probed batch -> time.monotonic() (one clock for every process)
+        self.arrived_wall: dict[int, float] = {}  # the same, seconds since the epoch (the stage lines' clock)
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            for records in self.consumer.poll(timeout_ms=50).values():
-                now = time.monotonic()
-                for record in records:
-                    email = orjson.loads(record.value).get("email") if record.value else None
-                    match = PROBE.match(email or "")
-                    if match:
-                        self.arrived.setdefault(int(match.group(1)), now)
-        self.consumer.close()
+    def start(self) -> None:
+        self.process.start()
+        self.ready.wait(60)
+
+    def stop(self) -> None:
+        """Stops the watch; what it saw is in `arrived` from now on."""
+        self.stopping.set()
+        if self._answers.poll(30):
+            for n, (now, wall) in self._answers.recv().items():
+                self.arrived[n], self.arrived_wall[n] = now, wall
+        self.process.join(timeout=5)
 
     def latencies(self, accepted_at: dict[int, float]) -> list[float]:
         return [self.arrived[n] - at for n, at in accepted_at.items() if n in self.arrived]
+
+
+def watch_topic(bootstrap: str, topic: str, answer, ready, stopping) -> None:
+    """The watch's process: (monotonic, wall) arrival of each probed customer's first profile,
+    sent down `answer` once `stopping` is set."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, fetch_max_wait_ms=5)
+    arrived: dict[int, tuple[float, float]] = {}
+    while not stopping.is_set():
+        for records in consumer.poll(timeout_ms=50).values():
+            now, wall = time.monotonic(), time.time()
+            for record in records:
+                email = orjson.loads(record.value).get("email") if record.value else None
+                match = PROBE.match(email or "")
+                if match:
+                    arrived.setdefault(int(match.group(1)), (now, wall))
+        ready.set()  # after the first poll: the topic's partitions are assigned
+    consumer.close()
+    answer.send(arrived)
 
 
 def broker_round_trip(bootstrap: str, topic: str, n: int = 200) -> list[float]:
@@ -202,6 +235,8 @@ def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, br
     if topic is not None:
         line("accepted → profile on cdp.profiles", topic, f"   ({len(topic)} seen)")
     line("baseline: the accepting request itself", publisher.accept)
+    if publisher.probes:
+        line("(a probe's look-up, found or not)", publisher.lookup_times)
     if broker is not None:
         line("baseline: broker produce → consume", broker)
     print(f"  target: {TARGET}")
@@ -251,17 +286,9 @@ def stage_breakdown(publisher: SteadyPublisher, positions: dict[int, int], log: 
         marks = [accepted, took["taken"], took["committed"], batch["noticed"], batch["read"], batch["committed"],
                  accepted + publisher.seen[n]]
         rows.append((publisher.seen[n], [b - a for a, b in zip(marks, marks[1:])]))
-    if not rows:
-        print("  (no stage lines matched the probes)")
+    if not print_stages(names, rows, "server's"):
         return
-    rows.sort()
-    tail = rows[-max(1, len(rows) // 20):]  # the slowest 5%
     ms = 1000
-    print(f"  stages of {len(rows)} probes (server's CDP_TRACE_STAGES lines)   p50 ms   p99 ms   mean of slowest 5%")
-    for i, name in enumerate(names):
-        values = [r[1][i] for r in rows]
-        print(f"    {name:<40} {percentile(values, .5) * ms:7.1f}  {percentile(values, .99) * ms:7.1f}"
-              f"   {sum(r[1][i] for r in tail) / len(tail) * ms:7.1f}")
     start = min(publisher.accepted_wall.values())
     live = [b for b in projected if b["noticed"] >= start]
     taken = [b for b in resolved if b["taken"] >= start]
@@ -282,6 +309,91 @@ def stage_breakdown(publisher: SteadyPublisher, positions: dict[int, int], log: 
         idle = (batch["noticed"] - before["committed"]) * ms if before else float("nan")
         print(f"    {batch['events']:>8,} {idle:9.1f} {(batch['read'] - batch['noticed']) * ms:9.1f} "
               f"{(batch['committed'] - batch['read']) * ms:9.1f} {batch['cpu'] * ms:9.1f}")
+
+
+def print_stages(names: Sequence[str], rows: list[tuple[float, list[float | None]]], whose: str) -> bool:
+    """The table of stages: each stage's p50 and p99 over the probes, and its mean over the slowest
+    5% of them (by `rows[i][0]`, the figure the probes measure). A stage a probe has no time for
+    (None) is left out of that stage's figures. False: no probe to show."""
+    if not rows:
+        print("  (no stage lines matched the probes)")
+        return False
+    rows = sorted(rows, key=lambda r: r[0])
+    tail = rows[-max(1, len(rows) // 20):]  # the slowest 5%
+    ms = 1000
+    print(f"  stages of {len(rows)} probes ({whose} CDP_TRACE_STAGES lines){'':<8}p50 ms   p99 ms   mean of slowest 5%")
+    for i, name in enumerate(names):
+        values = [r[1][i] for r in rows if r[1][i] is not None]
+        slow = [r[1][i] for r in tail if r[1][i] is not None]
+        seen = "" if len(values) == len(rows) else f"   ({len(values)} probes)"
+        print(f"    {name:<44} {percentile(values, .5) * ms:7.1f}  {percentile(values, .99) * ms:7.1f}"
+              f"   {(sum(slow) / len(slow) if slow else float('nan')) * ms:7.1f}{seen}")
+    return True
+
+
+def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch", positions: dict[int, int],
+                          logs: Sequence[Path]) -> None:
+    """Where each probed event spent its time on the Kafka path, from the stage lines of `cdp serve`
+    (the collector's produce and ack, the read side, the cdp.profiles publisher) and `cdp worker`
+    (consumed, stored): first the accepting request itself, then accepted → readable over HTTP
+    and accepted → on cdp.profiles, each a chain of stages that adds up to the figure."""
+    from cdp.server import stages
+
+    logged = stages.read(*logs)
+    produced = {entry["id"]: entry for entry in logged[stages.ACCEPTED]}
+    resolved, projected, published = logged[stages.RESOLVED], logged[stages.PROJECTED], logged[stages.PUBLISHED]
+    request, readable, on_topic = [], [], []
+    for n, position in positions.items():
+        acc, stored = produced.get(f"v{n}-0"), stages.holding(resolved, position)
+        batch, sent = stages.holding(projected, position), stages.holding(published, position)
+        accepted = publisher.accepted_wall[n]
+        if acc is not None:
+            request.append((accepted - publisher.sent_wall[n], [
+                acc["called"] - publisher.sent_wall[n], acc["produced"] - acc["called"], acc["acked"] - acc["produced"],
+                accepted - acc["acked"]]))
+        if stored is None or batch is None:
+            continue
+        woken = batch.get("woken") if (batch.get("woken") or 0) >= stored["committed"] else None
+        path = [stored["fetched"] - accepted, stored["taken"] - stored["fetched"], stored["committed"] - stored["taken"],
+                None if woken is None else woken - stored["committed"], batch["noticed"] - (woken or stored["committed"]),
+                batch["read"] - batch["noticed"], batch["committed"] - batch["read"]]
+        if n in publisher.seen:
+            readable.append((publisher.seen[n], path + [accepted + publisher.seen[n] - batch["committed"]]))
+        if sent is not None and n in watch.arrived_wall:
+            on_topic.append((watch.arrived_wall[n] - accepted, path + [
+                sent["began"] - batch["committed"], sent["built"] - sent["began"], sent["acked"] - sent["built"],
+                watch.arrived_wall[n] - sent["acked"]]))
+    print_stages(("client sent → the collector's writer had it", "handing the records to the producer",
+                  "produced → the broker acknowledged all", "acked → the client had the answer"), request,
+                 "the accepting request: cdp serve's")
+    shared = ("accepted → worker fetched it (may be < 0)", "fetched → worker began storing (parse, queue)",
+              "worker: resolving, committing to PostgreSQL", "store commit → read side woken (NOTIFY)",
+              "woken (or commit, if polled) → began reading", "read side: reading the store (decrypting)",
+              "read side: projecting, committing")
+    if publisher.probes:
+        print_stages((*shared, "view commit → probe saw it"), readable, "→ readable over HTTP: cdp worker's, cdp serve's")
+    print_stages((*shared, "view commit → publisher took it", "publisher: building the profile messages",
+                  "publisher: produced → broker acknowledged", "acked → the topic watch had it"), on_topic,
+                 "→ on cdp.profiles: cdp worker's, cdp serve's")
+    start = min(publisher.accepted_wall.values())
+    taken = [b for b in resolved if b["taken"] >= start]
+    live = [b for b in projected if b["noticed"] >= start]
+    ranges = [b for b in published if b["began"] >= start]
+    ms = 1000
+
+    def spread(label: str, values: list[float], unit: str = "ms", scale: float = ms) -> None:
+        print(f"    {label:<44} {percentile(values, .5) * scale:7.1f}  {percentile(values, .99) * scale:7.1f}  {unit}")
+
+    print(f"  batches while probing: {len(taken)} stored, {len(live)} projected "
+          f"({sum(b.get('woken') is None for b in live)} found by polling), {len(ranges)} published   p50      p99")
+    spread("worker: records per batch", [b["records"] for b in taken], "records", 1)
+    spread("worker: fetched → committed", [b["committed"] - b["fetched"] for b in taken])
+    spread("read side: events per batch", [b["events"] for b in live], "events", 1)
+    spread("read side: noticed → committed", [b["committed"] - b["noticed"] for b in live])
+    spread("read side: CPU of the projecting thread", [b["cpu"] for b in live])
+    spread("publisher: positions per range", [b["last"] - b["first"] + 1 for b in ranges], "positions", 1)
+    spread("publisher: took → acknowledged", [b["acked"] - b["began"] for b in ranges])
+    spread("publisher: CPU of its thread", [b["cpu"] for b in ranges])
 
 
 def view_of(path: Path, customers: int) -> None:
@@ -349,26 +461,31 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
     # The view holds N customers but the store starts empty: a default worker would self-train
     # at 1k, 2k, 4k, 8k and 16k records within the run (on a store of N, next at 2N), each time
     # holding its stream still; the figure is for the steady stream of a trained store.
-    worker_env = clean_env(tmp / "worker", CDP_TRAIN_MIN_RECORDS=os.environ.get("CDP_TRAIN_MIN_RECORDS", "0"), **shared)
-    serve_env = clean_env(tmp / "serve", **shared)
+    worker_env = clean_env(tmp / "worker", CDP_TRAIN_MIN_RECORDS=os.environ.get("CDP_TRAIN_MIN_RECORDS", "0"),
+                           CDP_TRACE_STAGES="1", **shared)
+    serve_env = clean_env(tmp / "serve", CDP_TRACE_STAGES="1", **shared)
     worker = server = watch = None
+    logs = (tmp / "serve.log", tmp / "worker.log")
     try:
-        synthetic_view(tmp / "serve" / "view.duckdb", customers)
+        view_of(tmp / "serve" / "view.duckdb", customers)
         keys = new_keys(serve_env, {"shop": ("publish", "shop"), "read": ("read", None)})
-        worker = start_worker(worker_env, tmp / "worker.log")
-        wait_ready(worker, tmp / "worker.log")
-        server = start_server(serve_env, tmp / "serve.log", timeout=300)
+        worker = start_worker(worker_env, logs[1])
+        wait_ready(worker, logs[1])
+        server = start_server(serve_env, logs[0], timeout=300)
         broker = broker_round_trip(bootstrap, f"{prefix}bench.roundtrip")
         watch = ProfileTopicWatch(bootstrap, f"{prefix}cdp.profiles")
         watch.start()
         publisher = SteadyPublisher(server.url, keys["shop"], keys["read"], 1000, seconds, warmup, probes)
+        before = {"cdp serve": process_cpu(server.process.pid), "cdp worker": process_cpu(worker.pid)}
         publisher.run()
+        used = {"cdp serve": process_cpu(server.process.pid), "cdp worker": process_cpu(worker.pid)}
         time.sleep(2)  # the last probes' messages
+        watch.stop()
         topic = watch.latencies(publisher.accepted_at)
+        positions = probe_positions(server.url, keys["read"], list(publisher.accepted_at))
     finally:
-        if watch is not None:
-            watch.stopping.set()
-            watch.join(timeout=5)
+        if watch is not None and watch.process.is_alive():
+            watch.stop()
         if server is not None:
             server.stop()
         if worker is not None:
@@ -377,6 +494,9 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
         stop_services(started)
     report(f"Kafka + PostgreSQL (cdp worker, cdp serve), 1,000 events/s for {seconds:g} s, "
            f"view of {customers:,} customers", publisher, topic, broker)
+    print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
+          + ", ".join(f"{name} {used[name] - before[name]:.1f} s" for name in used))
+    kafka_stage_breakdown(publisher, watch, positions, logs)
 
 
 def process_cpu(pid: int) -> float:

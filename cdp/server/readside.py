@@ -26,8 +26,9 @@ from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
 from cdp.server import priority, stages
 from projections import documents, metrics
-from projections.changelog import profile_messages, tombstones
+from projections.changelog import LISTED_IDS, profile_messages, tombstones
 from projections.projector import view_position
+from projections.tables import scope_members
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
 POLL_SECONDS = 0.2
@@ -78,6 +79,8 @@ class ReadSide:
         self._refresh: threading.Thread | None = None  # the score refresh running beside the projector
         self._refresh_inline = False
         self._wake = threading.Event()
+        self._woken: float | None = None  # when the store's notification that set `_wake` arrived (stage lines)
+        self._woken_now: float | None = None  # … the one the batch being read answers (None: a poll, a writer here)
         self._stop = threading.Event()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
@@ -85,7 +88,7 @@ class ReadSide:
         self._caught_up = threading.Condition()
         self._threads = [threading.Thread(target=self._follow, name="cdp-read-side", daemon=True)]
         # batches projected but not yet published: (store position reached, customer ids, erased ids)
-        self._unpublished: list[tuple[int, list[str], list[str]]] = []
+        self._unpublished: list[tuple[int, list[str], list[str], float]] = []  # …, when it was handed over
         self._unpublished_ready = threading.Condition()
         if producer is not None:
             self._threads.append(threading.Thread(target=self._publish, name="cdp-profiles", daemon=True))
@@ -192,6 +195,7 @@ class ReadSide:
                 self._stop.wait(1.0)
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
+            self._woken_now, self._woken = self._woken, None
 
     def catch_up(self) -> int:
         """Projects what the store has beyond the view, publishes the changed profiles; returns
@@ -208,8 +212,8 @@ class ReadSide:
             self._project(notifications)
             if self.cfg.trace_stages:
                 stages.log(stages.PROJECTED, events=len(notifications), first=notifications[0][0],
-                           last=notifications[-1][0], noticed=noticed, read=read, committed=time.time(),
-                           cpu=time.thread_time() - used)
+                           last=notifications[-1][0], woken=self._woken_now, noticed=noticed,
+                           read=read, committed=time.time(), cpu=time.thread_time() - used)
             applied += len(notifications)
             self._hand_to_publisher(notifications)
             with self._caught_up:
@@ -283,7 +287,8 @@ class ReadSide:
         if self.producer is None:
             return
         with self._unpublished_ready:
-            self._unpublished.append((notifications[-1][0], [r[1] for r in notifications], erased_ids(notifications)))
+            self._unpublished.append((notifications[-1][0], [r[1] for r in notifications], erased_ids(notifications),
+                                      time.time()))
             self._unpublished_ready.notify()
 
     def _publish(self) -> None:
@@ -303,11 +308,15 @@ class ReadSide:
                     batches, self._unpublished = self._unpublished, []
                 if not batches:
                     continue
+                began, used = time.time(), time.thread_time()
                 done = published_position(con)
                 batches = [b for b in batches if b[0] > done]  # a recovery covered these
                 if batches:
-                    self._send_profiles(con, [cid for b in batches for cid in b[1]],
-                                        [cid for b in batches for cid in b[2]], batches[-1][0])
+                    built = self._send_profiles(con, [cid for b in batches for cid in b[1]],
+                                                [cid for b in batches for cid in b[2]], batches[-1][0])
+                    if self.cfg.trace_stages:
+                        stages.log(stages.PUBLISHED, first=done + 1, last=batches[-1][0], handed=batches[0][3],
+                                   began=began, built=built, acked=time.time(), cpu=time.thread_time() - used)
                 self.publish_error = None
             except Exception as error:  # the broker away: report on /health, retry from the store
                 self.publish_error = error
@@ -316,16 +325,19 @@ class ReadSide:
                     self._unpublished.clear()
                 self._stop.wait(1.0)
 
-    def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int) -> None:
+    def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int) -> float:
         """Sends the current profiles of `ids` (and tombstones of `erased`), waits for the broker's
-        acks, then records `upto` as published."""
+        acks, then records `upto` as published; returns when the messages were made (stage lines)."""
         changed, merged = changed_customers(con, ids)
         topic = self.cfg.topic("cdp.profiles")
-        for key, value in profile_messages(con, changed, merged, upto) + tombstones(erased):
+        messages = profile_messages(con, changed, merged, upto) + tombstones(erased)
+        built = time.time()
+        for key, value in messages:
             self.producer.send(topic, key=key, value=value)
             self.published += 1
         self.producer.flush()
         con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+        return built
 
     def publish_profiles(self, con: duckdb.DuckDBPyConnection) -> None:
         """Profiles of the customers changed between the published position and the view's, the
@@ -351,6 +363,8 @@ class ReadSide:
                     conn.execute(f'LISTEN "{channel}"')
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            if self._woken is None:
+                                self._woken = time.time()
                             self._wake.set()
             except Exception:
                 self._stop.wait(1.0)  # reconnect; the poll keeps the view moving meanwhile
@@ -368,8 +382,9 @@ def erased_ids(notifications: list[tuple]) -> list[str]:
 def changed_customers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[set[str], dict[str, str]]:
     """Current ids of the customers in `ids`, and the ones merged away (absorbed → survivor)."""
     distinct = sorted(set(ids))
-    merged = dict(con.execute(
-        "SELECT absorbed_id, survivor_id FROM customer_redirects WHERE absorbed_id IN (SELECT unnest(?::VARCHAR[]))",
-        [distinct]).fetchall())
+    merged = {}
+    for start in range(0, len(distinct), LISTED_IDS):  # constant lists, as profile_messages reads
+        merged.update(con.execute("SELECT absorbed_id, survivor_id FROM customer_redirects WHERE absorbed_id IN "
+                                  f"{scope_members(distinct[start:start + LISTED_IDS])}").fetchall())
     changed = {merged.get(cid, cid) for cid in distinct}
     return changed, merged

@@ -22,7 +22,6 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import orjson
-from starlette.concurrency import run_in_threadpool
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
@@ -47,12 +46,9 @@ class Service:
         self.ingestor.keep_raw = self.mode == "kafka"  # published as sent
         profiles_producer = None
         if self.mode == "kafka":
-            from kafka import KafkaProducer
+            from cdp.server.producer import AckedProducer
 
-            from ingest.producer import PRODUCER_CONFIG
-
-            profiles_producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, client_id="cdp-serve-profiles",
-                                              **PRODUCER_CONFIG)
+            profiles_producer = AckedProducer(cfg.kafka_bootstrap, "cdp-serve-profiles", linger_ms=5)
         self.app = app = CustomerApplication(cfg)  # read here: the resolver process or the workers write
         # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
         self.read = ReadSide(replace(cfg, duckdb_memory=cfg.serve_memory), app, profiles_producer)
@@ -107,8 +103,8 @@ class Service:
         """Returns once the records are committed to the intake (embedded) or acknowledged (Kafka)."""
         if self.mode == "embedded":  # the writer's own thread commits: no worker thread waits for it
             await asyncio.shield(asyncio.wrap_future(self.writer.submit(records)))  # a gone client cancels nothing
-        else:
-            await run_in_threadpool(self.writer.write, records)
+        else:  # the records' acknowledgements are awaited on the event loop
+            await self.writer.write(records)
 
     @property
     def pending(self) -> int:

@@ -1,12 +1,14 @@
-"""Where the time from publish to visible goes: per-batch stage times of `cdp serve` (CDP_TRACE_STAGES).
+"""Where the time from publish to visible goes: per-batch stage times (CDP_TRACE_STAGES).
 
-With the variable set, the resolver process logs each batch it took out of the intake and
-committed to the store, and the read side each batch it read from the store and committed to the
-view, as one line on the server's standard error: the store positions the batch covered and wall
-clock times (seconds since the epoch, comparable across the two processes). `bench.visible` reads
-the lines back and, knowing each probed event's position and when its request was answered, says
-which stage held it: waiting in the intake, resolving, waiting for the read side, projecting, or
-being looked up.
+With the variable set, the writer logs each batch it took in (the embedded resolver from the
+intake, `cdp worker` from `cdp.events`) and committed to the store, the read side each batch it
+read from the store and committed to the view, and with Kafka the collector each request it
+produced and the broker acknowledged, and the `cdp.profiles` publisher each range of positions it
+published, as one line on the process's standard error: the store positions the batch covered and
+wall clock times (seconds since the epoch, comparable across processes). `bench.visible` reads the
+lines back and, knowing each probed event's position and when its request was answered, says which
+stage held it: producing, waiting in the intake or on the broker, resolving, waiting for the read
+side, projecting, being looked up or published.
 """
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ import orjson
 
 PREFIX = "cdp-stage "
 RESOLVED = "resolved"    # taken: records read from the intake; committed: in the store; positions first..last
-PROJECTED = "projected"  # noticed: the read side began reading the store; read; committed: in the view
+PROJECTED = "projected"  # woken: the store's notification arrived (None: a poll); noticed: the read side
+#                          began reading the store; read; committed: in the view
+ACCEPTED = "accepted"    # with Kafka, per request: id of its first event; called: the writer had it;
+#                          produced: every record handed to the producer; acked: the broker acknowledged all
+PUBLISHED = "published"  # cdp.profiles: positions first..last; handed: the earliest batch's view commit;
+#                          began: the publisher took them; built: messages made; acked: the broker acknowledged
 
 
 def log(stage: str, **fields: Any) -> None:
@@ -26,13 +33,14 @@ def log(stage: str, **fields: Any) -> None:
     sys.stderr.flush()
 
 
-def read(path: Path) -> dict[str, list[dict]]:
-    """The stage lines of a server's log, by stage, in the order they were written."""
-    stages: dict[str, list[dict]] = {RESOLVED: [], PROJECTED: []}
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith(PREFIX):
-            entry = orjson.loads(line[len(PREFIX):])
-            stages.setdefault(entry["stage"], []).append(entry)
+def read(*paths: Path) -> dict[str, list[dict]]:
+    """The stage lines of processes' logs, by stage, in the order each process wrote them."""
+    stages: dict[str, list[dict]] = {RESOLVED: [], PROJECTED: [], ACCEPTED: [], PUBLISHED: []}
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(PREFIX):
+                entry = orjson.loads(line[len(PREFIX):])
+                stages.setdefault(entry["stage"], []).append(entry)
     return stages
 
 

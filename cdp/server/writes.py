@@ -5,8 +5,9 @@
   of its own (the resolver, so identity resolution does not share the HTTP process's interpreter
   lock) takes the records out in commit order and runs the pipeline's batch command on them
   (dead-letter the rejected, resolve and commit the accepted, stitch visitors), then drops them;
-* Kafka configured: onto `cdp.events` (acks=all, idempotent producer), the request answered after
-  the broker acknowledged every record; the workers resolve and commit.
+* Kafka configured: onto `cdp.events` (acks=all, idempotent producer: librdkafka, see
+  cdp/server/producer.py), the request answered after the broker acknowledged every record; the
+  workers resolve and commit.
 
 Rejected messages go to the dead-letter (the JSONL file, or `cdp.deadletter`) with their reason.
 """
@@ -25,7 +26,7 @@ from cdp import topics
 from cdp.config import Settings
 from cdp.intake import Intake
 from ingest.deadletter import DeadLetterFile, DeadLetterTopic
-from ingest.producer import PRODUCER_CONFIG, message_key
+from ingest.producer import message_key
 from ingest.records import Accepted, Rejected
 
 GROUP_COMMIT_RECORDS = 5000
@@ -238,28 +239,39 @@ class EmbeddedWriter:
 
 
 class KafkaWriter:
-    """Accepted records to `cdp.events` as the unit sent them, keyed business_unit:source_id."""
+    """Accepted records to `cdp.events` as the unit sent them, keyed business_unit:source_id, by
+    librdkafka (cdp/server/producer.py): the request waits on the event loop for its records'
+    acknowledgements, no thread of the pool held meanwhile."""
 
     def __init__(self, cfg: Settings):
-        from kafka import KafkaProducer
+        from cdp.server.producer import AckedProducer
 
         topics.ensure(cfg)
-        self.producer = KafkaProducer(bootstrap_servers=cfg.require_kafka(), client_id="cdp-serve",
-                                      **{**PRODUCER_CONFIG, "linger_ms": 2})
+        self.producer = AckedProducer(cfg.require_kafka(), "cdp-serve", linger_ms=2)
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
+        self.trace = cfg.trace_stages
 
-    def write(self, records: Sequence[Accepted | Rejected]) -> None:
-        """Produces the whole request, then waits for every acknowledgement (no flush per record)."""
+    async def write(self, records: Sequence[Accepted | Rejected]) -> None:
+        """Produces the whole request, then waits for every acknowledgement (no flush per record);
+        raises when the broker did not acknowledge one within ACK_SECONDS."""
+        import asyncio
+
+        called = time.time()
         futures = []
         for record in records:
             if isinstance(record, Rejected):
                 self.deadletter.write(record)
             else:
                 futures.append(self.producer.send(self.topic, key=message_key(record), value=record.raw))
-        for future in futures:
-            future.get(timeout=ACK_SECONDS)  # raises when the broker did not acknowledge
+        produced = time.time()
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), ACK_SECONDS)
+        if self.trace and futures:
+            from cdp.server import stages
+
+            first = next(r for r in records if isinstance(r, Accepted))
+            stages.log(stages.ACCEPTED, id=first.event_id, called=called, produced=produced, acked=time.time())
 
     def close(self) -> None:
-        self.producer.flush(timeout=ACK_SECONDS)
-        self.producer.close(timeout=10)
+        self.producer.close(timeout=ACK_SECONDS)
