@@ -12,20 +12,11 @@
 3. Profile look-up while ingest runs: a view of N customers (synthetic rows in the real tables,
    3 events each), `GET /v1/profiles/email:…` for random customers while events are posted at a
    steady 1,000 events/s (the publisher of 2. without its probes, which poll the same API every
-   5 ms); p50/p99 beside the same reads run on DuckDB in process, idle (find, then the customer's
-   row and profile document by key), and beside the profile assembled from the tables as the
-   endpoint answered before documents. Before the ingest, the same look-ups over HTTP with
-   nothing else running, with the server's CPU time per look-up beside both in-process
-   baselines' (CPU time is what a loaded machine does not distort).
+   5 ms); p50/p99 beside the same look-ups' SQL run on DuckDB in process, idle. Before the ingest,
+   the same look-ups over HTTP with nothing else running, with the server's CPU time per look-up
+   beside the in-process baseline's (CPU time is what a loaded machine does not distort).
 
-4. What profile documents cost the read side (`--parts documents`, not in the default): the CPU of
-   `Projector.apply` per live batch (one request of 10 new customers, as bench/visible.py
-   `--mode batches`) with the documents' update and without it, alternating on one copy of the
-   view; and for K customers the view already knew, the documents' DELETE + INSERT beside the
-   re-derivation of their `customers` rows it follows.
-
-`--parts lookup` runs only 3 (`collector`, `visible`, `lookup`, `documents`, comma-separated;
-default the first three).
+`--parts lookup` runs only 3 (`collector`, `visible`, `lookup`, comma-separated; default all).
 The view of 3. (with the server's look-up indexes) is built once into bench/out/ and copied for
 each run: on 1,000,000 customers the build takes minutes.
 
@@ -50,7 +41,7 @@ import orjson
 from bench.common import CACHE
 from tests.serving import free_port, new_keys, start_server
 
-PARTS = ("collector", "visible", "lookup", "documents")
+PARTS = ("collector", "visible", "lookup")
 TARGETS = {"collector": "at least 10,000 events/s", "visible": "p99 under 500 ms", "lookup": "p99 under 20 ms"}
 
 
@@ -154,7 +145,7 @@ def cached_view(customers: int) -> tuple[Path, float]:
     from cdp.server.readside import LOOKUP_INDEXES
     from projections.projector import connect
 
-    path = CACHE / f"serve-view-{customers}-documents" / "view.duckdb"
+    path = CACHE / f"serve-view-{customers}" / "view.duckdb"
     if path.exists():
         return path, 0.0
     started = time.monotonic()
@@ -176,15 +167,13 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def lookups_in_process(path: Path, customers: int, n: int, assembled: bool = False) -> tuple[list[float], float]:
-    """The same reads the profile endpoint makes (find by e-mail, the customer's document by key), on
-    DuckDB directly (with the look-up indexes the server made, at the server's memory limit),
-    nothing else running: the baseline; and its CPU seconds per look-up. `assembled`: the profile
-    assembled from the view's tables instead, as the endpoint answered before documents."""
+def lookups_in_process(path: Path, customers: int, n: int) -> tuple[list[float], float]:
+    """The same SQL the profile endpoint runs, on DuckDB directly (with the look-up indexes the
+    server made, at the server's memory limit), nothing else running: the baseline; and its CPU
+    seconds per look-up."""
     from projections import profiles
     from projections.projector import connect
 
-    read = profiles.assembled if assembled else profiles.profile
     con = connect(path, read_only=True, memory_limit="2GB")
     times = []
     cpu = time.process_time()
@@ -192,7 +181,7 @@ def lookups_in_process(path: Path, customers: int, n: int, assembled: bool = Fal
         i = random.randrange(customers)
         started = time.perf_counter()
         found = profiles.find(con, "email", f"p{i}@example.org", None)
-        read(con, found[0].customer_id, None)
+        profiles.profile(con, found[0].customer_id, None)
         times.append(time.perf_counter() - started)
     cpu = (time.process_time() - cpu) / n
     con.close()
@@ -236,74 +225,12 @@ def measure_collectors(env: dict[str, str], tmp_path: Path, seconds: float, clie
     print(f"  target: {TARGETS['collector']}")
 
 
-def measure_documents(tmp: Path, customers: int, batches: int = 80) -> None:
-    """Part 4: the documents' share of the read side's per-batch CPU, A/B in the same run."""
-    import statistics
-
-    from bench.visible import clean_env, request_batch
-    from cdp.application import CustomerApplication
-    from cdp.config import Settings
-    from projections import documents
-    from projections.projector import Projector
-    from projections.tables import recompute_customers_sql
-
-    store_env = clean_env(tmp / "store")
-    (tmp / "store").mkdir(parents=True)
-    events = tmp / "events.jsonl"
-    events.write_bytes(b"".join(orjson.dumps(e) + b"\n" for n in range(batches) for e in request_batch(n)))
-    subprocess.run([sys.executable, "-m", "cdp", "ingest", str(events)], env=store_env, check=True,
-                   stdout=subprocess.DEVNULL)
-    with CustomerApplication(Settings.from_env(store_env)) as app:
-        rows = app.raw_notifications(0, 1_000_000)
-    per_request = len(rows) // batches
-    cached, _ = cached_view(customers)
-    shutil.copyfile(cached, tmp / "view.duckdb")
-    projector = Projector(tmp / "view.duckdb", memory_limit="2GB")
-    update = documents.update_sql
-    cpu: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        for k, start in enumerate(range(0, per_request * batches, per_request)):
-            with_documents = k % 2 == 0
-            documents.update_sql = update if with_documents else (lambda scope, fresh=(): [])
-            used = time.process_time()
-            projector.apply(rows[start:start + per_request])
-            if k >= 6:  # the first batches load the view's blocks
-                cpu[with_documents].append(time.process_time() - used)
-    finally:
-        documents.update_sql = update
-    ms = 1000
-    print(f"\n== profile documents on the read side, view of {customers:,} customers")
-    print(f"  live batch ({per_request} notifications, 10 new customers), Projector.apply CPU p50: "
-          f"with documents {statistics.median(cpu[True]) * ms:.1f} ms, without {statistics.median(cpu[False]) * ms:.1f} ms "
-          f"(ratio {statistics.median(cpu[True]) / statistics.median(cpu[False]):.2f}; {len(cpu[True])} batches each)")
-    con = projector.con
-    for known in (10, 100, 500):
-        derive, keep = [], []
-        for _ in range(6):
-            ids = [r[0] for r in con.execute(f"SELECT md5((random() * {customers})::INT::VARCHAR) FROM range({known})")
-                   .fetchall()]
-            con.execute("BEGIN")
-            used = time.process_time()
-            for statement in recompute_customers_sql(ids, projector.survivorship):
-                con.execute(statement)
-            derived = time.process_time()
-            for statement in documents.update_sql(ids):
-                con.execute(statement)
-            derive.append(derived - used)
-            keep.append(time.process_time() - derived)
-            con.execute("ROLLBACK")
-        print(f"  {known:>3} known customers: their documents {statistics.median(keep) * ms:5.1f} ms CPU beside "
-              f"re-deriving their rows {statistics.median(derive) * ms:5.1f} ms "
-              f"(ratio {statistics.median(keep) / statistics.median(derive):.2f})")
-    projector.close()
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers in the look-up view")
     parser.add_argument("--clients", type=int, default=4, help="collector client threads")
-    parser.add_argument("--parts", default=",".join(PARTS[:3]), help=f"which to run, of {', '.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which to run, of {', '.join(PARTS)}")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     if not parts or parts - set(PARTS):
@@ -316,8 +243,6 @@ def main(argv: list[str]) -> None:
         env.update(CDP_HOME=str(tmp_path / "embedded"), CDP_RATE_LIMIT="100000", CDP_SCORE_INTERVAL="3600")
         if "collector" in parts:
             measure_collectors(env, tmp_path, args.seconds, args.clients)
-        if "documents" in parts:
-            measure_documents(tmp_path / "documents", args.customers)
         if parts.isdisjoint(("visible", "lookup")):
             return
 
@@ -358,22 +283,18 @@ def main(argv: list[str]) -> None:
             print(f"  target: {TARGETS['visible']}")
         if "lookup" in parts:
             baseline_times, baseline_cpu = lookups_in_process(view, args.customers, 300)
-            assembled_times, assembled_cpu = lookups_in_process(view, args.customers, 300, assembled=True)
             made = f"built in {built:.0f} s" if built else f"copied from {cached.parent.name}"
             print(f"\n== profile look-up by e-mail, view of {args.customers:,} customers ({made}), "
                   f"while 1,000 events/s are published ({ingest.sent:,} accepted)")
             print(f"  GET /v1/profiles/email:…               p50 {percentile(http_times, .5) * ms:7.1f} ms   "
                   f"p99 {percentile(http_times, .99) * ms:7.1f} ms   ({len(http_times)} look-ups)")
-            print(f"  same reads in process, indexed, idle   p50 {percentile(baseline_times, .5) * ms:7.1f} ms   "
-                  f"p99 {percentile(baseline_times, .99) * ms:7.1f} ms   (find + the document by key)")
-            print(f"  assembled from the tables, in process  p50 {percentile(assembled_times, .5) * ms:7.1f} ms   "
-                  f"p99 {percentile(assembled_times, .99) * ms:7.1f} ms   (the profile before documents)")
+            print(f"  same SQL in process, indexed, idle     p50 {percentile(baseline_times, .5) * ms:7.1f} ms   "
+                  f"p99 {percentile(baseline_times, .99) * ms:7.1f} ms")
             print(f"  target: {TARGETS['lookup']}")
             print(f"  idle, over HTTP: p50 {percentile(idle_times, .5) * ms:.1f} ms, p99 "
                   f"{percentile(idle_times, .99) * ms:.1f} ms ({len(idle_times)} look-ups); CPU per look-up: "
                   f"server {idle_cpu * ms:.2f} ms (whole process), in process {baseline_cpu * ms:.2f} ms "
-                  f"(ratio {idle_cpu / baseline_cpu:.2f}), assembled in process {assembled_cpu * ms:.2f} ms "
-                  f"(server / assembled {idle_cpu / assembled_cpu:.2f})")
+                  f"(ratio {idle_cpu / baseline_cpu:.2f})")
 
 
 if __name__ == "__main__":

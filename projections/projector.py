@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 from cdp.contracts import audience_events, stored_events
-from projections import audiences, documents, erasure, metrics
+from projections import audiences, erasure, metrics
 from projections.registrations import registered_customers
 from projections.identity_tables import DDL as IDENTITY_DDL, DECISION_TOPICS, INSERT_DECISIONS, SPLIT_MOVES, apply_splits_sql
 from projections.transactions import transaction
@@ -167,7 +167,6 @@ class Projector:
         for statement in (*DDL, *IDENTITY_DDL, *audiences.DDL):
             self.con.execute(statement)
         metrics.check_columns(self.con, self.path)
-        documents.ensure(self.con)
         for statement in prepare_listed_sql(self.survivorship):
             self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
@@ -210,8 +209,7 @@ class Projector:
                     self._note_touched(listed)
                 registered = registered_customers(notifications)  # nothing of theirs to look up
                 upkeep = audiences.keep_prior_scores(con, scope, registered)  # None without audiences
-                recomputing = [*recompute_customers_sql(scope, self.survivorship, registered),
-                               *documents.update_sql(scope, registered)]
+                recomputing = recompute_customers_sql(scope, self.survivorship, registered)
                 if upkeep:  # membership changes commit with the batch that caused them
                     con.execute(";\n".join(recomputing))
                     audiences.update_for_batch(con, upkeep, notifications[-1][0])
@@ -305,7 +303,7 @@ class Projector:
 
     def recompute_all(self) -> None:
         with transaction(self.con):
-            for statement in (*recompute_customers_sql(None, self.survivorship), *documents.rebuild_sql()):
+            for statement in recompute_customers_sql(None, self.survivorship):
                 self.con.execute(statement)
         self.refresh_metrics()
 

@@ -8,7 +8,7 @@ import time
 
 from tests.events import event, write
 
-TABLES = ("customers", "customer_sources", "customer_events", "customer_redirects", "profile_documents")
+TABLES = ("customers", "customer_sources", "customer_events", "customer_redirects")
 
 
 def snapshot(cdp) -> dict:

@@ -25,7 +25,7 @@ from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
 from cdp.server import priority, stages
-from projections import documents, metrics
+from projections import metrics
 from projections.changelog import LISTED_IDS, profile_messages, tombstones
 from projections.projector import view_position
 from projections.tables import scope_members
@@ -42,7 +42,6 @@ LOOKUP_INDEXES = (
     "CREATE INDEX IF NOT EXISTS lookup_sources_customer ON customer_sources (customer_id)",
     "CREATE INDEX IF NOT EXISTS lookup_sources_source ON customer_sources (source_id)",
     "CREATE INDEX IF NOT EXISTS lookup_redirects ON customer_redirects (absorbed_id)",
-    documents.INDEX,  # a profile is one document read by key (projections/documents.py)
     # not a look-up: a live batch deletes its known customers' unit rows before deriving them again;
     # without it that is a scan of the whole table (1,000,000 customers: 44-60 ms CPU for 10 ids,
     # 2.4-2.8 ms with it)
