@@ -42,6 +42,9 @@ LOOKUP_INDEXES = (
     "CREATE INDEX IF NOT EXISTS lookup_sources_customer ON customer_sources (customer_id)",
     "CREATE INDEX IF NOT EXISTS lookup_sources_source ON customer_sources (source_id)",
     "CREATE INDEX IF NOT EXISTS lookup_redirects ON customer_redirects (absorbed_id)",
+    # a profile's merges (the ids it absorbed): a point read rather than a scan that DuckDB spreads
+    # over its worker threads (200,000 merges: p50 1.2 → 0.6 ms, p99 2.5 → 0.8 ms)
+    "CREATE INDEX IF NOT EXISTS lookup_redirects_survivor ON customer_redirects (survivor_id)",
     # not a look-up: a live batch deletes its known customers' unit rows before deriving them again;
     # without it that is a scan of the whole table (1,000,000 customers: 44-60 ms CPU for 10 ids,
     # 2.4-2.8 ms with it)
