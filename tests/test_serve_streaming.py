@@ -153,3 +153,64 @@ def test_anonymous_visitor_is_stitched_by_the_worker(kafka_env, tmp_path: Path) 
     finally:
         server.stop()
         stop(worker)
+
+
+def test_a_restart_resends_nothing_a_crash_left_on_cdp_profiles_unrecorded(kafka_env, kafka_bootstrap: str,
+                                                                          fresh_topic_prefix: str,
+                                                                          tmp_path: Path) -> None:
+    """The crash this guards against lands between the broker's acknowledgement of a batch's
+    profiles and the view's record of it: the view is put back in exactly that state (its published
+    position and offsets from before the batch), and the restarted server must not send the
+    batch's profiles a second time, nor miss any."""
+    import duckdb
+
+    from cdp.config import Settings
+
+    env, publisher = kafka_env("serve"), kafka_env("publisher")
+    topic = f"{fresh_topic_prefix}cdp.profiles"
+    view = Settings.from_env(env).duckdb_path
+    events = tmp_path / "events.jsonl"
+
+    def ingest(*lines: dict) -> None:
+        events.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        cdp(publisher, "ingest", str(events))  # straight into the shared store, as a unit's import
+
+    def published_keys() -> set[str]:
+        return {key for key, _ in read_topic(kafka_bootstrap, topic)}
+
+    def recorded(con) -> tuple:
+        return (con.execute("SELECT position FROM projection_state WHERE name = 'profiles'").fetchall(),
+                sorted(con.execute("SELECT * FROM changelog_offsets").fetchall()))
+
+    server = start_server(env, tmp_path / "serve.log")
+    try:
+        ingest(*[cloudevent(f"a-{i}", "retail", f"R{i}", customer={"email": f"a{i}@example.org"}) for i in range(5)])
+        wait_until(lambda: len(published_keys()) == 5, 60, "the first profiles")
+    finally:
+        server.stop()
+    with duckdb.connect(str(view)) as con:
+        before = recorded(con)
+    assert before[1], "the view records the offsets it published up to"
+    server = start_server(env, tmp_path / "serve.log")
+    try:  # one batch: two known customers change, one is new
+        ingest(cloudevent("b-1", "retail", "R1", customer={"first_name": "Ann"}),
+               cloudevent("b-2", "retail", "R2", customer={"first_name": "Bo"}),
+               cloudevent("b-3", "bank", "B9", customer={"email": "b9@example.org"}))
+        wait_until(lambda: len(read_topic(kafka_bootstrap, topic)) == 8, 60, "the batch's three profiles")
+    finally:
+        server.stop()
+    with duckdb.connect(str(view)) as con:  # the crash: acknowledged by the broker, not recorded
+        assert recorded(con) != before
+        con.execute("UPDATE projection_state SET position = ? WHERE name = 'profiles'", [before[0][0][0]])
+        con.execute("DELETE FROM changelog_offsets")
+        con.executemany("INSERT INTO changelog_offsets VALUES (?, ?, ?)", before[1])
+    server = start_server(env, tmp_path / "serve.log")
+    try:  # a later event: its profile comes after whatever the restart publishes again
+        ingest(cloudevent("c-1", "telecom", "T1", customer={"email": "t1@example.org"}))
+        wait_until(lambda: len(published_keys()) == 7, 60, "the later profile")
+    finally:
+        server.stop()
+    messages = read_topic(kafka_bootstrap, topic)
+    repeated = Counter((key, json.dumps(value, sort_keys=True)) for key, value in messages)
+    assert max(repeated.values()) == 1, "a profile message was published twice"
+    assert len(messages) == 9

@@ -52,11 +52,12 @@ class AckedProducer:
         self._reports.start()
 
     def send(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> Future:
+        """The future's result: the record's (partition, offset)."""
         done: Future = Future()
 
-        def report(error: Any, _message: Any) -> None:
+        def report(error: Any, message: Any) -> None:
             if error is None:
-                done.set_result(None)
+                done.set_result((message.partition(), message.offset()))
                 return
             failure = DeliveryFailed(f"{topic}: {error}")
             with self._failed_lock:

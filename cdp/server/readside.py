@@ -5,8 +5,8 @@ LISTEN/NOTIFY on the store's channel, or by a short poll for SQLite written by o
 and projects exactly once (rows and position in one DuckDB transaction, projections/projector.py).
 With Kafka, a second thread publishes the changed profiles of each projected batch to
 `cdp.profiles` and records, in the view, the store position whose profiles the broker
-acknowledged: a crash between the two republishes that range (the current profile again, harmless
-on a compacted topic) and never skips one. The two run side by side so that waiting for the broker
+acknowledged and the offsets reached: a crash between the two never skips a profile, and the
+restart sends none of the range twice (published.py). The two run side by side so that waiting for the broker
 never holds back the next batch's visibility (measured: publishing inside the follow loop let
 batches grow to thousands of events and profiles took seconds to show). API key events from the
 same notifications feed the key ring.
@@ -24,11 +24,12 @@ from cdp import keys as api_keys
 from cdp.config import Settings
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
-from cdp.server import priority, stages
+from cdp.server import priority, published, stages
 from projections import metrics
 from projections.changelog import LISTED_IDS, profile_messages, tombstones
 from projections.projector import view_position
 from projections.tables import scope_members
+from projections.transactions import transaction
 
 PROFILES = "profiles"  # projection_state row: store position whose profiles were published
 POLL_SECONDS = 0.2
@@ -71,6 +72,7 @@ class ReadSide:
         self._duckdb_threads = priority.thread_ids() - before  # mostly the projector's work
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
+        self.projector.con.execute(published.DDL)
         self.missing_indexes = self.create_indexes()
         self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
         self.keyring = api_keys.load(app)
@@ -327,32 +329,60 @@ class ReadSide:
                     self._unpublished.clear()
                 self._stop.wait(1.0)
 
-    def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int) -> float:
-        """Sends the current profiles of `ids` (and tombstones of `erased`), waits for the broker's
-        acks, then records `upto` as published; returns when the messages were made (stage lines)."""
+    def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int,
+                       already: published.Tail | None = None) -> float:
+        """Sends the current profiles of `ids` (and tombstones of `erased`) but those `already` on
+        the topic, waits for the broker's acks, then records `upto` as published and the offsets
+        reached; returns when the messages were made (stage lines)."""
         changed, merged = changed_customers(con, ids)
         topic = self.cfg.topic("cdp.profiles")
         messages = profile_messages(con, changed, merged, upto) + tombstones(erased)
+        if already:
+            messages = [(key, value) for key, value in messages if already.get(key, False) != value]
         built = time.time()
-        for key, value in messages:
-            self.producer.send(topic, key=key, value=value)
-            self.published += 1
+        sent = [self.producer.send(topic, key=key, value=value) for key, value in messages]
+        self.published += len(sent)
         self.producer.flush()
-        con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+        reached: dict[int, int] = {}
+        for partition, offset in (future.result() for future in sent):
+            reached[partition] = max(reached.get(partition, 0), offset + 1)
+        with transaction(con):
+            con.execute("UPDATE projection_state SET position = ? WHERE name = ?", [upto, PROFILES])
+            published.record_offsets(con, topic, reached)
         return built
 
     def publish_profiles(self, con: duckdb.DuckDBPyConnection) -> None:
         """Profiles of the customers changed between the published position and the view's, the
-        changes read again from the store (after a restart or an error)."""
+        changes read again from the store (after a restart or an error). A range a crash left on
+        the topic unrecorded is published first, whole and with its own position, so that the
+        profiles it already carries are not sent twice (published.py)."""
+        already = published.unrecorded_tail(con, self.cfg.kafka_bootstrap, self.cfg.topic("cdp.profiles"))
         done = published_position(con)
         upto = view_position(con)
+        unrecorded = min(published.last_position(already), upto)
+        if unrecorded > done:
+            rows = self._notifications(done, unrecorded)
+            self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), unrecorded, already)
+            done = unrecorded
         while done < upto:
-            rows = self.store.raw_notifications(done, self.cfg.projection_batch)
-            rows = [r for r in rows if r[0] <= upto]
+            rows = self._notifications(done, upto, one_batch=True)
             if not rows:
                 break
             self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), rows[-1][0])
             done = rows[-1][0]
+
+    def _notifications(self, after: int, upto: int, one_batch: bool = False) -> list[tuple]:
+        """The store's notifications after `after` up to `upto` (or only their first batch)."""
+        rows: list[tuple] = []
+        while after < upto:
+            chunk = [r for r in self.store.raw_notifications(after, self.cfg.projection_batch) if r[0] <= upto]
+            if not chunk:
+                break
+            rows += chunk
+            after = chunk[-1][0]
+            if one_batch:
+                break
+        return rows
 
     def _listen(self) -> None:
         """PostgreSQL: the store's recorder NOTIFYs its channel on every insert; wake on it."""
