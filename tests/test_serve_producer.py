@@ -49,13 +49,13 @@ def test_a_refused_record_fails_its_future_and_the_flush(kafka_bootstrap: str, f
     admin.close()
     producer = AckedProducer(kafka_bootstrap, "test-serve")
     try:
-        assert producer.send(topic, key=b"k", value=b"small").result(timeout=30) is None
+        assert producer.send(topic, key=b"k", value=b"small").result(timeout=30) == (0, 0)  # (partition, offset)
         refused = producer.send(topic, key=b"k", value=b"x" * 10_000)
         with pytest.raises(DeliveryFailed):
             producer.flush(timeout=30)
         with pytest.raises(DeliveryFailed, match="MSG_SIZE_TOO_LARGE"):
             refused.result(timeout=1)
-        producer.send(topic, key=b"k", value=b"again").result(timeout=30)
+        assert producer.send(topic, key=b"k", value=b"again").result(timeout=30) == (0, 1)  # the refused one took none
         producer.flush(timeout=30)  # the failure was reported once; nothing fails now
     finally:
         producer.close()
