@@ -12,9 +12,10 @@
 3. Profile look-up while ingest runs: a view of N customers (synthetic rows in the real tables,
    3 events each), `GET /v1/profiles/email:…` for random customers while events are posted at a
    steady 1,000 events/s (the publisher of 2. without its probes, which poll the same API every
-   5 ms, in a process of its own as a business unit's publisher would be); p50/p99 beside the same look-ups' SQL run on DuckDB in process, idle. Before the ingest,
-   the same look-ups over HTTP with nothing else running, with the server's CPU time per look-up
-   beside the in-process baseline's (CPU time is what a loaded machine does not distort).
+   5 ms, in a process of its own as a business unit's publisher would be); p50/p99 beside the same
+   look-ups' SQL run on DuckDB in process, idle. Before the ingest, the same look-ups over HTTP
+   with nothing else running, with the server's CPU time per look-up beside the in-process
+   baseline's (CPU time is what a loaded machine does not distort).
 
 `--parts lookup` runs only 3 (`collector`, `visible`, `lookup`, comma-separated; default all).
 The view of 3. (with the server's look-up indexes) is built once into bench/out/ and copied for

@@ -29,7 +29,7 @@ def recorded_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, in
 
 def record_offsets(con: duckdb.DuckDBPyConnection, topic: str, offsets: Mapping[int, int]) -> None:
     """Each partition's offset after the last message sent (in the caller's transaction)."""
-    if offsets:  # one statement: executemany took 13.6 ms for 8 partitions, this 0.6 ms (measured)
+    if offsets:  # one statement: with executemany, 8 partitions and the position update took 13.6 ms, now 2.9 (in memory)
         rows = sorted(offsets.items())
         con.execute("INSERT OR REPLACE INTO changelog_offsets VALUES " + ", ".join(["(?, ?, ?)"] * len(rows)),
                     [value for partition, offset in rows for value in (topic, partition, offset)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import duckdb
 import orjson
@@ -72,7 +72,8 @@ class ReadSide:
         self._duckdb_threads = priority.thread_ids() - before  # mostly the projector's work
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
                                    "(SELECT 1 FROM projection_state WHERE name = ?)", [PROFILES, PROFILES])
-        self.projector.con.execute(published.DDL)
+        if producer is not None:  # cdp.profiles' bookkeeping (published.py): only where there is a changelog
+            self.projector.con.execute(published.DDL)
         self.missing_indexes = self.create_indexes()
         self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
         self.keyring = api_keys.load(app)
@@ -361,28 +362,20 @@ class ReadSide:
         upto = view_position(con)
         unrecorded = min(published.last_position(already), upto)
         if unrecorded > done:
-            rows = self._notifications(done, unrecorded)
+            rows = [r for batch in self._notification_batches(done, unrecorded) for r in batch]
             self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), unrecorded, already)
             done = unrecorded
-        while done < upto:
-            rows = self._notifications(done, upto, one_batch=True)
-            if not rows:
-                break
+        for rows in self._notification_batches(done, upto):
             self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), rows[-1][0])
-            done = rows[-1][0]
 
-    def _notifications(self, after: int, upto: int, one_batch: bool = False) -> list[tuple]:
-        """The store's notifications after `after` up to `upto` (or only their first batch)."""
-        rows: list[tuple] = []
+    def _notification_batches(self, after: int, upto: int) -> Iterator[list[tuple]]:
+        """The store's notifications after `after` up to `upto`, a projection batch at a time."""
         while after < upto:
-            chunk = [r for r in self.store.raw_notifications(after, self.cfg.projection_batch) if r[0] <= upto]
-            if not chunk:
-                break
-            rows += chunk
-            after = chunk[-1][0]
-            if one_batch:
-                break
-        return rows
+            batch = [r for r in self.store.raw_notifications(after, self.cfg.projection_batch) if r[0] <= upto]
+            if not batch:
+                return
+            yield batch
+            after = batch[-1][0]
 
     def _listen(self) -> None:
         """PostgreSQL: the store's recorder NOTIFYs its channel on every insert; wake on it."""
