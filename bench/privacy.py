@@ -7,8 +7,8 @@
    the view from each store (decrypting every sealed field against reading them in the clear).
 2. `cdp erase` of one person on a store of about `--erase-events` events (target: under 1 s),
    beside `cdp customer show` of the same person (a read of the same view) as the baseline; and
-   `cdp erase` beside a running `cdp serve` (the server erases; its view file is rewritten when it
-   stops, timed apart).
+   `cdp erase` beside a running `cdp serve` once its /health says the resolver is ready (the
+   server erases; its view file is rewritten when it stops, timed apart).
 """
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def _erase_beside_server(run: dict, who: str, log: Path) -> str:
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
-                    if b'"behind":0' in answer.read():
+                    health = answer.read()
+                    # caught up, and the resolver's identity state loaded: the erase measured, not the start
+                    if b'"behind":0' in health and b'"resolver":"ready"' in health:
                         break
             except OSError:
                 pass

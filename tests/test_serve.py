@@ -283,6 +283,8 @@ def test_docs_health_metrics_and_query_formats(served) -> None:
     settled(server, keys["read"])
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["view_position"] == health["store_head"] > 0
+    # the resolver process reports once its identity state is loaded: a person's decision then runs at once
+    wait_until(lambda: httpx.get(server.url + "/health").json()["resolver"] == "ready", 30, "the resolver to load")
     assert httpx.get(server.url + "/metrics").status_code == 401
     # look-ups are answered ahead of FastAPI's router: the same answers, refusals and measurements
     assert client.get("/v1/profiles/retail:M1").json()["sources"][0]["source_id"] == "M1"

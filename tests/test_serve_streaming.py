@@ -67,6 +67,7 @@ def test_serve_with_a_worker_on_postgres_survives_kill_9(kafka_env, kafka_bootst
         wait_until(lambda: stored_keys(fresh_postgres_dsn) >= expected_events, 180, "all events stored")
         health = lambda: server.client().get("/health").json()  # noqa: E731
         wait_until(lambda: health()["view_position"] == health()["store_head"], 60, "the view to catch up")
+        wait_until(lambda: health()["resolver"] == "ready", 60, "the decider's identity state to load")
         rows = query(serve_env, FACTS_SQL.replace("\n", " "))
         view = {frozenset(r["sources"]): (r["events"], r["amount"]) for r in rows}
         counts = query(serve_env, "SELECT count(*) AS n, count(DISTINCT event_id || event_source) AS d, "

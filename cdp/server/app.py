@@ -194,6 +194,8 @@ def build_app(service: Any) -> FastAPI:
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
                 "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending}
+        if service.resolver_state is not None:
+            body["resolver"] = service.resolver_state
         if not ok:
             body["problem"] = str(read.error).splitlines()[0]
         if getattr(service.writer, "error", None):  # the intake's resolver retries; say why it waits

@@ -107,6 +107,18 @@ class Service:
             await self.writer.write(records)
 
     @property
+    def resolver_state(self) -> str | None:
+        """"ready" once a person's decision (erase, split, review) runs at once: the identity state
+        it runs on is loaded (embedded, by the resolver process; with Kafka + PostgreSQL, by the
+        decider); "loading" before, when such a request waits for the load (seconds on a large
+        store). None with Kafka beside a SQLite store, where each decision loads a fresh application."""
+        if self.mode == "embedded":
+            return "ready" if self.writer.ready else "loading"
+        if self.cfg.event_store:
+            return "ready" if self._decider is not None else "loading"
+        return None
+
+    @property
     def pending(self) -> int:
         """Records accepted over HTTP and not yet in the store (embedded; with Kafka the broker holds them)."""
         return self.writer.pending if self.mode == "embedded" else 0

@@ -74,6 +74,7 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     done = undropped = 0  # the last request in the store; records resolved and still in the intake
     with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
         pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
+        report.send(("ready", None))  # /health: a person's decision no longer waits for this load
         head = pipeline.app.max_position() if cfg.trace_stages else 0
         while os.getppid() == parent:
             if wake.poll(0.5):
@@ -118,6 +119,7 @@ class EmbeddedWriter:
         self.log = log
         self.intake = Intake(cfg.intake_path)
         self.error: str | None = None  # the resolver's last failure (it retries)
+        self.ready = False  # the resolver process has loaded the identity state (its first report)
         self._queue: queue.Queue[tuple[Sequence[Accepted | Rejected], Future] | None] = queue.Queue()
         self._context = multiprocessing.get_context("spawn")
         # the intake has records (or a command waits) for the resolver: a byte down a pipe, never
@@ -135,6 +137,7 @@ class EmbeddedWriter:
         self._nudge()  # what an earlier run accepted and did not resolve
 
     def _start_resolver(self) -> Any:
+        self.ready = False
         self._reports, report = self._context.Pipe(duplex=False)
         self._commands, commands = self._context.Pipe()
         process = self._context.Process(target=resolve_intake, name="cdp-resolver", daemon=True,
@@ -215,7 +218,9 @@ class EmbeddedWriter:
                     self._resolver = self._start_resolver()
                 continue
             kind, detail = report
-            if kind == "error":
+            if kind == "ready":
+                self.ready = True
+            elif kind == "error":
                 if self.error != detail:
                     self.log(f"resolving the intake failed, retrying: {detail}")
                 self.error = detail
