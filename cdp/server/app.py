@@ -193,7 +193,8 @@ def build_app(service: Any) -> FastAPI:
         head, position = await run_in_threadpool(lambda: (read.head(), read.position))
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
-                "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending}
+                "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending,
+                "view_rewrite_pending": service.view_rewrite_pending}
         if service.resolver_state is not None:
             body["resolver"] = service.resolver_state
         if not ok:
@@ -395,7 +396,9 @@ def build_app(service: Any) -> FastAPI:
     async def erase_profile(ref: str, request: Request, suppress: bool = True) -> JSONResponse:
         """As `cdp erase`: the person's data keys are destroyed, `Erased` is recorded, the view drops
         them, identity rows and dead-letter entries carrying their identifiers go, a tombstone is
-        published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later."""
+        published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later.
+        `view_rewrite_pending`: the view's file is rewritten when the server stops (it holds the
+        file open); until then its free blocks may still hold the person's bytes."""
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
@@ -404,7 +407,8 @@ def build_app(service: Any) -> FastAPI:
             e = done.erasure
             return {"customer_id": e.customer_id, "customer_ids": e.customer_ids, "sources": len(e.sources),
                     "suppressed": suppress, "deadletter_entries": done.deadletter_entries,
-                    "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()}}
+                    "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()},
+                    "view_rewrite_pending": service.view_rewrite_pending}
 
         return JSONResponse(await run_in_threadpool(answer))
 

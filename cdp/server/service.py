@@ -25,7 +25,8 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import Erased, mark_view_rewrite, rewrite_view_if_pending, scrub_deadletter, surname_shared
+from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
+                         surname_shared)
 from cdp.keys import Key
 from cdp.server.access import Gate, RateLimiter
 from cdp.server.readside import ReadSide
@@ -117,6 +118,12 @@ class Service:
         if self.cfg.event_store:
             return "ready" if self._decider is not None else "loading"
         return None
+
+    @property
+    def view_rewrite_pending(self) -> bool:
+        """Whether an erasure left the view's file to be rewritten when this server stops: the
+        person is in no table, but until then the file's free blocks may still hold their bytes."""
+        return pending_view_rewrite(self.cfg).exists()
 
     @property
     def pending(self) -> int:
