@@ -195,8 +195,8 @@ def build_app(service: Any) -> FastAPI:
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
                 "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending,
                 "view_rewrite_pending": service.view_rewrite_pending}
-        if service.resolver_state is not None:
-            body["resolver"] = service.resolver_state
+        if (resolver := service.resolver_state) is not None:
+            body["resolver"] = resolver
         if not ok:
             body["problem"] = str(read.error).splitlines()[0]
         if getattr(service.writer, "error", None):  # the intake's resolver retries; say why it waits
