@@ -54,20 +54,19 @@ def stop_services(started: list[str]) -> None:
 
 
 def fresh_database(dsn: str) -> str:
-    import psycopg
     from urllib.parse import urlsplit, urlunsplit
 
+    from tests.databases import create_database
+
     name = f"bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
+    create_database(dsn, name)
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
 def drop_database(dsn: str, url: str) -> None:
-    import psycopg
+    from tests.databases import drop_database as drop
 
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+    drop(dsn, url.rsplit("/", 1)[1])
 
 
 def demo_events(events: int) -> list[Path]:

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.databases import create_database, drop_database
+
 # ------------------------------------------------------------------------------ real services
 
 
@@ -64,19 +66,14 @@ def _with_dbname(dsn: str, dbname: str) -> str:
 @pytest.fixture
 def fresh_postgres_dsn(postgres_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A new, empty database on the test server for one test; dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
-    from psycopg import sql
-
+    pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
     slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:30]
     dbname = f"t_{slug}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=10) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    create_database(postgres_dsn, dbname)
     try:
         yield _with_dbname(postgres_dsn, dbname)
     finally:
-        with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=10) as admin:
-            # FORCE (PostgreSQL 13+): connections a test forgot to close must not keep it alive
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        drop_database(postgres_dsn, dbname)
 
 
 @pytest.fixture
