@@ -185,6 +185,38 @@ def test_kill_9_mid_stream_then_restart_stores_every_event_once(kafka_env, fresh
     assert recorded == expected_events
 
 
+def test_a_caught_up_worker_gathers_a_light_stream_into_few_transactions(kafka_env, kafka_bootstrap: str,
+                                                                        fresh_topic_prefix: str,
+                                                                        fresh_postgres_dsn: str, tmp_path: Path) -> None:
+    from kafka import KafkaProducer
+
+    from cdp.server import stages
+
+    log = tmp_path / "worker.log"
+    worker = start_worker(kafka_env("worker", CDP_WORKER_GATHER_MS="400", CDP_TRACE_STAGES="1"), log)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=0)
+
+    def send(i: int) -> None:
+        producer.send(f"{fresh_topic_prefix}cdp.events", key=f"retail:R{i}".encode(),
+                      value=kcat_event(f"g{i}", "retail", f"R{i}", email=f"g{i}@example.org").encode()).get(30)
+
+    try:
+        send(0)  # stored once the worker has joined its group and fetches
+        wait_for(lambda: stored_keys(fresh_postgres_dsn) >= 1, 90, "the first event stored", [worker])
+        started = time.monotonic()
+        for i in range(1, 25):  # then one event every 25 ms, each sent alone
+            send(i)
+            time.sleep(max(0.0, started + 0.025 * i - time.monotonic()))
+        wait_for(lambda: stored_keys(fresh_postgres_dsn) >= 25, 60, "25 events stored", [worker])
+    finally:
+        producer.close()
+        stop(worker)
+    first, *batches = [b["records"] for b in stages.read(log)[stages.RESOLVED]]
+    assert first + sum(batches) == 25
+    # ~0.6 s of events, one fetch per 0.4 s at most (CDP_WORKER_GATHER_MS=0: 24 batches of one)
+    assert len(batches) <= 4, batches
+
+
 KCAT = shutil.which("kcat")
 
 
