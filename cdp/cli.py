@@ -291,8 +291,8 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
                       f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
                       f"({seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
     if server is not None and done.get("view_rewrite_pending"):
-        console.err.print("the view's file is rewritten when `cdp serve` stops (or, after a kill, starts): "
-                          "until then its free blocks may still hold the person's bytes")
+        console.err.print("`cdp serve` rewrites the view's file CDP_VIEW_REWRITE_DELAY after the erasure (default "
+                          "60 s) or when it stops: until then its free blocks may still hold the person's bytes")
 
 
 def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:

@@ -131,6 +131,13 @@ def _duration(env: dict[str, str], name: str, default: float) -> float:
     return float(match.group(1)) * _DURATION_UNITS.get(match.group(2) or "s")
 
 
+def _duration_or_off(env: dict[str, str], name: str, default: float) -> float | None:
+    """A duration, or None for 'off'."""
+    if (env.get(name) or "").strip().lower() == "off":
+        return None
+    return _duration(env, name, default)
+
+
 def _positive_duration(env: dict[str, str], name: str, default: float) -> float:
     value = _duration(env, name, default)
     if value <= 0:
@@ -221,6 +228,8 @@ class Settings:
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = 0                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
     serve_memory: str = "2GB"                # CDP_SERVE_MEMORY: DuckDB memory limit of the server's view (look-up indexes)
+    view_rewrite_delay: float | None = 60.0  # CDP_VIEW_REWRITE_DELAY: after an erasure, when the running server
+    #                                          rewrites the view's file (None, 'off': only when it stops)
     catch_up_nice: int = 0                   # CDP_CATCH_UP_NICE: niceness added to cdp serve's catch-up work
     trace_stages: bool = False               # CDP_TRACE_STAGES: cdp serve logs each batch's stage times (bench.visible)
     console_session_hours: int = 8           # CDP_CONSOLE_SESSION_HOURS: a console sign-in lasts this long
@@ -272,6 +281,7 @@ class Settings:
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
             serve_threads=_count(env, "CDP_SERVE_THREADS", 0),
             serve_memory=_memory(env, "CDP_SERVE_MEMORY", "2GB"),
+            view_rewrite_delay=_duration_or_off(env, "CDP_VIEW_REWRITE_DELAY", 60.0),
             catch_up_nice=_nice(env, "CDP_CATCH_UP_NICE", 0),
             trace_stages=env.get("CDP_TRACE_STAGES", "") not in ("", "0"),
             console_session_hours=_int(env, "CDP_CONSOLE_SESSION_HOURS", 8),

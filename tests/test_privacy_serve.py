@@ -9,7 +9,9 @@ import io
 import json
 import signal
 import subprocess
+import threading
 import zipfile
+from collections import Counter
 
 import httpx
 import pytest
@@ -38,7 +40,9 @@ def refusal(response, status: int, code: str) -> None:
 def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
     keys = people
     before = others(cdp)
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    # the rewrite left to the server's stop or, after a kill, its start (a running one: see below)
+    env = {**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}
+    server = start_server(env, tmp_path / "serve.log")
     try:
         read, unit, admin = (server.client(keys[k]) for k in ("read", "retail_read", "admin"))
         ann = read.get("/v1/profiles/email:Quorra.Zephyrine@example.org").json()["customer_id"]
@@ -78,7 +82,7 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         # `cdp erase` beside the running server goes to the server, which holds the view
         done = cdp("erase", "bob.other@example.org", "--yes")
         assert "erased customer" in done.stdout and "1 source record(s)" in done.stdout
-        assert "rewritten when `cdp serve` stops" in done.stderr
+        assert "rewrites the view's file CDP_VIEW_REWRITE_DELAY after the erasure" in done.stderr
         refusal(read.get("/v1/profiles/email:bob.other@example.org"), 404, "not_found")
 
         entries = admin.get("/v1/audit", params={"customer": ann}).json()["entries"]
@@ -94,12 +98,55 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         server.stop(signal.SIGKILL)
     # killed before it could rewrite the view's file: the next start does, before it opens it
     assert (cdp.home / "view.duckdb.erased").exists()
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    server = start_server(env, tmp_path / "serve.log")
     assert not (cdp.home / "view.duckdb.erased").exists()
     assert httpx.get(server.url + "/health").json()["view_rewrite_pending"] is False
     server.stop()
     assert files_holding(cdp.home, NEEDLES) == {}
     assert others(cdp)[0] == [r for r in before[0] if r["first_name"] == "Cat"]  # Bob was erased too
+
+
+def test_a_running_server_rewrites_the_view_after_an_erasure(cdp, tmp_path, people):
+    before = others(cdp)
+    publish = new_keys(cdp.env, {"shop": ("publish", "retail")})["shop"]
+    log = tmp_path / "serve.log"
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "100000", "CDP_VIEW_REWRITE_DELAY": "1"}, log)
+    answers: Counter = Counter()
+    looking = threading.Event()
+
+    def look_up() -> None:  # a CRM looking someone else up all along
+        with server.client(people["read"]) as crm:
+            while looking.is_set():
+                answers[crm.get("/v1/profiles/bank:B-3").status_code] += 1
+
+    looking.set()
+    crm = threading.Thread(target=look_up)
+    crm.start()
+    try:
+        erased = server.client(people["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
+        assert erased["view_rewrite_pending"] is True
+        wait_until(lambda: httpx.get(server.url + "/health").json()["view_rewrite_pending"] is False, 60,
+                   "the view's rewrite by the running server")
+        looking.clear()
+        crm.join()
+        # no byte of the person in any file, the server still running on the rewritten view
+        assert files_holding(cdp.home, NEEDLES) == {}
+        assert server.process.poll() is None and "rewritten after an erasure" in log.read_text()
+        # a look-up never failed: answered, or told to come back while the file was rewritten
+        assert set(answers) <= {200, 503} and answers[200] > 0, answers
+        # it follows the store on from the fresh file: a new customer, accepted and readable
+        new = event("n1", "retail", "R-9", customer={"email": "dan.new@example.org"})
+        assert server.client(publish).post("/events", json=new, headers={
+            "Content-Type": "application/cloudevents+json"}).status_code == 200
+        read = server.client(people["read"])
+        wait_until(lambda: read.get("/v1/profiles/retail:R-9").status_code == 200, 30, "the new customer")
+        assert read.get("/v1/profiles/email:quorra.zephyrine@example.org").status_code == 404
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    finally:
+        looking.clear()
+        server.stop()
+    rows = [r for r in others(cdp)[0] if r["email"] != "dan.new@example.org"]
+    assert rows == before[0]
 
 
 def _key_ids(cdp, keys: dict[str, str]) -> list[str]:

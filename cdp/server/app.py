@@ -29,6 +29,7 @@ from cdp.audit import select as select_entries, since as parse_since
 from cdp.server.access import Denied, actor_of, token_of
 from cdp.server.audience_routes import mount as mount_audiences
 from cdp.server.sql import QueryRefused, QueryTimeout, encode, run_read_only
+from cdp.server.viewgate import ViewRequests
 from ingest import segment
 from ingest.normalise import email as normal_email, phone as normal_phone
 from ingest.records import Accepted, Rejected
@@ -189,8 +190,16 @@ def build_app(service: Any) -> FastAPI:
 
     @app.get("/health", summary="Liveness and how far the view is behind the store")
     async def health() -> JSONResponse:
-        read = service.read
-        head, position = await run_in_threadpool(lambda: (read.head(), read.position))
+        if not service.view_gate.enter():  # the view's file is being rewritten (viewgate.py)
+            return JSONResponse({"status": "degraded", "mode": service.mode, "intake_pending": service.pending,
+                                 "view_rewrite_pending": True,
+                                 "problem": "the view's file is being rewritten after an erasure: reads of the "
+                                            "view answer 503 meanwhile"}, status_code=503)
+        try:
+            read = service.read
+            head, position = await run_in_threadpool(lambda: (read.head(), read.position))
+        finally:
+            service.view_gate.leave()
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
                 "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending,
@@ -397,8 +406,9 @@ def build_app(service: Any) -> FastAPI:
         """As `cdp erase`: the person's data keys are destroyed, `Erased` is recorded, the view drops
         them, identity rows and dead-letter entries carrying their identifiers go, a tombstone is
         published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later.
-        `view_rewrite_pending`: the view's file is rewritten when the server stops (it holds the
-        file open); until then its free blocks may still hold the person's bytes."""
+        `view_rewrite_pending`: the view's file is still to be rewritten (CDP_VIEW_REWRITE_DELAY
+        later, or when the server stops); until then its free blocks may still hold the person's
+        bytes."""
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
@@ -475,5 +485,6 @@ def build_app(service: Any) -> FastAPI:
     mount_audiences(app, service, admit)  # /v1/audiences…, /v1/destinations… (admin)
     looked_up = next(r for r in app.routes if getattr(r, "endpoint", None) is profile)
     app.add_middleware(ProfileReads, service=service, route=looked_up, answer=read_profile)
+    app.add_middleware(ViewRequests, gate=service.view_gate)  # outside the look-ups: they read the view too
     app.add_middleware(MeasureRequests)  # added last: the outermost, so it measures the look-ups too
     return app

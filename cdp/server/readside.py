@@ -55,8 +55,9 @@ LOOKUP_INDEXES = (
 
 class ReadSide:
     def __init__(self, cfg: Settings, app: Any, producer: Any = None,
-                 on_batch: Callable[[int], None] | None = None):
-        """`app` is the CustomerApplication: read here (notifications, head), never written."""
+                 on_batch: Callable[[int], None] | None = None, keyring: api_keys.KeyRing | None = None):
+        """`app` is the CustomerApplication: read here (notifications, head), never written.
+        `keyring`: the API keys a previous read side kept (the server's gate holds it), followed on."""
         from cdp.pipeline import make_projector
 
         self.cfg = cfg
@@ -76,7 +77,7 @@ class ReadSide:
             self.projector.con.execute(published.DDL)
         self.missing_indexes = self.create_indexes()
         self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
-        self.keyring = api_keys.load(app)
+        self.keyring = keyring if keyring is not None else api_keys.load(app)
         self.published = 0
         self.follow_error: BaseException | None = None
         self.publish_error: BaseException | None = None

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from operator import methodcaller
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 import jinja2
@@ -45,12 +45,17 @@ class LiveCharts:
     shows; the open page swaps in newer charts when they are ready. An unchanged view is never
     redrawn."""
 
-    def __init__(self, read: Any) -> None:
-        self.read = read
+    def __init__(self, read_side: Callable[[], Any], gate: Any) -> None:
+        self._read_side = read_side  # the server's read side of the moment (a rewrite replaces it)
+        self.gate = gate  # held while drawing, as a request reading the view holds it (viewgate.py)
         self.drawing: tuple[dict[str, str], int, float] | None = None  # charts, view position, when
         self.ready = threading.Condition()
         self.wanted = threading.Event()
         threading.Thread(target=self._redraw, name="cdp-dashboard", daemon=True).start()
+
+    @property
+    def read(self) -> Any:
+        return self._read_side()
 
     def get(self, timeout: float = 60.0) -> tuple[dict[str, str], int, float, int]:
         """(charts, the view position they show, when they were drawn, the view's position now);
@@ -69,8 +74,10 @@ class LiveCharts:
         while True:
             self.wanted.wait()
             self.wanted.clear()
-            con = self.read.cursor()
+            if not self.gate.enter():  # the view's file is being rewritten: drawn at the next ask
+                continue
             try:
+                con = self.read.cursor()
                 con.execute("BEGIN TRANSACTION")  # the position and the charts from one snapshot
                 try:
                     position = self.read.position
@@ -83,6 +90,8 @@ class LiveCharts:
                     con.execute("ROLLBACK")  # it only read; also leaves a failed transaction
             except Exception as problem:  # e.g. the view closing at shutdown: drawn at the next ask
                 print(f"cdp serve: the dashboard was not drawn: {problem!r}", file=sys.stderr, flush=True)
+            finally:
+                self.gate.leave()
 
 
 class SignIn(Exception):
@@ -113,7 +122,7 @@ def mount(app: FastAPI, service: Any) -> None:
     cfg = service.cfg
     sessions = Sessions(cfg.console_sessions_path, cfg.console_key_path, cfg.console_session_hours * 3600)
     templates = _environment()
-    live_charts = LiveCharts(service.read)
+    live_charts = LiveCharts(lambda: service.read, service.view_gate)
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
     app.state.console_sessions = sessions
 

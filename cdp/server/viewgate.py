@@ -1,0 +1,100 @@
+"""Who may use the view's database while the server rewrites its file after an erasure.
+
+The server's DuckDB instance holds the view's file open for as long as it lives, and it runs with
+external access off (user SQL never reaches the machine's files), so it cannot write a fresh copy
+itself: the file is rewritten with every connection of the instance closed (Service.rewrite_view).
+Requests that read the view hold the gate shared; the rewrite closes it, waits for those in flight
+and reopens it on the new read side. Meanwhile a request waits up to WAIT_SECONDS for it (the copy
+takes ~0.2 s for a small view, ~5 s for 1,000,000 events), then is answered 503 with `Retry-After`.
+Requests that never touch the view (the collector, the documentation, the console's static files)
+pass.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable
+
+import orjson
+
+WAIT_SECONDS = 5  # how long a request waits for a rewrite to end before it is refused
+RETRY_AFTER_SECONDS = 5
+# the collector answers from the intake or the broker, the rest from files of the package
+VIEW_FREE = ("/v1/batch", "/v1/identify", "/v1/track", "/v1/page", "/v1/screen", "/v1/group", "/v1/alias",
+             "/events", "/health", "/docs", "/openapi.json", "/console/static")
+
+
+class ViewGate:
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def enter(self) -> bool:
+        """False while the view is being rewritten (then do not touch it); else `leave()` after."""
+        with self._changed:
+            if self._closed:
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._changed:
+            self._inside -= 1
+            self._changed.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuses new entries and waits for those inside; False (and open again) if they did not
+        all leave within `timeout` seconds."""
+        with self._changed:
+            self._closed = True
+            if self._changed.wait_for(lambda: self._inside == 0, timeout):
+                return True
+            self._closed = False
+            return False
+
+    def open(self) -> None:
+        with self._changed:
+            self._closed = False
+
+
+def rewriting_answer() -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    body = orjson.dumps({"code": "view_rewriting", "message": "the view's file is being rewritten after an "
+                         f"erasure; try again in {RETRY_AFTER_SECONDS} s"})
+    return body, [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+                  (b"content-length", str(len(body)).encode())]
+
+
+class ViewRequests:
+    """ASGI middleware: a request that may read the view holds the gate while it runs."""
+
+    def __init__(self, app: Any, gate: ViewGate):
+        self.app, self.gate = app, gate
+
+    async def entered(self) -> bool:
+        """Enters the gate, waiting (without holding the event loop) up to WAIT_SECONDS for a rewrite."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not self.gate.enter():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path", "").startswith(VIEW_FREE):
+            await self.app(scope, receive, send)
+            return
+        if not await self.entered():
+            body, headers = rewriting_answer()
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.leave()
