@@ -134,9 +134,10 @@ def _erase_beside_server(run: dict, who: str, log: Path) -> str:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=900)
         stopped = time.perf_counter() - started
-    paused = re.search(r"rewritten after an erasure in ([\d.]+) s", log.read_text())
+    paused = re.search(r"rewritten after an erasure in ([\d.]+ s) \(([^;]*)", log.read_text())
     return (f"{out}; then the view's file rewritten by the running server {rewritten:.2f} s after the erase "
-            f"(reads of the view paused {paused.group(1) if paused else '?'} s, its log says); its stop: {stopped:.2f} s")
+            f"(reads of the view paused {paused.group(1) if paused else '?'}: "
+            f"{paused.group(2) if paused else '?'}, its log says); its stop: {stopped:.2f} s")
 
 
 def _health(port: int) -> bytes:

@@ -153,18 +153,23 @@ class Service:
             if not self.view_gate.close(self.cfg.query_seconds + 5):
                 self.log("the view's file was not rewritten: requests reading it did not finish; trying again")
                 return False
-            old = self.read
+            old, laps = self.read, [time.perf_counter()]
             try:
                 old.stop()
+                laps.append(time.perf_counter())
                 rewrite_view_if_pending(self.cfg)
+                laps.append(time.perf_counter())
             finally:  # rewritten or not, the server reads on
                 try:
                     self.read = self._open_read_side(old.keyring)
                     self.read.start()
                 finally:
                     self.view_gate.open()
-            self.log(f"the view's file was rewritten after an erasure in {time.perf_counter() - started:.1f} s "
-                     "(reads of the view waited meanwhile)")
+            laps.append(time.perf_counter())
+            parts = ", ".join(f"{name} {b - a:.1f} s" for name, a, b in
+                              zip(("closing", "copying", "opening"), laps, laps[1:]))
+            self.log(f"the view's file was rewritten after an erasure in {laps[-1] - started:.1f} s ({parts}; "
+                     "reads of the view waited meanwhile)")
             return True
 
     async def write(self, records: Sequence[Accepted | Rejected]) -> None:
