@@ -450,7 +450,8 @@ def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float, serve
     stage_breakdown(publisher, positions, log)
 
 
-def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: bool = True) -> None:
+def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: bool = True,
+              server_env: dict[str, str] | None = None) -> None:
     from bench.kafka import drop_database, fresh_database, services, start_worker, stop, stop_services, wait_ready
 
     bootstrap, dsn, started = services()
@@ -462,7 +463,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
     # holding its stream still; the figure is for the steady stream of a trained store.
     worker_env = clean_env(tmp / "worker", CDP_TRAIN_MIN_RECORDS=os.environ.get("CDP_TRAIN_MIN_RECORDS", "0"),
                            CDP_TRACE_STAGES="1", **shared)
-    serve_env = clean_env(tmp / "serve", CDP_TRACE_STAGES="1", **shared)
+    serve_env = clean_env(tmp / "serve", CDP_TRACE_STAGES="1", **shared, **(server_env or {}))
     worker = server = watch = None
     logs = (tmp / "serve.log", tmp / "worker.log")
     try:
@@ -711,7 +712,9 @@ def run_batches(tmp: Path, customers: int, requests: int, against: Path | None, 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.visible", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of each measurement")
+    parser.add_argument("--seconds", type=float, default=70.0,
+                        help="length of each measurement; the default spans a refresh of everyone's scores "
+                             "(every CDP_SCORE_INTERVAL, 60 s), which 15 s runs left out")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers already in the view")
     parser.add_argument("--mode", choices=("embedded", "kafka", "both", "batches", "ceiling"), default="both",
                         help="batches: the read side's CPU per live batch in process; ceiling: the Kafka "
@@ -727,7 +730,7 @@ def main(argv: list[str]) -> None:
                         help="seconds sent at the same rate before probing starts (a just-started server's "
                              "resolver and view warm up: the figure is for a steady stream)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a CDP_ variable for the embedded server (e.g. CDP_CATCH_UP_NICE=0), repeatable")
+                        help="a CDP_ variable for cdp serve (e.g. CDP_CATCH_UP_NICE=0), repeatable")
     parser.add_argument("--no-probes", dest="probes", action="store_false",
                         help="kafka: measure cdp.profiles only, without look-ups over HTTP (which load the "
                              "server measured)")
@@ -741,7 +744,7 @@ def main(argv: list[str]) -> None:
         if args.mode in ("embedded", "both"):
             run_embedded(Path(tmp), args.customers, args.seconds, args.warmup, server_env)
         if args.mode in ("kafka", "both"):
-            run_kafka(Path(tmp), args.customers, args.seconds, args.warmup, args.probes)
+            run_kafka(Path(tmp), args.customers, args.seconds, args.warmup, args.probes, server_env)
 
 
 if __name__ == "__main__":
