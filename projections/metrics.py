@@ -189,6 +189,10 @@ SELECT customer_id, (purchase_days - 1)::DOUBLE AS x,
 FROM customers WHERE orders > 0 AND consent_profiling IS DISTINCT FROM false ORDER BY customer_id
 """
 
+# a score's new value; rows whose scores all stay are not written (most of them, between two
+# refreshes on one day): the refresh's writes were most of its cost beside a live stream
+_SCORED = {name: f"CASE WHEN staged.scores_withheld THEN NULL ELSE staged.{name} END"
+           if name != "scores_withheld" else f"staged.{name}" for name in SCORE_COLUMNS}
 _SCORES = f"""
 WITH scored AS (
   SELECT c.customer_id, c.orders, c.lifetime_value, c.first_purchase_at,
@@ -222,9 +226,9 @@ staged AS (
          WHEN rfm_recency + rfm_frequency + rfm_monetary >= 8 THEN 'potential'
          ELSE 'regular' END AS tier
   FROM scored s LEFT JOIN ranked r ON r.customer_id = s.customer_id)
-UPDATE customers SET {", ".join(f"{name} = CASE WHEN staged.scores_withheld THEN NULL ELSE staged.{name} END"
-                                if name != "scores_withheld" else f"{name} = staged.{name}" for name in SCORE_COLUMNS)}
+UPDATE customers SET {", ".join(f"{name} = {_SCORED[name]}" for name in SCORE_COLUMNS)}
 FROM staged WHERE customers.customer_id = staged.customer_id
+  AND ({" OR ".join(f"customers.{name} IS DISTINCT FROM {_SCORED[name]}" for name in SCORE_COLUMNS)})
 """
 
 
