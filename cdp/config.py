@@ -47,13 +47,6 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
-def _milliseconds(env: dict[str, str], name: str, default: int) -> int:
-    value = _number(env, name, default, int, "a whole number of milliseconds")
-    if value < 0:
-        raise ConfigError(f"{name}: must not be negative, got {value}")
-    return value
-
-
 def _float(env: dict[str, str], name: str, default: float) -> float:
     value = _number(env, name, default, float, "a number")
     if not 0 < value < 1:
@@ -271,7 +264,7 @@ class Settings:
             worker_group=env.get("CDP_WORKER_GROUP") or "cdp-worker",
             worker_batch=_int(env, "CDP_WORKER_BATCH", 5000),
             worker_linger_ms=_int(env, "CDP_WORKER_LINGER_MS", 100),
-            worker_gather_ms=_milliseconds(env, "CDP_WORKER_GATHER_MS", 20),
+            worker_gather_ms=_count(env, "CDP_WORKER_GATHER_MS", 20),
             master_key=env.get("CDP_MASTER_KEY") or None,
             events_retention_days=_int(env, "CDP_EVENTS_RETENTION_DAYS", 7),
             max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),

@@ -192,9 +192,9 @@ def build_app(service: Any) -> FastAPI:
     async def health() -> JSONResponse:
         if not service.view_gate.enter():  # the view's file is being rewritten (viewgate.py)
             return JSONResponse({"status": "degraded", "mode": service.mode, "intake_pending": service.pending,
-                                 "view_rewrite_pending": True,
+                                 "view_rewrite_pending": service.view_rewrite_pending,
                                  "problem": "the view's file is being rewritten after an erasure: reads of the "
-                                            "view answer 503 meanwhile"}, status_code=503)
+                                            "view wait for it (503 past a few seconds)"}, status_code=503)
         try:
             read = service.read
             head, position = await run_in_threadpool(lambda: (read.head(), read.position))
