@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,10 +145,15 @@ def _positive_number(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def today() -> date:
+    """The UTC calendar day: the as-of date where CDP_AS_OF is not set."""
+    return datetime.now(timezone.utc).date()
+
+
 def _as_of(env: dict[str, str]) -> date:
     raw = env.get("CDP_AS_OF")
     if not raw:
-        return date.today()
+        return today()
     try:
         return date.fromisoformat(raw)
     except ValueError:
@@ -191,7 +196,8 @@ class Settings:
     parse_processes: int = 0
     duckdb_memory: str = "256MB"
     score_interval: int = 60
-    as_of: date = field(default_factory=date.today)
+    as_of: date = field(default_factory=lambda: today())
+    as_of_fixed: bool = False                # CDP_AS_OF set: a running server keeps it (else: today, UTC)
     schemas_dir: Path = REPO_ROOT / "schemas"
     topic_prefix: str = ""
     kafka_partitions: int = 8
@@ -258,6 +264,7 @@ class Settings:
             score_interval=_int(env, "CDP_SCORE_INTERVAL", 60),
             parse_processes=_count(env, "CDP_PARSE_PROCESSES", 0),
             as_of=_as_of(env),
+            as_of_fixed=bool(env.get("CDP_AS_OF")),
             schemas_dir=Path(env.get("CDP_SCHEMAS") or REPO_ROOT / "schemas"),
             topic_prefix=env.get("CDP_TOPIC_PREFIX", ""),
             kafka_partitions=_int(env, "CDP_KAFKA_PARTITIONS", 8),

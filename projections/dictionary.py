@@ -99,6 +99,9 @@ COLUMNS: dict[str, dict[str, str]] = {
     "metric_state": {
         "as_of": "As-of date of the scores (CDP_AS_OF).", "position": "Store position the scores were computed at.",
         "model": "Fitted MBG/NBD (r, alpha, a, b) and Gamma-Gamma (p, q, v) parameters (JSON).",
+        "recency_bounds": "For rfm_recency 2..5 the most recency_days that scored at least that, then the fewest scored: how a live batch's customers are scored until the next refresh.",
+        "frequency_bounds": "For rfm_frequency 2..5 the fewest orders that scored at least that, then the most scored.",
+        "monetary_bounds": "For rfm_monetary 2..5 the least lifetime_value that scored at least that, then the most scored.",
     },
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import date
+from functools import lru_cache
 from typing import Callable
 
 import duckdb
@@ -158,7 +159,18 @@ SELECT p.unit_x, p.unit_y, t.customers_both AS customers_x, p.customers_both,
 FROM pairs p JOIN pairs t ON t.unit_x = p.unit_x AND t.unit_y = p.unit_x
 """
 STATE_DDL = "CREATE TABLE IF NOT EXISTS metric_state (as_of DATE, position BIGINT, model JSON)"
-DDL = (UNITS_DDL, OVERLAP_DDL, STATE_DDL)
+# The last refresh's RFM boundaries, by which a live batch scores its customers until the next one:
+# for s = 2..5, the least value that scored at least s, then the greatest value scored (recency the
+# other way round: fewer days score more). A value beyond the greatest one scores 5, as it would in
+# a refresh; a value between two others, as the first of them.
+BOUNDS: dict[str, tuple[str, str, str, bool]] = {  # column -> (type, value, score, more scores more)
+    "recency_bounds": ("INTEGER[]", "recency_days", "rfm_recency", False),
+    "frequency_bounds": ("BIGINT[]", "orders", "rfm_frequency", True),
+    "monetary_bounds": ("DOUBLE[]", "lifetime_value", "rfm_monetary", True),
+}
+# a view scored before the boundaries were kept takes them on (its next refresh fills them)
+DDL = (UNITS_DDL, OVERLAP_DDL, STATE_DDL,
+       *(f"ALTER TABLE metric_state ADD COLUMN IF NOT EXISTS {name} {kind}" for name, (kind, *_) in BOUNDS.items()))
 
 
 def units_sql(members: str | None) -> list[str]:
@@ -178,27 +190,60 @@ def units_select(events: str = "customer_events") -> str:
     return UNITS_SELECT.replace("{events}", events)
 
 
-# The buyers' summary the model is fitted on, in whole days: x repeat purchase days, tx from first
-# to last purchase day, T from first purchase day to as-of (never below tx).
-_SUMMARY = """
-SELECT customer_id, (purchase_days - 1)::DOUBLE AS x,
-       date_diff('day', first_purchase_at::DATE, last_purchase_at::DATE)::DOUBLE AS tx,
-       greatest(date_diff('day', first_purchase_at::DATE, $as_of::DATE),
-                date_diff('day', first_purchase_at::DATE, last_purchase_at::DATE))::DOUBLE AS T,
-       lifetime_value / purchase_days AS monetary
-FROM customers WHERE orders > 0 AND consent_profiling IS DISTINCT FROM false ORDER BY customer_id
+def _summary(as_of: str, c: str = "") -> dict[str, str]:
+    """The buyer's summary the model takes, in whole days: x repeat purchase days, tx from first to
+    last purchase day, T from first purchase day to `as_of` (never below tx), spend per purchase
+    day; `c`: the customers row's alias and a dot."""
+    first, last = f"{c}first_purchase_at::DATE", f"{c}last_purchase_at::DATE"
+    return {"x": f"({c}purchase_days - 1)::DOUBLE", "tx": f"date_diff('day', {first}, {last})::DOUBLE",
+            "T": f"greatest(date_diff('day', {first}, {as_of}::DATE), date_diff('day', {first}, {last}))::DOUBLE",
+            "monetary": f"{c}lifetime_value / {c}purchase_days"}
+
+
+_SUMMARY = f"""
+SELECT customer_id, {", ".join(f"{sql} AS {name}" for name, sql in _summary("$as_of").items())}
+FROM customers WHERE orders > 0 AND {PROFILING_ALLOWED} ORDER BY customer_id
 """
 
-# a score's new value; rows whose scores all stay are not written (most of them, between two
-# refreshes on one day): the refresh's writes were most of its cost beside a live stream
-_SCORED = {name: f"CASE WHEN staged.scores_withheld THEN NULL ELSE staged.{name} END"
-           if name != "scores_withheld" else f"staged.{name}" for name in SCORE_COLUMNS}
+
+def _recency(as_of: str, c: str = "") -> str:
+    return f"CASE WHEN {c}orders > 0 THEN greatest(0, date_diff('day', {c}last_purchase_at::DATE, {as_of}::DATE)) END"
+
+
+def _staged(as_of: str, s: str = "") -> dict[str, str]:
+    """Segment, stage and tier from the R, F, M scores and the row `s` (alias and a dot) they were
+    scored on: the same rules for a refresh and for a live batch's provisional scores."""
+    return {
+        "rfm_segment": f"""CASE WHEN {s}orders = 0 THEN 'prospect'
+         WHEN rfm_recency >= 4 AND rfm_frequency >= 4 THEN 'champions'
+         WHEN rfm_recency >= 3 AND rfm_frequency >= 3 THEN 'loyal'
+         WHEN rfm_recency >= 4 AND rfm_frequency = 1 THEN 'new'
+         WHEN rfm_recency >= 3 THEN 'potential'
+         WHEN rfm_frequency >= 3 THEN 'at_risk'
+         WHEN rfm_recency = 2 THEN 'hibernating'
+         ELSE 'lost' END""",
+        "lifecycle_stage": f"""CASE WHEN {s}orders = 0 THEN 'prospect'
+         WHEN date_diff('day', {s}first_purchase_at::DATE, {as_of}::DATE) <= {NEW_DAYS} THEN 'new'
+         WHEN {s}recency_days > {CHURNED_DAYS} THEN 'churned'
+         WHEN {s}recency_days > {AT_RISK_DAYS} OR {s}churn_risk >= {AT_RISK_CHURN} THEN 'at_risk'
+         ELSE 'active' END""",
+        "tier": """CASE WHEN rfm_recency + rfm_frequency + rfm_monetary >= 12 THEN 'high_value'
+         WHEN rfm_recency + rfm_frequency + rfm_monetary >= 8 THEN 'potential'
+         ELSE 'regular' END""",
+    }
+
+
+def _scored(name: str, unscored: str = "staged.scores_withheld") -> str:
+    """A score's stored value: NULL where `unscored` (the person withdrew profiling consent)."""
+    return f"staged.{name}" if name == "scores_withheld" else f"CASE WHEN {unscored} THEN NULL ELSE staged.{name} END"
+
+
+# rows whose scores all stay are not written (most of them, between two refreshes on one day): the
+# refresh's writes were most of its cost beside a live stream
 _SCORES = f"""
 WITH scored AS (
   SELECT c.customer_id, c.orders, c.lifetime_value, c.first_purchase_at,
-         NOT ({PROFILING_ALLOWED}) AS scores_withheld,
-         CASE WHEN c.orders > 0 THEN greatest(0, date_diff('day', c.last_purchase_at::DATE, $as_of::DATE)) END
-           AS recency_days,
+         NOT ({PROFILING_ALLOWED}) AS scores_withheld, {_recency("$as_of", "c.")} AS recency_days,
          round(m.churn_risk, 4) AS churn_risk, round(coalesce(m.predicted_value_12m, 0), 2) AS predicted_value_12m
   FROM customers c LEFT JOIN model_scores m ON m.customer_id = c.customer_id),
 ranked AS (
@@ -209,27 +254,89 @@ ranked AS (
   FROM scored WHERE orders > 0 AND NOT scores_withheld),
 staged AS (
   SELECT s.*, r.rfm_recency, r.rfm_frequency, r.rfm_monetary,
-    CASE WHEN s.orders = 0 THEN 'prospect'
-         WHEN rfm_recency >= 4 AND rfm_frequency >= 4 THEN 'champions'
-         WHEN rfm_recency >= 3 AND rfm_frequency >= 3 THEN 'loyal'
-         WHEN rfm_recency >= 4 AND rfm_frequency = 1 THEN 'new'
-         WHEN rfm_recency >= 3 THEN 'potential'
-         WHEN rfm_frequency >= 3 THEN 'at_risk'
-         WHEN rfm_recency = 2 THEN 'hibernating'
-         ELSE 'lost' END AS rfm_segment,
-    CASE WHEN s.orders = 0 THEN 'prospect'
-         WHEN date_diff('day', s.first_purchase_at::DATE, $as_of::DATE) <= {NEW_DAYS} THEN 'new'
-         WHEN s.recency_days > {CHURNED_DAYS} THEN 'churned'
-         WHEN s.recency_days > {AT_RISK_DAYS} OR s.churn_risk >= {AT_RISK_CHURN} THEN 'at_risk'
-         ELSE 'active' END AS lifecycle_stage,
-    CASE WHEN rfm_recency + rfm_frequency + rfm_monetary >= 12 THEN 'high_value'
-         WHEN rfm_recency + rfm_frequency + rfm_monetary >= 8 THEN 'potential'
-         ELSE 'regular' END AS tier
+    {", ".join(f"{sql} AS {name}" for name, sql in _staged("$as_of", "s.").items())}
   FROM scored s LEFT JOIN ranked r ON r.customer_id = s.customer_id)
-UPDATE customers SET {", ".join(f"{name} = {_SCORED[name]}" for name in SCORE_COLUMNS)}
+UPDATE customers SET {", ".join(f"{name} = {_scored(name)}" for name in SCORE_COLUMNS)}
 FROM staged WHERE customers.customer_id = staged.customer_id
-  AND ({" OR ".join(f"customers.{name} IS DISTINCT FROM {_SCORED[name]}" for name in SCORE_COLUMNS)})
+  AND ({" OR ".join(f"customers.{name} IS DISTINCT FROM {_scored(name)}" for name in SCORE_COLUMNS)})
 """
+
+
+def _bounds(value: str, score: str, ascending: bool) -> str:
+    least, most = ("min", "max") if ascending else ("max", "min")
+    return (f"[{', '.join(f'{least}({value}) FILTER (WHERE {score} >= {s})' for s in range(2, 6))}, "
+            f"{most}({value}) FILTER (WHERE {score} IS NOT NULL)]")
+
+
+def _provisional_rfm(bounds: str, value: str, ascending: bool) -> str:
+    """A score from the boundaries `_bounds` kept (see BOUNDS); 1 where the last refresh had no
+    buyer to score, as a lone buyer scores."""
+    beyond, within = (">", "<=") if ascending else ("<", ">=")
+    return (f"coalesce(CASE WHEN {value} {beyond} {bounds}[5] THEN 5 "
+            f"ELSE 1 + len(list_filter({bounds}[1:4], lambda b: b {within} {value})) END, 1)")
+
+
+_STATE = ("INSERT INTO metric_state BY NAME SELECT $as_of::DATE AS as_of, $position::BIGINT AS position, "
+          "$model::JSON AS model, " + ", ".join(f"{_bounds(value, score, ascending)} AS {name}"
+                                                 for name, (_, value, score, ascending) in BOUNDS.items())
+          + " FROM customers")
+
+
+def with_scores(facts: str) -> str:
+    """`facts` (a SELECT of customers rows without scores) with provisional scores: a live batch
+    scores its customers by the last refresh (its as-of date, RFM boundaries and fitted model;
+    none before the first refresh), so their profiles carry scores at once rather than none until
+    the next refresh, which computes everyone's against the whole population again. Needs the
+    functions `register_functions` adds to the connection."""
+    summary = ", ".join(_summary("m.as_of", "f.").values())
+    bought = "f.orders > 0 AND m.as_of IS NOT NULL"
+    rfm = {score: _provisional_rfm(name, value, ascending) for name, (_, value, score, ascending) in BOUNDS.items()}
+    return f"""
+SELECT * EXCLUDE (score_as_of, {", ".join(BOUNDS)}) REPLACE ({", ".join(
+        f"{_scored(name, 'staged.scores_withheld OR staged.score_as_of IS NULL')} AS {name}"
+        for name in SCORE_COLUMNS if name != "scores_withheld")})
+FROM (
+  SELECT ranked.*, {", ".join(f"{sql} AS {name}" for name, sql in _staged("score_as_of").items())}
+  FROM (
+    SELECT scored.*, {", ".join(f"CASE WHEN orders > 0 THEN ({sql})::TINYINT END AS {name}"
+                                for name, sql in rfm.items())}
+    FROM (
+      SELECT f.*, NOT ({PROFILING_ALLOWED}) AS scores_withheld, {_recency("m.as_of", "f.")} AS recency_days,
+             CASE WHEN {bought} THEN round(cdp_churn_risk(m.model, {summary}), 4) END AS churn_risk,
+             CASE WHEN {bought} THEN round(coalesce(cdp_predicted_value(m.model, {summary}), 0), 2) ELSE 0 END
+               AS predicted_value_12m,
+             m.as_of AS score_as_of, {", ".join(f"m.{name}" for name in BOUNDS)}
+      FROM ({facts}) f LEFT JOIN metric_state m ON true) scored) ranked) staged
+"""
+
+
+@lru_cache(maxsize=4)
+def _params(model: str) -> clv.Params | None:
+    try:
+        return clv.Params(**json.loads(model))
+    except (TypeError, ValueError):
+        return None
+
+
+def _model_function(column: int) -> Callable[..., pa.Array]:
+    """cdp_churn_risk (column 0) or cdp_predicted_value (1) of buyers by the model in metric_state:
+    one call per batch of rows, as DuckDB hands Arrow vectors (NULL where the model is not one)."""
+    def scores(model: pa.ChunkedArray, x: pa.ChunkedArray, tx: pa.ChunkedArray, T: pa.ChunkedArray,
+               monetary: pa.ChunkedArray) -> pa.Array:
+        params = _params(model[0].as_py()) if len(model) and model[0].is_valid else None
+        if params is None:
+            return pa.nulls(len(model), pa.float64())
+        alive, value = clv.predict(params, *(np.asarray(c.to_numpy(), dtype=float) for c in (x, tx, T, monetary)))
+        result = 1.0 - alive if column == 0 else value
+        return pa.array(result, mask=~np.isfinite(result))
+    return scores
+
+
+def register_functions(con: duckdb.DuckDBPyConnection) -> None:
+    """The model's functions `with_scores` calls, on a connection that projects batches."""
+    for name, column in (("cdp_churn_risk", 0), ("cdp_predicted_value", 1)):
+        con.create_function(name, _model_function(column), ["VARCHAR", *["DOUBLE"] * 4], "DOUBLE",
+                            type="arrow", null_handling="special", side_effects=False)
 
 
 def _model_scores(con: duckdb.DuckDBPyConnection, as_of: date) -> tuple[pa.Table, clv.Params]:
@@ -268,7 +375,7 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: date, position: int,
             con.execute("DELETE FROM business_unit_overlap")
             con.execute(f"INSERT INTO business_unit_overlap {OVERLAP_SELECT} ORDER BY ALL")
             con.execute("DELETE FROM metric_state")
-            con.execute("INSERT INTO metric_state VALUES (?, ?, ?)", [as_of, position, model])
+            con.execute(_STATE, {"as_of": as_of, "position": position, "model": model})
             if then is not None:
                 then(con)
     finally:

@@ -167,6 +167,7 @@ class Projector:
         for statement in (*DDL, *IDENTITY_DDL, *audiences.DDL):
             self.con.execute(statement)
         metrics.check_columns(self.con, self.path)
+        metrics.register_functions(self.con)
         for statement in prepare_listed_sql(self.survivorship):
             self.con.execute(statement)
         self.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "

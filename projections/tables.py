@@ -3,7 +3,8 @@
 `customer_events`, `customer_sources` and `customer_redirects` are facts copied from the store;
 `customers` (and `customer_business_units`) are *derived* from them by one GROUP BY, for the
 customers a batch touched or for all; the time- and population-relative scores on `customers` are
-then recomputed for everyone by projections.metrics.refresh.
+then recomputed for everyone by projections.metrics.refresh (a batch's customers meanwhile scored
+by the last refresh's boundaries and model).
 Because the derivation depends only on those facts (ties broken by store position), the view
 built incrementally and the view rebuilt in one pass come out identical.
 """
@@ -89,7 +90,8 @@ def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, s
                             fresh: Collection[str] = ()) -> list[str]:
     """Statements that re-derive `customers` and `customer_business_units`; `scope` names a table of
     touched customer_ids, or is the list of those ids, None = all; `rules` are the survivorship rules
-    per field. Scores stay NULL until metrics.refresh (see there). A list runs the statements
+    per field. The customers in scope are scored provisionally, by the last refresh
+    (metrics.with_scores); all of them (None) by the refresh that follows. A list runs the statements
     `prepare_listed_sql` prepared on the connection.
 
     `fresh`: ids of the list that first appeared in this batch, every event of theirs in the
@@ -117,7 +119,8 @@ def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, s
                 *metrics.units_sql(None)]
     return [
         f"DELETE FROM customers WHERE customer_id IN {members}",
-        f"INSERT INTO customers BY NAME {select} WHERE e.customer_id IN {members} GROUP BY e.customer_id",
+        f"INSERT INTO customers BY NAME "
+        f"{metrics.with_scores(f'{select} WHERE e.customer_id IN {members} GROUP BY e.customer_id')}",
         *metrics.units_sql(members),
     ]
 
@@ -130,7 +133,8 @@ def prepare_listed_sql(rules: Mapping[str, str]) -> list[str]:
     select = _customers_select(rules, events_source(rules, table=SCOPED_EVENTS), few=True)
     return [
         f"CREATE OR REPLACE TEMP TABLE {SCOPED_EVENTS} AS SELECT * FROM customer_events LIMIT 0",
-        f"PREPARE recompute_listed_customers AS INSERT INTO customers BY NAME {select} GROUP BY e.customer_id",
+        "PREPARE recompute_listed_customers AS INSERT INTO customers BY NAME "
+        f"{metrics.with_scores(f'{select} GROUP BY e.customer_id')}",
         f"PREPARE recompute_listed_units AS INSERT INTO customer_business_units "
         f"{metrics.units_select(SCOPED_EVENTS)} GROUP BY ALL",
     ]

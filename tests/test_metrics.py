@@ -4,6 +4,7 @@ definitions in docs/metrics.md."""
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -243,3 +244,28 @@ def test_scores_follow_a_new_as_of_without_new_events(view, cdp_at):
     assert rows(view, "SELECT as_of FROM metric_state")[0]["as_of"].isoformat() == later
     cdp_at(view, AS_OF)("query", "SELECT 1")   # back to AS_OF for the other tests
     assert rows(view, "SELECT recency_days FROM customers WHERE email = 'ann@example.com'")[0]["recency_days"] == 10
+
+
+def test_a_live_batch_scores_a_customer_as_the_last_refresh_did(demo_view, tmp_path):
+    """Between two refreshes a batch's customers are scored by the last refresh's RFM boundaries
+    and fitted model (metrics.with_scores, what `cdp serve` projects): a customer whose facts did
+    not change gets exactly the scores the refresh gave, ties and withheld scores included."""
+    from projections.metrics import SCORE_COLUMNS, register_functions, with_scores
+
+    copy = tmp_path / "view.duckdb"
+    shutil.copy(demo_view.home / "view.duckdb", copy)
+    con = duckdb.connect(str(copy))
+    try:
+        register_functions(con)
+        columns = ", ".join(["customer_id", *SCORE_COLUMNS])
+        refreshed = con.execute(f"SELECT {columns} FROM customers ORDER BY customer_id").fetchall()
+        unscored = f"SELECT * EXCLUDE ({', '.join(SCORE_COLUMNS)}) FROM customers"
+        provisional = con.execute(f"SELECT {columns} FROM ({with_scores(unscored)}) ORDER BY customer_id").fetchall()
+        spread = con.execute("SELECT count(DISTINCT rfm_recency), count(DISTINCT rfm_frequency), "
+                             "count(DISTINCT rfm_monetary), count(DISTINCT tier), count(*) FILTER (WHERE "
+                             "scores_withheld), count(DISTINCT churn_risk) FROM customers").fetchall()[0]
+    finally:
+        con.close()
+    assert spread[:4] == (5, 5, 5, 3) and spread[4] > 0 and spread[5] > 50  # every boundary is exercised
+    assert len(provisional) == len(refreshed) > 300
+    assert provisional == refreshed

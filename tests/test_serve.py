@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.events import write
 from tests.serving import cloudevent, deadletter, new_key, new_keys, start_server, wait_until
 
 
@@ -397,6 +398,40 @@ def test_scores_refresh_beside_the_stream_and_the_view_equals_a_rebuild(cdp, tmp
     live = {t: cdp.query(f"SELECT * FROM {t} ORDER BY ALL") for t in tables}
     cdp("projections", "rebuild")
     assert {t: cdp.query(f"SELECT * FROM {t} ORDER BY ALL") for t in tables} == live
+
+
+def test_a_customer_a_batch_touches_is_scored_before_the_next_refresh(cdp, tmp_path) -> None:
+    """Between two refreshes (an hour apart here) a live batch's customers are scored by the last
+    refresh's boundaries and model: their profiles never show empty scores meanwhile."""
+    def purchases(customer: str, day: str, amount: float, n: int = 1) -> list[dict]:
+        return [{**cloudevent(f"{customer}-{day}-{i}", "retail", customer, "cdp.purchase", order_id=f"{customer}{day}{i}",
+                              amount=amount, currency="EUR", customer={"email": f"{customer.lower()}@example.org"}),
+                 "time": f"{day}T1{i}:00:00Z"} for i in range(n)]
+
+    cdp.env["CDP_AS_OF"] = "2026-11-20"
+    known = [e for i in range(30) for e in purchases(f"R{i}", f"2026-{1 + i % 10:02d}-1{i % 10}", 10.0 * (1 + i), 1 + i % 4)]
+    cdp("ingest", str(write(tmp_path / "known.jsonl", known)))  # ends with a refresh of everyone
+    key, reader = new_key(cdp, "publish", "retail"), new_key(cdp, "read")
+    server = start_server({**cdp.env, "CDP_SCORE_INTERVAL": "3600"}, tmp_path / "serve.log")
+    try:
+        query = lambda sql: server.client(reader).post("/v1/query", json={"sql": sql}).json()["rows"]  # noqa: E731
+        scored_at = query("SELECT position FROM metric_state")[0][0]
+        with server.client(key) as client:
+            for events in (purchases("NEW", "2026-11-19", 25.0), purchases("R0", "2026-11-19", 900.0, n=6)):
+                assert client.post("/events", json=events, headers={
+                    "Content-Type": "application/cloudevents-batch+json"}).status_code == 200
+        settled(server, reader)
+        assert query("SELECT position FROM metric_state")[0][0] == scored_at  # no refresh since
+        new = profile(server, reader, "retail:NEW").json()["metrics"]
+        assert (new["recency_days"], new["rfm_recency"], new["rfm_frequency"]) == (1, 5, 1)
+        assert (new["rfm_segment"], new["lifecycle_stage"]) == ("new", "new") and new["tier"] is not None
+        assert new["churn_risk"] is not None and new["predicted_value_12m"] > 0
+        again = profile(server, reader, "retail:R0").json()["metrics"]
+        assert (again["orders"], again["rfm_recency"], again["rfm_frequency"], again["rfm_monetary"]) == (7, 5, 5, 5)
+        assert (again["rfm_segment"], again["tier"]) == ("champions", "high_value")
+        assert query("SELECT count(*) FROM customers WHERE lifecycle_stage IS NULL OR tier IS NULL") == [[0]]
+    finally:
+        server.stop()
 
 
 def process_stat(pid: int | str) -> list[str]:

@@ -21,7 +21,7 @@ import duckdb
 import orjson
 
 from cdp import keys as api_keys
-from cdp.config import Settings
+from cdp.config import Settings, today
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
 from cdp.server import priority, published, stages
@@ -230,6 +230,7 @@ class ReadSide:
             self.delivery.wake()
             if len(notifications) < self.cfg.projection_batch:
                 break  # all the store had: what commits next wakes this thread (no second read to learn so)
+        self._follow_today()
         now = time.monotonic()
         if not self.scored_at and metrics.state(projector.con)[0] == projector.as_of:
             # the view was scored for this as-of date: the next refresh after the interval, not on
@@ -240,12 +241,23 @@ class ReadSide:
             self._refresh_scores()
         return applied
 
+    def _follow_today(self) -> None:
+        """Without CDP_AS_OF the scores are as of today (UTC): a server running past midnight
+        moves on to the new day and refreshes everyone's scores at once, rather than keeping the
+        day it started on. Not while a refresh runs: it is computing against the day before."""
+        if self.cfg.as_of_fixed or (self._refresh is not None and self._refresh.is_alive()):
+            return
+        day = today()
+        if day != self.projector.as_of:
+            self.projector.as_of = day
+            self.scored_at = time.monotonic() - self.cfg.score_interval  # due now
+
     def _project(self, notifications: list[tuple]) -> None:
         """One batch into the view. A batch that collides with a score refresh running beside it
         (both updated one row, e.g. an audience membership: DuckDB refuses the second writer) was
         rolled back whole; it is applied again once the refresh ended (exactly once: its position
         did not move). A customer row the batch replaces while the refresh updates it is no
-        collision: the batch's row (scores empty until the next refresh, as after every batch) wins."""
+        collision: the batch's row (scored by the last refresh, as after every batch) wins."""
         also = () if self.producer is not None else (PROFILES,)
         while True:
             try:

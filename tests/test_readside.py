@@ -1,0 +1,31 @@
+"""The read side of `cdp serve` in process: which day its scores are as of."""
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from cdp.application import CustomerApplication
+from cdp.config import Settings, today
+from cdp.server.readside import ReadSide
+from projections import metrics
+
+
+@pytest.mark.parametrize("fixed", [None, "2026-01-01"])
+def test_a_running_read_side_moves_its_scores_on_to_a_new_day_unless_as_of_is_set(tmp_path, fixed):
+    """A server started yesterday scores as of today once the day changed (it refreshes at once,
+    whatever CDP_SCORE_INTERVAL); with CDP_AS_OF it keeps that day."""
+    env = {"CDP_HOME": str(tmp_path), "CDP_SCORE_INTERVAL": "3600", **({"CDP_AS_OF": fixed} if fixed else {})}
+    cfg = Settings.from_env(env)
+    with CustomerApplication(cfg) as app:
+        read = ReadSide(cfg, app)
+        try:
+            started = date(2026, 1, 1)
+            read.projector.as_of = started  # as if it had started on that day
+            read.projector.refresh_metrics()
+            read.catch_up()  # the loop's turn, with nothing new in the store
+            if read._refresh is not None:
+                read._refresh.join(30)
+            assert metrics.state(read.projector.con)[0] == (started if fixed else today())
+        finally:
+            read.projector.close()  # its threads were never started: nothing else to stop
