@@ -7,9 +7,11 @@ Two kinds, kept apart so that the incremental view and a rebuild always agree:
   `customer_business_units`, re-derived for the customers a batch touched.
 * **scores** depend on the as-of date (`CDP_AS_OF`) or on the whole population (RFM quintiles, the
   fitted MBG/NBD + Gamma-Gamma model): recency, RFM, segment, lifecycle stage, churn risk,
-  predicted value, tier; and the `business_unit_overlap` table, an aggregate over everyone. `refresh()` recomputes them for *all* customers in one statement whenever
-  the view has moved on or the as-of date changed, and records both in `metric_state`, so no
-  customer keeps a stale score because no event touched them.
+  predicted value, tier; and the `business_unit_overlap` table, an aggregate over everyone.
+  `refresh()` recomputes them for *all* customers in one statement whenever the view has moved on
+  or the as-of date changed, and records both in `metric_state`, so no customer keeps a stale
+  score because no event touched them. Between two refreshes a batch scores the customers it
+  re-derives by what the last one kept (`with_scores`): provisional, never empty.
 """
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ STATE_DDL = "CREATE TABLE IF NOT EXISTS metric_state (as_of DATE, position BIGIN
 # The last refresh's RFM boundaries, by which a live batch scores its customers until the next one:
 # for s = 2..5, the least value that scored at least s, then the greatest value scored (recency the
 # other way round: fewer days score more). A value beyond the greatest one scores 5, as it would in
-# a refresh; a value between two others, as the first of them.
+# a refresh; a value between two others scores as the lower of them.
 BOUNDS: dict[str, tuple[str, str, str, bool]] = {  # column -> (type, value, score, more scores more)
     "recency_bounds": ("INTEGER[]", "recency_days", "rfm_recency", False),
     "frequency_bounds": ("BIGINT[]", "orders", "rfm_frequency", True),
