@@ -32,6 +32,7 @@ from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
+UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
 SQLITE_CACHE_PAGES = -32768  # 32 MiB page cache for the writer: index pages of a large store stay hot
 INSERT_EVENT_KEY = "INSERT INTO cdp_event_keys (key, digest) VALUES (?, ?)"
 SELECT_EVENT_KEYS = "SELECT key, digest FROM cdp_event_keys"
@@ -237,6 +238,7 @@ class EventStore:
             migrate_event_keys(cursor, self.is_postgres)
             if self.is_postgres:
                 writers.install(cursor, list(map(writers.table_name, tables)))
+                self._unthrottle_vacuum(cursor)
             self.store_id = store_identity.ensure(cursor, "%s" if self.is_postgres else "?", self.where)
         if self.is_postgres:
             self._insert_events_sql, self._notify_sql = self._postgres_statements()
@@ -249,6 +251,24 @@ class EventStore:
         self._stamp: dict[str, str] = {}
         self._id = UUID if self.is_postgres else str  # SQLite stores hex text: skip building UUIDs
         self._reader: sqlite3.Connection | None = None
+
+    def _unthrottle_vacuum(self, cursor: Any) -> None:
+        """PostgreSQL's autovacuum takes an insert-only events table about once a minute while events
+        stream in, and holds a lock that the EXCLUSIVE table lock of every insert (_insert_postgres)
+        waits for. Throttled as autovacuum is by default, it ran until that wait reached
+        deadlock_timeout (1 s) and was cancelled: a one-second stall of the stream every minute,
+        and a vacuum that never finished (bench.visible, 300 s: the p99 spikes came once a minute,
+        PostgreSQL's log naming the wait). Unthrottled, it finishes within the wait. A table option,
+        so the owner of the table (the role in CDP_EVENT_STORE, which created it) sets it, once."""
+        schema, table = self.recorder.datastore.schema, self.recorder.events_table_name
+        cursor.execute("SELECT coalesce(reloptions, '{}') AS options FROM pg_class c JOIN pg_namespace n "
+                       "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s", [schema, table])
+        row = cursor.fetchone()  # the library's connections give rows as dicts
+        if row is not None and UNTHROTTLED_VACUUM not in row["options"]:
+            from psycopg.sql import SQL, Identifier
+
+            cursor.execute(SQL("ALTER TABLE {}.{} SET ({})").format(Identifier(schema), Identifier(table),
+                                                                    SQL(UNTHROTTLED_VACUUM)))
 
     def _postgres_statements(self) -> tuple[Any, Any]:
         """The INSERT of a batch of stored events and the NOTIFY of the recorder's channel. The
