@@ -163,7 +163,11 @@ class ProfileTopicWatch:
         self.process.join(timeout=5)
 
     def latencies(self, accepted_at: dict[int, float]) -> list[float]:
-        return [self.arrived[n] - at for n, at in accepted_at.items() if n in self.arrived]
+        return list(self.seen(accepted_at).values())
+
+    def seen(self, accepted_at: dict[int, float]) -> dict[int, float]:
+        """Probed batch -> accepted → its profile on the topic."""
+        return {n: self.arrived[n] - at for n, at in accepted_at.items() if n in self.arrived}
 
 
 def watch_topic(bootstrap: str, topic: str, answer, ready, stopping) -> None:
@@ -217,6 +221,29 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env.update(CDP_HOME=str(home), CDP_RATE_LIMIT="100000", CDP_DUCKDB_MEMORY=os.environ.get("CDP_DUCKDB_MEMORY", "2GB"),
                **extra)
     return env
+
+
+WINDOW = 30.0  # seconds: a run's figures per part of it too, so that one drifting as the run goes on shows
+
+
+def report_windows(publisher: SteadyPublisher, topic: dict[int, float] | None) -> None:
+    """p50 and p99 of the probes accepted in each WINDOW of the run: a queue that grows over
+    minutes looks like a high p99 over the whole run, and so do a few spikes; this tells them apart."""
+    if not publisher.accepted_at:
+        return
+    ms, start = 1000, min(publisher.accepted_at.values())
+    parts: dict[int, list[int]] = {}
+    for n, at in publisher.accepted_at.items():
+        parts.setdefault(int((at - start) // WINDOW), []).append(n)
+    print(f"  per {WINDOW:g} s of the run (probes accepted then)        HTTP p50 / p99 ms      cdp.profiles p50 / p99 ms")
+    for part, ids in sorted(parts.items()):
+        cells = []
+        for seen in (publisher.seen if publisher.probes else None, topic):
+            values = [seen[n] for n in ids if n in seen] if seen is not None else []
+            cells.append(f"{percentile(values, .5) * ms:7.1f} / {percentile(values, .99) * ms:7.1f}" if values
+                         else f"{'-':>17}")
+        print(f"    {part * WINDOW:5.0f}-{(part + 1) * WINDOW:<5.0f} s  ({len(ids):4} probes)            "
+              f"{cells[0]}      {cells[1]}")
 
 
 def report(title: str, publisher: SteadyPublisher, topic: list[float] | None, broker: list[float] | None) -> None:
@@ -392,6 +419,12 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
     spread("publisher: positions per range", [b["last"] - b["first"] + 1 for b in ranges], "positions", 1)
     spread("publisher: took → acknowledged", [b["acked"] - b["began"] for b in ranges])
     spread("publisher: CPU of its thread", [b["cpu"] for b in ranges])
+    refreshes = [r for r in logged[stages.SCORED] if r["began"] >= start]
+    if refreshes:
+        print("  score refreshes while probing (s after probing began: took, CPU of its thread)")
+        print("    " + ", ".join(f"{r['began'] - start:.0f}: {r['ended'] - r['began']:.2f} s, {r['cpu']:.2f} s"
+                                 + (" inline" if r["inline"] else "") + ("" if r["ok"] else " FAILED")
+                                 for r in refreshes))
 
 
 def view_of(path: Path, customers: int) -> None:
@@ -447,6 +480,7 @@ def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float, serve
            publisher, None, None)
     print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
           + ", ".join(f"{name} {spent:.1f} s" for name, spent in used.items()))
+    report_windows(publisher, None)
     stage_breakdown(publisher, positions, log)
 
 
@@ -498,6 +532,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
            f"view of {customers:,} customers", publisher, topic, broker)
     print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
           + ", ".join(f"{name} {used[name] - before[name]:.1f} s" for name in used))
+    report_windows(publisher, watch.seen(publisher.accepted_at))
     kafka_stage_breakdown(publisher, watch, positions, logs)
 
 

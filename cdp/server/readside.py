@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import duckdb
@@ -280,7 +281,8 @@ class ReadSide:
             return
         if self._refresh_inline:
             self._refresh_inline = False
-            self.projector.refresh_metrics()
+            with self._traced_refresh(inline=True):
+                self.projector.refresh_metrics()
             self.delivery.wake()
             return
         self._refresh = threading.Thread(target=self._refresh_beside, name="cdp-scores", daemon=True)
@@ -293,13 +295,26 @@ class ReadSide:
         priority.lower(SCORES_NICE)
         cursor = self.projector.con.cursor()
         try:
-            self.projector.refresh_metrics(cursor)
+            with self._traced_refresh(inline=False):
+                self.projector.refresh_metrics(cursor)
             self.delivery.wake()
         except Exception:  # noqa: BLE001 - e.g. a batch updated a row first: again, between two batches
             self._refresh_inline = True
             self.scored_at -= self.cfg.score_interval
         finally:
             cursor.close()
+
+    @contextmanager
+    def _traced_refresh(self, inline: bool) -> Iterator[None]:
+        """A stage line per refresh (CDP_TRACE_STAGES): when it ran, where, and whether it committed."""
+        began, used, ok = time.time(), time.thread_time(), False
+        try:
+            yield
+            ok = True
+        finally:
+            if self.cfg.trace_stages:
+                stages.log(stages.SCORED, began=began, ended=time.time(), cpu=time.thread_time() - used,
+                           inline=inline, ok=ok)
 
     # -- publishing cdp.profiles -----------------------------------------------------------------
 

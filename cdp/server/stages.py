@@ -8,7 +8,7 @@ published, as one line on the process's standard error: the store positions the 
 wall clock times (seconds since the epoch, comparable across processes). `bench.visible` reads the
 lines back and, knowing each probed event's position and when its request was answered, says which
 stage held it: producing, waiting in the intake or on the broker, resolving, waiting for the read
-side, projecting, being looked up or published.
+side, projecting, being looked up or published; and when the score refreshes ran beside all that.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ ACCEPTED = "accepted"    # with Kafka, per request: id of its first event; calle
 #                          produced: every record handed to the producer; acked: the broker acknowledged all
 PUBLISHED = "published"  # cdp.profiles: positions first..last; handed: the earliest batch's view commit;
 #                          began: the publisher took them; built: messages made; acked: the broker acknowledged
+SCORED = "scored"        # a refresh of everyone's scores: began, ended; inline: on the projecting thread
+#                          (which it held still) rather than beside it; cpu: its thread's; ok: it committed
 
 
 def log(stage: str, **fields: Any) -> None:
@@ -35,7 +37,7 @@ def log(stage: str, **fields: Any) -> None:
 
 def read(*paths: Path) -> dict[str, list[dict]]:
     """The stage lines of processes' logs, by stage, in the order each process wrote them."""
-    stages: dict[str, list[dict]] = {RESOLVED: [], PROJECTED: [], ACCEPTED: [], PUBLISHED: []}
+    stages: dict[str, list[dict]] = {RESOLVED: [], PROJECTED: [], ACCEPTED: [], PUBLISHED: [], SCORED: []}
     for path in paths:
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith(PREFIX):
