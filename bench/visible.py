@@ -368,6 +368,8 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
     produced = {entry["id"]: entry for entry in logged[stages.ACCEPTED]}
     resolved, projected, published = logged[stages.RESOLVED], logged[stages.PROJECTED], logged[stages.PUBLISHED]
     request, readable, on_topic = [], [], []
+    start = min(publisher.accepted_wall.values())
+    windows: dict[int, list[list[float | None]]] = {}  # the path to the view of the probes accepted in each WINDOW
     for n, position in positions.items():
         acc, stored = produced.get(f"v{n}-0"), stages.holding(resolved, position)
         batch, sent = stages.holding(projected, position), stages.holding(published, position)
@@ -384,6 +386,7 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
                 batch["read"] - batch["noticed"], batch["committed"] - batch["read"]]
         if n in publisher.seen:
             readable.append((publisher.seen[n], path + [accepted + publisher.seen[n] - batch["committed"]]))
+            windows.setdefault(int((accepted - start) // WINDOW), []).append(path)
         if sent is not None and n in watch.arrived_wall:
             on_topic.append((watch.arrived_wall[n] - accepted, path + [
                 sent["began"] - batch["committed"], sent["built"] - sent["began"], sent["acked"] - sent["built"],
@@ -400,7 +403,12 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
     print_stages((*shared, "view commit → publisher took it", "publisher: building the profile messages",
                   "publisher: produced → broker acknowledged", "acked → the topic watch had it"), on_topic,
                  "→ on cdp.profiles: cdp worker's, cdp serve's")
-    start = min(publisher.accepted_wall.values())
+    if len(windows) > 1:  # which stage a figure that drifts over the run drifts in
+        print(f"  p50 ms of each stage to the view, per {WINDOW:g} s of the run: " + " | ".join(
+            f"{k + 1} {name}" for k, name in enumerate(shared)))
+        for part, paths in sorted(windows.items()):
+            cells = [percentile([p[i] for p in paths if p[i] is not None], .5) * 1000 for i in range(len(shared))]
+            print(f"    {part * WINDOW:5.0f}-{(part + 1) * WINDOW:<5.0f} s  " + "  ".join(f"{c:7.1f}" for c in cells))
     taken = [b for b in resolved if b["taken"] >= start]
     live = [b for b in projected if b["noticed"] >= start]
     ranges = [b for b in published if b["began"] >= start]
