@@ -226,23 +226,32 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 WINDOW = 30.0  # seconds: a run's figures per part of it too, so that one drifting as the run goes on shows
 
 
+def by_window(times: dict[int, float]) -> dict[int, list[int]]:
+    """The probes (batch -> when accepted, on any one clock) by WINDOW of the run, in order."""
+    start, parts = min(times.values()), {}
+    for n, at in times.items():
+        parts.setdefault(int((at - start) // WINDOW), []).append(n)
+    return dict(sorted(parts.items()))
+
+
+def window_label(part: int) -> str:
+    return f"{part * WINDOW:5.0f}-{(part + 1) * WINDOW:<5.0f} s"
+
+
 def report_windows(publisher: SteadyPublisher, topic: dict[int, float] | None) -> None:
     """p50 and p99 of the probes accepted in each WINDOW of the run: a queue that grows over
     minutes looks like a high p99 over the whole run, and so do a few spikes; this tells them apart."""
     if not publisher.accepted_at:
         return
-    ms, start = 1000, min(publisher.accepted_at.values())
-    parts: dict[int, list[int]] = {}
-    for n, at in publisher.accepted_at.items():
-        parts.setdefault(int((at - start) // WINDOW), []).append(n)
+    ms = 1000
     print(f"  per {WINDOW:g} s of the run (probes accepted then)        HTTP p50 / p99 ms      cdp.profiles p50 / p99 ms")
-    for part, ids in sorted(parts.items()):
+    for part, ids in by_window(publisher.accepted_at).items():
         cells = []
         for seen in (publisher.seen if publisher.probes else None, topic):
             values = [seen[n] for n in ids if n in seen] if seen is not None else []
             cells.append(f"{percentile(values, .5) * ms:7.1f} / {percentile(values, .99) * ms:7.1f}" if values
                          else f"{'-':>17}")
-        print(f"    {part * WINDOW:5.0f}-{(part + 1) * WINDOW:<5.0f} s  ({len(ids):4} probes)            "
+        print(f"    {window_label(part)}  ({len(ids):4} probes)            "
               f"{cells[0]}      {cells[1]}")
 
 
@@ -368,8 +377,7 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
     produced = {entry["id"]: entry for entry in logged[stages.ACCEPTED]}
     resolved, projected, published = logged[stages.RESOLVED], logged[stages.PROJECTED], logged[stages.PUBLISHED]
     request, readable, on_topic = [], [], []
-    start = min(publisher.accepted_wall.values())
-    windows: dict[int, list[list[float | None]]] = {}  # the path to the view of the probes accepted in each WINDOW
+    paths: dict[int, list[float | None]] = {}  # each probe's path to the view, for the per-window table
     for n, position in positions.items():
         acc, stored = produced.get(f"v{n}-0"), stages.holding(resolved, position)
         batch, sent = stages.holding(projected, position), stages.holding(published, position)
@@ -386,7 +394,7 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
                 batch["read"] - batch["noticed"], batch["committed"] - batch["read"]]
         if n in publisher.seen:
             readable.append((publisher.seen[n], path + [accepted + publisher.seen[n] - batch["committed"]]))
-            windows.setdefault(int((accepted - start) // WINDOW), []).append(path)
+            paths[n] = path
         if sent is not None and n in watch.arrived_wall:
             on_topic.append((watch.arrived_wall[n] - accepted, path + [
                 sent["began"] - batch["committed"], sent["built"] - sent["began"], sent["acked"] - sent["built"],
@@ -403,12 +411,16 @@ def kafka_stage_breakdown(publisher: SteadyPublisher, watch: "ProfileTopicWatch"
     print_stages((*shared, "view commit → publisher took it", "publisher: building the profile messages",
                   "publisher: produced → broker acknowledged", "acked → the topic watch had it"), on_topic,
                  "→ on cdp.profiles: cdp worker's, cdp serve's")
+    windows = {part: [n for n in ids if n in paths] for part, ids in by_window(publisher.accepted_wall).items()}
+    windows = {part: ids for part, ids in windows.items() if ids}
     if len(windows) > 1:  # which stage a figure that drifts over the run drifts in
         print(f"  p50 ms of each stage to the view, per {WINDOW:g} s of the run: " + " | ".join(
             f"{k + 1} {name}" for k, name in enumerate(shared)))
-        for part, paths in sorted(windows.items()):
-            cells = [percentile([p[i] for p in paths if p[i] is not None], .5) * 1000 for i in range(len(shared))]
-            print(f"    {part * WINDOW:5.0f}-{(part + 1) * WINDOW:<5.0f} s  " + "  ".join(f"{c:7.1f}" for c in cells))
+        for part, ids in windows.items():
+            cells = [percentile([paths[n][i] for n in ids if paths[n][i] is not None], .5) * 1000
+                     for i in range(len(shared))]
+            print(f"    {window_label(part)}  " + "  ".join(f"{c:7.1f}" for c in cells))
+    start = min(publisher.accepted_wall.values())
     taken = [b for b in resolved if b["taken"] >= start]
     live = [b for b in projected if b["noticed"] >= start]
     ranges = [b for b in published if b["began"] >= start]

@@ -196,7 +196,7 @@ class Settings:
     parse_processes: int = 0
     duckdb_memory: str = "256MB"
     score_interval: int = 60
-    as_of: date = field(default_factory=lambda: today())
+    as_of: date = field(default_factory=today)
     as_of_fixed: bool = False                # CDP_AS_OF set: a running server keeps it (else: today, UTC)
     schemas_dir: Path = REPO_ROOT / "schemas"
     topic_prefix: str = ""
