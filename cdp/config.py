@@ -84,6 +84,23 @@ def _limits(env: dict[str, str]) -> dict[str, int]:
     return limits
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a container's or taskset's share, not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_serve_threads() -> int:
+    """DuckDB threads of `cdp serve`'s view when CDP_SERVE_THREADS is unset: one on two cores or
+    fewer, else DuckDB's own default (0: all cores). The server's statements are small (a live
+    batch, a look-up); on two busy cores a statement's share handed to DuckDB's worker thread
+    waited for a core while its caller waited for it (bench.visible, Kafka, 120 s, three runs each:
+    publish-to-visible p99 563-713 ms with two threads, 496-560 ms with one)."""
+    return 1 if usable_cores() <= 2 else 0
+
+
 def _count(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -225,7 +242,8 @@ class Settings:
     events_retention_days: int = 7           # CDP_EVENTS_RETENTION_DAYS: how long cdp.events keeps raw events
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
-    serve_threads: int = 0                   # CDP_SERVE_THREADS: DuckDB threads of the server's view (0: all cores)
+    serve_threads: int = field(default_factory=default_serve_threads)  # CDP_SERVE_THREADS: DuckDB threads
+    #                                          of the server's view (0: all cores; unset: default_serve_threads)
     serve_memory: str = "2GB"                # CDP_SERVE_MEMORY: DuckDB memory limit of the server's view (look-up indexes)
     view_rewrite_delay: float | None = 60.0  # CDP_VIEW_REWRITE_DELAY: after an erasure, when the running server
     #                                          rewrites the view's file (None, 'off': only when it stops)
@@ -279,7 +297,7 @@ class Settings:
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),
             query_seconds=_positive_duration(env, "CDP_QUERY_TIMEOUT", 60.0),
             rate_limit=_int(env, "CDP_RATE_LIMIT", 200),
-            serve_threads=_count(env, "CDP_SERVE_THREADS", 0),
+            serve_threads=_count(env, "CDP_SERVE_THREADS", default_serve_threads()),
             serve_memory=_memory(env, "CDP_SERVE_MEMORY", "2GB"),
             view_rewrite_delay=_duration_or_off(env, "CDP_VIEW_REWRITE_DELAY", 60.0),
             catch_up_nice=_nice(env, "CDP_CATCH_UP_NICE", 0),

@@ -1,8 +1,9 @@
-"""The read side of `cdp serve` in process: which day its scores are as of."""
+"""The read side of `cdp serve` in process: which day its scores are as of, how many threads its view runs."""
 from __future__ import annotations
 
 from datetime import date
 
+import duckdb
 import pytest
 
 from cdp.application import CustomerApplication
@@ -29,3 +30,23 @@ def test_a_running_read_side_moves_its_scores_on_to_a_new_day_unless_as_of_is_se
             assert metrics.state(read.projector.con)[0] == (started if fixed else today())
         finally:
             read.projector.close()  # its threads were never started: nothing else to stop
+
+
+@pytest.mark.parametrize("cores, setting, threads", [(2, None, 1), (1, None, 1), (8, None, "duckdb"), (2, "0", "duckdb"),
+                                                     (8, "3", 3)])
+def test_the_view_runs_one_duckdb_thread_on_two_cores_unless_told(tmp_path, monkeypatch, cores, setting, threads):
+    """Unset CDP_SERVE_THREADS means one DuckDB thread where the process may use two cores or fewer
+    (its affinity, not the machine's count), DuckDB's own default beyond; a value set is kept (0:
+    DuckDB's default)."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    env = {"CDP_HOME": str(tmp_path), **({"CDP_SERVE_THREADS": setting} if setting is not None else {})}
+    cfg = Settings.from_env(env)
+    with CustomerApplication(cfg) as app:
+        read = ReadSide(cfg, app)
+        try:
+            running = read.projector.con.execute("SELECT current_setting('threads')").fetchall()[0][0]
+        finally:
+            read.projector.close()
+    if threads == "duckdb":
+        threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchall()[0][0]
+    assert running == threads

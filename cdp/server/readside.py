@@ -69,8 +69,7 @@ class ReadSide:
         before = priority.thread_ids()
         self.projector = make_projector(cfg)
         if cfg.serve_threads:
-            # Fewer DuckDB threads leave cores to HTTP and the writer (CDP_SERVE_THREADS; one thread
-            # measured faster in process, not in bench/serve.py: off by default).
+            # CDP_SERVE_THREADS; unset: one on two cores or fewer (config.default_serve_threads)
             self.projector.con.execute(f"SET threads = {int(cfg.serve_threads)}")
         self._duckdb_threads = priority.thread_ids() - before  # mostly the projector's work
         self.projector.con.execute("INSERT INTO projection_state SELECT ?, 0 WHERE NOT EXISTS "
