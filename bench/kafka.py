@@ -69,6 +69,21 @@ def drop_database(dsn: str, url: str) -> None:
     drop(dsn, url.rsplit("/", 1)[1])
 
 
+def drop_topics(bootstrap: str, prefix: str) -> None:
+    """The run's own topics, deleted at its end (tests/topics.py says why)."""
+    from tests.topics import delete_topics
+
+    delete_topics(bootstrap, prefix)
+
+
+def clean_up(bootstrap: str, dsn: str, store: str, prefix: str, started: list[str]) -> None:
+    """What a run made on the shared services (its database, its topics), then the services it
+    started itself."""
+    drop_database(dsn, store)
+    drop_topics(bootstrap, prefix)
+    stop_services(started)
+
+
 def demo_events(events: int) -> list[Path]:
     from cdp.demo import DemoSpec, generate
 
@@ -295,6 +310,7 @@ def run(args: argparse.Namespace, bootstrap: str, dsn: str) -> None:
     finally:
         for store in stores:
             drop_database(dsn, store)
+        drop_topics(bootstrap, prefix)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -219,7 +219,12 @@ def measure_collectors(env: dict[str, str], tmp_path: Path, seconds: float, clie
         kafka_env = {**env, "CDP_HOME": str(tmp_path / "kafka"), "CDP_KAFKA_BOOTSTRAP": os.environ["CDP_KAFKA_BOOTSTRAP"],
                      "CDP_TOPIC_PREFIX": f"bench-serve-{os.getpid()}-{int(time.time())}."}
         kafka_keys = new_keys(kafka_env, {"retail": ("publish", "retail")})
-        collectors["kafka"] = collector_rate(kafka_env, tmp_path / "kafka", kafka_keys, seconds, clients)
+        try:
+            collectors["kafka"] = collector_rate(kafka_env, tmp_path / "kafka", kafka_keys, seconds, clients)
+        finally:
+            from bench.kafka import drop_topics
+
+            drop_topics(kafka_env["CDP_KAFKA_BOOTSTRAP"], kafka_env["CDP_TOPIC_PREFIX"])
     bare, bare_url = bare_server(tmp_path)
     try:
         baseline = blast(bare_url, "none", seconds, clients)

@@ -506,7 +506,7 @@ def run_embedded(tmp: Path, customers: int, seconds: float, warmup: float, serve
 
 def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: bool = True,
               server_env: dict[str, str] | None = None) -> None:
-    from bench.kafka import drop_database, fresh_database, services, start_worker, stop, stop_services, wait_ready
+    from bench.kafka import clean_up, fresh_database, services, start_worker, stop, wait_ready
 
     bootstrap, dsn, started = services()
     store = fresh_database(dsn)
@@ -546,8 +546,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
             server.stop()
         if worker is not None:
             stop(worker)
-        drop_database(dsn, store)
-        stop_services(started)
+        clean_up(bootstrap, dsn, store, prefix, started)
     report(f"Kafka + PostgreSQL (cdp worker, cdp serve), 1,000 events/s for {seconds:g} s, "
            f"view of {customers:,} customers", publisher, topic, broker)
     print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
@@ -608,8 +607,7 @@ def run_ceiling(tmp: Path, customers: int, events: int) -> None:
     view of N customers; stored events/s and CPU per stored event, in live-sized batches of 200
     and in catch-up batches of 5,000), beside a raw read of the same rows from PostgreSQL.
     Self-training is off (CDP_TRAIN_MIN_RECORDS=0) unless set: it runs in a process of its own."""
-    from bench.kafka import (drop_database, fresh_database, publish, raw_consume, services, start_worker, stop,
-                             stop_services, stored)
+    from bench.kafka import clean_up, fresh_database, publish, raw_consume, services, start_worker, stop, stored
 
     bootstrap, dsn, started = services()
     store = fresh_database(dsn)
@@ -647,8 +645,7 @@ def run_ceiling(tmp: Path, customers: int, events: int) -> None:
     finally:
         if worker is not None:
             stop(worker)
-        drop_database(dsn, store)
-        stop_services(started)
+        clean_up(bootstrap, dsn, store, prefix, started)
     print(f"\n== Kafka path's ceiling: {sent:,} events ({rows:,} stored events), one worker, view of {customers:,} customers")
     print(f"  cdp worker → PostgreSQL                 {(sent - first) / stored_s:9,.0f} events/s   "
           f"CPU {stored_cpu / (sent - first) * 1e6:6.0f} µs/event (after its first batch)")

@@ -77,11 +77,16 @@ def fresh_postgres_dsn(postgres_dsn: str, request: pytest.FixtureRequest) -> Ite
 
 
 @pytest.fixture
-def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
+def fresh_topic_prefix(request: pytest.FixtureRequest, kafka_bootstrap: str) -> Iterator[str]:
     """A unique prefix for Kafka topic names, e.g. `test.roundtrip.1a2b3c4d5e.`; the broker is
-    shared by all tests and runs, so every test names its topics with its own prefix."""
+    shared by all tests and runs, so every test names its topics with its own prefix. Its topics
+    are deleted afterwards, as a test's database is dropped."""
+    from tests.topics import delete_topics
+
     slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name).strip("-")[:60]
-    return f"test.{slug}.{uuid.uuid4().hex[:10]}."
+    prefix = f"test.{slug}.{uuid.uuid4().hex[:10]}."
+    yield prefix
+    delete_topics(kafka_bootstrap, prefix)
 
 
 # ------------------------------------------------------------------------------ the cdp command
