@@ -69,18 +69,13 @@ def drop_database(dsn: str, url: str) -> None:
     drop(dsn, url.rsplit("/", 1)[1])
 
 
-def drop_topics(bootstrap: str, prefix: str) -> None:
-    """The run's own topics, deleted at its end (tests/topics.py says why)."""
+def clean_up(bootstrap: str, dsn: str, store: str, prefix: str, started: list[str]) -> None:
+    """What a run made on the shared services (its database, its topics: tests/topics.py says why),
+    then the services it started itself."""
     from tests.topics import delete_topics
 
-    delete_topics(bootstrap, prefix)
-
-
-def clean_up(bootstrap: str, dsn: str, store: str, prefix: str, started: list[str]) -> None:
-    """What a run made on the shared services (its database, its topics), then the services it
-    started itself."""
     drop_database(dsn, store)
-    drop_topics(bootstrap, prefix)
+    delete_topics(bootstrap, prefix)
     stop_services(started)
 
 
@@ -308,9 +303,11 @@ def run(args: argparse.Namespace, bootstrap: str, dsn: str) -> None:
             lat = latency(bootstrap, f"{prefix}lat.", stores[2], work / "latency", args.rate, args.seconds)
             report_latency(lat, args.rate, args.seconds)
     finally:
+        from tests.topics import delete_topics
+
         for store in stores:
             drop_database(dsn, store)
-        drop_topics(bootstrap, prefix)
+        delete_topics(bootstrap, prefix)
         shutil.rmtree(work, ignore_errors=True)
 
 

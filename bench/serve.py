@@ -222,9 +222,9 @@ def measure_collectors(env: dict[str, str], tmp_path: Path, seconds: float, clie
         try:
             collectors["kafka"] = collector_rate(kafka_env, tmp_path / "kafka", kafka_keys, seconds, clients)
         finally:
-            from bench.kafka import drop_topics
+            from tests.topics import delete_topics
 
-            drop_topics(kafka_env["CDP_KAFKA_BOOTSTRAP"], kafka_env["CDP_TOPIC_PREFIX"])
+            delete_topics(kafka_env["CDP_KAFKA_BOOTSTRAP"], kafka_env["CDP_TOPIC_PREFIX"])
     bare, bare_url = bare_server(tmp_path)
     try:
         baseline = blast(bare_url, "none", seconds, clients)
