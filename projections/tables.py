@@ -83,6 +83,12 @@ def view_position(con: duckdb.DuckDBPyConnection) -> int:
 
 
 SCOPED_EVENTS = "scoped_events"  # a live batch's customers' events, copied out once per batch
+# Made anew for each batch rather than emptied with DELETE: DuckDB keeps a temporary table's deleted
+# rows in memory, and every later scan of it walks past them: the live recompute grew slower the
+# longer the server ran. In process, on the 1,000,000-customer view, after 3,000 batches of 450
+# events the derivation's SELECT took 12.9 -> 17.2 ms of CPU and DuckDB's memory grew by 1,135 MB
+# with DELETE; made anew, 12.5 -> 12.7 ms and 701 MB (the rows the batches appended to the view).
+NEW_SCOPED_EVENTS = f"CREATE OR REPLACE TEMP TABLE {SCOPED_EVENTS} AS SELECT * FROM customer_events LIMIT 0"
 BATCH_EVENTS = "batch_events"  # the events of the batch (its last segment) as customer_events rows
 
 
@@ -102,7 +108,7 @@ def recompute_customers_sql(scope: str | list[str] | None, rules: Mapping[str, s
         known = [cid for cid in scope if cid not in fresh]
         new = [cid for cid in scope if cid in fresh]
         return [
-            f"DELETE FROM {SCOPED_EVENTS}",
+            NEW_SCOPED_EVENTS,
             *([f"INSERT INTO {SCOPED_EVENTS} SELECT * FROM customer_events WHERE customer_id IN {scope_members(known)}",
                f"DELETE FROM customers WHERE customer_id IN {scope_members(known)}"] if known else []),
             *([f"INSERT INTO {SCOPED_EVENTS} BY NAME SELECT * FROM {BATCH_EVENTS}"
@@ -132,7 +138,7 @@ def prepare_listed_sql(rules: Mapping[str, str]) -> list[str]:
     a loaded machine: 192 → 145 ms for 50 customers of 300,000)."""
     select = _customers_select(rules, events_source(rules, table=SCOPED_EVENTS), few=True)
     return [
-        f"CREATE OR REPLACE TEMP TABLE {SCOPED_EVENTS} AS SELECT * FROM customer_events LIMIT 0",
+        NEW_SCOPED_EVENTS,
         "PREPARE recompute_listed_customers AS INSERT INTO customers BY NAME "
         f"{metrics.with_scores(f'{select} GROUP BY e.customer_id')}",
         f"PREPARE recompute_listed_units AS INSERT INTO customer_business_units "

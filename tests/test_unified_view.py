@@ -154,3 +154,30 @@ def test_distinct_counts_of_a_live_batch_equal_the_rebuild(cdp, tmp_path):
 
     cdp("projections", "rebuild")
     assert snapshot(cdp) == live
+
+
+def test_live_batches_leave_no_rows_behind_in_the_view_s_working_tables(tmp_path):
+    """A live batch copies its customers' events into a temporary table to derive their rows. Each
+    batch must start from a new one: emptied with DELETE, DuckDB kept every earlier batch's rows in
+    memory and in each later scan, and the server's batches grew slower the longer it ran."""
+    from datetime import date
+
+    from projections import tables
+    from projections.projector import Projector
+    from tests.test_audiences import _purchase, _registered_with_a_purchase
+
+    ann, bob = "a" * 32, "b" * 32
+    projector = Projector(tmp_path / "view.duckdb", date(2025, 6, 1))
+    try:
+        projector.apply([*_registered_with_a_purchase(1, ann, "ann", 10.0),
+                         *_registered_with_a_purchase(3, bob, "bob", 1.0)])
+        for n in range(40):  # each batch: one more purchase of each, so both are re-derived from all
+            projector.apply([*_purchase(10 + 2 * n, ann, "ann", 10.0), *_purchase(11 + 2 * n, bob, "bob", 1.0)])
+        rows = projector.con.execute(
+            "SELECT customer_id, orders, lifetime_value FROM customers ORDER BY customer_id").fetchall()
+        assert rows == [(ann, 41, 410.0), (bob, 41, 41.0)]
+        held = projector.con.execute("SELECT estimated_size FROM duckdb_tables() WHERE table_name = ?",
+                                     [tables.SCOPED_EVENTS]).fetchall()
+        assert held == [(2 * 41,)]  # the last batch's customers' events, nothing of the 40 before
+    finally:
+        projector.close()
