@@ -1,6 +1,6 @@
 import sys
 
-from cdp.cli import main
+from cdp.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())
