@@ -5,12 +5,14 @@ Why: DuckDB binds and plans every statement anew (a prepared one too), allocatin
 small objects each time. With glibc's default cache (7 chunks per size), the freed chunks go back
 to the arena's bins, which fragment as the view's data comes and goes, and each allocation then
 searches longer. A server's batches grew slower the longer it ran:
-- in process, the binding and planning of a live batch's derivation took 9.3 ms of CPU at first
-  and 11.0-11.3 ms after 2,000 batches of writes with the default; 8.5 ms and 8.9 ms with the cache
-  at 65,535, at the same memory (552 MB);
-- `bench.visible` (Kafka + PostgreSQL, 300 s): the read side's fixed cost per batch went 41 ->
-  59 ms of CPU over four minutes with the default and stayed at 34-39 ms with the cache, and
-  publish-to-visible p99 over HTTP was 420.4 ms with the default against 378.5 ms.
+- in process, the binding and planning of a live batch's derivation took 9.3 ms of CPU at first,
+  11.0 ms after 2,000 batches of writes and 11.3 ms after 3,000 with the default; with the cache at
+  65,535, 8.5 ms, 8.9 ms after 2,000 and 9.0 ms after 4,000, at the same peak memory (551 against
+  552 MB after 2,000);
+- `bench.visible` (Kafka + PostgreSQL, 300 s): the read side's fixed CPU per batch went 41 -> 59 ms
+  over four minutes with the default and stayed at 34-39 ms with the cache (set for every process
+  of that run), and publish-to-visible p99 over HTTP was 420.4 ms against 378.5 ms.
+Some growth remains (docs/serve.md, "Staying fast for hours").
 
 glibc reads the setting (GLIBC_TUNABLES) only when a process starts, hence the restart: the same
 process id, arguments and environment. An operator's own `glibc.malloc.tcache_count` is kept.
