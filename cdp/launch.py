@@ -9,9 +9,9 @@ searches longer. A server's batches grew slower the longer it ran:
   11.0 ms after 2,000 batches of writes and 11.3 ms after 3,000 with the default; with the cache at
   65,535, 8.5 ms, 8.9 ms after 2,000 and 9.0 ms after 4,000, at the same peak memory (551 against
   552 MB after 2,000);
-- `bench.visible` (Kafka + PostgreSQL, 300 s): the read side's fixed CPU per batch went 41 -> 59 ms
-  over four minutes with the default and stayed at 34-39 ms with the cache (set for every process
-  of that run), and publish-to-visible p99 over HTTP was 420.4 ms against 378.5 ms.
+- `bench.visible` (Kafka + PostgreSQL, 300 s, the setting given to every process of the run): the
+  read side's fixed CPU per batch went 38.5 -> 61.9 ms with glibc's default (7) and 33.9 -> 40.5 ms
+  with 65,535; publish-to-visible p99 over HTTP 414.3 against 378.5 ms, p50 211.4 against 162.7 ms.
 Some growth remains (docs/serve.md, "Staying fast for hours").
 
 glibc reads the setting (GLIBC_TUNABLES) only when a process starts, hence the restart: the same
