@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import orjson
 
@@ -47,7 +48,7 @@ def services() -> tuple[str, str, list[str]]:
     return os.environ["CDP_KAFKA_BOOTSTRAP"], os.environ["CDP_POSTGRES_DSN"], started
 
 
-def stop_services(started: list[str]) -> None:
+def stop_services(started: Sequence[str]) -> None:
     if started:
         print(f"bench.kafka: stopping the services it started: {', '.join(started)}")
         subprocess.run([str(SERVICES), "stop", *started], check=False, capture_output=True)
@@ -69,12 +70,13 @@ def drop_database(dsn: str, url: str) -> None:
     drop(dsn, url.rsplit("/", 1)[1])
 
 
-def clean_up(bootstrap: str, dsn: str, store: str, prefix: str, started: list[str]) -> None:
-    """What a run made on the shared services (its database, its topics: tests/topics.py says why),
+def clean_up(bootstrap: str, dsn: str, stores: Sequence[str], prefix: str, started: Sequence[str] = ()) -> None:
+    """What a run made on the shared services (its databases, its topics: tests/topics.py says why),
     then the services it started itself."""
     from tests.topics import delete_topics
 
-    drop_database(dsn, store)
+    for store in stores:
+        drop_database(dsn, store)
     delete_topics(bootstrap, prefix)
     stop_services(started)
 
@@ -303,11 +305,7 @@ def run(args: argparse.Namespace, bootstrap: str, dsn: str) -> None:
             lat = latency(bootstrap, f"{prefix}lat.", stores[2], work / "latency", args.rate, args.seconds)
             report_latency(lat, args.rate, args.seconds)
     finally:
-        from tests.topics import delete_topics
-
-        for store in stores:
-            drop_database(dsn, store)
-        delete_topics(bootstrap, prefix)
+        clean_up(bootstrap, dsn, stores, prefix)
         shutil.rmtree(work, ignore_errors=True)
 
 

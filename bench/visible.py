@@ -546,7 +546,7 @@ def run_kafka(tmp: Path, customers: int, seconds: float, warmup: float, probes: 
             server.stop()
         if worker is not None:
             stop(worker)
-        clean_up(bootstrap, dsn, store, prefix, started)
+        clean_up(bootstrap, dsn, [store], prefix, started)
     report(f"Kafka + PostgreSQL (cdp worker, cdp serve), 1,000 events/s for {seconds:g} s, "
            f"view of {customers:,} customers", publisher, topic, broker)
     print(f"  CPU while publishing ({publisher.sent:,} events, {publisher.lookups:,} probe look-ups): "
@@ -645,7 +645,7 @@ def run_ceiling(tmp: Path, customers: int, events: int) -> None:
     finally:
         if worker is not None:
             stop(worker)
-        clean_up(bootstrap, dsn, store, prefix, started)
+        clean_up(bootstrap, dsn, [store], prefix, started)
     print(f"\n== Kafka path's ceiling: {sent:,} events ({rows:,} stored events), one worker, view of {customers:,} customers")
     print(f"  cdp worker → PostgreSQL                 {(sent - first) / stored_s:9,.0f} events/s   "
           f"CPU {stored_cpu / (sent - first) * 1e6:6.0f} µs/event (after its first batch)")
