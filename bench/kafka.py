@@ -5,12 +5,14 @@ scripts/services.sh when unset). Every run uses its own topics and its own Postg
 
 1. throughput: N demo events published to cdp.events, then, on the very same messages,
    * one `cdp worker` process with the PostgreSQL event store, end to end (validate, resolve,
-     store, view, profiles), timed from its first stored event to its last;
+     store), timed from its first stored event to its last;
    * a raw kafka-python consume of the topic (the transport's ceiling);
    * the embedded pipeline in-process on the same events (SQLite, the default, and PostgreSQL);
-2. latency: events published at a steady R events/s for S seconds to a running worker; each one is
-   a new customer, so it is visible when its profile appears on cdp.profiles: latency = the profile
-   message's timestamp minus the event's send time (one machine, one clock).
+2. latency: events published at a steady R events/s for S seconds to a running worker, beside a
+   running `cdp serve` (which projects the store and publishes cdp.profiles: workers resolve and
+   commit only); each event is a new customer, so it is visible when its profile appears on
+   cdp.profiles: latency = the profile message's timestamp minus the event's send time (one
+   machine, one clock).
 """
 from __future__ import annotations
 
@@ -207,14 +209,19 @@ def latency(bootstrap: str, prefix: str, store: str, home: Path, rate: int, seco
 
     from identity.resolver import new_customer_id
 
+    from tests.serving import start_server
+
     log = home.with_suffix(".log")
     worker = start_worker(env_for(home, bootstrap, prefix, store), log)
+    server = consumer = None
     run = uuid.uuid4().hex[:6]
     sent: dict[str, float] = {}
-    consumer = KafkaConsumer(f"{prefix}cdp.profiles", bootstrap_servers=bootstrap, auto_offset_reset="latest",
-                             group_id=f"bench-lat-{run}", enable_auto_commit=False)
     try:
         wait_ready(worker, log)
+        server = start_server(env_for(home.with_name(f"{home.name}-serve"), bootstrap, prefix, store),
+                              home.with_suffix(".serve.log"))
+        consumer = KafkaConsumer(f"{prefix}cdp.profiles", bootstrap_servers=bootstrap, auto_offset_reset="latest",
+                                 group_id=f"bench-lat-{run}", enable_auto_commit=False)
         while not consumer.assignment():
             consumer.poll(timeout_ms=200)
         time.sleep(2)  # the worker's group settles
@@ -238,7 +245,10 @@ def latency(bootstrap: str, prefix: str, store: str, home: Path, rate: int, seco
                     seen.setdefault(r.key.decode(), r.timestamp / 1000)
         producer.close()
     finally:
-        consumer.close()
+        if consumer is not None:
+            consumer.close()
+        if server is not None:
+            server.stop()
         stop(worker)
     missing = len(set(sent) - set(seen))
     if missing:
