@@ -22,8 +22,7 @@ minutes), while pure Python work stayed flat: the allocator, not the data. `benc
 PostgreSQL, 600 s, the server on jemalloc): the read side's CPU per batch p50 39.3 ms against
 65.3 ms on the tuned glibc, its projecting stage p50 per 30 s 59.0 -> 80.1 ms against 79.4 ->
 147.0 ms, publish-to-visible p99 over HTTP 382.8 ms against 548.7 ms (a second run on jemalloc:
-464.5 ms). CDP_ALLOCATOR=glibc keeps
-glibc; an allocator the operator preloads already is kept.
+464.5 ms). CDP_ALLOCATOR=glibc keeps glibc; an allocator the operator preloads already is kept.
 
 Both settings are read only when a process starts, hence the restart: the same process id,
 arguments and environment. An operator's own `glibc.malloc.tcache_count` is kept. Elsewhere
