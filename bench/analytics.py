@@ -40,7 +40,7 @@ QUERIES = {
     "top 100 by predicted_value_12m": "SELECT customer_id, email, predicted_value_12m, churn_risk, tier "
                                       "FROM customers ORDER BY predicted_value_12m DESC LIMIT 100",
     "cross-unit overlap": "SELECT * FROM business_unit_overlap ORDER BY unit_x, unit_y",
-    "overlap ad hoc (self-join, info)": metrics.OVERLAP_SELECT,
+    "overlap ad hoc (info)": metrics.OVERLAP_SELECT,
 }
 
 

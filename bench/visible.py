@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -786,9 +787,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--no-probes", dest="probes", action="store_false",
                         help="kafka: measure cdp.profiles only, without look-ups over HTTP (which load the "
                              "server measured)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR and keep it afterwards (the servers' logs with their stage lines, "
+                             "their views) rather than in a temporary directory")
     args = parser.parse_args(argv)
     server_env = dict(item.split("=", 1) for item in args.set)
-    with tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="cdp-bench-visible-") as tmp:
         if args.mode == "batches":
             run_batches(Path(tmp), args.customers, args.batch_requests, args.against)
         if args.mode == "ceiling":

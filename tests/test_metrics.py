@@ -269,3 +269,47 @@ def test_a_live_batch_scores_a_customer_as_the_last_refresh_did(demo_view, tmp_p
     assert spread[:4] == (5, 5, 5, 3) and spread[4] > 0 and spread[5] > 50  # every boundary is exercised
     assert len(provisional) == len(refreshed) > 300
     assert provisional == refreshed
+
+
+def test_overlap_is_every_pair_of_units_a_customer_is_in(demo_view):
+    """business_unit_overlap against its definition, a self-join of the customers' unit rows (the
+    refresh computes it without joining customers of one unit; docs/metrics.md)."""
+    con = duckdb.connect(str(demo_view.home / "view.duckdb"), read_only=True)
+    try:
+        defined = con.execute("""
+            SELECT x.business_unit, y.business_unit, count(*), sum(x.spend), sum(y.spend)
+            FROM customer_business_units x JOIN customer_business_units y USING (customer_id)
+            GROUP BY ALL ORDER BY ALL""").fetchall()
+        kept = con.execute("SELECT unit_x, unit_y, customers_both, spend_in_x, spend_in_y FROM business_unit_overlap "
+                           "ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+    assert [row[:3] for row in kept] == [row[:3] for row in defined]
+    assert len(defined) == 9 and sum(row[2] for row in defined if row[0] != row[1]) > 0  # pairs of two units
+    for got, expected in zip(kept, defined):
+        assert got[3:] == pytest.approx(expected[3:], abs=0.006)
+
+
+def test_a_refresh_rewrites_the_scores_that_differ(demo_view, tmp_path):
+    """A refresh finds the rows whose stored scores differ from what it computes (here three made
+    stale by hand) and writes those again; every other row keeps what it had."""
+    from datetime import date
+
+    from projections.metrics import SCORE_COLUMNS, refresh
+    from tests.conftest import DEMO_AS_OF
+
+    copy = tmp_path / "view.duckdb"
+    shutil.copy(demo_view.home / "view.duckdb", copy)
+    con = duckdb.connect(str(copy))
+    try:
+        columns = ", ".join(["customer_id", *SCORE_COLUMNS])
+        before = con.execute(f"SELECT {columns} FROM customers ORDER BY customer_id").fetchall()
+        stale = [row[0] for row in before if row[list(SCORE_COLUMNS).index("rfm_segment") + 1] not in (None, "prospect")][:3]
+        con.execute("UPDATE customers SET rfm_segment = 'lost', churn_risk = 0.999, tier = NULL, scores_withheld = NULL "
+                    "WHERE customer_id IN (SELECT unnest(?))", [stale])
+        position = con.execute("SELECT position FROM metric_state").fetchall()[0][0]
+        refresh(con, date.fromisoformat(DEMO_AS_OF), position)
+        after = con.execute(f"SELECT {columns} FROM customers ORDER BY customer_id").fetchall()
+    finally:
+        con.close()
+    assert len(stale) == 3 and after == before
