@@ -304,9 +304,10 @@ def test_a_refresh_rewrites_the_scores_that_differ(demo_view, tmp_path):
     try:
         columns = ", ".join(["customer_id", *SCORE_COLUMNS])
         before = con.execute(f"SELECT {columns} FROM customers ORDER BY customer_id").fetchall()
-        stale = [row[0] for row in before if row[list(SCORE_COLUMNS).index("rfm_segment") + 1] not in (None, "prospect")][:3]
-        con.execute("UPDATE customers SET rfm_segment = 'lost', churn_risk = 0.999, tier = NULL, scores_withheld = NULL "
-                    "WHERE customer_id IN (SELECT unnest(?))", [stale])
+        segment = 1 + list(SCORE_COLUMNS).index("rfm_segment")  # after customer_id
+        stale = [row[0] for row in before if row[segment] not in (None, "prospect")][:3]
+        con.execute("UPDATE customers SET rfm_segment = 'lost', churn_risk = 0.999, tier = NULL, "
+                    "scores_withheld = NULL WHERE customer_id IN (SELECT unnest(?))", [stale])
         position = con.execute("SELECT position FROM metric_state").fetchall()[0][0]
         refresh(con, date.fromisoformat(DEMO_AS_OF), position)
         after = con.execute(f"SELECT {columns} FROM customers ORDER BY customer_id").fetchall()
