@@ -283,8 +283,7 @@ class EventStore:
         schema, table = self.recorder.datastore.schema, self.recorder.events_table_name
         cursor.execute("SELECT a.attname AS name FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
                        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
-                       "AND a.attnum > 0 AND NOT a.attisdropped AND a.attstattarget IS DISTINCT FROM %s "
-                       "AND pg_has_role(c.relowner, 'USAGE')",  # another role leaves it, rather than fail to open
+                       "AND a.attnum > 0 AND NOT a.attisdropped AND a.attstattarget IS DISTINCT FROM %s",
                        [schema, table, EVENTS_STATISTICS_TARGET])
         columns = [row["name"] for row in cursor.fetchall()]
         if columns:
