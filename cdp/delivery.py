@@ -29,10 +29,11 @@ import hashlib
 import hmac
 import random
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import duckdb
 import orjson
@@ -364,10 +365,14 @@ class DeliveryLoop:
     cursor of the view's connection, woken after each projected batch (`wake()`) and every
     `interval` seconds (retries waiting on a slow receiver never hold up the projection)."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, settings: Settings, interval: float = 5.0):
+    def __init__(self, con: duckdb.DuckDBPyConnection, settings: Settings, interval: float = 5.0,
+                 hold: Callable[[], ContextManager[bool]] | None = None):
+        """`hold`: entered around each round, which runs only if it gives True (the server pauses
+        the view's writers while it copies the view's file: viewgate.WriterPause)."""
         import threading
 
         self.settings, self.interval = settings, interval
+        self._hold = hold or (lambda: nullcontext(True))
         self.con = con.cursor()
         self.error: BaseException | None = None
         self.last = Report()
@@ -406,7 +411,10 @@ class DeliveryLoop:
                 self._started += 1
                 this = self._started
             try:
-                self.last = deliver_pending(self.con, self.settings)
+                with self._hold() as allowed:
+                    if not allowed:
+                        return
+                    self.last = deliver_pending(self.con, self.settings)
                 self.error = None
             except Exception as error:  # a broker or key away: reported (e.g. on /health), tried again
                 self.error = error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import duckdb
 
@@ -21,6 +22,7 @@ CUSTOMER_TABLES = (
     ("customer_business_units", "customer_id"), ("identity_decisions", "customer_id"),
     ("customer_redirects", "survivor_id"), ("customer_redirects", "absorbed_id"),
 )
+COPY_BATCH_ROWS = 122_880  # rows per Arrow batch when copy_out streams a table: one DuckDB row group
 SELECT_ERASED = f"""
 SELECT DISTINCT unnest(from_json(decode(state), '{{"customer_ids": ["VARCHAR"]}}').customer_ids) AS customer_id
 FROM batch WHERE topic = '{ERASED}'
@@ -39,12 +41,28 @@ def delete_erased(con: duckdb.DuckDBPyConnection) -> list[str]:
     return erased
 
 
+def fresh_path(path: Path) -> Path:
+    """Where the view's fresh copy is written, beside it; a leftover of an interrupted one goes."""
+    fresh = path.with_name(path.name + ".rewrite")
+    discard(fresh)
+    return fresh
+
+
+def discard(fresh: Path) -> None:
+    for part in (fresh, Path(str(fresh) + ".wal")):
+        part.unlink(missing_ok=True)
+
+
+def swap_in(fresh: Path, path: Path) -> None:
+    """Puts the fresh copy in the view's place (nothing may hold the old file open)."""
+    os.replace(fresh, path)
+    Path(str(path) + ".wal").unlink(missing_ok=True)
+
+
 def rewrite(path: Path) -> None:
     """Copies the view into a fresh file and swaps it in: DuckDB marks deleted rows' blocks free
     without clearing them, so only a new file is sure to hold none of an erased person's bytes."""
-    fresh = path.with_name(path.name + ".rewrite")
-    for leftover in (fresh, Path(str(fresh) + ".wal")):
-        leftover.unlink(missing_ok=True)
+    fresh = fresh_path(path)
     con = duckdb.connect(str(path))
     try:
         con.execute("SET enable_progress_bar = false")  # DuckDB's own bar would land in the CLI's stdout
@@ -61,5 +79,47 @@ def rewrite(path: Path) -> None:
         con.execute("DETACH fresh")
     finally:
         con.close()
-    os.replace(fresh, path)
-    Path(str(path) + ".wal").unlink(missing_ok=True)
+    swap_in(fresh, path)
+
+
+def copy_out(source: duckdb.DuckDBPyConnection, path: Path, indexes: Sequence[str] = (),
+             memory: str | None = None) -> Path:
+    """Copies the tables (and views) of the view `source` is connected to into a fresh file beside
+    `path` and returns it, for `swap_in` once nothing holds the view. For the running server: its
+    own DuckDB instance may not write files (external access is off, for user SQL), so the rows
+    go through Arrow into an instance of their own, and the server's connections go on answering
+    reads meanwhile; `source` reads one snapshot (the server's writers are paused). `indexes`
+    (CREATE INDEX statements) are built in the fresh file, so the server does not build them
+    again while its reads wait; one that does not fit `memory` is left to the server."""
+    fresh = fresh_path(path)
+    target = duckdb.connect(str(fresh), config={"memory_limit": memory} if memory else {})
+    try:
+        target.execute("SET enable_progress_bar = false")
+        source.execute("BEGIN TRANSACTION")
+        try:
+            tables = source.execute("SELECT table_name, sql FROM duckdb_tables() "
+                                    "WHERE database_name = current_database() ORDER BY table_oid").fetchall()
+            views = source.execute("SELECT sql FROM duckdb_views() WHERE database_name = current_database() "
+                                   "AND NOT internal ORDER BY view_oid").fetchall()
+            for name, ddl in tables:
+                target.execute(ddl)
+                rows = source.sql(f'SELECT * FROM "{name}"').to_arrow_reader(COPY_BATCH_ROWS)
+                target.register("copied_rows", rows)
+                target.execute(f'INSERT INTO "{name}" SELECT * FROM copied_rows')
+                target.unregister("copied_rows")
+            for (ddl,) in views:
+                target.execute(ddl)
+        finally:
+            source.execute("COMMIT")
+        for statement in indexes:
+            try:
+                target.execute(statement)
+            except duckdb.OutOfMemoryException:
+                pass  # the server builds it when it opens the view, or goes without (ReadSide.create_indexes)
+        target.execute("CHECKPOINT")
+    except BaseException:
+        target.close()
+        discard(fresh)
+        raise
+    target.close()
+    return fresh

@@ -132,6 +132,8 @@ def test_a_running_server_rewrites_the_view_after_an_erasure(cdp, tmp_path, peop
         # no byte of the person in any file, the server still running on the rewritten view
         assert files_holding(cdp.home, NEEDLES) == {}
         assert server.process.poll() is None and "rewritten after an erasure" in log.read_text()
+        # copied while the look-ups went on; they waited only for the swap (not the closed way)
+        assert "while reads went on" in log.read_text(), log.read_text()[-2000:]
         # a look-up never failed: answered, or told to come back while the file was rewritten
         assert set(answers) <= {200, 503} and answers[200] > 0, answers
         # it follows the store on from the fresh file: a new customer, accepted and readable

@@ -11,7 +11,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cdp.server import viewgate
-from cdp.server.viewgate import ViewGate, ViewRequests
+from cdp.server.viewgate import ViewGate, ViewRequests, WriterPause
 
 
 def client(gate: ViewGate) -> TestClient:
@@ -43,3 +43,59 @@ def test_the_rewrite_waits_for_requests_inside_and_gives_up_in_time():
     assert not gate.close(timeout=0.1) and not gate.closed  # one still inside: open again
     threading.Timer(0.1, gate.leave).start()
     assert gate.close(timeout=5) and gate.closed and not gate.enter()
+
+
+def writer(pause: WriterPause, wrote: list[bool]) -> threading.Thread:
+    """A writer on a thread of its own: appends whether it was allowed to write."""
+    def write() -> None:
+        with pause.writing() as allowed:
+            wrote.append(allowed)
+
+    return threading.Thread(target=write)
+
+
+def test_paused_writers_wait_and_go_on_when_resumed():
+    pause = WriterPause()
+    wrote: list[bool] = []
+    assert pause.pause(timeout=1)
+    thread = writer(pause, wrote)
+    thread.start()
+    time.sleep(0.2)
+    assert wrote == []  # held back while paused
+    pause.resume()
+    thread.join(5)
+    assert wrote == [True]
+
+
+def test_a_pause_waits_for_a_writer_inside_and_gives_up_in_time():
+    pause = WriterPause()
+    inside, leave = threading.Event(), threading.Event()
+
+    def write_slowly() -> None:
+        with pause.writing():
+            inside.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=write_slowly)
+    thread.start()
+    inside.wait(5)
+    assert not pause.pause(timeout=0.1)  # still writing: not paused, and others may write
+    with pause.writing() as allowed:
+        assert allowed
+    threading.Timer(0.1, leave.set).start()
+    assert pause.pause(timeout=5)
+    thread.join(5)
+
+
+def test_ended_writers_leave_without_writing():
+    pause = WriterPause()
+    assert pause.pause(timeout=1)
+    wrote: list[bool] = []
+    thread = writer(pause, wrote)
+    thread.start()
+    time.sleep(0.1)
+    pause.end()  # the read side is being replaced
+    thread.join(5)
+    assert wrote == [False]
+    with pause.writing() as allowed:
+        assert not allowed

@@ -26,6 +26,7 @@ from cdp.config import Settings, today
 from cdp.contracts import stored_events
 from cdp.delivery import DeliveryLoop
 from cdp.server import priority, published, stages
+from cdp.server.viewgate import WriterPause
 from projections import metrics
 from projections.changelog import LISTED_IDS, profile_messages, tombstones
 from projections.projector import view_position
@@ -77,7 +78,9 @@ class ReadSide:
         if producer is not None:  # cdp.profiles' bookkeeping (published.py): only where there is a changelog
             self.projector.con.execute(published.DDL)
         self.missing_indexes = self.create_indexes()
-        self.delivery = DeliveryLoop(self.projector.con, cfg)  # audience changes to destinations
+        # every thread below that writes the view holds this while it writes (a rewrite pauses them)
+        self.writers = WriterPause()
+        self.delivery = DeliveryLoop(self.projector.con, cfg, hold=self.writers.writing)  # audience changes
         self.keyring = keyring if keyring is not None else api_keys.load(app)
         self.published = 0
         self.follow_error: BaseException | None = None
@@ -123,6 +126,7 @@ class ReadSide:
 
     def stop(self) -> None:
         self._stop.set()
+        self.writers.end()  # writers a rewrite paused leave without writing
         self._wake.set()
         with self._unpublished_ready:
             self._unpublished_ready.notify_all()
@@ -195,7 +199,10 @@ class ReadSide:
         priority.lower(self.cfg.catch_up_nice)  # look-ups and the collector answer first
         while not self._stop.is_set():
             try:
-                self.catch_up()
+                with self.writers.writing() as allowed:
+                    if not allowed:
+                        return
+                    self.catch_up()
                 self.follow_error = None
             except Exception as error:  # the store away: report on /health, retry
                 self.follow_error = error
@@ -294,8 +301,11 @@ class ReadSide:
         priority.lower(SCORES_NICE)
         cursor = self.projector.con.cursor()
         try:
-            with self._traced_refresh(inline=False):
-                self.projector.refresh_metrics(cursor)
+            with self.writers.writing() as allowed:
+                if not allowed:
+                    return
+                with self._traced_refresh(inline=False):
+                    self.projector.refresh_metrics(cursor)
             self.delivery.wake()
         except Exception:  # noqa: BLE001 - e.g. a batch updated a row first: again, between two batches
             self._refresh_inline = True
@@ -337,7 +347,10 @@ class ReadSide:
         while not self._stop.is_set():
             try:
                 if not recovered:
-                    self.publish_profiles(con)
+                    with self.writers.writing() as allowed:
+                        if not allowed:
+                            return
+                        self.publish_profiles(con)
                     recovered, self.publish_error = True, None
                 with self._unpublished_ready:
                     while not self._unpublished and not self._stop.is_set():
@@ -345,15 +358,10 @@ class ReadSide:
                     batches, self._unpublished = self._unpublished, []
                 if not batches:
                     continue
-                began, used = time.time(), time.thread_time()
-                done = published_position(con)
-                batches = [b for b in batches if b[0] > done]  # a recovery covered these
-                if batches:
-                    built = self._send_profiles(con, [cid for b in batches for cid in b[1]],
-                                                [cid for b in batches for cid in b[2]], batches[-1][0])
-                    if self.cfg.trace_stages:
-                        stages.log(stages.PUBLISHED, first=done + 1, last=batches[-1][0], handed=batches[0][3],
-                                   began=began, built=built, acked=time.time(), cpu=time.thread_time() - used)
+                with self.writers.writing() as allowed:
+                    if not allowed:  # the next read side publishes them: they are past its published position
+                        return
+                    self._publish_batches(con, batches)
                 self.publish_error = None
             except Exception as error:  # the broker away: report on /health, retry from the store
                 self.publish_error = error
@@ -361,6 +369,17 @@ class ReadSide:
                 with self._unpublished_ready:
                     self._unpublished.clear()
                 self._stop.wait(1.0)
+
+    def _publish_batches(self, con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> None:
+        began, used = time.time(), time.thread_time()
+        done = published_position(con)
+        batches = [b for b in batches if b[0] > done]  # a recovery covered these
+        if batches:
+            built = self._send_profiles(con, [cid for b in batches for cid in b[1]],
+                                        [cid for b in batches for cid in b[2]], batches[-1][0])
+            if self.cfg.trace_stages:
+                stages.log(stages.PUBLISHED, first=done + 1, last=batches[-1][0], handed=batches[0][3],
+                           began=began, built=built, acked=time.time(), cpu=time.thread_time() - used)
 
     def _send_profiles(self, con: duckdb.DuckDBPyConnection, ids: list[str], erased: list[str], upto: int,
                        already: published.Tail | None = None) -> float:

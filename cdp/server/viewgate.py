@@ -1,20 +1,20 @@
 """Who may use the view's database while the server rewrites its file after an erasure.
 
-The server's DuckDB instance holds the view's file open for as long as it lives, and it runs with
-external access off (user SQL never reaches the machine's files), so it cannot write a fresh copy
-itself: the file is rewritten with every connection of the instance closed (Service.rewrite_view).
-Requests that read the view hold the gate shared; the rewrite closes it, waits for those in flight
-and reopens it on the new read side. Meanwhile a request waits up to WAIT_SECONDS for it (the copy
-takes ~0.2 s for a small view, ~5 s for 1,000,000 events), then is answered 503 with `Retry-After`.
-Requests that never touch the view (the collector, the documentation, the console's static files)
-pass.
+The rewrite (Service.rewrite_view) first pauses the view's writers (`WriterPause`: the read side's
+threads, which project, score, publish and deliver) and copies the tables into a fresh file while
+requests go on reading; then, for the swap alone, it closes the readers' gate (`ViewGate`), waits
+for the requests in flight, closes the old database, puts the fresh file in its place and opens a
+new read side on it. A request that comes meanwhile waits up to WAIT_SECONDS for the swap, then
+is answered 503 with `Retry-After`. Requests that never touch the view (the collector, the
+documentation, the console's static files) pass.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -61,6 +61,53 @@ class ViewGate:
     def open(self) -> None:
         with self._changed:
             self._closed = False
+
+
+class WriterPause:
+    """The view's writers hold it while they write: `with pause.writing() as allowed`, and write
+    only if allowed. `pause` holds new writers back and waits for those writing, so the tables
+    stand still while they are copied; `resume` lets them on, `end` sends them away for good (the
+    read side they belong to is being replaced: what they would write goes to the new one)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._writing = 0
+        self._paused = self._ended = False
+
+    @contextmanager
+    def writing(self) -> Iterator[bool]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._paused or self._ended)
+            allowed = not self._ended
+            self._writing += allowed
+        try:
+            yield allowed
+        finally:
+            if allowed:
+                with self._changed:
+                    self._writing -= 1
+                    self._changed.notify_all()
+
+    def pause(self, timeout: float) -> bool:
+        """Holds new writers back and waits for those writing; False (and resumed) if they did
+        not all finish within `timeout` seconds."""
+        with self._changed:
+            self._paused = True
+            if self._changed.wait_for(lambda: self._writing == 0, timeout):
+                return True
+            self._paused = False
+            self._changed.notify_all()
+            return False
+
+    def resume(self) -> None:
+        with self._changed:
+            self._paused = False
+            self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
 
 def rewriting_answer() -> tuple[bytes, list[tuple[bytes, bytes]]]:

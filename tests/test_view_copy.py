@@ -1,0 +1,67 @@
+"""Copying the view into a fresh file as the running server does after an erasure
+(projections/erasure.py `copy_out`): through a connection of a database that may not write files,
+which goes on answering meanwhile; every row of every table in the copy, the look-up indexes
+built in it; then the copy in the view's place."""
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+
+from projections import erasure
+
+INDEX = "CREATE INDEX IF NOT EXISTS lookup_customers ON customers (customer_id)"
+
+
+def test_a_copy_holds_every_row_and_the_indexes_and_takes_the_views_place(demo_view, tmp_path):
+    view = tmp_path / "view.duckdb"
+    shutil.copy(demo_view.home / "view.duckdb", view)
+    con = duckdb.connect(str(view))
+    con.execute("SET enable_external_access = false")  # as the server's: user SQL never reaches files
+    reader = con.cursor()
+    try:
+        fresh = erasure.copy_out(con.cursor(), view, [INDEX])
+        customers = reader.execute("SELECT count(*) FROM customers").fetchall()[0][0]  # still answering
+    finally:
+        con.close()
+    assert customers > 100 and fresh.exists() and fresh != view
+
+    copy = duckdb.connect(str(fresh))
+    try:
+        copy.execute(f"ATTACH '{view}' AS original (READ_ONLY)")
+        tables = [name for (name,) in copy.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'original' ORDER BY 1").fetchall()]
+        assert "customer_events" in tables and tables == [name for (name,) in copy.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() ORDER BY 1").fetchall()]
+        for table in tables:
+            counts = copy.execute(f"SELECT (SELECT count(*) FROM {table}), "
+                                  f"(SELECT count(*) FROM original.{table})").fetchall()[0]
+            assert counts[0] == counts[1], table
+            for a, b in ((table, f"original.{table}"), (f"original.{table}", table)):
+                assert copy.execute(f"SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})").fetchall()[0][0] == 0, table
+        assert copy.execute("SELECT index_name FROM duckdb_indexes() "
+                            "WHERE database_name = current_database()").fetchall() == [("lookup_customers",)]
+    finally:
+        copy.close()
+
+    erasure.swap_in(fresh, view)
+    assert not fresh.exists()
+    with duckdb.connect(str(view), read_only=True) as swapped:
+        assert swapped.execute("SELECT count(*) FROM customers").fetchall()[0][0] == customers
+
+
+def test_a_failed_copy_leaves_no_part_behind(demo_view, tmp_path):
+    view = tmp_path / "view.duckdb"
+    shutil.copy(demo_view.home / "view.duckdb", view)
+    con = duckdb.connect(str(view))
+    try:
+        try:
+            erasure.copy_out(con.cursor(), view, ["CREATE INDEX broken ON customers (no_such_column)"])
+        except duckdb.BinderException:
+            pass
+        else:
+            raise AssertionError("an index on a missing column was built")
+        assert con.execute("SELECT count(*) FROM customers").fetchall()[0][0] > 0  # the view is untouched
+    finally:
+        con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["view.duckdb"]
