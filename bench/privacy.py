@@ -10,7 +10,8 @@
    beside `cdp customer show` of the same person (a read of the same view) as the baseline; and
    `cdp erase` beside a running `cdp serve` once its /health says the resolver is ready (the
    server erases, then rewrites its view's file at once: CDP_VIEW_REWRITE_DELAY=0; timed until
-   /health no longer says `view_rewrite_pending`, with the pause of the view's reads its log gives).
+   /health no longer says `view_rewrite_pending`, with the parts its log gives), while look-ups of
+   another customer go on over HTTP: the slowest of them beside their pace before the erase.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench.common import CACHE, demo_files, report, timer
@@ -83,7 +85,7 @@ def erase_time(events: int) -> None:
         # (SQLite's checkpoint 0.45 s of the erase's 3.91 s, 0.00 s after a sync)
         os.sync()
         run = {**env, "CDP_HOME": str(copy)}
-        who = _people(run, 2)
+        who = _people(run, 3)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "cdp", "customer", "show", who[0]], env=run, check=True,
                        stdout=subprocess.DEVNULL)
@@ -91,7 +93,7 @@ def erase_time(events: int) -> None:
         out = _erase(run, who[0])
         print(f"  cdp erase: {out}")
         print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
-        served = _erase_beside_server(run, who[1], Path(tmp) / "serve.log")
+        served = _erase_beside_server(run, who[1], who[2], Path(tmp) / "serve.log")
         print(f"  cdp erase beside a running cdp serve: {served}")
 
 
@@ -109,12 +111,18 @@ def _erase(run: dict, who: str) -> str:
     return out.strip().split(": ", 1)[1]
 
 
-def _erase_beside_server(run: dict, who: str, log: Path) -> str:
+def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
+    """The erase's own line, the rewrite's time, and how reads of the view fared meanwhile:
+    look-ups of another customer (`reader`) one after another over HTTP, from before the erase
+    until the rewrite ended; their slowest beside their p50 while nothing was being rewritten."""
     import signal
 
     port = 18000 + os.getpid() % 1000
+    key = subprocess.run([sys.executable, "-m", "cdp", "keys", "create", "--scope", "read"], env=run, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
     server = subprocess.Popen([sys.executable, "-m", "cdp", "serve", "--port", str(port)],
-                              env={**run, "CDP_VIEW_REWRITE_DELAY": "0"}, stdout=subprocess.DEVNULL,
+                              env={**run, "CDP_VIEW_REWRITE_DELAY": "0", "CDP_RATE_LIMIT": "1000000"},
+                              stdout=subprocess.DEVNULL,
                               stderr=open(log, "ab"))
     try:
         deadline = time.monotonic() + 900
@@ -126,22 +134,70 @@ def _erase_beside_server(run: dict, who: str, log: Path) -> str:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cdp serve did not come up: {log.read_text()[-2000:]}")
             time.sleep(1)
-        out = _erase(run, who)
-        started = time.perf_counter()
-        while b'"view_rewrite_pending":false' not in _health(port):
-            if server.poll() is not None or time.perf_counter() - started > 900:
-                raise RuntimeError(f"cdp serve did not rewrite its view: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        rewritten = time.perf_counter() - started
+        with LookUps(port, key, reader) as lookups:
+            time.sleep(3)  # the look-ups' pace while nothing is rewritten
+            idle = lookups.mark()
+            out = _erase(run, who)
+            started = time.perf_counter()
+            while b'"view_rewrite_pending":false' not in _health(port):
+                if server.poll() is not None or time.perf_counter() - started > 900:
+                    raise RuntimeError(f"cdp serve did not rewrite its view: {log.read_text()[-2000:]}")
+                time.sleep(0.05)
+            rewritten = time.perf_counter() - started
+            time.sleep(1)
+        during = lookups.results[idle:]
     finally:
         started = time.perf_counter()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=900)
         stopped = time.perf_counter() - started
-    paused = re.search(r"rewritten after an erasure in ([\d.]+ s) \(([^;]*)", log.read_text())
+    said = re.search(r"rewritten after an erasure in (.*)", log.read_text())
+    before = sorted(seconds for seconds, _ in lookups.results[:idle])
+    slowest = max(seconds for seconds, _ in during)
+    statuses = Counter(status for _, status in during)
     return (f"{out}; then the view's file rewritten by the running server {rewritten:.2f} s after the erase "
-            f"(reads of the view paused {paused.group(1) if paused else '?'}: "
-            f"{paused.group(2) if paused else '?'}, its log says); its stop: {stopped:.2f} s")
+            f"({said.group(1) if said else '?'}, its log says); its stop: {stopped:.2f} s\n"
+            f"  look-ups of another customer meanwhile: {len(during)}, the slowest {slowest * 1000:.0f} ms, "
+            f"answered {dict(statuses)}; baseline, the same look-ups before the erase: "
+            f"p50 {before[len(before) // 2] * 1000:.1f} ms, slowest {before[-1] * 1000:.1f} ms ({len(before)})")
+
+
+class LookUps:
+    """GET /v1/profiles/{id} one after another on a thread: (seconds, status) per look-up."""
+
+    def __init__(self, port: int, key: str, customer_id: str):
+        import threading
+
+        self.url, self.key = f"http://127.0.0.1:{port}/v1/profiles/customer_id:{customer_id}", key
+        self.results: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "LookUps":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def mark(self) -> int:
+        return len(self.results)
+
+    def _run(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {self.key}"})
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    answer.read()
+                    status = answer.status
+            except urllib.error.HTTPError as refused:
+                status = refused.code
+            self.results.append((time.perf_counter() - started, status))
 
 
 def _health(port: int) -> bytes:
