@@ -59,7 +59,7 @@ from identity.matching import ProbabilisticMatcher
 from identity import reresolution
 from identity.reresolution import Retrained
 from identity.resolver import Decision, Link, Resolver, SplitDecision, review_id
-from identity.training import due, train
+from identity.training import due, has_pairs, train
 from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
@@ -504,9 +504,14 @@ class CustomerApplication(Application):
         return resolver.matcher is not None and due(len(resolver.blocks), resolver.matcher.model,
                                                     settings.train_min_records, settings.retrain_growth)
 
+    def can_learn(self) -> bool:
+        """Whether the records held give a training candidate pairs to learn from (identity.training
+        .has_pairs on the blocking index): one scan of the blocks, asked once training is due."""
+        return has_pairs(self.resolver.blocks.blocks)
+
     def retrain_if_due(self) -> Retrained | None:
         """Self-training: `retrain` when `training_due`; None when not due or nothing to learn from."""
-        if not self.training_due():
+        if not self.training_due() or not self.can_learn():
             return None
         try:
             return self.retrain()

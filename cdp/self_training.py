@@ -9,8 +9,9 @@ Here a child process opens an application of its own on the store and trains and
 `cdp identity train` does: the estimate and scoring outside the writers' lock, its model, merges
 and splits committed under it like any writer's. The worker takes them in at its next batch, as it
 takes in every other writer's (cdp/store.py `exclusive`). The child runs at lower priority, so the
-stream's CPU comes first. A child that ends with nothing to learn from (too few candidate pairs)
-is tried again once the records held grew by a tenth; a child that fails says why in one line.
+stream's CPU comes first. It is not started while the worker's own blocking index shows no
+candidate pairs to learn from (`can_learn`), and a child that ends with nothing to learn from is
+tried again once the records held grew by a tenth; a child that fails says why in one line.
 
 Run as `python -m cdp.self_training` with the worker's environment (its settings).
 """
@@ -43,6 +44,8 @@ class Trainer:
         if held < self.retry_at or not app.training_due():
             return
         self.retry_at = int(held * (1 + RETRY_GROWTH)) + 1
+        if not app.can_learn():  # the process would load every record to find no pair to learn from
+            return
         self.process = subprocess.Popen([sys.executable, "-m", "cdp.self_training"], stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:

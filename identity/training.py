@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from identity.blocking import blocking_keys
 from identity.comparisons import COMPARISONS, vector
@@ -57,6 +57,20 @@ def estimate_u(records: Sequence[Features], pairs: int, rng: random.Random) -> d
 # every comparison is learned from a session that did not select its pairs by it
 SESSIONS = {"ny:": ("first_name", "last_name", "date_of_birth"), "dp:": ("date_of_birth", "address_phone"),
             "np:": ("first_name", "last_name", "address_phone")}
+
+
+def has_pairs(blocks: Mapping[str, Sequence[str]]) -> bool:
+    """Whether a blocking index (key -> records) holds a block of two records or more under every
+    session's prefix: without one, `train` finds no candidate pairs to learn from. A worker asks
+    before it starts a training process, which would otherwise load every record only to find none
+    (a stream of records sharing no name, birth date or address started one every few seconds)."""
+    wanted = set(SESSIONS)
+    for key, members in blocks.items():
+        if len(members) > 1:
+            wanted.discard(key[:key.find(":") + 1])
+            if not wanted:
+                return True
+    return False
 
 
 def blocked_vectors(records: Sequence[Features], max_block: int, prefix: str = "") -> Counter:

@@ -19,7 +19,7 @@ from identity.index import IdentityIndex
 from identity.matching import ProbabilisticMatcher
 from identity.model import Model, load
 from identity.resolver import Resolver
-from identity.training import train
+from identity.training import has_pairs, train
 from ingest.records import Accepted
 
 LEVEL = {c.name: i for i, c in enumerate(COMPARISONS)}
@@ -223,3 +223,25 @@ def test_training_is_reproducible_and_learns_informative_weights(hard_records):
     weights = dict(zip(one.names, one.weights))
     assert weights["first_name"][0] > 0 > weights["first_name"][-1]  # agreeing helps, disagreeing hurts
     assert weights["date_of_birth"][0] > weights["date_of_birth"][1] - 1 > weights["date_of_birth"][-1]
+
+
+def test_a_training_finds_pairs_exactly_when_the_blocking_index_says_so(hard_records):
+    """identity.training.has_pairs, which a worker asks before it starts a training process, agrees
+    with `train`: on the demo's records both find pairs; on records that share no name, birth date
+    or address (each with an e-mail of its own) neither does."""
+    def index(feats) -> BlockingIndex:
+        built = BlockingIndex()
+        for i, f in enumerate(feats):
+            built.add(f"u:{i}", f)
+        return built
+
+    demo = [features(r.profile, r.identifiers) for r in hard_records[0]]
+    assert has_pairs(index(demo).blocks)
+    train(demo, seed=5)  # finds pairs: no error
+    lone = [features({}, {"email": f"lone{i}@example.org"}) for i in range(300)]
+    assert not has_pairs(index(lone).blocks)
+    with pytest.raises(ValueError, match="no candidate pairs"):
+        train(lone, seed=5)
+    # pairs under two sessions' prefixes of three are not enough: train learns each session apart
+    assert not has_pairs({"ny:A000B0001970": ["u:1", "u:2"], "np:A000B000AB1": ["u:1", "u:3"], "ph:+44": ["u:4"]})
+    assert has_pairs({"ny:x": ["u:1", "u:2"], "np:y": ["u:1", "u:3"], "dp:z": ["u:4", "u:5"]})

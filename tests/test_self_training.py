@@ -147,3 +147,32 @@ def test_a_link_made_by_a_records_later_event_survives_retraining(demo, tmp_path
     out = cdp("identity", "train", "--seed", "3").stdout
     assert "re-resolution applied" in out
     assert cdp.customer_of("web", "later-b") == cdp.customer_of("shop", "later-a")
+
+
+def test_a_worker_starts_no_training_while_its_records_share_no_block(demo, tmp_path: Path, monkeypatch):
+    """A worker polls its trainer after each batch. Records that share no name, birth date or
+    address give a training nothing to learn from, so no training process starts (one used to start
+    each time the records grew by a tenth, only to find so); once records that share blocks
+    arrive, one does, and it trains."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+    from cdp.self_training import Trainer
+    from tests.events import event
+
+    cdp = Cdp(tmp_path / "home", SMALL)
+    cdp.ingest(*(event(f"lone-{i}", "web", f"W-{i}", customer={"email": f"lone{i}@example.org"}) for i in range(150)))
+    for name, value in {**SMALL, "CDP_HOME": str(cdp.home)}.items():
+        monkeypatch.setenv(name, value)  # the training process reads the worker's environment
+    trainer = Trainer()
+    with CustomerApplication(Settings.from_env()) as app:
+        assert app.training_due() and not app.can_learn()
+        trainer.poll(app)
+        assert trainer.process is None and trainer.retry_at > app.records_held() >= 150
+    cdp("ingest", *map(str, demo.event_files), env={"CDP_TRAIN_MIN_RECORDS": "0"})  # no training of its own
+    assert store_rows(cdp)[1] == 0
+    trainer.retry_at = 0
+    with CustomerApplication(Settings.from_env()) as app:
+        assert app.training_due() and app.can_learn()
+        trainer.poll(app)
+        assert trainer.process is not None and trainer.process.wait(timeout=120) == 0
+    assert store_rows(cdp)[1] == 1  # the process trained a model
