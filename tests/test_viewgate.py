@@ -99,3 +99,37 @@ def test_ended_writers_leave_without_writing():
     assert wrote == [False]
     with pause.writing() as allowed:
         assert not allowed
+
+
+def test_a_persons_decision_is_refused_while_the_view_is_rewritten_and_a_rewrite_waits_for_one(tmp_path, monkeypatch):
+    """Service.steward and Service.rewrite_view share the decision gate: a decision during a rewrite
+    is told to come back (it would wait for a view whose writers are paused), and a rewrite waits
+    for a decision under way, then gives up for now (it is tried again later)."""
+    from cdp.config import Settings
+    from cdp.erasure import mark_view_rewrite
+    from cdp.server import service as service_module
+    from cdp.server.access import Denied
+    from cdp.server.service import Service
+
+    service = Service.__new__(Service)  # the two methods' own state, without a server around them
+    service.cfg = Settings.from_env({"CDP_HOME": str(tmp_path)})
+    service.decision_gate, service._rewriting, service._closing = ViewGate(), threading.Lock(), False
+    logged: list[str] = []
+    service.log = logged.append
+
+    assert service.decision_gate.close(timeout=1)  # as rewrite_view does first
+    worked: list[str] = []
+    try:
+        service.steward(lambda app: worked.append("decided"))
+    except Denied as refused:
+        assert (refused.status, refused.code, refused.headers) == (503, "view_rewriting", {"Retry-After": "5"})
+    else:
+        raise AssertionError("a decision ran while the view was rewritten")
+    assert worked == []
+    service.decision_gate.open()
+
+    mark_view_rewrite(service.cfg)
+    monkeypatch.setattr(service_module, "DECISIONS_WAIT_SECONDS", 0.2)
+    assert service.decision_gate.enter()  # a decision under way
+    assert service.rewrite_view() is False and "a person's decision did not finish" in logged[-1]
+    assert service.view_rewrite_pending and service.decision_gate.enter()  # open again: decisions go on

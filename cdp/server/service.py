@@ -29,13 +29,15 @@ from cdp.config import ConfigError, Settings
 from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
                          surname_shared)
 from cdp.keys import Key
-from cdp.server.access import Gate, RateLimiter
+from cdp.server import viewgate
+from cdp.server.access import Denied, Gate, RateLimiter
 from cdp.server.readside import LOOKUP_INDEXES, ReadSide
 from cdp.server.viewgate import ViewGate
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
 
 T = TypeVar("T")
+DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
 WRITERS_PAUSE_SECONDS = 30  # a delivery round to a slow receiver may take this long before the copy starts
 REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did not finish in time
 VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
@@ -60,6 +62,10 @@ class Service:
         self.read = self._open_read_side()
         # requests that read the view hold it; a rewrite of its file closes it (viewgate.py)
         self.view_gate = ViewGate()
+        # people's decisions hold this one: they wait for the view to show them, which it cannot
+        # while a rewrite pauses its writers, so a rewrite first waits for those under way and
+        # refuses new ones until it ends (rewrite_view, steward)
+        self.decision_gate = ViewGate()
         self._rewriting = threading.Lock()  # one rewrite at a time, and none once closing
         self._closing = False
         self._rewrite_timer: threading.Timer | None = None
@@ -152,42 +158,57 @@ class Service:
         follows on from its position. Before this, reads waited for the whole copy (3.9-4.5 s on
         the 1,005,500-event bench store, bench.privacy; 14 s for the copy alone of a view of
         1,000,000 customers). Should the copy fail, the file is rewritten the closed way (every
-        connection closed first, as at a stop). The collector keeps accepting throughout."""
+        connection closed first, as at a stop). The collector keeps accepting throughout.
+
+        People's decisions (erase, split, review, audience definitions) wait for the view to show
+        them, which it cannot while its writers are paused; and a decision waiting inside the
+        readers' gate would hold the swap back. So the rewrite first waits for the decisions under
+        way and refuses new ones (503 with Retry-After, `steward`) until it ends."""
         with self._rewriting:
             if self._closing or not self.view_rewrite_pending:
                 return True
-            old, laps = self.read, [time.perf_counter()]
-            fresh = self._copy_view(old)
-            laps.append(time.perf_counter())
-            if not self.view_gate.close(self.cfg.query_seconds + 5):
-                if fresh is not None:
-                    view_erasure.discard(fresh)
-                old.writers.resume()
-                self.log("the view's file was not rewritten: requests reading it did not finish; trying again")
+            if not self.decision_gate.close(DECISIONS_WAIT_SECONDS):
+                self.log("the view's file was not rewritten: a person's decision did not finish; trying again")
                 return False
-            laps.append(time.perf_counter())
             try:
-                old.stop()
-                if fresh is not None:
-                    view_erasure.swap_in(fresh, self.cfg.duckdb_path)
-                    pending_view_rewrite(self.cfg).unlink(missing_ok=True)
-                else:
-                    rewrite_view_if_pending(self.cfg)
-                laps.append(time.perf_counter())
-            finally:  # rewritten or not, the server reads on
-                try:
-                    self.read = self._open_read_side(old.keyring)
-                    self.read.start()
-                finally:
-                    self.view_gate.open()
+                return self._rewrite_view()
+            finally:
+                self.decision_gate.open()
+
+    def _rewrite_view(self) -> bool:
+        """The rewrite itself, with people's decisions held off (rewrite_view)."""
+        old, laps = self.read, [time.perf_counter()]
+        fresh = self._copy_view(old)
+        laps.append(time.perf_counter())
+        if not self.view_gate.close(self.cfg.query_seconds + 5):
+            if fresh is not None:
+                view_erasure.discard(fresh)
+            old.writers.resume()
+            self.log("the view's file was not rewritten: requests reading it did not finish; trying again")
+            return False
+        laps.append(time.perf_counter())
+        try:
+            old.stop()
+            if fresh is not None:
+                view_erasure.swap_in(fresh, self.cfg.duckdb_path)
+                pending_view_rewrite(self.cfg).unlink(missing_ok=True)
+            else:
+                rewrite_view_if_pending(self.cfg)
             laps.append(time.perf_counter())
-            copy, waiting = laps[1] - laps[0], laps[-1] - laps[1]
-            parts = ", ".join(f"{name} {b - a:.1f} s" for name, a, b in
-                              zip(("in flight", "swapping" if fresh else "copying", "opening"), laps[1:], laps[2:]))
-            self.log(f"the view's file was rewritten after an erasure in {laps[-1] - laps[0]:.1f} s: "
-                     + (f"copied in {copy:.1f} s while reads went on, " if fresh else "")
-                     + f"then reads of the view waited {waiting:.1f} s ({parts})")
-            return True
+        finally:  # rewritten or not, the server reads on
+            try:
+                self.read = self._open_read_side(old.keyring)
+                self.read.start()
+            finally:
+                self.view_gate.open()
+        laps.append(time.perf_counter())
+        copy, waiting = laps[1] - laps[0], laps[-1] - laps[1]
+        parts = ", ".join(f"{name} {b - a:.1f} s" for name, a, b in
+                          zip(("in flight", "swapping" if fresh else "copying", "opening"), laps[1:], laps[2:]))
+        self.log(f"the view's file was rewritten after an erasure in {laps[-1] - laps[0]:.1f} s: "
+                 + (f"copied in {copy:.1f} s while reads went on, " if fresh else "")
+                 + f"then reads of the view waited {waiting:.1f} s ({parts})")
+        return True
 
     def _copy_view(self, read: ReadSide) -> Path | None:
         """The view's tables in a fresh file, copied while requests go on reading and the read
@@ -248,20 +269,26 @@ class Service:
         on a store of millions of records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
         The reads queued for the audit trail are appended first, so the trail keeps the order
         things happened in."""
-        self.audit.flush()
-        if self.mode == "embedded":
-            result = self.writer.command(work)
-        elif self.cfg.event_store:
-            with self.decisions:
-                result = work(self.decider())
-        else:
-            from cdp.application import CustomerApplication
+        if not self.decision_gate.enter():  # a rewrite of the view's file is under way
+            raise Denied(503, viewgate.REWRITING, viewgate.REWRITING_MESSAGE,
+                         {"Retry-After": str(viewgate.RETRY_AFTER_SECONDS)})
+        try:
+            self.audit.flush()
+            if self.mode == "embedded":
+                result = self.writer.command(work)
+            elif self.cfg.event_store:
+                with self.decisions:
+                    result = work(self.decider())
+            else:
+                from cdp.application import CustomerApplication
 
-            with CustomerApplication(self.cfg) as app:
-                result = work(app)
-        self.read.wake()
-        self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
-        return result
+                with CustomerApplication(self.cfg) as app:
+                    result = work(app)
+            self.read.wake()
+            self.read.wait_for(self.read.head(), VIEW_WAIT_SECONDS)
+            return result
+        finally:
+            self.decision_gate.leave()
 
     def decider(self) -> Any:
         """The application people's decisions run on with Kafka + PostgreSQL, opened and its

@@ -110,9 +110,12 @@ class WriterPause:
             self._changed.notify_all()
 
 
+REWRITING = "view_rewriting"
+REWRITING_MESSAGE = f"the view's file is being rewritten after an erasure; try again in {RETRY_AFTER_SECONDS} s"
+
+
 def rewriting_answer() -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    body = orjson.dumps({"code": "view_rewriting", "message": "the view's file is being rewritten after an "
-                         f"erasure; try again in {RETRY_AFTER_SECONDS} s"})
+    body = orjson.dumps({"code": REWRITING, "message": REWRITING_MESSAGE})
     return body, [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
                   (b"content-length", str(len(body)).encode())]
 
