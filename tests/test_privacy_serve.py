@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 import zipfile
 from collections import Counter
 
@@ -131,7 +132,8 @@ def test_a_running_server_rewrites_the_view_after_an_erasure(cdp, tmp_path, peop
         crm.join()
         # no byte of the person in any file, the server still running on the rewritten view
         assert files_holding(cdp.home, NEEDLES) == {}
-        assert server.process.poll() is None and "rewritten after an erasure" in log.read_text()
+        wait_until(lambda: "rewritten after an erasure" in log.read_text(), 30, "the rewrite's log line")
+        assert server.process.poll() is None
         # copied while the look-ups went on; they waited only for the swap (not the closed way)
         assert "while reads went on" in log.read_text(), log.read_text()[-2000:]
         # a look-up never failed: answered, or told to come back while the file was rewritten
@@ -241,6 +243,44 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
             return mine[-1] if mine else None
 
         wait_until(lambda: last_message() == f"{ann}\t-1", 30, "the tombstone on cdp.profiles")
+    finally:
+        server.stop()
+
+
+def profile_messages(bootstrap: str, topic: str) -> Counter:
+    """Messages on cdp.profiles per key ("key\tsize", a tombstone's size -1), read with kcat."""
+    out = subprocess.run(["kcat", "-b", bootstrap, "-C", "-t", topic, "-e", "-q", "-K", "\t", "-Z",
+                          "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return Counter(out.splitlines())
+
+
+@pytest.mark.kafka
+def test_a_kafka_mode_server_publishes_nothing_twice_across_the_views_rewrite(cdp, tmp_path, people, kafka_bootstrap,
+                                                                             fresh_topic_prefix):
+    """The rewrite pauses the read side's publisher with its other writers and a new read side
+    publishes from the position the copy holds: nothing already on cdp.profiles is sent again,
+    and what comes after the swap is published."""
+    env = {**cdp.env, "CDP_KAFKA_BOOTSTRAP": kafka_bootstrap, "CDP_TOPIC_PREFIX": fresh_topic_prefix,
+           "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "3"}
+    topic = f"{fresh_topic_prefix}cdp.profiles"
+    log = tmp_path / "serve.log"
+    server = start_server(env, log)
+    try:
+        admin = server.client(people["admin"])
+        ann, other = (admin.get(f"/v1/profiles/{ref}").json()["customer_id"] for ref in ("retail:R-1", "bank:B-3"))
+        assert admin.delete(f"/v1/profiles/customer_id:{ann}").status_code == 200
+        wait_until(lambda: profile_messages(kafka_bootstrap, topic)[f"{ann}\t-1"] == 1, 30, "Ann's tombstone")
+        before = profile_messages(kafka_bootstrap, topic)
+        # its log line comes once the new read side serves (/health stops saying pending at the swap)
+        wait_until(lambda: "rewritten after an erasure" in log.read_text(), 60, "the view's rewrite")
+        assert "while reads went on" in log.read_text(), log.read_text()[-2000:]
+        time.sleep(2)  # a publisher that would send a range again has had its time
+        assert profile_messages(kafka_bootstrap, topic) == before
+        # the new read side publishes: another erasure, after the swap, gets its tombstone once
+        assert admin.delete(f"/v1/profiles/customer_id:{other}").status_code == 200
+        wait_until(lambda: profile_messages(kafka_bootstrap, topic)[f"{other}\t-1"] == 1, 30, "the other tombstone")
+        after = profile_messages(kafka_bootstrap, topic)
+        assert after - before == Counter({f"{other}\t-1": 1})  # the tombstone, nothing sent again
     finally:
         server.stop()
 
