@@ -1,7 +1,7 @@
 """Copying the view into a fresh file as the running server does after an erasure
 (projections/erasure.py `copy_out`): through a connection of a database that may not write files,
-which goes on answering meanwhile; every row of every table in the copy, the look-up indexes
-built in it; then the copy in the view's place."""
+which goes on answering meanwhile; every row of every table in the copy, its views, the look-up
+indexes built in it; then the copy in the view's place."""
 from __future__ import annotations
 
 import shutil
@@ -17,6 +17,7 @@ def test_a_copy_holds_every_row_and_the_indexes_and_takes_the_views_place(demo_v
     view = tmp_path / "view.duckdb"
     shutil.copy(demo_view.home / "view.duckdb", view)
     con = duckdb.connect(str(view))
+    con.execute("CREATE VIEW big_spenders AS SELECT customer_id FROM customers WHERE lifetime_value > 100")
     con.execute("SET enable_external_access = false")  # as the server's: user SQL never reaches files
     reader = con.cursor()
     try:
@@ -41,6 +42,8 @@ def test_a_copy_holds_every_row_and_the_indexes_and_takes_the_views_place(demo_v
                 assert copy.execute(f"SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})").fetchall()[0][0] == 0, table
         assert copy.execute("SELECT index_name FROM duckdb_indexes() "
                             "WHERE database_name = current_database()").fetchall() == [("lookup_customers",)]
+        assert copy.execute("SELECT count(*) FROM big_spenders").fetchall() == copy.execute(
+            "SELECT count(*) FROM original.big_spenders").fetchall()
     finally:
         copy.close()
 
