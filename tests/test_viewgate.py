@@ -1,10 +1,14 @@
-"""The view's gate (cdp/server/viewgate.py): while the view's file is rewritten, a request that reads
-the view waits, then is told to come back; the collector passes; the rewrite waits for those inside."""
+"""The view's gates (cdp/server/viewgate.py) while the server rewrites the view's file after an
+erasure: a request that reads the view waits for the swap, then is told to come back; the
+collector passes; the rewrite waits for those inside. The view's writers pause for the copy and
+leave once their read side is replaced; people's decisions are refused meanwhile, and a command
+beside the server waits that refusal out."""
 from __future__ import annotations
 
 import threading
 import time
 
+import orjson
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -133,3 +137,51 @@ def test_a_persons_decision_is_refused_while_the_view_is_rewritten_and_a_rewrite
     assert service.decision_gate.enter()  # a decision under way
     assert service.rewrite_view() is False and "a person's decision did not finish" in logged[-1]
     assert service.view_rewrite_pending and service.decision_gate.enter()  # open again: decisions go on
+
+
+def test_a_command_beside_the_server_waits_out_a_rewrite_then_gets_its_answer(capsys):
+    """cdp.server.client (cdp erase, cdp audit, the audience commands beside `cdp serve`): a 503
+    `view_rewriting` with Retry-After is waited out and asked again, said once on stderr; any other
+    refusal is the server's message at once."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cdp.server.client import ServerError, call
+
+    asked: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_DELETE(self) -> None:  # noqa: N802 - the standard library's name
+            asked.append(time.monotonic())
+            if self.path.startswith("/rewriting") and len(asked) < 3:
+                status, body = 503, {"code": "view_rewriting", "message": "rewriting"}
+            elif self.path.startswith("/refused"):
+                status, body = 403, {"code": "forbidden", "message": "no such right"}
+            else:
+                status, body = 200, {"erased": True}
+            data = orjson.dumps(body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Retry-After", "0.2")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert call((url, "key"), "DELETE", "/rewriting") == {"erased": True}
+        assert len(asked) == 3 and asked[2] - asked[0] >= 0.4  # twice told to come back after 0.2 s
+        assert capsys.readouterr().err.count("rewriting the view's file") == 1
+        asked.clear()
+        try:
+            call((url, "key"), "DELETE", "/refused")
+        except ServerError as refused:
+            assert "no such right" in str(refused) and len(asked) == 1
+        else:
+            raise AssertionError("a refusal was not raised")
+    finally:
+        server.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -15,8 +16,11 @@ import orjson
 import pyarrow as pa
 
 from cdp.config import Settings
+from cdp.health import say
+from cdp.server.viewgate import REWRITING
 
 TIMEOUT = 3600.0
+REWRITE_WAIT_SECONDS = 300.0  # how long a command beside the server waits out a rewrite of the view's file
 _COPY_TO_PARQUET = re.compile(r"^COPY (\w+) TO '((?:[^']|'')*)' \(FORMAT parquet\b", re.I)
 
 
@@ -42,16 +46,37 @@ def running_server(cfg: Settings) -> tuple[str, str] | None:
 
 
 def _send(url: str, request: urllib.request.Request, timeout: float = TIMEOUT) -> bytes:
-    """The answer's body, or ServerError with the server's own message."""
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as failure:
+    """The answer's body, or ServerError with the server's own message. While the server rewrites
+    the view's file after an erasure it refuses people's decisions (503 `view_rewriting`, with
+    Retry-After): the command says so once, waits and asks again, up to REWRITE_WAIT_SECONDS (a
+    script that erases people one by one meets the rewrite an earlier erasure scheduled)."""
+    deadline, said = time.monotonic() + REWRITE_WAIT_SECONDS, False
+    while True:
         try:
-            message = orjson.loads(failure.read()).get("message")
-        except (ValueError, AttributeError):
-            message = failure.reason
-        raise ServerError(f"{message} (server {url})") from None
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as failure:
+            try:
+                answer = orjson.loads(failure.read())
+            except ValueError:
+                answer = None
+            answer = answer if isinstance(answer, dict) else {}
+            wait = _retry_after(failure)
+            if failure.code == 503 and answer.get("code") == REWRITING and time.monotonic() + wait < deadline:
+                if not said:
+                    say(f"cdp: the server is rewriting the view's file after an erasure; waiting for it "
+                        f"(up to {REWRITE_WAIT_SECONDS:.0f} s)")
+                    said = True
+                time.sleep(wait)
+                continue
+            raise ServerError(f"{answer.get('message') or failure.reason} (server {url})") from None
+
+
+def _retry_after(failure: urllib.error.HTTPError) -> float:
+    try:
+        return min(max(float(failure.headers.get("Retry-After", 1)), 0.1), 30.0)
+    except ValueError:
+        return 1.0
 
 
 def call(server: tuple[str, str], method: str, path: str, body: Any = None, actor: str | None = None,
