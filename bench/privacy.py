@@ -1,7 +1,7 @@
 """Issue 11: the cost of privacy.
 
     python -m bench.privacy [--events 100000] [--rounds 2] [--erase-events 1000000] [--skip-erase]
-                             [--skip-encryption]
+                             [--skip-encryption] [--rewrite-customers N]
 
 1. Ingest throughput with personal data encrypted (the default) beside the same pipeline on the
    same events with encryption off, in the same run (target: ratio at least 0.8); and a rebuild of
@@ -12,6 +12,10 @@
    server erases, then rewrites its view's file at once: CDP_VIEW_REWRITE_DELAY=0; timed until
    /health no longer says `view_rewrite_pending`, with the parts its log gives), while look-ups of
    another customer go on over HTTP: the slowest of them beside their pace before the erase.
+3. With `--rewrite-customers N`: the same rewrite by a running `cdp serve` on bench.visible's
+   synthetic view of N customers, with look-ups of a customer and a new customer published every
+   0.2 s (the time until the view shows them) going on all along: each series from the erase on
+   beside itself before it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+import orjson
 
 from bench.common import CACHE, demo_files, report, timer
 from cdp.config import Settings
@@ -134,7 +140,7 @@ def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cdp serve did not come up: {log.read_text()[-2000:]}")
             time.sleep(1)
-        with LookUps(port, key, reader) as lookups:
+        with LookUps(f"http://127.0.0.1:{port}", key, reader) as lookups:
             time.sleep(3)  # the look-ups' pace while nothing is rewritten
             idle = lookups.mark()
             out = _erase(run, who)
@@ -152,9 +158,9 @@ def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
         server.wait(timeout=900)
         stopped = time.perf_counter() - started
     said = re.search(r"rewritten after an erasure in (.*)", log.read_text())
-    before = sorted(seconds for seconds, _ in lookups.results[:idle])
-    slowest = max(seconds for seconds, _ in during)
-    statuses = Counter(status for _, status in during)
+    before = sorted(seconds for _, seconds, _ in lookups.results[:idle])
+    slowest = max(seconds for _, seconds, _ in during)
+    statuses = Counter(status for _, _, status in during)
     return (f"{out}; then the view's file rewritten by the running server {rewritten:.2f} s after the erase "
             f"({said.group(1) if said else '?'}, its log says); its stop: {stopped:.2f} s\n"
             f"  look-ups of another customer meanwhile: {len(during)}, the slowest {slowest * 1000:.0f} ms, "
@@ -162,42 +168,144 @@ def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
             f"p50 {before[len(before) // 2] * 1000:.1f} ms, slowest {before[-1] * 1000:.1f} ms ({len(before)})")
 
 
-class LookUps:
-    """GET /v1/profiles/{id} one after another on a thread: (seconds, status) per look-up."""
+class Repeated:
+    """`step()` again and again on a thread of its own until the block ends, `gap` seconds apart;
+    each step appends (when it began, seconds it took, what it answered) to `results`."""
 
-    def __init__(self, port: int, key: str, customer_id: str):
+    def __init__(self, gap: float = 0.0) -> None:
         import threading
 
-        self.url, self.key = f"http://127.0.0.1:{port}/v1/profiles/customer_id:{customer_id}", key
-        self.results: list[tuple[float, int]] = []
+        self.gap = gap
+        self.results: list[tuple[float, float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "LookUps":
+    def __enter__(self) -> "Repeated":
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(60)
+        self._thread.join(120)
 
     def mark(self) -> int:
         return len(self.results)
 
     def _run(self) -> None:
-        import urllib.error
-        import urllib.request
-
-        request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {self.key}"})
         while not self._stop.is_set():
-            started = time.perf_counter()
-            try:
-                with urllib.request.urlopen(request, timeout=60) as answer:
+            began, started = time.time(), time.perf_counter()
+            answered = self.step()
+            self.results.append((began, time.perf_counter() - started, answered))
+            self._stop.wait(self.gap)
+
+    def step(self) -> int:
+        raise NotImplementedError
+
+
+def _get(url: str, key: str, data: bytes | None = None, content_type: str = "") -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {key}", **({"Content-Type": content_type} if content_type else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=120) as answer:
+            answer.read()
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+class LookUps(Repeated):
+    """GET /v1/profiles/customer_id:{id}, one after another."""
+
+    def __init__(self, url: str, key: str, customer_id: str):
+        super().__init__()
+        self.url, self.key = f"{url}/v1/profiles/customer_id:{customer_id}", key
+
+    def step(self) -> int:
+        return _get(self.url, self.key)
+
+
+class Visibility(Repeated):
+    """A new customer published (CloudEvents), then looked up until the view shows them: each
+    step's time is that publish-to-visible time; the next `gap` seconds later."""
+
+    def __init__(self, url: str, publish_key: str, read_key: str, gap: float = 0.2):
+        super().__init__(gap)
+        self.url, self.publish_key, self.read_key = url, publish_key, read_key
+
+    def step(self) -> int:
+        import uuid
+
+        email = f"seen.{uuid.uuid4().hex[:12]}@example.org"
+        status = _get(f"{self.url}/events", self.publish_key, orjson.dumps(_identify(email)),
+                      "application/cloudevents+json")
+        while status == 200 and _get(f"{self.url}/v1/profiles/email:{email}", self.read_key) != 200:
+            if self._stop.wait(0.05):
+                break
+        return status
+
+
+def _identify(email: str) -> dict:
+    import uuid
+
+    return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "shop", "type": "cdp.identify",
+            "time": "2025-06-01T12:00:00Z", "datacontenttype": "application/json",
+            "data": {"business_unit": "shop", "customer": {"source_id": f"S-{email}", "email": email}}}
+
+
+def rewrite_at_scale(customers: int) -> None:
+    """`cdp serve` on bench.visible's synthetic view of `customers` customers: a person published
+    and erased over HTTP; meanwhile look-ups of another customer one after another, and a new
+    customer published every 0.2 s with the time until the view shows them. The erase's answer,
+    the rewrite's parts (its log), and both series before the erase beside from the erase on."""
+    import duckdb
+
+    from bench.visible import clean_env, view_of
+    from tests.serving import new_keys, start_server
+
+    print(f"\n== the running server's rewrite after an erasure, view of {customers:,} customers")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        home = Path(tmp) / "home"
+        view_of(home / "view.duckdb", customers)
+        with duckdb.connect(str(home / "view.duckdb"), read_only=True) as con:
+            reader = con.execute("SELECT customer_id FROM customers LIMIT 1 OFFSET 4242").fetchall()[0][0]
+        env = clean_env(home, CDP_VIEW_REWRITE_DELAY="0")
+        keys = new_keys(env, {"shop": ("publish", "shop"), "read": ("read", None), "admin": ("admin", None)})
+        log = Path(tmp) / "serve.log"
+        server = start_server(env, log, timeout=900)
+        try:
+            assert _get(f"{server.url}/events", keys["shop"], orjson.dumps(_identify("gone@example.org")),
+                        "application/cloudevents+json") == 200
+            while _get(f"{server.url}/v1/profiles/email:gone@example.org", keys["read"]) != 200:
+                time.sleep(0.1)
+            with LookUps(server.url, keys["read"], reader) as lookups, \
+                    Visibility(server.url, keys["shop"], keys["read"]) as seen:
+                time.sleep(5)
+                erased_at = time.time()
+                import urllib.request
+
+                request = urllib.request.Request(f"{server.url}/v1/profiles/email:gone@example.org", method="DELETE",
+                                                 headers={"Authorization": f"Bearer {keys['admin']}"})
+                with timer() as answered, urllib.request.urlopen(request, timeout=300) as answer:
                     answer.read()
-                    status = answer.status
-            except urllib.error.HTTPError as refused:
-                status = refused.code
-            self.results.append((time.perf_counter() - started, status))
+                deadline = time.monotonic() + 900
+                while "rewritten after an erasure" not in log.read_text():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cdp serve did not rewrite its view: {log.read_text()[-2000:]}")
+                    time.sleep(0.2)
+                time.sleep(3)
+        finally:
+            server.stop()
+        said = re.search(r"rewritten after an erasure in (.*)", log.read_text())
+        print(f"  DELETE /v1/profiles answered in {answered['seconds']:.2f} s; the rewrite: "
+              f"{said.group(1) if said else '?'} (its log)")
+        for name, series in (("look-ups of another customer", lookups), ("publish-to-visible", seen)):
+            before = sorted(seconds for began, seconds, _ in series.results if began < erased_at)
+            during = [(seconds, status) for began, seconds, status in series.results if began >= erased_at]
+            print(f"  {name} from the erase on: {len(during)}, the slowest {max(s for s, _ in during) * 1000:,.0f} ms, "
+                  f"answered {dict(Counter(status for _, status in during))}; baseline, before the erase: "
+                  f"p50 {before[len(before) // 2] * 1000:.1f} ms, the slowest {before[-1] * 1000:.1f} ms ({len(before)})")
 
 
 def _health(port: int) -> bytes:
@@ -221,11 +329,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs each way, alternating (best of each)")
     parser.add_argument("--skip-erase", action="store_true")
     parser.add_argument("--skip-encryption", action="store_true")
+    parser.add_argument("--rewrite-customers", type=int, default=0, metavar="N",
+                        help="also: the running server's rewrite on bench.visible's view of N customers")
     args = parser.parse_args(argv)
     if not args.skip_encryption:
         encryption_cost(args.events, args.rounds)
     if not args.skip_erase:
         erase_time(args.erase_events)
+    if args.rewrite_customers:
+        rewrite_at_scale(args.rewrite_customers)
 
 
 if __name__ == "__main__":
