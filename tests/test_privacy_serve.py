@@ -135,7 +135,7 @@ def test_a_running_server_rewrites_the_view_after_an_erasure(cdp, tmp_path, peop
         wait_until(lambda: "rewritten after an erasure" in log.read_text(), 30, "the rewrite's log line")
         assert server.process.poll() is None
         # copied while the look-ups went on; they waited only for the swap (not the closed way)
-        assert "while reads went on" in log.read_text(), log.read_text()[-2000:]
+        assert "while reads and new events went on" in log.read_text(), log.read_text()[-2000:]
         # a look-up never failed: answered, or told to come back while the file was rewritten
         assert set(answers) <= {200, 503} and answers[200] > 0, answers
         # it follows the store on from the fresh file: a new customer, accepted and readable
@@ -273,7 +273,7 @@ def test_a_kafka_mode_server_publishes_nothing_twice_across_the_views_rewrite(cd
         before = profile_messages(kafka_bootstrap, topic)
         # its log line comes once the new read side serves (/health stops saying pending at the swap)
         wait_until(lambda: "rewritten after an erasure" in log.read_text(), 60, "the view's rewrite")
-        assert "while reads went on" in log.read_text(), log.read_text()[-2000:]
+        assert "while reads and new events went on" in log.read_text(), log.read_text()[-2000:]
         time.sleep(2)  # a publisher that would send a range again has had its time
         assert profile_messages(kafka_bootstrap, topic) == before
         # the new read side publishes: another erasure, after the swap, gets its tombstone once

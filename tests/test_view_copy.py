@@ -1,7 +1,8 @@
 """Copying the view into a fresh file as the running server does after an erasure
 (projections/erasure.py `copy_out`): through a connection of a database that may not write files,
 which goes on answering meanwhile; every row of every table in the copy, its views, the look-up
-indexes built in it; then the copy in the view's place."""
+indexes built in it; then the copy in the view's place. The copy then follows the store up to
+the old view and says whether it caught up with an erasure."""
 from __future__ import annotations
 
 import shutil
@@ -68,3 +69,41 @@ def test_a_failed_copy_leaves_no_part_behind(demo_view, tmp_path):
     finally:
         con.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["view.duckdb"]
+
+
+def test_a_copy_follows_the_store_and_says_when_it_caught_up_with_an_erasure(cdp, tmp_path):
+    """The running server's copy is taken while the view moves on, then follows the store up to the
+    old view's position (Service._follow). An erasure it catches up with deletes the person's rows
+    in the copy, so the copy's file holds their bytes and must be rewritten again: _follow says so."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+    from cdp.pipeline import make_projector
+    from cdp.server.service import Service
+    from projections.tables import view_position
+    from tests.events import jsonl
+    from tests.test_privacy import ANN, ingest, people_events
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    first = tmp_path / "first.duckdb"
+    shutil.copy(cdp.home / "view.duckdb", first)  # a copy taken before more purchases arrived
+    again = [{**e, "id": e["id"] + "-again"} for e in people_events() if e["id"].startswith("p")]
+    ingest(cdp, tmp_path, "again.jsonl", jsonl(again))
+    second = tmp_path / "second.duckdb"
+    shutil.copy(cdp.home / "view.duckdb", second)  # one taken before the erasure
+    with duckdb.connect(str(second), read_only=True) as con:
+        purchased = view_position(con)
+    cdp("erase", ANN["email"], "--yes")
+
+    service = Service.__new__(Service)  # _follow's own state: the settings and the application
+    service.cfg = Settings.from_env({"CDP_HOME": str(cdp.home)})
+    with CustomerApplication(service.cfg) as service.app:
+        head = service.app.max_position()
+        for copy, upto, erased in ((first, purchased, False), (second, head, True)):
+            follower = make_projector(service.cfg, copy)
+            try:
+                assert service._follow(follower, upto, ()) is erased
+                assert follower.position == upto
+                ann = "SELECT count(*) FROM customer_sources WHERE business_unit = 'retail' AND source_id = 'R-1'"
+                assert follower.con.execute(ann).fetchall()[0][0] == (0 if erased else 1)
+            finally:
+                follower.close()

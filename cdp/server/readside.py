@@ -78,9 +78,11 @@ class ReadSide:
         if producer is not None:  # cdp.profiles' bookkeeping (published.py): only where there is a changelog
             self.projector.con.execute(published.DDL)
         self.missing_indexes = self.create_indexes()
-        # every thread below that writes the view holds this while it writes (a rewrite pauses them)
-        self.writers = WriterPause()
-        self.delivery = DeliveryLoop(self.projector.con, cfg, hold=self.writers.writing)  # audience changes
+        # the threads below hold these while they write the view: the projecting thread `projecting`,
+        # the score refresh, the cdp.profiles publisher and the delivery loop `upkeep` (a rewrite of
+        # the view's file pauses the upkeep for its copy, the projecting for its last catch-up)
+        self.projecting, self.upkeep = WriterPause(), WriterPause()
+        self.delivery = DeliveryLoop(self.projector.con, cfg, hold=self.upkeep.writing)  # audience changes
         self.keyring = keyring if keyring is not None else api_keys.load(app)
         self.published = 0
         self.follow_error: BaseException | None = None
@@ -126,7 +128,8 @@ class ReadSide:
 
     def stop(self) -> None:
         self._stop.set()
-        self.writers.end()  # writers a rewrite paused leave without writing
+        for writers in (self.projecting, self.upkeep):
+            writers.end()  # writers a rewrite paused leave without writing
         self._wake.set()
         with self._unpublished_ready:
             self._unpublished_ready.notify_all()
@@ -199,7 +202,7 @@ class ReadSide:
         priority.lower(self.cfg.catch_up_nice)  # look-ups and the collector answer first
         while not self._stop.is_set():
             try:
-                with self.writers.writing() as allowed:
+                with self.projecting.writing() as allowed:
                     if not allowed:
                         return
                     self.catch_up()
@@ -301,7 +304,7 @@ class ReadSide:
         priority.lower(SCORES_NICE)
         cursor = self.projector.con.cursor()
         try:
-            with self.writers.writing() as allowed:
+            with self.upkeep.writing() as allowed:
                 if not allowed:
                     return
                 with self._traced_refresh(inline=False):
@@ -347,7 +350,7 @@ class ReadSide:
         while not self._stop.is_set():
             try:
                 if not recovered:
-                    with self.writers.writing() as allowed:
+                    with self.upkeep.writing() as allowed:
                         if not allowed:
                             return
                         self.publish_profiles(con)
@@ -358,7 +361,7 @@ class ReadSide:
                     batches, self._unpublished = self._unpublished, []
                 if not batches:
                     continue
-                with self.writers.writing() as allowed:
+                with self.upkeep.writing() as allowed:
                     if not allowed:  # the next read side publishes them: they are past its published position
                         return
                     self._publish_batches(con, batches)

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from operator import methodcaller
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -26,17 +26,26 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
+from cdp.contracts import stored_events
 from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
                          surname_shared)
 from cdp.keys import Key
 from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
-from cdp.server.readside import LOOKUP_INDEXES, ReadSide
+from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide
 from cdp.server.viewgate import ViewGate
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
 
 T = TypeVar("T")
+
+
+@dataclass
+class FreshCopy:
+    """A fresh copy of the view, ready to be swapped in (Service._copy_view)."""
+    path: Path
+    erased: bool  # it caught up with an erasure: its file holds that person's deleted rows, rewrite again
+    said: str  # how long its parts took, for the log
 DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
 WRITERS_PAUSE_SECONDS = 30  # a delivery round to a slow receiver may take this long before the copy starts
 REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did not finish in time
@@ -151,8 +160,9 @@ class Service:
         nothing was pending), False when requests reading the view did not finish in time (a SQL
         query may run CDP_QUERY_TIMEOUT seconds).
 
-        The read side's writers pause and the tables are copied into a fresh file while requests
-        go on reading (`_copy_view`). Only for the swap is the readers' gate closed (viewgate.py:
+        The view is copied into a fresh file while requests go on reading and events go on being
+        projected, and the copy catches up with them (`_copy_view`). Only for the swap is the
+        readers' gate closed (viewgate.py:
         new requests wait, then get 503 with Retry-After) and the requests in flight waited for:
         the old database closes, the fresh file takes its place, and a new read side opens it and
         follows on from its position. Before this, reads waited for the whole copy (3.9-4.5 s on
@@ -161,9 +171,9 @@ class Service:
         connection closed first, as at a stop). The collector keeps accepting throughout.
 
         People's decisions (erase, split, review, audience definitions) wait for the view to show
-        them, which it cannot while its writers are paused; and a decision waiting inside the
-        readers' gate would hold the swap back. So the rewrite first waits for the decisions under
-        way and refuses new ones (503 with Retry-After, `steward`) until it ends."""
+        them, and a decision waiting inside the readers' gate would hold the swap back. So the
+        rewrite first waits for the decisions under way and refuses new ones (503 with Retry-After,
+        `steward`) until it ends."""
         with self._rewriting:
             if self._closing or not self.view_rewrite_pending:
                 return True
@@ -182,16 +192,18 @@ class Service:
         laps.append(time.perf_counter())
         if not self.view_gate.close(self.cfg.query_seconds + 5):
             if fresh is not None:
-                view_erasure.discard(fresh)
-            old.writers.resume()
+                view_erasure.discard(fresh.path)
+            for writers in (old.projecting, old.upkeep):
+                writers.resume()
             self.log("the view's file was not rewritten: requests reading it did not finish; trying again")
             return False
         laps.append(time.perf_counter())
         try:
             old.stop()
             if fresh is not None:
-                view_erasure.swap_in(fresh, self.cfg.duckdb_path)
-                pending_view_rewrite(self.cfg).unlink(missing_ok=True)
+                view_erasure.swap_in(fresh.path, self.cfg.duckdb_path)
+                if not fresh.erased:  # an erasure the copy caught up with left its rows' bytes in it
+                    pending_view_rewrite(self.cfg).unlink(missing_ok=True)
             else:
                 rewrite_view_if_pending(self.cfg)
             laps.append(time.perf_counter())
@@ -202,30 +214,67 @@ class Service:
             finally:
                 self.view_gate.open()
         laps.append(time.perf_counter())
-        copy, waiting = laps[1] - laps[0], laps[-1] - laps[1]
+        if fresh is not None and fresh.erased:
+            self.schedule_view_rewrite()
+        waiting = laps[-1] - laps[1]
         parts = ", ".join(f"{name} {b - a:.1f} s" for name, a, b in
                           zip(("in flight", "swapping" if fresh else "copying", "opening"), laps[1:], laps[2:]))
         self.log(f"the view's file was rewritten after an erasure in {laps[-1] - laps[0]:.1f} s: "
-                 + (f"copied in {copy:.1f} s while reads went on, " if fresh else "")
-                 + f"then reads of the view waited {waiting:.1f} s ({parts})")
+                 + (f"{fresh.said}, " if fresh else "") + f"then reads of the view waited {waiting:.1f} s ({parts})")
         return True
 
-    def _copy_view(self, read: ReadSide) -> Path | None:
-        """The view's tables in a fresh file, copied while requests go on reading and the read
-        side's writers are paused (they stay paused: the swap ends them); None when the writers did
-        not pause in time or the copy failed (then they go on, and the file is rewritten the closed way)."""
-        if not read.writers.pause(WRITERS_PAUSE_SECONDS):
+    def _copy_view(self, read: ReadSide) -> FreshCopy | None:
+        """The view in a fresh file, made while requests go on reading: the read side's upkeep (score
+        refresh, cdp.profiles publisher, delivery loop) pauses and the tables are copied as of one
+        snapshot while the projecting thread goes on; the copy then follows the store up to where the
+        old view is, through a projector of its own, and only for the last stretch does the projecting
+        thread pause too, so that new events wait for the swap alone. All stay paused (the swap ends
+        them). None when they did not pause in time or the copy failed (then they go on, and the
+        file is rewritten the closed way)."""
+        from cdp.pipeline import make_projector
+
+        if not read.upkeep.pause(WRITERS_PAUSE_SECONDS):
             self.log("the view's writers did not pause in time; its file is rewritten while reads wait")
             return None
-        cursor = read.projector.con.cursor()
+        started, cursor, fresh = time.perf_counter(), read.projector.con.cursor(), None
         try:
-            return view_erasure.copy_out(cursor, self.cfg.duckdb_path, LOOKUP_INDEXES, self.cfg.serve_memory)
+            fresh = view_erasure.copy_out(cursor, self.cfg.duckdb_path, LOOKUP_INDEXES, self.cfg.serve_memory)
+            copied = time.perf_counter()
+            follower = make_projector(replace(self.cfg, duckdb_memory=self.cfg.serve_memory), fresh)
+            try:
+                also = () if read.producer is not None else (PROFILES,)  # as the read side projects
+                erased = self._follow(follower, read.position, also)  # while the old view moves on
+                if not read.projecting.pause(WRITERS_PAUSE_SECONDS):
+                    raise TimeoutError("the view's projecting thread did not pause in time")
+                caught = time.perf_counter()
+                erased |= self._follow(follower, read.position, also)
+            finally:
+                follower.close()
+            done = time.perf_counter()
+            return FreshCopy(fresh, erased, f"copied in {copied - started:.1f} s and caught up in {caught - copied:.1f} s "
+                                            f"while reads and new events went on, the last {done - caught:.1f} s with "
+                                            "new events waiting")
         except Exception as error:  # noqa: BLE001 - said, and done the closed way
-            read.writers.resume()
+            if fresh is not None:
+                view_erasure.discard(fresh)
+            for writers in (read.projecting, read.upkeep):
+                writers.resume()
             self.log(f"copying the view's file failed ({error!r}); it is rewritten while reads wait")
             return None
         finally:
             cursor.close()
+
+    def _follow(self, follower: Any, upto: int, also: Sequence[str]) -> bool:
+        """Applies the store's notifications after the follower's position, up to `upto` (the old
+        view's), in projection batches; True when one of them erased someone."""
+        erased = False
+        while follower.position < upto:
+            batch = [n for n in self.app.raw_notifications(follower.position, self.cfg.projection_batch) if n[0] <= upto]
+            if not batch:
+                break
+            erased = erased or any(n[2] == stored_events.ERASED for n in batch)
+            follower.apply(batch, also=also)
+        return erased
 
     async def write(self, records: Sequence[Accepted | Rejected]) -> None:
         """Returns once the records are committed to the intake (embedded) or acknowledged (Kafka)."""
