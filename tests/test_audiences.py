@@ -452,6 +452,48 @@ def test_audiences_beside_a_running_serve(cdp, tmp_path, receiver):
         server.stop()
 
 
+def test_deliveries_go_on_once_each_across_the_views_rewrite(cdp, tmp_path, receiver):
+    """The server rewrites the view's file after an erasure: its delivery loop pauses for the copy
+    and the new read side's loop delivers what the copy holds undelivered. The webhook hears each
+    change once: the members before, the erased member's exit, and the members after the swap."""
+    import httpx
+
+    from tests.serving import cloudevent, new_keys, start_server, wait_until
+
+    keys = new_keys(cdp.env, {"retail": ("publish", "retail"), "admin": ("admin", None)})
+    hook = receiver()
+    log = tmp_path / "serve.log"
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "1"}, log)
+
+    def buy(n: int) -> None:
+        event = cloudevent(f"e{n}", "retail", f"R{n}", "cdp.purchase", order_id=f"o{n}", amount=10.0, currency="EUR",
+                           customer={"email": f"buyer{n}@example.org"})
+        answer = httpx.post(server.url + "/events", json=event, timeout=30, headers={
+            "Authorization": f"Bearer {keys['retail']}", "Content-Type": "application/cloudevents+json"})
+        assert answer.status_code == 200, answer.text
+
+    try:
+        cdp("audiences", "create", "buyers", "--where", "orders > 0")
+        cdp("destinations", "create", "crm", "--webhook", hook.url, "--audiences", "buyers")
+        for n in (1, 2):
+            buy(n)
+        wait_until(lambda: len(hook.kept()) >= 2, 30, "two members entering")
+        erased = httpx.delete(server.url + "/v1/profiles/retail:R2", timeout=60,
+                              headers={"Authorization": f"Bearer {keys['admin']}"})
+        assert erased.status_code == 200, erased.text
+        buy(3)  # around the rewrite, which starts a second after the erasure
+        wait_until(lambda: "rewritten after an erasure" in log.read_text(), 60, "the view's rewrite")
+        buy(4)  # after the swap
+        wait_until(lambda: len(hook.kept()) >= 5, 30, "the exit and two more members")
+        time.sleep(2)  # a loop that would deliver something again has had its time
+    finally:
+        server.stop()
+    assert "while reads and new events went on" in log.read_text()
+    kept = [(k["customer_id"], k["action"]) for k in hook.kept()]
+    assert [action for _, action in kept].count("exited") == 1 and len(kept) == len(set(kept)) == 5, kept
+    assert len(hook.requests) == 5, [json.loads(r["body"]) for r in hook.requests]  # no key sent twice
+
+
 def test_idempotency_keys_stay_the_uuid5_they_always_were():
     """Keys of changes already sent must not change when the code that makes them does."""
     import uuid
