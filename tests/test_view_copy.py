@@ -72,16 +72,33 @@ def test_a_failed_copy_leaves_no_part_behind(demo_view, tmp_path):
 
 
 def test_a_copy_follows_the_store_and_says_when_it_caught_up_with_an_erasure(cdp, tmp_path):
-    """The running server's copy is taken while the view moves on, then follows the store up to the
-    old view's position (Service._follow). An erasure it catches up with deletes the person's rows
-    in the copy, so the copy's file holds their bytes and must be rewritten again: _follow says so."""
+    """The running server's copy is taken while the view moves on, then follows the store up to
+    where the read side's view is (Service._follow). An erasure it catches up with deletes the
+    person's rows in the copy, so the copy's file holds their bytes and must be rewritten again:
+    _follow says so."""
     from cdp.application import CustomerApplication
     from cdp.config import Settings
     from cdp.pipeline import make_projector
+    from cdp.server.readside import ReadSide
     from cdp.server.service import Service
-    from projections.tables import view_position
     from tests.events import jsonl
     from tests.test_privacy import ANN, ingest, people_events
+
+    cfg = Settings.from_env({"CDP_HOME": str(cdp.home)})
+
+    def follow(copy, erased: bool) -> None:
+        """The copy follows the home's view (the read side's) as it is now."""
+        with CustomerApplication(cfg) as app:
+            read = ReadSide(cfg, app)
+            follower = make_projector(cfg, copy)
+            try:
+                assert Service._follow(read, follower, ()) is erased
+                assert follower.position == read.position == app.max_position()
+                ann = "SELECT count(*) FROM customer_sources WHERE business_unit = 'retail' AND source_id = 'R-1'"
+                assert follower.con.execute(ann).fetchall()[0][0] == (0 if erased else 1)
+            finally:
+                follower.close()
+                read.projector.close()  # its threads were never started: nothing else to stop
 
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     first = tmp_path / "first.duckdb"
@@ -90,20 +107,6 @@ def test_a_copy_follows_the_store_and_says_when_it_caught_up_with_an_erasure(cdp
     ingest(cdp, tmp_path, "again.jsonl", jsonl(again))
     second = tmp_path / "second.duckdb"
     shutil.copy(cdp.home / "view.duckdb", second)  # one taken before the erasure
-    with duckdb.connect(str(second), read_only=True) as con:
-        purchased = view_position(con)
+    follow(first, erased=False)  # the purchases alone
     cdp("erase", ANN["email"], "--yes")
-
-    service = Service.__new__(Service)  # _follow's own state: the settings and the application
-    service.cfg = Settings.from_env({"CDP_HOME": str(cdp.home)})
-    with CustomerApplication(service.cfg) as service.app:
-        head = service.app.max_position()
-        for copy, upto, erased in ((first, purchased, False), (second, head, True)):
-            follower = make_projector(service.cfg, copy)
-            try:
-                assert service._follow(follower, upto, ()) is erased
-                assert follower.position == upto
-                ann = "SELECT count(*) FROM customer_sources WHERE business_unit = 'retail' AND source_id = 'R-1'"
-                assert follower.con.execute(ann).fetchall()[0][0] == (0 if erased else 1)
-            finally:
-                follower.close()
+    follow(second, erased=True)

@@ -128,7 +128,7 @@ class ReadSide:
 
     def stop(self) -> None:
         self._stop.set()
-        for writers in (self.projecting, self.upkeep):
+        for writers in self.writer_pauses:
             writers.end()  # writers a rewrite paused leave without writing
         self._wake.set()
         with self._unpublished_ready:
@@ -142,6 +142,15 @@ class ReadSide:
         for cursor in self._cursors:
             cursor.close()
         self.projector.close()
+
+    @property
+    def writer_pauses(self) -> tuple[WriterPause, WriterPause]:
+        return self.projecting, self.upkeep
+
+    def resume_writing(self) -> None:
+        """After a rewrite that paused the writers and did not swap the file: they go on."""
+        for writers in self.writer_pauses:
+            writers.resume()
 
     @property
     def error(self) -> BaseException | None:
@@ -416,14 +425,15 @@ class ReadSide:
         upto = view_position(con)
         unrecorded = min(published.last_position(already), upto)
         if unrecorded > done:
-            rows = [r for batch in self._notification_batches(done, unrecorded) for r in batch]
+            rows = [r for batch in self.notification_batches(done, unrecorded) for r in batch]
             self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), unrecorded, already)
             done = unrecorded
-        for rows in self._notification_batches(done, upto):
+        for rows in self.notification_batches(done, upto):
             self._send_profiles(con, [r[1] for r in rows], erased_ids(rows), rows[-1][0])
 
-    def _notification_batches(self, after: int, upto: int) -> Iterator[list[tuple]]:
-        """The store's notifications after `after` up to `upto`, a projection batch at a time."""
+    def notification_batches(self, after: int, upto: int) -> Iterator[list[tuple]]:
+        """The store's notifications after `after` up to `upto`, a projection batch at a time (also
+        what a rewrite's copy of the view follows: Service._follow)."""
         while after < upto:
             batch = [r for r in self.store.raw_notifications(after, self.cfg.projection_batch) if r[0] <= upto]
             if not batch:

@@ -26,18 +26,21 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.contracts import stored_events
 from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
                          surname_shared)
 from cdp.keys import Key
 from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
-from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide
+from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids
 from cdp.server.viewgate import ViewGate
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
 
 T = TypeVar("T")
+DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
+WRITERS_PAUSE_SECONDS = 30  # a delivery round to a slow receiver may take this long before the copy starts
+REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did not finish in time
+VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
 
 
 @dataclass
@@ -46,10 +49,6 @@ class FreshCopy:
     path: Path
     erased: bool  # it caught up with an erasure: its file holds that person's deleted rows, rewrite again
     said: str  # how long its parts took, for the log
-DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
-WRITERS_PAUSE_SECONDS = 30  # a delivery round to a slow receiver may take this long before the copy starts
-REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did not finish in time
-VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
 
 
 class Service:
@@ -162,13 +161,12 @@ class Service:
 
         The view is copied into a fresh file while requests go on reading and events go on being
         projected, and the copy catches up with them (`_copy_view`). Only for the swap is the
-        readers' gate closed (viewgate.py:
-        new requests wait, then get 503 with Retry-After) and the requests in flight waited for:
-        the old database closes, the fresh file takes its place, and a new read side opens it and
-        follows on from its position. Before this, reads waited for the whole copy (3.9-4.5 s on
-        the 1,005,500-event bench store, bench.privacy; 14 s for the copy alone of a view of
-        1,000,000 customers). Should the copy fail, the file is rewritten the closed way (every
-        connection closed first, as at a stop). The collector keeps accepting throughout.
+        readers' gate closed (viewgate.py: new requests wait, then get 503 with Retry-After) and
+        the requests in flight waited for: the old database closes, the fresh file takes its place,
+        and a new read side opens it and follows on from its position. Before this, reads waited
+        for the whole rewrite (3.9-4.5 s on the 1,005,500-event bench store, 11.3 s on a view of
+        1,000,000 customers: bench.privacy). Should the copy fail, the file is rewritten the closed
+        way (every connection closed first, as at a stop). The collector keeps accepting throughout.
 
         People's decisions (erase, split, review, audience definitions) wait for the view to show
         them, and a decision waiting inside the readers' gate would hold the swap back. So the
@@ -193,8 +191,7 @@ class Service:
         if not self.view_gate.close(self.cfg.query_seconds + 5):
             if fresh is not None:
                 view_erasure.discard(fresh.path)
-            for writers in (old.projecting, old.upkeep):
-                writers.resume()
+            old.resume_writing()
             self.log("the view's file was not rewritten: requests reading it did not finish; trying again")
             return False
         laps.append(time.perf_counter())
@@ -243,11 +240,11 @@ class Service:
             follower = make_projector(replace(self.cfg, duckdb_memory=self.cfg.serve_memory), fresh)
             try:
                 also = () if read.producer is not None else (PROFILES,)  # as the read side projects
-                erased = self._follow(follower, read.position, also)  # while the old view moves on
+                erased = self._follow(read, follower, also)  # while the old view moves on
                 if not read.projecting.pause(WRITERS_PAUSE_SECONDS):
                     raise TimeoutError("the view's projecting thread did not pause in time")
                 caught = time.perf_counter()
-                erased |= self._follow(follower, read.position, also)
+                erased |= self._follow(read, follower, also)
             finally:
                 follower.close()
             done = time.perf_counter()
@@ -257,22 +254,19 @@ class Service:
         except Exception as error:  # noqa: BLE001 - said, and done the closed way
             if fresh is not None:
                 view_erasure.discard(fresh)
-            for writers in (read.projecting, read.upkeep):
-                writers.resume()
+            read.resume_writing()
             self.log(f"copying the view's file failed ({error!r}); it is rewritten while reads wait")
             return None
         finally:
             cursor.close()
 
-    def _follow(self, follower: Any, upto: int, also: Sequence[str]) -> bool:
-        """Applies the store's notifications after the follower's position, up to `upto` (the old
-        view's), in projection batches; True when one of them erased someone."""
+    @staticmethod
+    def _follow(read: ReadSide, follower: Any, also: Sequence[str]) -> bool:
+        """Applies to the follower (the copy's projector) the store's notifications up to where the
+        read side's view is now; True when one of them erased someone."""
         erased = False
-        while follower.position < upto:
-            batch = [n for n in self.app.raw_notifications(follower.position, self.cfg.projection_batch) if n[0] <= upto]
-            if not batch:
-                break
-            erased = erased or any(n[2] == stored_events.ERASED for n in batch)
+        for batch in read.notification_batches(follower.position, read.position):
+            erased = erased or bool(erased_ids(batch))
             follower.apply(batch, also=also)
         return erased
 

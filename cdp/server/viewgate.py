@@ -4,9 +4,10 @@ The rewrite (Service.rewrite_view) pauses the view's writers (`WriterPause`: the
 upkeep, which scores, publishes and delivers, for the copy; its projecting thread for the copy's
 last catch-up) and copies the tables into a fresh file while requests go on reading; then, for the
 swap alone, it closes the readers' gate (`ViewGate`), waits for the requests in flight, closes the
-old database, puts the fresh file in its place and opens a new read side on it. A request that comes meanwhile waits up to WAIT_SECONDS for the swap, then
-is answered 503 with `Retry-After`. Requests that never touch the view (the collector, the
-documentation, the console's static files) pass.
+old database, puts the fresh file in its place and opens a new read side on it. A request that
+comes meanwhile waits up to WAIT_SECONDS for the swap, then is answered 503 with `Retry-After`.
+Requests that never touch the view (the collector, the documentation, the console's static files)
+pass.
 """
 from __future__ import annotations
 
