@@ -142,7 +142,7 @@ def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
             time.sleep(1)
         with LookUps(f"http://127.0.0.1:{port}", key, reader) as lookups:
             time.sleep(3)  # the look-ups' pace while nothing is rewritten
-            idle = lookups.mark()
+            erased_at = time.time()
             out = _erase(run, who)
             started = time.perf_counter()
             while b'"view_rewrite_pending":false' not in _health(port):
@@ -151,21 +151,15 @@ def _erase_beside_server(run: dict, who: str, reader: str, log: Path) -> str:
                 time.sleep(0.05)
             rewritten = time.perf_counter() - started
             time.sleep(1)
-        during = lookups.results[idle:]
     finally:
         started = time.perf_counter()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=900)
         stopped = time.perf_counter() - started
     said = re.search(r"rewritten after an erasure in (.*)", log.read_text())
-    before = sorted(seconds for _, seconds, _ in lookups.results[:idle])
-    slowest = max(seconds for _, seconds, _ in during)
-    statuses = Counter(status for _, _, status in during)
     return (f"{out}; then the view's file rewritten by the running server {rewritten:.2f} s after the erase "
             f"({said.group(1) if said else '?'}, its log says); its stop: {stopped:.2f} s\n"
-            f"  look-ups of another customer meanwhile: {len(during)}, the slowest {slowest * 1000:.0f} ms, "
-            f"answered {dict(statuses)}; baseline, the same look-ups before the erase: "
-            f"p50 {before[len(before) // 2] * 1000:.1f} ms, slowest {before[-1] * 1000:.1f} ms ({len(before)})")
+            + _beside_before("look-ups of another customer", lookups, erased_at))
 
 
 class Repeated:
@@ -188,9 +182,6 @@ class Repeated:
         self._stop.set()
         self._thread.join(120)
 
-    def mark(self) -> int:
-        return len(self.results)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             began, started = time.time(), time.perf_counter()
@@ -200,6 +191,16 @@ class Repeated:
 
     def step(self) -> int:
         raise NotImplementedError
+
+
+def _beside_before(name: str, series: Repeated, erased_at: float) -> str:
+    """A series' steps from the erase on (how many, the slowest, what they answered) beside the
+    same steps before it (p50, the slowest): one report line."""
+    before = sorted(seconds for began, seconds, _ in series.results if began < erased_at)
+    during = [(seconds, status) for began, seconds, status in series.results if began >= erased_at]
+    return (f"  {name} from the erase on: {len(during)}, the slowest {max(s for s, _ in during) * 1000:,.0f} ms, "
+            f"answered {dict(Counter(status for _, status in during))}; baseline, before the erase: "
+            f"p50 {before[len(before) // 2] * 1000:.1f} ms, the slowest {before[-1] * 1000:.1f} ms ({len(before)})")
 
 
 def _get(url: str, key: str, data: bytes | None = None, content_type: str = "") -> int:
@@ -238,7 +239,7 @@ class Visibility(Repeated):
         import uuid
 
         email = f"seen.{uuid.uuid4().hex[:12]}@example.org"
-        status = _get(f"{self.url}/events", self.publish_key, orjson.dumps(_identify(email)),
+        status = _get(f"{self.url}/events", self.publish_key, orjson.dumps(_new_customer(email)),
                       "application/cloudevents+json")
         while status == 200 and _get(f"{self.url}/v1/profiles/email:{email}", self.read_key) != 200:
             if self._stop.wait(0.05):
@@ -246,12 +247,13 @@ class Visibility(Repeated):
         return status
 
 
-def _identify(email: str) -> dict:
+def _new_customer(email: str) -> dict:
+    """An identify event of the `shop` unit for a person known by `email` alone."""
     import uuid
 
-    return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "shop", "type": "cdp.identify",
-            "time": "2025-06-01T12:00:00Z", "datacontenttype": "application/json",
-            "data": {"business_unit": "shop", "customer": {"source_id": f"S-{email}", "email": email}}}
+    from tests.serving import cloudevent
+
+    return cloudevent(str(uuid.uuid4()), "shop", f"S-{email}", customer={"email": email})
 
 
 def rewrite_at_scale(customers: int) -> None:
@@ -275,7 +277,7 @@ def rewrite_at_scale(customers: int) -> None:
         log = Path(tmp) / "serve.log"
         server = start_server(env, log, timeout=900)
         try:
-            assert _get(f"{server.url}/events", keys["shop"], orjson.dumps(_identify("gone@example.org")),
+            assert _get(f"{server.url}/events", keys["shop"], orjson.dumps(_new_customer("gone@example.org")),
                         "application/cloudevents+json") == 200
             while _get(f"{server.url}/v1/profiles/email:gone@example.org", keys["read"]) != 200:
                 time.sleep(0.1)
@@ -301,11 +303,7 @@ def rewrite_at_scale(customers: int) -> None:
         print(f"  DELETE /v1/profiles answered in {answered['seconds']:.2f} s; the rewrite: "
               f"{said.group(1) if said else '?'} (its log)")
         for name, series in (("look-ups of another customer", lookups), ("publish-to-visible", seen)):
-            before = sorted(seconds for began, seconds, _ in series.results if began < erased_at)
-            during = [(seconds, status) for began, seconds, status in series.results if began >= erased_at]
-            print(f"  {name} from the erase on: {len(during)}, the slowest {max(s for s, _ in during) * 1000:,.0f} ms, "
-                  f"answered {dict(Counter(status for _, status in during))}; baseline, before the erase: "
-                  f"p50 {before[len(before) // 2] * 1000:.1f} ms, the slowest {before[-1] * 1000:.1f} ms ({len(before)})")
+            print(_beside_before(name, series, erased_at))
 
 
 def _health(port: int) -> bytes:
