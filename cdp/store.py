@@ -248,6 +248,7 @@ class EventStore:
             self._insert_events_sql = recorder.insert_events_statement
         self._window = (0, 0)  # cdp_seq range of the other writers' rows read by the last refresh
         self._mark = self._position = 0
+        self._loaded = False  # whether heads and seen keys were read (load): a command that needs neither skips them
         self.heads: dict[str, int] = {}
         self.seen = SeenKeys()
         self._stamp: dict[str, str] = {}
@@ -320,6 +321,7 @@ class EventStore:
         self._position = self.max_position() if self._lock else 0
         self.heads: dict[str, int] = dict(self.query(self._heads_sql()))
         self.seen = SeenKeys(self.query(SELECT_EVENT_KEYS))
+        self._loaded = True
 
     @property
     def position(self) -> int:
@@ -329,7 +331,9 @@ class EventStore:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Resolve and commit inside this block: on PostgreSQL it holds the writers' lock and first
-        reads what other writers committed (then `changed()` returns their side-table rows)."""
+        reads what other writers committed (then `changed()` returns their side-table rows). Heads
+        and seen keys are brought up to date only once loaded: before, this read all of them, for a
+        command that needs neither (an erasure on PostgreSQL: 2.3 of its 2.4 s on a million events)."""
         if self._lock is None:
             self._window = (0, 0)
             yield
@@ -337,9 +341,9 @@ class EventStore:
         with self._lock.held():
             mark, position = self._lock.last_change(), self.max_position()
             self._window = (self._mark, mark)
-            if mark > self._mark:
+            if self._loaded and mark > self._mark:
                 self.seen.update(self.changed(SELECT_EVENT_KEYS))
-            if position > self._position:
+            if self._loaded and position > self._position:
                 self.heads.update(self.query(self._heads_sql(self._position)))
             yield
             # our own commit is already in memory: skip it at the next refresh

@@ -202,3 +202,41 @@ def test_autovacuum_of_the_events_table_is_not_throttled_and_analyzes_lightly(fr
         assert {"originator_id", "state", "notification_id"} <= {name for name, _ in columns}
         assert all(target == 10 for _, target in columns), columns
     assert rows(fresh_postgres_dsn, "SELECT count(*) FROM cdp_events")[0][0] >= 2
+
+
+def test_an_erasure_reads_no_event_key_and_the_next_batch_still_knows_every_one(fresh_postgres_dsn: str,
+                                                                                  tmp_path: Path):
+    """An erasure needs neither the store's event keys nor its heads, and reading them all cost it
+    2.3 s on a million events; the same writer's next batch then reads them, and knows every key
+    and head, its own erasure's and the other writer's."""
+    from cdp.pipeline import Pipeline
+    from cdp.summary import Summary
+    from identity.resolver import new_customer_id
+
+    dsn = fresh_postgres_dsn
+    people = write(tmp_path / "people.jsonl", [
+        event("1", "retail", "R5", customer={"email": "kim@example.org", "first_name": "Kim"}),
+        event("2", "retail", "R6", customer={"email": "lou@example.org", "first_name": "Lou"}),
+        event("3", "bank", "B7", customer={"email": "max@example.org", "first_name": "Max"}),
+    ])
+    later = write(tmp_path / "later.jsonl", [
+        event("4", "retail", "R6", "cdp.purchase", customer={"email": "lou@example.org"}, amount=3.0),
+    ])
+    more = write(tmp_path / "more.jsonl", [
+        event("5", "retail", "R5", "cdp.purchase", customer={"email": "kim@example.org"}, amount=4.0),
+        event("6", "retail", "R6", "cdp.purchase", customer={"email": "lou@example.org"}, amount=5.0),
+    ])
+    with Pipeline(settings(tmp_path / "a", dsn), project=False) as a, \
+            Pipeline(settings(tmp_path / "b", dsn), project=False) as b:
+        a.process_batch(list(a.ingestor.read([str(people)])), Summary())
+        b.app.erase(new_customer_id("retail", "R5"))
+        assert len(b.app.store.seen) == 0
+        a.process_batch(list(a.ingestor.read([str(later)])), Summary())
+        summary = Summary()
+        b.process_batch(list(b.ingestor.read([str(people), str(later), str(more)])), summary)
+        assert (summary.duplicates, summary.suppressed, summary.accepted) == (4, 1, 1)
+    versions = rows(dsn, "SELECT originator_id, array_agg(originator_version ORDER BY originator_version) "
+                         "FROM cdp_events GROUP BY 1")
+    assert all(v == list(range(1, len(v) + 1)) for _, v in versions), "a head missed"
+    lou = new_customer_id("retail", "R6").replace("-", "")
+    assert max(len(v) for k, v in versions if str(k).replace("-", "") == lou) >= 3
