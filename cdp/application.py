@@ -67,6 +67,8 @@ SUPPRESSED_TABLE = "CREATE TABLE IF NOT EXISTS cdp_suppressed (fingerprint TEXT 
 SELECT_SUPPRESSED = "SELECT fingerprint FROM cdp_suppressed"
 INSERT_SUPPRESSED = "INSERT INTO cdp_suppressed (fingerprint) VALUES (?) ON CONFLICT (fingerprint) DO NOTHING"
 IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES, *identity_model.TABLES)
+# The tables an erasure deletes rows from that held the person's identifiers or data keys (scrub).
+ERASED_FROM = ("identity_keys", "identity_redirects", "identity_records", "identity_cannot_link", "cdp_data_keys")
 LAST_MODEL_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
 T = TypeVar("T")
 
@@ -385,6 +387,11 @@ class CustomerApplication(Application):
         # answer) for the whole identity state: seconds on a store of a million events.
         self._resolver = None
         return erasure
+
+    def scrub(self) -> list[str]:
+        """After an erasure: no deleted row left in the store's files (EventStore.scrub); returns
+        the tables that could not be rewritten (PostgreSQL: busy, or not this role's to vacuum)."""
+        return self.store.scrub(ERASED_FROM)
 
     def _erasure(self, customer_id: str, suppress: bool) -> Erasure:
         """What erasing a customer touches, read from the store's identity tables."""

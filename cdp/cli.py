@@ -281,15 +281,20 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
         done = ask(server, "DELETE", f"/v1/profiles/customer_id:{ids[0]}?suppress={keep_suppression == 'yes'}",
                    actor=local_user(), failed="erase failed")
         sources, customer_ids, entries = done["sources"], done["customer_ids"], done["deadletter_entries"]
-        seconds, phases = done["seconds"], done["phases"]
+        seconds, phases, left = done["seconds"], done["phases"], done.get("store_tables_left", [])
     else:
         erased = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
         sources, customer_ids, entries = len(erased.erasure.sources), erased.erasure.customer_ids, erased.deadletter_entries
-        seconds, phases = erased.seconds, erased.phases
+        seconds, phases, left = erased.seconds, erased.phases, erased.tables_left
     console.out.print(f"erased customer {ids[0]}: {sources} source record(s), "
                       f"{len(customer_ids)} customer id(s), {entries} dead-letter entr(ies); "
                       f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
                       f"({seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
+    if left:
+        tables = ", ".join(left)
+        console.err.print(f"the store's tables {tables} could not be rewritten (held by another session, or not this "
+                          f"role's to vacuum): their files keep the deleted rows until `VACUUM FULL {tables}` is run "
+                          "by their owner")
     if server is not None and done.get("view_rewrite_pending"):
         console.err.print("`cdp serve` rewrites the view's file CDP_VIEW_REWRITE_DELAY after the erasure (default "
                           "60 s) or when it stops: until then its free blocks may still hold the person's bytes")

@@ -4,7 +4,8 @@ The store's part is the application's `erase` command (data keys destroyed, iden
 identifiers kept as keyed hashes for suppression, `Erased` recorded). Then the copies outside the
 store: the view follows the store (the person's rows deleted) and is rewritten into a fresh file,
 the dead-letter loses the entries that carry the person's identifiers, and SQLite's write-ahead log
-is checkpointed and truncated (the store deletes with `secure_delete`, so freed pages hold zeros).
+is checkpointed and truncated (the store deletes with `secure_delete`, so freed pages hold zeros), or
+PostgreSQL's tables that held the person are written into new files (EventStore.scrub).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class Erased:
     erasure: Erasure
     deadletter_entries: int
     seconds: float
-    phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, checkpoint
+    phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, store_files
+    tables_left: list[str]  # store tables whose files may still hold the deleted rows (Store.scrub)
 
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
@@ -61,14 +63,14 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
             lap("view_rewrite")
         removed = scrub_deadletter(settings.deadletter_path, erasure, surname_shared(app))
         lap("deadletter")
-        app.store.scrub()
-        lap("checkpoint")
+        left = app.scrub()
+        lap("store_files")
     finally:
         app.close()
     seconds = time.perf_counter() - started
     if settings.kafka_bootstrap:
         publish_tombstones(settings, erasure.customer_ids)
-    return Erased(erasure, removed, seconds, phases)
+    return Erased(erasure, removed, seconds, phases, left)
 
 
 def pending_view_rewrite(settings: Settings) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import blake2b
 from importlib.util import find_spec
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 from uuid import UUID
@@ -32,6 +32,7 @@ from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
+SCRUB_LOCK_TIMEOUT_MS = 10_000  # PostgreSQL: how long scrub's VACUUM FULL waits for a table another session holds
 UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
 EVENTS_STATISTICS_TARGET = 10  # per column of the events table: ANALYZE samples 300 x this many rows (_light_analyze)
 SQLITE_CACHE_PAGES = -32768  # 32 MiB page cache for the writer: index pages of a large store stay hot
@@ -400,17 +401,50 @@ class EventStore:
         return self.query(f"SELECT originator_version, state FROM {table} WHERE originator_id = ? "
                           "ORDER BY originator_version", (self._id(originator_id),))
 
-    def scrub(self) -> None:
-        """SQLite: moves the write-ahead log into the file and truncates it, so freed (zeroed) pages
-        are all that remains of deleted rows (PostgreSQL: nothing to do here)."""
+    def scrub(self, tables: Sequence[str] = ()) -> list[str]:
+        """Leaves the rows deleted from `tables` nowhere in the store's files; returns the tables
+        it could not rewrite.
+
+        SQLite deletes with `secure_delete` (freed pages hold zeros): the write-ahead log, which
+        still holds the rows, is moved into the file and truncated. PostgreSQL keeps deleted rows
+        in dead tuples until their space is reused, and a plain VACUUM only marks it reusable:
+        `VACUUM FULL` writes each table and its indexes into new files and drops the old ones.
+        That holds the table exclusively (the five an erasure deletes from: 0.9 s on 1,005,500
+        events), so it runs under the writers' lock, between their batches; a table held longer
+        than SCRUB_LOCK_TIMEOUT_MS (a long read), or that the role may not vacuum, is left."""
         if self.is_postgres:
-            return
+            return self._rewrite_tables(tables)
         with sqlite3.connect(self.settings.sqlite_path, timeout=30) as con:
             for _ in range(50):
                 busy, *_ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 if not busy:
-                    return
+                    break
                 time.sleep(0.05)
+        return []
+
+    def _rewrite_tables(self, tables: Sequence[str]) -> list[str]:
+        import psycopg
+        from psycopg.sql import SQL, Identifier
+
+        left: list[str] = []
+        warnings: list[Any] = []  # PostgreSQL skips a table the role may not vacuum with a warning, not an error
+        with self._lock.held() if self._lock else nullcontext(), self.recorder.datastore.get_connection() as conn:
+            conn.add_notice_handler(warnings.append)
+            conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
+            try:
+                for table in tables:
+                    before = len(warnings)
+                    try:
+                        conn.execute(SQL("VACUUM FULL {}").format(Identifier(table)))
+                    except psycopg.errors.LockNotAvailable:
+                        left.append(table)
+                        continue
+                    if len(warnings) > before:
+                        left.append(table)
+            finally:
+                conn.execute("RESET lock_timeout")
+                conn.remove_notice_handler(warnings.append)
+        return left
 
     # -- writing ---------------------------------------------------------------------------
 

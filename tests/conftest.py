@@ -18,6 +18,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -35,7 +36,10 @@ def _service_address(variable: str, service: str) -> str:
     value = os.environ.get(variable, "").strip()
     if value:
         return value
-    message = f"{variable} not set ({service} address): run `make test` or `make services`"
+    _missing(f"{variable} not set ({service} address): run `make test` or `make services`", service)
+
+
+def _missing(message: str, service: str) -> NoReturn:
     if _in_ci():
         pytest.fail(f"{message}; CI=true, so a missing {service} is an error, not a skip", pytrace=False)
     pytest.skip(message)
@@ -51,6 +55,28 @@ def kafka_bootstrap() -> str:
 def postgres_dsn() -> str:
     """`postgresql://` URL of a real PostgreSQL database (CDP_POSTGRES_DSN); shared by all tests."""
     return _service_address("CDP_POSTGRES_DSN", "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def postgres_superuser(postgres_dsn: str) -> str:
+    """A superuser's URL on the test server, for tests that read the database's own files through
+    it (pg_read_binary_file): CDP_POSTGRES_ADMIN_DSN, else the `postgres` role on the same host and
+    port without a password, as scripts/services.sh's server trusts it on 127.0.0.1."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
+    dsn = os.environ.get("CDP_POSTGRES_ADMIN_DSN", "").strip()
+    if not dsn:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        server = {k: v for k, v in conninfo_to_dict(postgres_dsn).items() if k in ("host", "port")}
+        dsn = make_conninfo(**server, user="postgres", dbname="postgres")
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as con:
+            if not con.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+                _missing(f"{dsn} is not a superuser's: set CDP_POSTGRES_ADMIN_DSN to one", "PostgreSQL superuser")
+    except psycopg.OperationalError as error:
+        _missing(f"no PostgreSQL superuser at {dsn} ({str(error).strip()}): set CDP_POSTGRES_ADMIN_DSN",
+                 "PostgreSQL superuser")
+    return dsn
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,70 @@ def test_erase_on_postgresql_leaves_nothing_in_a_dump(cdp, tmp_path, fresh_postg
     ingest(cdp, tmp_path, "resent.jsonl", jsonl([event("n1", "bank", "B-9", customer={"email": ANN["email"]})]))
     dump = subprocess.run(["pg_dump", "-d", fresh_postgres_dsn], capture_output=True, check=True).stdout.lower()
     assert [n for n in NEEDLES if n.encode() in dump] == []
+
+
+def database_files_holding(superuser: str, dsn: str, needles: list[str]) -> dict[str, list[str]]:
+    """Every file of `dsn`'s database (its tables, indexes, TOAST) that contains a needle,
+    case-insensitively, read through the server after a checkpoint has written every page out."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    found: dict[str, list[str]] = {}
+    with psycopg.connect(superuser, autocommit=True) as su:
+        su.execute("CHECKPOINT")
+        oid = su.execute("SELECT oid FROM pg_database WHERE datname = %s",
+                         (conninfo_to_dict(dsn)["dbname"],)).fetchone()[0]
+        for (name,) in su.execute("SELECT pg_ls_dir(%s)", (f"base/{oid}",)).fetchall():
+            data = bytes(su.execute("SELECT pg_read_binary_file(%s)", (f"base/{oid}/{name}",)).fetchone()[0]
+                         or b"").lower()
+            hits = [n for n in needles if n.encode() in data]
+            if hits:
+                found[name] = hits
+    return found
+
+
+@pytest.mark.postgres
+def test_erase_on_postgresql_leaves_no_deleted_row_in_the_databases_files(cdp, tmp_path, fresh_postgres_dsn,
+                                                                            postgres_superuser):
+    """PostgreSQL keeps deleted rows in dead tuples, where a dump does not look and the files still
+    hold them: the erasure writes the tables that held the person into new files."""
+    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    before = database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES)
+    assert "quorra.zephyrine@example.org" in {n for hits in before.values() for n in hits}
+
+    erased = cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    assert "store_files" in erased.stdout and "could not be rewritten" not in erased.stderr
+    assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
+
+
+@pytest.mark.postgres
+def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgres_dsn, monkeypatch):
+    """The rewrite waits SCRUB_LOCK_TIMEOUT_MS for a table a long read holds, then leaves it and
+    says which; the others are rewritten all the same."""
+    import psycopg
+
+    from cdp import store
+    from cdp.application import ERASED_FROM, CustomerApplication
+    from cdp.config import Settings
+
+    monkeypatch.setattr(store, "SCRUB_LOCK_TIMEOUT_MS", 300)
+    app = CustomerApplication(Settings.from_env({"CDP_HOME": str(tmp_path), "CDP_EVENT_STORE": fresh_postgres_dsn}))
+    nodes = "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY(%s)"
+    try:
+        with psycopg.connect(fresh_postgres_dsn) as reader:
+            files = dict(reader.execute(nodes, (list(ERASED_FROM),)).fetchall())
+            reader.execute("LOCK TABLE identity_records IN ACCESS SHARE MODE")  # as a long read would hold it
+            started = time.perf_counter()
+            assert app.scrub() == ["identity_records"]
+            assert time.perf_counter() - started < 5
+        with psycopg.connect(fresh_postgres_dsn) as reader:
+            rewritten = {name for name, node in reader.execute(nodes, (list(ERASED_FROM),)).fetchall()
+                         if node != files[name]}
+        assert rewritten == set(ERASED_FROM) - {"identity_records"}
+        assert app.scrub() == []  # the read is over
+    finally:
+        app.close()
 
 
 def test_a_split_is_audited_and_an_erased_customer_stays_listed(cdp, tmp_path):

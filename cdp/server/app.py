@@ -408,7 +408,8 @@ def build_app(service: Any) -> FastAPI:
         published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later.
         `view_rewrite_pending`: the view's file is still to be rewritten (CDP_VIEW_REWRITE_DELAY
         later, or when the server stops); until then its free blocks may still hold the person's
-        bytes."""
+        bytes. `store_tables_left`: PostgreSQL tables that could not be rewritten (busy, or not
+        the role's to vacuum), whose files may still hold the deleted rows."""
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
@@ -418,7 +419,7 @@ def build_app(service: Any) -> FastAPI:
             return {"customer_id": e.customer_id, "customer_ids": e.customer_ids, "sources": len(e.sources),
                     "suppressed": suppress, "deadletter_entries": done.deadletter_entries,
                     "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()},
-                    "view_rewrite_pending": service.view_rewrite_pending}
+                    "view_rewrite_pending": service.view_rewrite_pending, "store_tables_left": done.tables_left}
 
         return JSONResponse(await run_in_threadpool(answer))
 

@@ -125,12 +125,15 @@ class Service:
         phases = {"store_and_view": time.perf_counter() - started}
         removed = (scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
                    if self.mode == "embedded" else 0)
-        self.app.store.scrub()
+        left = self.app.scrub()
+        if left:
+            self.log(f"after the erasure, the store's tables {', '.join(left)} could not be rewritten: their files keep "
+                     "the deleted rows until their owner runs VACUUM FULL on them")
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
-        phases["deadletter_and_checkpoint"] = time.perf_counter() - started - phases["store_and_view"]
-        return Erased(erasure, removed, time.perf_counter() - started, phases)
+        phases["deadletter_and_store_files"] = time.perf_counter() - started - phases["store_and_view"]
+        return Erased(erasure, removed, time.perf_counter() - started, phases, left)
 
     def schedule_view_rewrite(self, delay: float | None = None) -> None:
         """The view's rewrite, CDP_VIEW_REWRITE_DELAY (or `delay` seconds) from now, unless one is
