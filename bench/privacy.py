@@ -1,7 +1,7 @@
 """Issue 11: the cost of privacy.
 
     python -m bench.privacy [--events 100000] [--rounds 2] [--erase-events 1000000] [--skip-erase]
-                             [--skip-encryption] [--rewrite-customers N]
+                             [--skip-encryption] [--postgres] [--rewrite-customers N]
 
 1. Ingest throughput with personal data encrypted (the default) beside the same pipeline on the
    same events with encryption off, in the same run (target: ratio at least 0.8); and a rebuild of
@@ -12,7 +12,9 @@
    server erases, then rewrites its view's file at once: CDP_VIEW_REWRITE_DELAY=0; timed until
    /health no longer says `view_rewrite_pending`, with the parts its log gives), while look-ups of
    another customer go on over HTTP: the slowest of them beside their pace before the erase.
-3. With `--rewrite-customers N`: the same rewrite by a running `cdp serve` on bench.visible's
+3. With `--postgres`: `cdp erase` on a PostgreSQL store of `--erase-events` events, beside the
+   same baseline (erase_on_postgres).
+4. With `--rewrite-customers N`: the same rewrite by a running `cdp serve` on bench.visible's
    synthetic view of N customers, with look-ups of a customer and a new customer published every
    0.2 s (the time until the view shows them) going on all along: each series from the erase on
    beside itself before it.
@@ -101,6 +103,52 @@ def erase_time(events: int) -> None:
         print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
         served = _erase_beside_server(run, who[1], who[2], Path(tmp) / "serve.log")
         print(f"  cdp erase beside a running cdp serve: {served}")
+
+
+def erase_on_postgres(events: int) -> None:
+    """`cdp erase` on a PostgreSQL store of about `events` events (built once into a database kept
+    for later runs, then copied by CREATE DATABASE … TEMPLATE, as the erase changes it), beside
+    `cdp customer show` of the same person. Its `store` part is the erase command and
+    `store_files` the rewrite of the tables it deleted from (VACUUM FULL); CDP_POSTGRES_DSN, or
+    the services scripts/services.sh starts."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from bench.kafka import services, stop_services
+    from tests.databases import create_database, drop_database
+
+    _, dsn, started = services()
+    files = demo_files(events)
+    kept, copy = f"bench_privacy_{files.events}", f"bench_privacy_erase_{os.getpid()}"
+
+    def at(name: str) -> str:
+        return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+    home = CACHE / f"privacy-postgres-{files.events}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    try:
+        if not (home / "done").exists() or (home / "done").read_text() != dsn:
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+            drop_database(dsn, kept)
+            create_database(dsn, kept)
+            subprocess.run([sys.executable, "-m", "cdp", "ingest", *map(str, files.event_files)], check=True,
+                           env={**env, "CDP_HOME": str(home), "CDP_EVENT_STORE": at(kept)}, stdout=subprocess.DEVNULL)
+            (home / "done").write_text(dsn)
+        print(f"\n== erase one person on a PostgreSQL store of {files.events:,} events (target: under 1 s)")
+        create_database(dsn, copy, template=kept)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            subprocess.run(["cp", "-r", str(home), f"{tmp}/home"], check=True)
+            os.sync()
+            run = {**env, "CDP_HOME": f"{tmp}/home", "CDP_EVENT_STORE": at(copy)}
+            who = _people(run, 1)[0]
+            started_show = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cdp", "customer", "show", who], env=run, check=True,
+                           stdout=subprocess.DEVNULL)
+            show = time.perf_counter() - started_show
+            print(f"  cdp erase: {_erase(run, who)}")
+            print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
+    finally:
+        drop_database(dsn, copy)
+        stop_services(started)
 
 
 def _people(run: dict, count: int) -> list[str]:
@@ -327,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs each way, alternating (best of each)")
     parser.add_argument("--skip-erase", action="store_true")
     parser.add_argument("--skip-encryption", action="store_true")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also: cdp erase on a PostgreSQL store of --erase-events events")
     parser.add_argument("--rewrite-customers", type=int, default=0, metavar="N",
                         help="also: the running server's rewrite on bench.visible's view of N customers")
     args = parser.parse_args(argv)
@@ -334,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         encryption_cost(args.events, args.rounds)
     if not args.skip_erase:
         erase_time(args.erase_events)
+    if args.postgres:
+        erase_on_postgres(args.erase_events)
     if args.rewrite_customers:
         rewrite_at_scale(args.rewrite_customers)
 

@@ -5,7 +5,7 @@ identifiers kept as keyed hashes for suppression, `Erased` recorded). Then the c
 store: the view follows the store (the person's rows deleted) and is rewritten into a fresh file,
 the dead-letter loses the entries that carry the person's identifiers, and SQLite's write-ahead log
 is checkpointed and truncated (the store deletes with `secure_delete`, so freed pages hold zeros), or
-PostgreSQL's tables that held the person are written into new files (EventStore.scrub).
+PostgreSQL's tables that held the person are written into new files (CustomerApplication.scrub).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class Erased:
     deadletter_entries: int
     seconds: float
     phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, store_files
-    tables_left: list[str]  # store tables whose files may still hold the deleted rows (Store.scrub)
+    tables_left: list[str]  # store tables whose files may still hold the deleted rows (CustomerApplication.scrub)
 
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:

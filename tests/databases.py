@@ -7,13 +7,17 @@ import time
 DROP_ATTEMPTS = 40  # 0.25 s apart
 
 
-def create_database(dsn: str, name: str) -> None:
-    """A new, empty database `name` on `dsn`'s server."""
+def create_database(dsn: str, name: str, template: str | None = None) -> None:
+    """A new database `name` on `dsn`'s server: empty, or a copy of `template` (which nothing may
+    be connected to)."""
     import psycopg
     from psycopg import sql
 
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        admin.execute(statement)
 
 
 def drop_database(dsn: str, name: str) -> None:
