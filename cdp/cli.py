@@ -267,7 +267,7 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
     from cdp.server.client import running_server
 
     cfg = settings()
-    con = open_view(cfg)
+    con = open_view(cfg, scores=False)  # the person's scores go with them: not brought up to date first
     try:
         ids = find_who(cfg, con, who)
     finally:
@@ -328,7 +328,7 @@ def audit(who: str | None, since: str | None, fmt: str) -> None:
     ids = None
     if who:  # an erased customer is no longer in the view: their id is taken as given
         kind, value = classify(who) if who.strip() else ("", "")
-        ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg), who))
+        ids = {value} if kind == "customer_id" else set(find_who(cfg, open_view(cfg, scores=False), who))
     server = running_server(cfg)
     if server is not None:  # the server's queued reads are appended first
         entries = ask(server, "GET", "/v1/audit?limit=100000", failed="audit failed")["entries"]

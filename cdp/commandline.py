@@ -24,12 +24,16 @@ def refresh_view(cfg: Settings) -> None:
     """Brings the view's scores up to CDP_AS_OF if they are not; a missing or damaged view is one line."""
     from projections.projector import refresh_view as refresh
 
-    if not cfg.duckdb_path.exists():
-        raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
+    require_view(cfg)
     try:
         refresh(cfg.duckdb_path, cfg.as_of)
     except duckdb.Error as error:
         raise view_error(cfg, error) from None
+
+
+def require_view(cfg: Settings) -> None:
+    if not cfg.duckdb_path.exists():
+        raise UserError(f"no unified view at {cfg.duckdb_path}: run `cdp ingest` or `cdp demo` first")
 
 
 def view_error(cfg: Settings, error: Exception) -> UserError:
@@ -43,16 +47,20 @@ def first_line(error: Exception) -> str:
     return console.escape_controls(lines[0] if lines else type(error).__name__)
 
 
-def open_view(cfg: Settings) -> duckdb.DuckDBPyConnection:
-    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not; when
-    `cdp serve` owns it, a stand-in that sends every query to the server."""
+def open_view(cfg: Settings, scores: bool = True) -> duckdb.DuckDBPyConnection:
+    """The view, read-only, with its scores brought up to CDP_AS_OF first if they are not (unless
+    `scores` is False: a command that only finds a customer, such as an erasure, does not wait for
+    them); when `cdp serve` owns it, a stand-in that sends every query to the server."""
     from cdp.server.client import RemoteView, running_server
     from projections.projector import connect
 
     server = running_server(cfg)
     if server is not None:
         return RemoteView(*server)
-    refresh_view(cfg)
+    if scores:
+        refresh_view(cfg)
+    else:
+        require_view(cfg)
     try:
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.Error as error:

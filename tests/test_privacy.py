@@ -203,6 +203,26 @@ def test_a_lone_surname_goes_with_the_last_record_that_bears_it(cdp, tmp_path):
     assert files_holding(cdp.home, ["vexbridge"]) == {}
 
 
+def test_erase_does_not_bring_the_scores_up_to_date_first(cdp, tmp_path):
+    """Finding the person needs no scores, and bringing them up to a new day first cost the erase
+    the time of a refresh; the next command that shows scores brings them up to date."""
+    import duckdb
+
+    cdp.env["CDP_AS_OF"] = "2025-06-30"
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    scored = "SELECT CAST(as_of AS VARCHAR) FROM metric_state"
+
+    def scored_as_of() -> str:
+        with duckdb.connect(str(cdp.home / "view.duckdb"), read_only=True) as con:
+            return con.execute(scored).fetchall()[0][0]
+
+    assert scored_as_of() == "2025-06-30"
+    cdp.env["CDP_AS_OF"] = "2025-07-31"
+    cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    assert scored_as_of() == "2025-06-30"
+    assert {r["recency_days"] for r in cdp.query("SELECT recency_days FROM customers")} and scored_as_of() == "2025-07-31"
+
+
 def test_erase_usage_errors_are_one_line(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     result = cdp("erase", "nobody@example.org", "--yes", check=False)
