@@ -423,28 +423,33 @@ class EventStore:
         return []
 
     def _rewrite_tables(self, tables: Sequence[str]) -> list[str]:
+        """VACUUM FULL of each table (scrub), on a connection of its own (a pooled one may be stale,
+        and keeps no setting of this one); returns the tables not rewritten. Nothing here fails the
+        erasure, which stands once committed: a table that errs, or the database gone meanwhile,
+        is said to be left, as one that is busy or not the role's is."""
         import psycopg
         from psycopg.sql import SQL, Identifier
 
-        left: list[str] = []
+        done: list[str] = []
         warnings: list[Any] = []  # PostgreSQL skips a table the role may not vacuum with a warning, not an error
-        with self._lock.held() if self._lock else nullcontext(), self.recorder.datastore.get_connection() as conn:
-            conn.add_notice_handler(warnings.append)
-            conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
-            try:
+        try:
+            with self._lock.held() if self._lock else nullcontext(), \
+                    psycopg.connect(self.settings.event_store, autocommit=True, connect_timeout=5) as conn:
+                conn.add_notice_handler(warnings.append)
+                conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
                 for table in tables:
                     before = len(warnings)
                     try:
                         conn.execute(SQL("VACUUM FULL {}").format(Identifier(table)))
-                    except psycopg.errors.LockNotAvailable:
-                        left.append(table)
+                    except psycopg.DatabaseError:  # busy past lock_timeout, or no such table
+                        if conn.broken:
+                            raise
                         continue
-                    if len(warnings) > before:
-                        left.append(table)
-            finally:
-                conn.execute("RESET lock_timeout")
-                conn.remove_notice_handler(warnings.append)
-        return left
+                    if len(warnings) == before:
+                        done.append(table)
+        except psycopg.Error:
+            pass  # the database went away: what was not rewritten is left, and said
+        return [table for table in tables if table not in done]
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -289,7 +289,7 @@ def test_erase_on_postgresql_leaves_no_deleted_row_in_the_databases_files(cdp, t
 @pytest.mark.postgres
 def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgres_dsn, monkeypatch):
     """The rewrite waits SCRUB_LOCK_TIMEOUT_MS for a table a long read holds, then leaves it and
-    says which; the others are rewritten all the same."""
+    says which; the others are rewritten all the same (and likewise around a table that errs)."""
     import psycopg
 
     from cdp import store
@@ -311,6 +311,32 @@ def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgre
                          if node != files[name]}
         assert rewritten == set(ERASED_FROM) - {"identity_records"}
         assert app.scrub() == []  # the read is over
+        # one that errs is left too, and the others are rewritten all the same
+        assert app.store.scrub(["identity_keys", "no_such_table", "cdp_data_keys"]) == ["no_such_table"]
+    finally:
+        app.close()
+
+
+@pytest.mark.postgres
+def test_a_rewrite_the_database_cuts_off_leaves_every_table_and_the_next_one_works(tmp_path, fresh_postgres_dsn,
+                                                                                   postgres_superuser):
+    """The erasure is committed before its tables are rewritten: a database gone meanwhile makes
+    the rewrite say what it left, not fail the erasure; the next one reconnects."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from cdp.application import ERASED_FROM, CustomerApplication
+    from cdp.config import Settings
+
+    app = CustomerApplication(Settings.from_env({"CDP_HOME": str(tmp_path), "CDP_EVENT_STORE": fresh_postgres_dsn}))
+    try:
+        assert app.scrub() == []
+        with psycopg.connect(postgres_superuser, autocommit=True) as su:
+            cut = su.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                             (conninfo_to_dict(fresh_postgres_dsn)["dbname"],)).fetchone()[0]
+        assert cut >= 1
+        assert app.scrub() == list(ERASED_FROM)
+        assert app.scrub() == []
     finally:
         app.close()
 
