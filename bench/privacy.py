@@ -108,7 +108,8 @@ def erase_time(events: int) -> None:
 def erase_on_postgres(events: int) -> None:
     """`cdp erase` on a PostgreSQL store of about `events` events (built once into a database kept
     for later runs, then copied by CREATE DATABASE … TEMPLATE, as the erase changes it), beside
-    `cdp customer show` of the same person. Its `store` part is the erase command and
+    `cdp customer show` of the same person; then another beside a running `cdp serve`, as in
+    erase_time. Its `store` part is the erase command and
     `store_files` the rewrite of the tables it deleted from (VACUUM FULL); CDP_POSTGRES_DSN, or
     the services scripts/services.sh starts."""
     from urllib.parse import urlsplit, urlunsplit
@@ -139,13 +140,15 @@ def erase_on_postgres(events: int) -> None:
             subprocess.run(["cp", "-r", str(home), f"{tmp}/home"], check=True)
             os.sync()
             run = {**env, "CDP_HOME": f"{tmp}/home", "CDP_EVENT_STORE": at(copy)}
-            who = _people(run, 1)[0]
+            who = _people(run, 3)
             started_show = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "cdp", "customer", "show", who], env=run, check=True,
+            subprocess.run([sys.executable, "-m", "cdp", "customer", "show", who[0]], env=run, check=True,
                            stdout=subprocess.DEVNULL)
             show = time.perf_counter() - started_show
-            print(f"  cdp erase: {_erase(run, who)}")
+            print(f"  cdp erase: {_erase(run, who[0])}")
             print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
+            served = _erase_beside_server(run, who[1], who[2], Path(tmp) / "serve.log")
+            print(f"  cdp erase beside a running cdp serve: {served}")
     finally:
         drop_database(dsn, copy)
         stop_services(started)
