@@ -390,7 +390,8 @@ class CustomerApplication(Application):
 
     def scrub(self) -> list[str]:
         """After an erasure: no deleted row left in the store's files (EventStore.scrub); returns
-        the tables that could not be rewritten (PostgreSQL: busy, or not this role's to vacuum)."""
+        the tables that could not be rewritten (PostgreSQL: busy, not this role's to vacuum, or the
+        database out of reach)."""
         return self.store.scrub(ERASED_FROM)
 
     def _erasure(self, customer_id: str, suppress: bool) -> Erasure:

@@ -408,8 +408,8 @@ def build_app(service: Any) -> FastAPI:
         published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later.
         `view_rewrite_pending`: the view's file is still to be rewritten (CDP_VIEW_REWRITE_DELAY
         later, or when the server stops); until then its free blocks may still hold the person's
-        bytes. `store_tables_left`: PostgreSQL tables that could not be rewritten (busy, or not
-        the role's to vacuum), whose files may still hold the deleted rows."""
+        bytes. `store_tables_left`: PostgreSQL tables that could not be rewritten (busy, not the
+        role's to vacuum, or the database out of reach), whose files may still hold the deleted rows."""
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
