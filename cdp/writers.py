@@ -37,13 +37,32 @@ def tracking_ddl(table: str) -> list[str]:
     ]
 
 
+# Per side table: whether tracking_ddl's column, index and trigger are there, read from the catalog.
+INSTALLED = """
+SELECT c.relname AS name,
+       EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'cdp_seq'
+               AND NOT a.attisdropped) AS has_column,
+       EXISTS (SELECT FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+               WHERE i.indrelid = c.oid AND x.relname = c.relname || '_cdp_seq') AS has_index,
+       EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = c.relname || '_cdp_seq'
+               AND NOT t.tgisinternal) AS has_trigger
+FROM pg_class c WHERE c.relname = ANY(%s) AND c.relkind = 'r' AND pg_table_is_visible(c.oid)
+"""
+
+
 def install(cursor: Any, tables: Sequence[str]) -> None:
-    """Run under the writers' lock (CustomerApplication does), as concurrent DDL races in PostgreSQL."""
+    """Run under the writers' lock (CustomerApplication does), as concurrent DDL races in PostgreSQL.
+    Only what the catalog says is missing: ALTER TABLE and CREATE TRIGGER on an existing table wait
+    for every session reading it (a pg_dump for its whole run, an open transaction in psql) and,
+    queued, hold back every later reader of it, so every command's start stalled behind a backup."""
     cursor.execute(f"CREATE SEQUENCE IF NOT EXISTS {SEQUENCE}")
     cursor.execute(FUNCTION)
+    cursor.execute(INSTALLED, [list(tables)])
+    present = {row["name"]: (row["has_column"], row["has_index"], row["has_trigger"]) for row in cursor.fetchall()}
     for table in tables:
-        for statement in tracking_ddl(table):
-            cursor.execute(statement)
+        for statement, there in zip(tracking_ddl(table), present.get(table, (False, False, False))):
+            if not there:
+                cursor.execute(statement)
 
 
 def table_name(ddl: str) -> str:

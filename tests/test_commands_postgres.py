@@ -240,3 +240,26 @@ def test_an_erasure_reads_no_event_key_and_the_next_batch_still_knows_every_one(
     assert all(v == list(range(1, len(v) + 1)) for _, v in versions), "a head missed"
     lou = new_customer_id("retail", "R6").replace("-", "")
     assert max(len(v) for k, v in versions if str(k).replace("-", "") == lou) >= 3
+
+
+def test_commands_start_and_write_while_a_dump_holds_every_table(fresh_postgres_dsn: str, tmp_path: Path):
+    """pg_dump holds every table it dumps (ACCESS SHARE) for its whole run, as an open transaction
+    in psql does: a command starting meanwhile used to queue its tracking DDL behind it and wait,
+    holding back every later reader of those tables."""
+    env = environment(tmp_path / "home", fresh_postgres_dsn)
+    cdp(env, "ingest", str(write(tmp_path / "people.jsonl", [
+        event("1", "retail", "R5", customer={"email": "kim@example.org", "first_name": "Kim"})])))
+    more = write(tmp_path / "more.jsonl", [
+        event("2", "retail", "R5", "cdp.purchase", customer={"email": "kim@example.org"}, amount=2.0),
+        event("3", "bank", "B6", customer={"email": "lou@example.org", "first_name": "Lou"})])
+    with psycopg.connect(fresh_postgres_dsn) as dump:
+        tables = dump.execute("SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables "
+                              "WHERE schemaname = current_schema()").fetchone()[0]
+        dump.execute(f"LOCK TABLE {tables} IN ACCESS SHARE MODE")
+        started = time.perf_counter()
+        done = subprocess.run([*CDP, "ingest", str(more)], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        shown = subprocess.run([*CDP, "customer", "show", "lou@example.org"], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0 and "Lou" in shown.stdout, shown.stderr
+        assert time.perf_counter() - started < 60
