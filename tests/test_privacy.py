@@ -287,6 +287,24 @@ def test_erase_on_postgresql_leaves_no_deleted_row_in_the_databases_files(cdp, t
 
 
 @pytest.mark.postgres
+def test_cdp_erase_names_a_table_it_could_not_rewrite(cdp, tmp_path, fresh_postgres_dsn):
+    """A long read holds identity_records past the rewrite's 10 s: the erasure stands, and the
+    command says which table still keeps the deleted rows and what to run."""
+    import psycopg
+
+    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    with psycopg.connect(fresh_postgres_dsn) as reader:
+        reader.execute("LOCK TABLE identity_records IN ACCESS SHARE MODE")
+        erased = cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    assert erased.stdout.startswith("erased customer")
+    said = " ".join(erased.stderr.split())
+    assert "the store's tables identity_records could not be rewritten" in said
+    assert "`VACUUM FULL identity_records`" in said
+    assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
+
+
+@pytest.mark.postgres
 def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgres_dsn, monkeypatch):
     """The rewrite waits SCRUB_LOCK_TIMEOUT_MS for a table a long read holds, then leaves it and
     says which; the others are rewritten all the same (and likewise around a table that errs)."""
