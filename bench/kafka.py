@@ -57,13 +57,11 @@ def stop_services(started: Sequence[str]) -> None:
 
 
 def fresh_database(dsn: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    from tests.databases import create_database
+    from tests.databases import create_database, with_dbname
 
     name = f"bench_{uuid.uuid4().hex[:10]}"
     create_database(dsn, name)
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    return with_dbname(dsn, name)
 
 
 def drop_database(dsn: str, url: str) -> None:

@@ -75,17 +75,55 @@ def encryption_cost(events: int, rounds: int) -> None:
 
 
 def erase_time(events: int) -> None:
-    """Builds (once, cached under bench/out) a store of about `events` events, then erases one
-    person from a copy of it with `cdp erase`, and another from a second copy beside a running
-    `cdp serve` (which erases, and rewrites the view's file as it stops)."""
+    """Builds (once, cached under bench/out) a store of about `events` events, then erases people
+    from a copy of it (_erase_on_a_copy)."""
     files = demo_files(events)
     home = CACHE / f"privacy-store-{events}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
     if not (home / "done").exists():
-        subprocess.run([sys.executable, "-m", "cdp", "ingest", *map(str, files.event_files)],
-                       env={**env, "CDP_HOME": str(home)}, check=True, stdout=subprocess.DEVNULL)
+        _ingest(files, {**env, "CDP_HOME": str(home)})
         (home / "done").write_text("")
     print(f"\n== erase one person on a store of {files.events:,} events (target: under 1 s)")
+    _erase_on_a_copy(home, env)
+
+
+def erase_on_postgres(events: int) -> None:
+    """As erase_time on a PostgreSQL store of about `events` events: built once into a database kept
+    for later runs, then copied by CREATE DATABASE … TEMPLATE, as the erase changes it. The erase's
+    `store` part is the command and `store_files` the rewrite of the tables it deleted from (VACUUM
+    FULL). CDP_POSTGRES_DSN, or the services scripts/services.sh starts."""
+    from bench.kafka import services, stop_services
+    from tests.databases import create_database, drop_database, with_dbname
+
+    _, dsn, started = services()
+    files = demo_files(events)
+    kept, copy = f"bench_privacy_{files.events}", f"bench_privacy_erase_{os.getpid()}"
+    home = CACHE / f"privacy-postgres-{files.events}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    try:
+        if not (home / "done").exists() or (home / "done").read_text() != dsn:
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+            drop_database(dsn, kept)
+            create_database(dsn, kept)
+            _ingest(files, {**env, "CDP_HOME": str(home), "CDP_EVENT_STORE": with_dbname(dsn, kept)})
+            (home / "done").write_text(dsn)
+        print(f"\n== erase one person on a PostgreSQL store of {files.events:,} events (target: under 1 s)")
+        create_database(dsn, copy, template=kept)
+        _erase_on_a_copy(home, {**env, "CDP_EVENT_STORE": with_dbname(dsn, copy)})
+    finally:
+        drop_database(dsn, copy)
+        stop_services(started)
+
+
+def _ingest(files, env: dict) -> None:
+    subprocess.run([sys.executable, "-m", "cdp", "ingest", *map(str, files.event_files)], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def _erase_on_a_copy(home: Path, env: dict) -> None:
+    """Erases one person from a copy of CDP_HOME `home` with `cdp erase`, beside `cdp customer show`
+    of them (the baseline), and another beside a running `cdp serve` (which erases, then rewrites
+    the view's file); `env`: the commands' environment but CDP_HOME."""
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         copy = Path(tmp) / "home"
         subprocess.run(["cp", "-r", str(home), str(copy)], check=True)
@@ -103,55 +141,6 @@ def erase_time(events: int) -> None:
         print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
         served = _erase_beside_server(run, who[1], who[2], Path(tmp) / "serve.log")
         print(f"  cdp erase beside a running cdp serve: {served}")
-
-
-def erase_on_postgres(events: int) -> None:
-    """`cdp erase` on a PostgreSQL store of about `events` events (built once into a database kept
-    for later runs, then copied by CREATE DATABASE … TEMPLATE, as the erase changes it), beside
-    `cdp customer show` of the same person; then another beside a running `cdp serve`, as in
-    erase_time. Its `store` part is the erase command and
-    `store_files` the rewrite of the tables it deleted from (VACUUM FULL); CDP_POSTGRES_DSN, or
-    the services scripts/services.sh starts."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    from bench.kafka import services, stop_services
-    from tests.databases import create_database, drop_database
-
-    _, dsn, started = services()
-    files = demo_files(events)
-    kept, copy = f"bench_privacy_{files.events}", f"bench_privacy_erase_{os.getpid()}"
-
-    def at(name: str) -> str:
-        return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-    home = CACHE / f"privacy-postgres-{files.events}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
-    try:
-        if not (home / "done").exists() or (home / "done").read_text() != dsn:
-            subprocess.run(["rm", "-rf", str(home)], check=True)
-            drop_database(dsn, kept)
-            create_database(dsn, kept)
-            subprocess.run([sys.executable, "-m", "cdp", "ingest", *map(str, files.event_files)], check=True,
-                           env={**env, "CDP_HOME": str(home), "CDP_EVENT_STORE": at(kept)}, stdout=subprocess.DEVNULL)
-            (home / "done").write_text(dsn)
-        print(f"\n== erase one person on a PostgreSQL store of {files.events:,} events (target: under 1 s)")
-        create_database(dsn, copy, template=kept)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            subprocess.run(["cp", "-r", str(home), f"{tmp}/home"], check=True)
-            os.sync()
-            run = {**env, "CDP_HOME": f"{tmp}/home", "CDP_EVENT_STORE": at(copy)}
-            who = _people(run, 3)
-            started_show = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "cdp", "customer", "show", who[0]], env=run, check=True,
-                           stdout=subprocess.DEVNULL)
-            show = time.perf_counter() - started_show
-            print(f"  cdp erase: {_erase(run, who[0])}")
-            print(f"  baseline: `cdp customer show` of the same person, whole process: {show:.2f} s")
-            served = _erase_beside_server(run, who[1], who[2], Path(tmp) / "serve.log")
-            print(f"  cdp erase beside a running cdp serve: {served}")
-    finally:
-        drop_database(dsn, copy)
-        stop_services(started)
 
 
 def _people(run: dict, count: int) -> list[str]:

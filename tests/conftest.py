@@ -19,11 +19,10 @@ import re
 import uuid
 from collections.abc import Iterator
 from typing import NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.databases import create_database, drop_database
+from tests.databases import create_database, drop_database, with_dbname
 
 # ------------------------------------------------------------------------------ real services
 
@@ -79,16 +78,6 @@ def postgres_superuser(postgres_dsn: str) -> str:
     return dsn
 
 
-def _with_dbname(dsn: str, dbname: str) -> str:
-    """The same server and credentials, another database."""
-    if dsn.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(dsn)
-        return urlunsplit(parts._replace(path=f"/{dbname}"))
-    from psycopg.conninfo import make_conninfo
-
-    return make_conninfo(dsn, dbname=dbname)
-
-
 @pytest.fixture
 def fresh_postgres_dsn(postgres_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A new, empty database on the test server for one test; dropped afterwards."""
@@ -97,7 +86,7 @@ def fresh_postgres_dsn(postgres_dsn: str, request: pytest.FixtureRequest) -> Ite
     dbname = f"t_{slug}_{uuid.uuid4().hex[:10]}"
     create_database(postgres_dsn, dbname)
     try:
-        yield _with_dbname(postgres_dsn, dbname)
+        yield with_dbname(postgres_dsn, dbname)
     finally:
         drop_database(postgres_dsn, dbname)
 

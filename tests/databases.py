@@ -7,6 +7,17 @@ import time
 DROP_ATTEMPTS = 40  # 0.25 s apart
 
 
+def with_dbname(dsn: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(dsn)._replace(path=f"/{dbname}"))
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(dsn, dbname=dbname)
+
+
 def create_database(dsn: str, name: str, template: str | None = None) -> None:
     """A new database `name` on `dsn`'s server: empty, or a copy of `template` (which nothing may
     be connected to)."""
