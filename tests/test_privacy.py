@@ -58,11 +58,16 @@ def files_holding(home: Path, needles: list[str]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in home.rglob("*"):
         if path.is_file() and path.name != "input.jsonl":
-            data = path.read_bytes().lower()
-            hits = [n for n in needles if n.encode() in data]
+            hits = needles_in(path.read_bytes(), needles)
             if hits:
                 found[str(path.relative_to(home))] = hits
     return found
+
+
+def needles_in(data: bytes, needles: list[str]) -> list[str]:
+    """The needles `data` contains, case-insensitively."""
+    data = data.lower()
+    return [n for n in needles if n.encode() in data]
 
 
 def ingest(cdp, tmp_path: Path, name: str, payload: bytes) -> str:
@@ -263,9 +268,8 @@ def database_files_holding(superuser: str, dsn: str, needles: list[str]) -> dict
         oid = su.execute("SELECT oid FROM pg_database WHERE datname = %s",
                          (conninfo_to_dict(dsn)["dbname"],)).fetchone()[0]
         for (name,) in su.execute("SELECT pg_ls_dir(%s)", (f"base/{oid}",)).fetchall():
-            data = bytes(su.execute("SELECT pg_read_binary_file(%s)", (f"base/{oid}/{name}",)).fetchone()[0]
-                         or b"").lower()
-            hits = [n for n in needles if n.encode() in data]
+            data = su.execute("SELECT pg_read_binary_file(%s)", (f"base/{oid}/{name}",)).fetchone()[0]
+            hits = needles_in(bytes(data or b""), needles)
             if hits:
                 found[name] = hits
     return found
@@ -304,6 +308,14 @@ def test_cdp_erase_names_a_table_it_could_not_rewrite(cdp, tmp_path, fresh_postg
     assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
 
 
+def postgres_application(home: Path, dsn: str):
+    """The application on a PostgreSQL store, in this process (its scrub called directly)."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+
+    return CustomerApplication(Settings.from_env({"CDP_HOME": str(home), "CDP_EVENT_STORE": dsn}))
+
+
 @pytest.mark.postgres
 def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgres_dsn, monkeypatch):
     """The rewrite waits SCRUB_LOCK_TIMEOUT_MS for a table a long read holds, then leaves it and
@@ -311,11 +323,10 @@ def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgre
     import psycopg
 
     from cdp import store
-    from cdp.application import ERASED_FROM, CustomerApplication
-    from cdp.config import Settings
+    from cdp.application import ERASED_FROM
 
     monkeypatch.setattr(store, "SCRUB_LOCK_TIMEOUT_MS", 300)
-    app = CustomerApplication(Settings.from_env({"CDP_HOME": str(tmp_path), "CDP_EVENT_STORE": fresh_postgres_dsn}))
+    app = postgres_application(tmp_path, fresh_postgres_dsn)
     nodes = "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY(%s)"
     try:
         with psycopg.connect(fresh_postgres_dsn) as reader:
@@ -343,10 +354,9 @@ def test_a_rewrite_the_database_cuts_off_leaves_every_table_and_the_next_one_wor
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    from cdp.application import ERASED_FROM, CustomerApplication
-    from cdp.config import Settings
+    from cdp.application import ERASED_FROM
 
-    app = CustomerApplication(Settings.from_env({"CDP_HOME": str(tmp_path), "CDP_EVENT_STORE": fresh_postgres_dsn}))
+    app = postgres_application(tmp_path, fresh_postgres_dsn)
     try:
         assert app.scrub() == []
         with psycopg.connect(postgres_superuser, autocommit=True) as su:
