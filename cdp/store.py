@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import blake2b
 from importlib.util import find_spec
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 from uuid import UUID
@@ -423,18 +423,17 @@ class EventStore:
         return []
 
     def _rewrite_tables(self, tables: Sequence[str]) -> list[str]:
-        """VACUUM FULL of each table (scrub), on a connection of its own (a pooled one may be stale,
-        and keeps no setting of this one); returns the tables not rewritten. Nothing here fails the
-        erasure, which stands once committed: a table that errs, or the database gone meanwhile,
-        is said to be left, as one that is busy or not the role's is."""
+        """VACUUM FULL of each table (scrub), on a connection of its own like the writers' lock's (a
+        pooled one may be stale, and keeps no setting of this one); returns the tables not
+        rewritten. Nothing here fails the erasure, which stands once committed: a table that errs,
+        or the database gone meanwhile, is said to be left, as one that is busy or not the role's is."""
         import psycopg
         from psycopg.sql import SQL, Identifier
 
         done: list[str] = []
         warnings: list[Any] = []  # PostgreSQL skips a table the role may not vacuum with a warning, not an error
         try:
-            with self._lock.held() if self._lock else nullcontext(), \
-                    psycopg.connect(self.settings.event_store, autocommit=True, connect_timeout=5) as conn:
+            with self._lock.held(), self._lock.connect() as conn:  # PostgreSQL: the application always gives one
                 conn.add_notice_handler(warnings.append)
                 conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
                 for table in tables:

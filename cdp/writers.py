@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 LOCK_KEY = 0x0CD9_0001  # the advisory lock all writers of one database agree on
 SEQUENCE = "cdp_change_seq"
+CONNECT_TIMEOUT = 5  # seconds: an unreachable server fails fast (its outage is waited out elsewhere)
 FUNCTION = f"""
 CREATE OR REPLACE FUNCTION cdp_stamp_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN NEW.cdp_seq := nextval('{SEQUENCE}'); RETURN NEW; END $$
@@ -75,22 +76,22 @@ class WriterLock:
     server (restart, network) is opened again on the next use; the server released the lock with
     the old session, so nothing is left held."""
 
-    CONNECT_TIMEOUT = 5
-
     def __init__(self, dsn: str):
         self.dsn = dsn
-        self.conn = self._connect()
+        self.conn = self.connect()
         self.reconnects = 0
 
-    def _connect(self) -> Any:
+    def connect(self) -> Any:
+        """A new autocommit connection of its own to the store's database (also for work that may
+        not run in a transaction, such as the store's VACUUM FULL)."""
         import psycopg
 
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
 
     def _connection(self) -> Any:
         if self.conn.closed or self.conn.broken:
             self.conn.close()
-            self.conn = self._connect()
+            self.conn = self.connect()
             self.reconnects += 1
         return self.conn
 
