@@ -32,6 +32,9 @@ from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
+# Other sessions of the store's database reading as of a snapshot older than the transaction id given.
+OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND pid <> pg_backend_pid() AND age(backend_xmin) > age(%s::xid)")
 SCRUB_LOCK_TIMEOUT_MS = 10_000  # PostgreSQL: how long scrub's VACUUM FULL waits for a table another session holds
 UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
 EVENTS_STATISTICS_TARGET = 10  # per column of the events table: ANALYZE samples 300 x this many rows (_light_analyze)
@@ -410,8 +413,10 @@ class EventStore:
         in dead tuples until their space is reused, and a plain VACUUM only marks it reusable:
         `VACUUM FULL` writes each table and its indexes into new files and drops the old ones.
         That holds the table exclusively (the five an erasure deletes from: 0.9 s on 1,005,500
-        events), so it runs under the writers' lock, between their batches; a table held longer
-        than SCRUB_LOCK_TIMEOUT_MS (a long read), or that the role may not vacuum, is left."""
+        events), so it runs under the writers' lock, between their batches, once no session reads
+        as of a snapshot that still sees the deleted rows; a table held longer than
+        SCRUB_LOCK_TIMEOUT_MS (a long read), or that the role may not vacuum, is left (all of them
+        while such a snapshot lasts longer)."""
         if self.is_postgres:
             return self._rewrite_tables(tables)
         with sqlite3.connect(self.settings.sqlite_path, timeout=30) as con:
@@ -435,6 +440,8 @@ class EventStore:
         try:
             with self._lock.held(), self._lock.connect() as conn:  # PostgreSQL: the application always gives one
                 conn.add_notice_handler(warnings.append)
+                if not self._snapshots_past(conn):
+                    return list(tables)
                 conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
                 for table in tables:
                     before = len(warnings)
@@ -449,6 +456,20 @@ class EventStore:
         except psycopg.Error:
             pass  # the database went away: what was not rewritten is left, and said
         return [table for table in tables if table not in done]
+
+    @staticmethod
+    def _snapshots_past(conn: Any) -> bool:
+        """Waits, up to SCRUB_LOCK_TIMEOUT_MS, until no other session of the database reads as of a
+        snapshot taken before now (before the erasure committed): VACUUM FULL copies the deleted
+        rows such a session may still see into the new files (a read of the server's, an automatic
+        ANALYZE). False when one still does."""
+        now = conn.execute("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text").fetchone()[0]
+        deadline = time.monotonic() + SCRUB_LOCK_TIMEOUT_MS / 1000
+        while conn.execute(OLDER_SNAPSHOTS, (now,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     # -- writing ---------------------------------------------------------------------------
 
