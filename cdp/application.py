@@ -36,7 +36,7 @@ from __future__ import annotations
 import base64
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 from uuid import UUID
 
 import orjson
@@ -259,15 +259,15 @@ class CustomerApplication(Application):
             if self.settings.encrypt_personal_data:
                 self.keys.prepare(f"{r.business_unit}:{r.source_id}" for r in records)
             for record in records:
-                if record.key in self.store.seen:
-                    first = self.store.seen.content(record.key)
-                    if first is not None and record.digest and first != record.digest:
-                        summary.conflicts.append(conflict(record, first))
-                    else:
-                        summary.duplicates += 1
+                first = self.store.seen.content(record.key) if record.key in self.store.seen else None
+                if record.key in self.store.seen and not (first is not None and record.digest and first != record.digest):
+                    summary.duplicates += 1
                 elif self._suppressed and self._is_suppressed(record):
+                    # before a conflict: an erased person's re-sent event goes without its input
                     summary.suppressed += 1
                     summary.suppressed_events.append((record.source, record.event_id))
+                elif first is not None:
+                    summary.conflicts.append(conflict(record, first))
                 else:
                     self._append_decision(batch, record, self.resolver.resolve(record), summary)
                     self.store.mark_seen(batch, record.key, record.digest)
@@ -419,9 +419,17 @@ class CustomerApplication(Application):
                        [Features.from_json(orjson.loads(text)) for (text,) in records])
 
     def _is_suppressed(self, record: Accepted) -> bool:
-        fingerprint, suppressed = self.keys.fingerprint, self._suppressed
-        return fingerprint("source", f"{record.business_unit}:{record.source_id}") in suppressed or any(
-            fingerprint(kind, value) in suppressed for kind, value in record.identifiers.items())
+        return self.carries_erased([("source", f"{record.business_unit}:{record.source_id}"),
+                                    *record.identifiers.items()])
+
+    def carries_erased(self, identifiers: Iterable[tuple[str, str]]) -> bool:
+        """Whether any (kind, normalised value) is an erased person's, kept as a keyed hash for
+        suppression: as of this process's last command, or read now when it has run none."""
+        suppressed = self._suppressed
+        if suppressed is None:
+            suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
+        fingerprint = self.keys.fingerprint
+        return bool(suppressed) and any(fingerprint(kind, value) in suppressed for kind, value in identifiers)
 
     def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
         """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""

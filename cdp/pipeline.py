@@ -19,6 +19,7 @@ from cdp.store import Batch
 from cdp.summary import Summary
 from identity.resolver import source_key
 from ingest.deadletter import DeadLetterFile
+from ingest.identifiers import identifiers_in
 from ingest.parallel import ParseWorkers
 from ingest.ranges import Ranges
 from ingest.records import Accepted, Rejected
@@ -49,6 +50,21 @@ def visitor_links(record: Accepted) -> list[tuple[str, list[str]]]:
     candidates = [anonymous_source(earlier)] + ([str(earlier)] if record.type == "cdp.alias" else [])
     visitors = [source_key(record.business_unit, c) for c in candidates if c != record.source_id]
     return [(source_key(record.business_unit, record.source_id), visitors)] if visitors else []
+
+
+def suppressed_entry(source: str | None, event_id: str | None, origin: str = "erasure", **extra: str) -> Rejected:
+    """The dead-letter's entry for an erased person's event: which one, never what it held."""
+    return Rejected(reason="suppressed", origin=origin, kind="suppressed", event_id=event_id, source=source,
+                    extra=extra)
+
+
+def screened(app: CustomerApplication, settings: Settings, rejected: Rejected) -> Rejected:
+    """What the dead-letter keeps of a rejected input: the input itself, unless it carries an
+    erased person's identifier (anywhere in it, even malformed); that one is suppressed like the
+    person's valid events, its id kept and never what it held, which would put them back on disk."""
+    if app.carries_erased(identifiers_in(rejected.raw, settings.phone_region)):
+        return suppressed_entry(rejected.source, rejected.event_id, rejected.origin, rejected_as=rejected.kind)
+    return rejected
 
 
 def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] | None = None) -> Ingestor:
@@ -108,29 +124,33 @@ class Pipeline:
 
     def process_batch(self, chunk: Sequence[Accepted | Rejected], summary: Summary,
                       committed: Callable[[Batch], None] | None = None) -> int:
-        """Dead-letters the rejected records and hands the accepted ones to the `ingest` command
-        (one store transaction); returns the stored events. `committed(batch)` runs after the
-        commit, under the writers' lock."""
-        accepted = []
-        for record in chunk:
-            if isinstance(record, Rejected):
-                self.deadletter.write(record)
-                summary.add_rejection(record.kind)
-            else:
-                accepted.append(record)
+        """Hands the accepted records to the `ingest` command (one store transaction) and
+        dead-letters the rejected ones; returns the stored events. `committed(batch)` runs after
+        the commit, under the writers' lock. The rejected are written after the commit, which
+        brought this process's suppressed identifiers up to date (`_dead_letter`)."""
+        accepted = [record for record in chunk if not isinstance(record, Rejected)]
         part = self.app.ingest(accepted, committed)
         for user, visitors in (link for record in accepted for link in visitor_links(record)):
             self.app.merge_visitor(user, visitors)  # after the batch: the visitor's events may be in it
+        for record in chunk:
+            if isinstance(record, Rejected):
+                self._dead_letter(record, summary)
         for source, event_id in part.suppressed_events:  # an erased person's: the id, never the input
-            self.deadletter.write(Rejected(reason="suppressed", origin="erasure", kind="suppressed",
-                                           event_id=event_id, source=source))
-        self.deadletter.flush()
+            self.deadletter.write(suppressed_entry(source, event_id))
         summary.add(part)
         for rejected in part.conflicts:  # refused by the command: a re-sent id with other content
             self.deadletter.write(rejected)
             summary.add_rejection(rejected.kind)
         self.deadletter.flush()
         return part.stored_events
+
+    def _dead_letter(self, rejected: Rejected, summary: Summary) -> None:
+        entry = screened(self.app, self.settings, rejected)
+        self.deadletter.write(entry)
+        if entry is rejected:
+            summary.add_rejection(rejected.kind)
+        else:
+            summary.suppressed += 1
 
     def catch_up(self, score: bool = True) -> int:
         """Brings the view up to what the store holds (after a command); returns the events applied."""

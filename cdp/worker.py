@@ -122,18 +122,17 @@ class BatchHandler:
         return [ingestor.from_message(value, origin) for value, origin in messages]
 
     def store(self, records: Sequence[Accepted | Rejected], fetched: float = 0.0) -> None:
-        """Resolves and commits the batch, waiting out outages; dead-letters are sent once: a retry
-        after a failure takes the accepted records only. `fetched`: when the consumer had the
-        batch (seconds since the epoch), for the stage line (CDP_TRACE_STAGES)."""
+        """Resolves and commits the batch, waiting out outages. The dead-letters are sent after the
+        commit (Pipeline.process_batch), so a retry after a failure takes the whole batch again:
+        what the failed attempt committed comes back as duplicates. `fetched`: when the consumer
+        had the batch (seconds since the epoch), for the stage line (CDP_TRACE_STAGES)."""
         started = time.perf_counter()
         taken = time.time()
         head = self.pipeline.app.store.position  # as of its last batch: no query of its own
-        accepted = [r for r in records if not isinstance(r, Rejected)]
-        chunks = iter([records])
         before = (self.summary.stored_events, self.summary.rejected)
 
         def attempt() -> None:
-            self.pipeline.process_batch(next(chunks, accepted), self.summary)
+            self.pipeline.process_batch(records, self.summary)
 
         wait_out(attempt, self.health, say, recover=self.pipeline.app.reload)
         if self.cfg.trace_stages:

@@ -173,6 +173,41 @@ def test_erase_leaves_no_trace_and_suppresses_the_person(cdp, tmp_path):
     assert all(e["input"] is None for e in suppressed)
 
 
+def test_a_rejected_resend_of_an_erased_person_keeps_only_its_id(cdp, tmp_path):
+    """Suppression holds for inputs the pipeline rejects too: a unit re-sending the erased person's
+    records broken (schema, malformed JSON, her old event id with other content) must not put
+    her back on disk through the dead-letter, while another person's rejected input is kept."""
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    resent = jsonl([
+        event("r1", "retail", "R-1", "cdp.purchase", amount="lots", customer={"email": ANN["email"]}),
+        # a record the platform never saw, only her phone (as a unit writes it nationally) and name
+        event("r2", "telecom", "T-80", "cdp.purchase", amount="lots",
+              customer={"phone": "07911 123461", "first_name": "Quorralind", "last_name": "Zephyrine"}),
+        event("a2", "retail", "R-1", "cdp.purchase", amount=99.0, customer={"email": ANN["email"]}),  # conflict
+        event("r3", "telecom", "T-81", "cdp.purchase", amount="lots", customer={"first_name": "Bob"}),
+    ]) + b'{"broken": "Quorra.Zephyrine@Example.org wrote this\n'
+    out = ingest(cdp, tmp_path, "resent.jsonl", resent)
+    assert files_holding(cdp.home, NEEDLES) == {}
+    entries = [json.loads(line) for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+    suppressed = [e for e in entries if e["reason"] == "suppressed"]
+    assert sorted((e["event_id"] or "", e.get("rejected_as", "")) for e in suppressed) == [
+        ("", "json"), ("a2", ""), ("r1", "schema"), ("r2", "schema")]  # a2: her event re-sent changed
+    assert all(e["input"] is None for e in suppressed)
+    assert [e["event_id"] for e in entries if e["reason"] != "suppressed"] == ["r3"]  # another's, input kept
+    assert [e for e in entries if e["event_id"] == "r3"][0]["input"]
+    assert _summary_count(out, "suppressed") == 4 and _summary_count(out, "rejected") == 1
+
+
+def _summary_count(out: str, label: str) -> int:
+    """A count from `cdp ingest`'s summary table, by the start of its label."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 2 and cells[0].startswith(label):
+            return int(cells[1].split()[0].replace(",", ""))
+    raise AssertionError(f"no {label!r} in the summary:\n{out}")
+
+
 def test_erase_without_suppression_lets_the_person_come_back(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     cdp("erase", "retail:R-1", "--yes", "--keep-suppression=no")

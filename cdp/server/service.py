@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from operator import methodcaller
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -29,6 +30,7 @@ from cdp.config import ConfigError, Settings
 from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
                          surname_shared)
 from cdp.keys import Key
+from cdp.pipeline import screened
 from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
 from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids
@@ -80,7 +82,7 @@ class Service:
         self._timer_lock = threading.Lock()
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
-        self.writer: Any = KafkaWriter(cfg) if self.mode == "kafka" else \
+        self.writer: Any = KafkaWriter(cfg, partial(screened, self.app, cfg)) if self.mode == "kafka" else \
             EmbeddedWriter(cfg, committed=lambda: self.read.wake(), log=self.log)  # the read side of the moment
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),

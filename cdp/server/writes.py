@@ -248,13 +248,14 @@ class KafkaWriter:
     librdkafka (cdp/server/producer.py): the request waits on the event loop for its records'
     acknowledgements, no thread of the pool held meanwhile."""
 
-    def __init__(self, cfg: Settings):
+    def __init__(self, cfg: Settings, screen: Callable[[Rejected], Rejected] = lambda rejected: rejected):
         from cdp.server.producer import AckedProducer
 
         topics.ensure(cfg)
         self.producer = AckedProducer(cfg.require_kafka(), "cdp-serve", linger_ms=2)
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
+        self.screen = screen  # what of a rejected request the dead-letter keeps (pipeline.screened)
         self.trace = cfg.trace_stages
 
     async def write(self, records: Sequence[Accepted | Rejected]) -> None:
@@ -266,7 +267,7 @@ class KafkaWriter:
         futures = []
         for record in records:
             if isinstance(record, Rejected):
-                self.deadletter.write(record)
+                self.deadletter.write(self.screen(record))
             else:
                 futures.append(self.producer.send(self.topic, key=message_key(record), value=record.raw))
         produced = time.time()
