@@ -33,8 +33,12 @@ from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
 # Other sessions of the store's database reading as of a snapshot older than the transaction id given.
+# what holds the database's horizon back (PostgreSQL's ComputeXidHorizons): another session's
+# snapshot (backend_xmin), or its transaction's own id (backend_xid), which an idle transaction
+# that has written keeps without a snapshot
 OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                   "AND pid <> pg_backend_pid() AND age(backend_xmin) > age(%s::xid)")
+                   "AND pid <> pg_backend_pid() AND (age(backend_xmin) > age(%(now)s::xid) "
+                   "OR age(backend_xid) > age(%(now)s::xid))")
 SCRUB_LOCK_TIMEOUT_MS = 10_000  # PostgreSQL: how long scrub's VACUUM FULL waits for a table another session holds
 UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
 EVENTS_STATISTICS_TARGET = 10  # per column of the events table: ANALYZE samples 300 x this many rows (_light_analyze)
@@ -460,12 +464,13 @@ class EventStore:
     @staticmethod
     def _snapshots_past(conn: Any) -> bool:
         """Waits, up to SCRUB_LOCK_TIMEOUT_MS, until no other session of the database reads as of a
-        snapshot taken before now (before the erasure committed): VACUUM FULL copies the deleted
-        rows such a session may still see into the new files (a read of the server's, an automatic
-        ANALYZE). False when one still does."""
+        snapshot taken before now (before the erasure committed), nor runs a transaction begun
+        before it: VACUUM FULL copies the deleted rows such a session may still see into the new
+        files (a read of the server's, an automatic ANALYZE, a transaction left open). False when
+        one still does."""
         now = conn.execute("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text").fetchone()[0]
         deadline = time.monotonic() + SCRUB_LOCK_TIMEOUT_MS / 1000
-        while conn.execute(OLDER_SNAPSHOTS, (now,)).fetchone()[0]:
+        while conn.execute(OLDER_SNAPSHOTS, {"now": now}).fetchone()[0]:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)

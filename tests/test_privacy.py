@@ -305,8 +305,11 @@ def database_files_holding(superuser: str, dsn: str, needles: list[str]) -> dict
         for (name,) in su.execute("SELECT pg_ls_dir(%s)", (f"base/{oid}",)).fetchall():
             data = su.execute("SELECT pg_read_binary_file(%s)", (f"base/{oid}/{name}",)).fetchone()[0]
             hits = needles_in(bytes(data or b""), needles)
-            if hits:
-                found[name] = hits
+            if hits:  # named by its relation too, for whoever reads a failure
+                node = name.split("_")[0].split(".")[0]
+                relation = su.execute("SELECT relname FROM pg_class WHERE relfilenode = %s",
+                                      (int(node),)).fetchone() if node.isdigit() else None
+                found[name] = [*hits, f"relation {relation[0] if relation else '?'}"]
     return found
 
 
@@ -384,6 +387,17 @@ def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgre
             dump.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             dump.execute("SELECT count(*) FROM identity_keys").fetchone()
             other.execute("SELECT pg_current_xact_id()")  # a commit after the dump's snapshot
+            assert app.scrub() == list(ERASED_FROM)
+        assert app.scrub() == []
+        # a transaction that wrote and sits idle holds the horizon by its id, without a snapshot
+        # (read committed between statements): every table is left while it stays open
+        with psycopg.connect(fresh_postgres_dsn) as idle, psycopg.connect(fresh_postgres_dsn, autocommit=True) as other:
+            idle.execute("CREATE TEMP TABLE scratch (n int)")
+            idle.execute("INSERT INTO scratch VALUES (1)")
+            other.execute("SELECT pg_current_xact_id()")
+            held = other.execute("SELECT backend_xid IS NOT NULL, backend_xmin IS NULL FROM pg_stat_activity "
+                                 "WHERE state = 'idle in transaction' AND datname = current_database()").fetchall()
+            assert held == [(True, True)]
             assert app.scrub() == list(ERASED_FROM)
         assert app.scrub() == []
     finally:
