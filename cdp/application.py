@@ -259,14 +259,16 @@ class CustomerApplication(Application):
             if self.settings.encrypt_personal_data:
                 self.keys.prepare(f"{r.business_unit}:{r.source_id}" for r in records)
             for record in records:
-                first = self.store.seen.content(record.key) if record.key in self.store.seen else None
-                if record.key in self.store.seen and not (first is not None and record.digest and first != record.digest):
+                seen = record.key in self.store.seen
+                first = self.store.seen.content(record.key) if seen else None
+                changed = first is not None and record.digest and first != record.digest
+                if seen and not changed:
                     summary.duplicates += 1
                 elif self._suppressed and self._is_suppressed(record):
                     # before a conflict: an erased person's re-sent event goes without its input
                     summary.suppressed += 1
                     summary.suppressed_events.append((record.source, record.event_id))
-                elif first is not None:
+                elif changed:
                     summary.conflicts.append(conflict(record, first))
                 else:
                     self._append_decision(batch, record, self.resolver.resolve(record), summary)
@@ -424,12 +426,15 @@ class CustomerApplication(Application):
 
     def carries_erased(self, identifiers: Iterable[tuple[str, str]]) -> bool:
         """Whether any (kind, normalised value) is an erased person's, kept as a keyed hash for
-        suppression: as of this process's last command, or read now when it has run none."""
+        suppression: as of this process's last command, or read now when it has run none (and
+        there is something to look for)."""
+        fingerprints = {self.keys.fingerprint(kind, value) for kind, value in identifiers}
+        if not fingerprints:
+            return False
         suppressed = self._suppressed
         if suppressed is None:
             suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
-        fingerprint = self.keys.fingerprint
-        return bool(suppressed) and any(fingerprint(kind, value) in suppressed for kind, value in identifiers)
+        return not fingerprints.isdisjoint(suppressed)
 
     def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
         """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""

@@ -36,12 +36,11 @@ def identifiers_in(raw: str | None, region_for: Callable[[str], str]) -> set[tup
     except orjson.JSONDecodeError:
         event = None
     data = event.get("data") if isinstance(event, dict) else None
-    if isinstance(data, dict):
-        unit = data.get("business_unit") if isinstance(data.get("business_unit"), str) else None
-        customer = data.get("customer")
-        if isinstance(customer, dict):
-            found |= _customer_block(customer, unit, region_for(unit or ""))
+    if isinstance(data, dict) and isinstance(data.get("business_unit"), str):
+        unit = data["business_unit"]
     region = region_for(unit or "")
+    if isinstance(data, dict) and isinstance(data.get("customer"), dict):
+        found |= _customer_block(data["customer"], unit, region)
     found |= {("email", value) for value in map(normalise.email, EMAIL_IN_TEXT.findall(raw)) if value}
     found |= {("phone", value) for value in (normalise.linking_phone(m, region) for m in PHONE_IN_TEXT.findall(raw))
               if value}

@@ -297,18 +297,22 @@ def database_files_holding(superuser: str, dsn: str, needles: list[str]) -> dict
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
+    from tests.databases import with_dbname
+
     found: dict[str, list[str]] = {}
-    with psycopg.connect(superuser, autocommit=True) as su:
+    dbname = conninfo_to_dict(dsn)["dbname"]
+    # relations are named in their own database's catalog: the superuser reads it there
+    with psycopg.connect(superuser, autocommit=True) as su, \
+            psycopg.connect(with_dbname(superuser, dbname), autocommit=True) as catalog:
         su.execute("CHECKPOINT")
-        oid = su.execute("SELECT oid FROM pg_database WHERE datname = %s",
-                         (conninfo_to_dict(dsn)["dbname"],)).fetchone()[0]
+        oid = su.execute("SELECT oid FROM pg_database WHERE datname = %s", (dbname,)).fetchone()[0]
         for (name,) in su.execute("SELECT pg_ls_dir(%s)", (f"base/{oid}",)).fetchall():
             data = su.execute("SELECT pg_read_binary_file(%s)", (f"base/{oid}/{name}",)).fetchone()[0]
             hits = needles_in(bytes(data or b""), needles)
             if hits:  # named by its relation too, for whoever reads a failure
                 node = name.split("_")[0].split(".")[0]
-                relation = su.execute("SELECT relname FROM pg_class WHERE relfilenode = %s",
-                                      (int(node),)).fetchone() if node.isdigit() else None
+                relation = catalog.execute("SELECT relname FROM pg_class WHERE relfilenode = %s",
+                                           (int(node),)).fetchone() if node.isdigit() else None
                 found[name] = [*hits, f"relation {relation[0] if relation else '?'}"]
     return found
 
