@@ -33,11 +33,12 @@ from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
 # Other sessions of the store's database reading as of a snapshot older than the transaction id given.
-# what holds the database's horizon back (PostgreSQL's ComputeXidHorizons): another session's
-# snapshot (backend_xmin), or its transaction's own id (backend_xid), which an idle transaction
-# that has written keeps without a snapshot
-OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                   "AND pid <> pg_backend_pid() AND (age(backend_xmin) > age(%(now)s::xid) "
+# what keeps VACUUM FULL copying deleted rows: another session's snapshot (backend_xmin), or its
+# transaction's own id (backend_xid), which an idle transaction that has written keeps without a
+# snapshot; in any database of the server (tested on PostgreSQL 15: a transaction left open in
+# another database kept a deleted row in the new file)
+OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity "
+                   "WHERE pid <> pg_backend_pid() AND (age(backend_xmin) > age(%(now)s::xid) "
                    "OR age(backend_xid) > age(%(now)s::xid))")
 SCRUB_LOCK_TIMEOUT_MS = 10_000  # PostgreSQL: how long scrub's VACUUM FULL waits for a table another session holds
 UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
@@ -463,7 +464,7 @@ class EventStore:
 
     @staticmethod
     def _snapshots_past(conn: Any) -> bool:
-        """Waits, up to SCRUB_LOCK_TIMEOUT_MS, until no other session of the database reads as of a
+        """Waits, up to SCRUB_LOCK_TIMEOUT_MS, until no other session of the server reads as of a
         snapshot taken before now (before the erasure committed), nor runs a transaction begun
         before it: VACUUM FULL copies the deleted rows such a session may still see into the new
         files (a read of the server's, an automatic ANALYZE, a transaction left open). False when

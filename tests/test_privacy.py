@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.databases import with_dbname
 from tests.events import event, jsonl
 
 ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
@@ -297,8 +298,6 @@ def database_files_holding(superuser: str, dsn: str, needles: list[str]) -> dict
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    from tests.databases import with_dbname
-
     found: dict[str, list[str]] = {}
     dbname = conninfo_to_dict(dsn)["dbname"]
     # relations are named in their own database's catalog: the superuser reads it there
@@ -394,16 +393,19 @@ def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgre
             assert app.scrub() == list(ERASED_FROM)
         assert app.scrub() == []
         # a transaction that wrote and sits idle holds the horizon by its id, without a snapshot
-        # (read committed between statements): every table is left while it stays open
-        with psycopg.connect(fresh_postgres_dsn) as idle, psycopg.connect(fresh_postgres_dsn, autocommit=True) as other:
-            idle.execute("CREATE TEMP TABLE scratch (n int)")
-            idle.execute("INSERT INTO scratch VALUES (1)")
-            other.execute("SELECT pg_current_xact_id()")
-            held = other.execute("SELECT backend_xid IS NOT NULL, backend_xmin IS NULL FROM pg_stat_activity "
-                                 "WHERE state = 'idle in transaction' AND datname = current_database()").fetchall()
-            assert held == [(True, True)]
-            assert app.scrub() == list(ERASED_FROM)
-        assert app.scrub() == []
+        # (read committed between statements), in this database or in another one of the server:
+        # every table is left while it stays open
+        for database in (fresh_postgres_dsn, with_dbname(fresh_postgres_dsn, "postgres")):
+            with psycopg.connect(database) as idle, psycopg.connect(fresh_postgres_dsn, autocommit=True) as other:
+                idle.execute("CREATE TEMP TABLE scratch (n int)")
+                idle.execute("INSERT INTO scratch VALUES (1)")
+                other.execute("SELECT pg_current_xact_id()")
+                pid = idle.info.backend_pid
+                held = other.execute("SELECT backend_xid IS NOT NULL, backend_xmin IS NULL FROM pg_stat_activity "
+                                     "WHERE pid = %s", (pid,)).fetchall()
+                assert held == [(True, True)], database
+                assert app.scrub() == list(ERASED_FROM), database
+            assert app.scrub() == []
     finally:
         app.close()
 
