@@ -363,7 +363,7 @@ class CustomerApplication(Application):
         records, cannot-link pairs), keeps their identifiers as keyed hashes when `suppress` (later
         events carrying them are dropped) and records `Erased`, which carries no personal data."""
         def work(batch: Batch) -> Erasure:
-            erasure = self._erasure(customer_id, suppress)
+            erasure = self.erasure_of(customer_id, suppress)
             self.store.heads[erasure.customer_id] = self.store.head(erasure.customer_id)
             ids, sources = [(c,) for c in erasure.customer_ids], [(s,) for s in erasure.sources]
             batch.writes += [
@@ -396,8 +396,10 @@ class CustomerApplication(Application):
         database out of reach)."""
         return self.store.scrub(ERASED_FROM)
 
-    def _erasure(self, customer_id: str, suppress: bool) -> Erasure:
-        """What erasing a customer touches, read from the store's identity tables."""
+    def erasure_of(self, customer_id: str, suppress: bool = True) -> Erasure:
+        """What erasing a customer touches, read from the store's identity tables (`erase` reads it
+        again under the writers' lock; read before, it lets copies outside the store be scrubbed
+        while the identifiers that find them are still at hand)."""
         query = self.store.query
         survivor, seen = customer_id, {customer_id}
         while (row := query("SELECT survivor_id FROM identity_redirects WHERE absorbed_id = ?", (survivor,))) \

@@ -17,7 +17,7 @@ import duckdb
 
 from cdp import audience_commands as commands
 from cdp import console
-from cdp.commandline import UserError, ask, open_view, settings
+from cdp.commandline import UserError, ask, finish_erasures, open_view, settings
 from cdp.config import Settings
 from cdp.server.client import running_server
 from projections import audiences as model
@@ -27,8 +27,10 @@ from projections import audiences as model
 def _view_writer(cfg: Settings) -> Iterator[tuple]:
     """(application, projector) with the view caught up with the store, scores fresh."""
     from cdp.application import CustomerApplication
-    from cdp.pipeline import make_projector
+    from cdp.erasure import rewrite_view_if_pending
+    from cdp.viewwriter import make_projector
 
+    finish_erasures(cfg)
     with CustomerApplication(cfg) as app:
         try:
             projector = make_projector(cfg)
@@ -41,6 +43,7 @@ def _view_writer(cfg: Settings) -> Iterator[tuple]:
             raise UserError(str(error)) from None
         finally:
             projector.close()
+    rewrite_view_if_pending(cfg)  # an erasure the catch-up took in
 
 
 def _delete(kind: str, name: str) -> None:

@@ -12,7 +12,8 @@ import duckdb
 import orjson
 
 from cdp import console
-from cdp.commandline import UserError, ask, first_line, local_user, open_view, refresh_view, settings, view_error
+from cdp.commandline import (UserError, ask, finish_erasures, first_line, local_user, open_view, refresh_view, settings,
+                             view_error)
 from cdp.config import ConfigError, Settings
 from cdp.audience_cli import audiences, destinations
 from cdp.identity_cli import identity
@@ -283,7 +284,14 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
         sources, customer_ids, entries = done["sources"], done["customer_ids"], done["deadletter_entries"]
         seconds, phases, left = done["seconds"], done["phases"], done.get("store_tables_left", [])
     else:
-        erased = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
+        try:
+            erased = erase_customer(cfg, ids[0], suppress=keep_suppression == "yes", actor=local_user())
+        except (OSError, duckdb.Error) as error:
+            if not cfg.unfinished_erasure_path.exists():
+                raise
+            raise UserError(f"erase stopped part-way ({first_line(error)}): once that is fixed, the next command "
+                            "that opens the view finishes what the store committed (if the person is still found, "
+                            "nothing was: erase again)") from None
         sources, customer_ids, entries = len(erased.erasure.sources), erased.erasure.customer_ids, erased.deadletter_entries
         seconds, phases, left = erased.seconds, erased.phases, erased.tables_left
     console.out.print(f"erased customer {ids[0]}: {sources} source record(s), "
@@ -389,6 +397,7 @@ def projections_rebuild() -> None:
                               memory_limit=cfg.duckdb_memory, survivorship=cfg.survivorship,
                               note=lambda said: notes.append(f"audiences: {said}"))
         seconds = time.perf_counter() - started
+    finish_erasures(cfg)  # the store's files, if an erasure stopped part-way (the view is new)
     console.out.print(f"rebuilt {cfg.duckdb_path} from {applied:,} stored events in {seconds:.1f} s")
     for said in notes:
         console.out.print(said)

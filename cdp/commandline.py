@@ -21,10 +21,12 @@ def settings() -> Settings:
 
 
 def refresh_view(cfg: Settings) -> None:
-    """Brings the view's scores up to CDP_AS_OF if they are not; a missing or damaged view is one line."""
+    """Brings the view's scores up to CDP_AS_OF if they are not (after what an erasure stopped
+    part-way left); a missing or damaged view is one line."""
     from projections.projector import refresh_view as refresh
 
     require_view(cfg)
+    finish_erasures(cfg)
     try:
         refresh(cfg.duckdb_path, cfg.as_of)
     except duckdb.Error as error:
@@ -61,10 +63,26 @@ def open_view(cfg: Settings, scores: bool = True) -> duckdb.DuckDBPyConnection:
         refresh_view(cfg)
     else:
         require_view(cfg)
+        finish_erasures(cfg)
     try:
         return connect(cfg.duckdb_path, read_only=True)
     except duckdb.Error as error:
         raise view_error(cfg, error) from None
+
+
+def finish_erasures(cfg: Settings) -> None:
+    """Finishes what an erasure stopped part-way left (cdp.erasure.finish_unfinished) before a
+    command reads the view: two file checks when there is nothing to do."""
+    from projections.erasure import pending_marker
+
+    if cfg.unfinished_erasure_path.exists() or pending_marker(cfg.duckdb_path).exists():
+        from cdp.erasure import finish_unfinished
+
+        try:
+            finish_unfinished(cfg)
+        except (OSError, duckdb.Error) as error:
+            raise UserError(f"cannot finish an erasure stopped part-way ({first_line(error)}): "
+                            "the next command tries again") from None
 
 
 def ask(server: tuple[str, str], method: str, path: str, body: Any = None, actor: str | None = None,

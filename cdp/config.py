@@ -357,5 +357,10 @@ class Settings:
         return self.home / "server.json"
 
     @property
+    def unfinished_erasure_path(self) -> Path:
+        """Present while an erasure's work outside the store is not done (cdp/erasure.py)."""
+        return self.home / "erasure.unfinished"
+
+    @property
     def deadletter_path(self) -> Path:
         return self.home / "deadletter.jsonl"

@@ -6,6 +6,12 @@ store: the view follows the store (the person's rows deleted) and is rewritten i
 the dead-letter loses the entries that carry the person's identifiers, and SQLite's write-ahead log
 is checkpointed and truncated (the store deletes with `secure_delete`, so freed pages hold zeros), or
 PostgreSQL's tables that held the person are written into new files (CustomerApplication.scrub).
+
+A stop part-way (a crash, a full disk, a view someone held) does not leave the person behind: the
+erasure is marked unfinished before the store commits and the view's file is marked for its rewrite
+before the view commits, and the next command that holds the view finishes both
+(finish_unfinished). The dead-letter goes first, while the identifiers that find the person's
+entries can still be read.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
@@ -38,48 +44,84 @@ class Erased:
 
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
-    """Erases the customer (and every customer merged into it) from store, view and dead-letter."""
-    from cdp.pipeline import make_projector
-
+    """Erases the customer (and every customer merged into it) from store, view and dead-letter.
+    Until it is done, `unfinished(settings)` says so, and the next command finishes the work
+    (finish_unfinished): the dead-letter is scrubbed before the store's commit too, since after it
+    the identifiers that find the person's entries are gone."""
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
     def lap(name: str) -> None:
-        phases[name] = time.perf_counter() - started - sum(phases.values())
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - started - sum(phases.values())
 
     app = CustomerApplication(settings)
     try:
+        view_erasure.mark(unfinished(settings))
+        before = app.erasure_of(customer_id, suppress)
+        removed = scrub_deadletter(settings.deadletter_path, before, surname_shared(app, before.sources))
+        lap("deadletter")
         erasure = app.erase(customer_id, suppress, actor)
         lap("store")
-        if settings.duckdb_path.exists():
-            projector = make_projector(settings)
-            try:
-                projector.catch_up(app, settings.projection_batch, score=False)
-            finally:
-                projector.close()
-            lap("view")
-            view_erasure.rewrite(settings.duckdb_path)
-            pending_view_rewrite(settings).unlink(missing_ok=True)
-            lap("view_rewrite")
-        removed = scrub_deadletter(settings.deadletter_path, erasure, surname_shared(app))
+        phases.update(finish_view(settings, app))
+        # entries written between the first scrub and the commit, while the person was not yet suppressed
+        removed += scrub_deadletter(settings.deadletter_path, erasure, surname_shared(app))
         lap("deadletter")
         left = app.scrub()
         lap("store_files")
     finally:
         app.close()
+    unfinished(settings).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     if settings.kafka_bootstrap:
         publish_tombstones(settings, erasure.customer_ids)
     return Erased(erasure, removed, seconds, phases, left)
 
 
+def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float]:
+    """The view follows the store (an Erased event deletes the person's rows and marks the file,
+    projections.erasure.delete_erased), then its file is rewritten if marked; seconds of each."""
+    from cdp.viewwriter import make_projector
+
+    started = time.perf_counter()
+    if not settings.duckdb_path.exists():
+        return {}
+    projector = make_projector(settings)
+    try:
+        projector.catch_up(app, settings.projection_batch, score=False)
+    finally:
+        projector.close()
+    caught = time.perf_counter()
+    rewrite_view_if_pending(settings)
+    return {"view": caught - started, "view_rewrite": time.perf_counter() - caught}
+
+
+def unfinished(settings: Settings) -> Path:
+    """Made before an erasure commits, removed once the view, the dead-letter and the store's files
+    are clean: while it is there, a stop part-way (a crash, a full disk) left work to finish."""
+    return settings.unfinished_erasure_path
+
+
+def finish_unfinished(settings: Settings) -> bool:
+    """What an erasure stopped part-way left (unfinished): the view caught up with the store and
+    rewritten, the store's files scrubbed; then any rewrite a view's writer left pending. For a
+    command about to hold the view (cdp serve, or the CLI with no server). True if work was left."""
+    hint = unfinished(settings)
+    if hint.exists():
+        with CustomerApplication(settings) as app:
+            finish_view(settings, app)
+            app.scrub()
+        hint.unlink(missing_ok=True)
+        return True
+    return rewrite_view_if_pending(settings)
+
+
 def pending_view_rewrite(settings: Settings) -> Path:
     """Marks that the view's file still needs its rewrite (an erasure beside `cdp serve`)."""
-    return settings.duckdb_path.with_name(settings.duckdb_path.name + ".erased")
+    return view_erasure.pending_marker(settings.duckdb_path)
 
 
 def mark_view_rewrite(settings: Settings) -> None:
-    pending_view_rewrite(settings).touch()
+    view_erasure.mark(pending_view_rewrite(settings))
 
 
 def rewrite_view_if_pending(settings: Settings) -> bool:
@@ -168,14 +210,16 @@ def _names_the_person(text: str, marks: list[tuple[str, ...]], names_alone: Call
     return _carries_marks(text, marks) or names_alone(text)
 
 
-def surname_shared(app: CustomerApplication) -> Callable[[str], bool]:
-    """Whether any source record the store still holds carries a surname (match form), asked after
-    the erasure deleted the person's records. One scan of identity_records per surname asked
-    (~80 ms on 125,000 records), so it is asked only for an entry that holds the surname."""
+def surname_shared(app: CustomerApplication, own: Sequence[str] = ()) -> Callable[[str], bool]:
+    """Whether any source record the store holds carries a surname (match form), but the person's
+    `own` records (before the erasure deletes them). One scan of identity_records per surname
+    asked (~80 ms on 125,000 records), so it is asked only for an entry that holds the surname."""
+    others = f" AND source_key NOT IN ({', '.join('?' * len(own))})" if own else ""
+
     def shared(last: str) -> bool:
         pattern = "%" + re.sub(r"([!%_])", r"!\1", json.dumps(last)) + "%"  # as blocking.py writes features
-        return bool(app.store.query("SELECT 1 FROM identity_records WHERE features LIKE ? ESCAPE '!' LIMIT 1",
-                                    [pattern]))
+        return bool(app.store.query(f"SELECT 1 FROM identity_records WHERE features LIKE ? ESCAPE '!'{others} LIMIT 1",
+                                    [pattern, *own]))
     return shared
 
 

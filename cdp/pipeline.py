@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from cdp.application import CustomerApplication
 from cdp.config import Settings
+from cdp.erasure import finish_unfinished, rewrite_view_if_pending
+from cdp.viewwriter import make_projector
 from cdp.store import Batch
 from cdp.summary import Summary
 from identity.resolver import source_key
@@ -27,7 +29,6 @@ from ingest.segment import anonymous_source
 from ingest.stage import Ingestor
 from ingest.validation import EventValidator
 from projections.follower import ViewFollower
-from projections.projector import Projector
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -72,11 +73,6 @@ def make_ingestor(settings: Settings, parse_workers: Callable[[], ParseWorkers] 
                     parse_workers, Ranges(settings.max_future, settings.max_amount))
 
 
-def make_projector(settings: Settings, path: Any = None) -> Projector:
-    """The view's writer, configured from the settings (path: the view's, unless given)."""
-    return Projector(path or settings.duckdb_path, settings.as_of, settings.duckdb_memory, settings.survivorship)
-
-
 class Pipeline:
     """`deadletter` is where rejected records go (default: the JSONL file in CDP_HOME); anything
     with `write(Rejected)`, `flush()` and `close()` will do, e.g. the worker's Kafka topic.
@@ -88,6 +84,8 @@ class Pipeline:
         if settings.parse_processes:
             workers = partial(ParseWorkers, partial(make_ingestor, settings), settings.parse_processes)
         self.ingestor = make_ingestor(settings, workers)
+        if project:  # the view this pipeline projects into: first what an erasure stopped part-way left
+            finish_unfinished(settings)
         self.app = CustomerApplication(settings)
         self.projector = make_projector(settings) if project else None
         self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
@@ -169,6 +167,8 @@ class Pipeline:
         if self.projector is not None:
             self.projector.close()
         self.app.close()
+        if self.projector is not None:
+            rewrite_view_if_pending(self.settings)  # an erasure the view took in (e.g. another machine's)
 
     def __enter__(self) -> "Pipeline":
         return self

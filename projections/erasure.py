@@ -29,12 +29,21 @@ FROM batch WHERE topic = '{ERASED}'
 """
 
 
-def delete_erased(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Deletes the rows of the customers the registered `batch` erased; returns their ids. The ids
+def pending_marker(path: Path) -> Path:
+    """The file beside the view saying its file still needs a rewrite: the erased people's rows are
+    gone from its tables, not yet their bytes from its blocks."""
+    return path.with_name(path.name + ".erased")
+
+
+def delete_erased(con: duckdb.DuckDBPyConnection, marker: Path) -> list[str]:
+    """Deletes the rows of the customers the registered `batch` erased; returns their ids. The
+    `marker` (pending_marker) is made first, before the caller commits: whatever stops the process
+    after the commit, the next command holding the view finds the rewrite still to do. The ids
     go into the statements as a constant list, which DuckDB checks inside the scan rather than by
     a join over every row (tables.scope_members)."""
     erased = [row[0] for row in con.execute(SELECT_ERASED).fetchall()]
     if erased:
+        mark(marker)
         members = scope_members(erased)
         for table, column in CUSTOMER_TABLES:
             con.execute(f"DELETE FROM {table} WHERE {column} IN {members}")
@@ -48,15 +57,32 @@ def fresh_path(path: Path) -> Path:
     return fresh
 
 
+def mark(marker: Path) -> None:
+    """Makes the marker durable: its directory entry is synced as well as the file."""
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker, "wb") as made:
+        os.fsync(made.fileno())
+    directory = os.open(marker.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def discard(fresh: Path) -> None:
-    for part in (fresh, Path(str(fresh) + ".wal")):
+    for part in (fresh, Path(str(fresh) + ".wal"), pending_marker(fresh)):
         part.unlink(missing_ok=True)
 
 
 def swap_in(fresh: Path, path: Path) -> None:
-    """Puts the fresh copy in the view's place (nothing may hold the old file open)."""
+    """Puts the fresh copy in the view's place (nothing may hold the old file open). An erasure the
+    copy took in after it was made left its rows' bytes in it: the copy's marker becomes the view's."""
     os.replace(fresh, path)
     Path(str(path) + ".wal").unlink(missing_ok=True)
+    if pending_marker(fresh).exists():
+        os.replace(pending_marker(fresh), pending_marker(path))
 
 
 def rewrite(path: Path) -> None:

@@ -257,7 +257,7 @@ class Projector:
                 con.execute(SPLIT_MOVES)
                 for statement in apply_splits_sql(recompute):
                     con.execute(statement)
-            erased = erasure.delete_erased(con) if topics[-1] == stored_events.ERASED else []
+            erased = erasure.delete_erased(con, erasure.pending_marker(self.path)) if topics[-1] == stored_events.ERASED else []
             if recompute and note_touched:
                 con.execute("INSERT INTO touched " + SELECT_TOUCHED)
                 # the erased count as touched too: audiences drop them, and the batch's recompute
@@ -353,7 +353,7 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
     live view stays queryable until the new one is complete. Audience changes and delivery
     progress are the one thing carried over from the old view (`note` hears how that went)."""
     staging = path.with_name(path.name + ".rebuild")
-    for leftover in (staging, Path(str(staging) + ".wal")):
+    for leftover in (staging, Path(str(staging) + ".wal"), erasure.pending_marker(staging)):
         leftover.unlink(missing_ok=True)
     projector = Projector(staging, as_of, memory_limit, survivorship)
     try:
@@ -368,4 +368,9 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
         projector.close()
     os.replace(staging, path)
     Path(str(path) + ".wal").unlink(missing_ok=True)
+    # erased people's events come back without their personal fields (their keys are gone), so
+    # the rows the replayed erasures deleted held none of their bytes: no rewrite is due, and the
+    # old file's pending one went with it
+    for marker in (erasure.pending_marker(staging), erasure.pending_marker(path)):
+        marker.unlink(missing_ok=True)
     return applied

@@ -209,6 +209,56 @@ def _summary_count(out: str, label: str) -> int:
     raise AssertionError(f"no {label!r} in the summary:\n{out}")
 
 
+def test_an_erasure_stopped_part_way_is_finished_by_the_next_command(cdp, tmp_path):
+    """Stopped before the store's commit, an erasure loses nothing and can be run again; stopped
+    after it, the person is gone from the store but their bytes may be in the view's file and the
+    store's log: the next command that opens the view finishes the work, so nothing of them is
+    left, and the dead-letter was scrubbed before the commit (its needles go with the store's rows).
+    The stops are real faults: a directory where the dead-letter's or the view's fresh copy goes."""
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    (tmp_path / "bad.jsonl").write_bytes(invalid_event_of_ann())
+    cdp("ingest", str(tmp_path / "bad.jsonl"))
+    before = others(cdp)
+    unfinished, view_marker = cdp.home / "erasure.unfinished", cdp.home / "view.duckdb.erased"
+
+    blocker = cdp.home / "deadletter.jsonl.scrub"
+    blocker.mkdir()
+    stopped = cdp("erase", ANN["email"], "--yes", check=False)
+    assert stopped.returncode == 1 and stopped.stderr.startswith("cdp: error: erase stopped part-way"), stopped.stderr
+    blocker.rmdir()
+    shown = cdp("customer", "show", ANN["email"], "--format", "json")  # finishes: nothing was committed
+    assert "Quorralind" in shown.stdout and not unfinished.exists()
+    assert len((cdp.home / "deadletter.jsonl").read_text().splitlines()) == 3
+
+    blocker = cdp.home / "view.duckdb.rewrite"
+    blocker.mkdir()
+    stopped = cdp("erase", ANN["email"], "--yes", check=False)
+    assert stopped.returncode == 1 and stopped.stderr.startswith("cdp: error: erase stopped part-way"), stopped.stderr
+    assert unfinished.exists() and view_marker.exists()
+    assert [json.loads(line)["event_id"] for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()] == [
+        "bad3"]
+    blocker.rmdir()
+    assert "view.duckdb" in files_holding(cdp.home, NEEDLES)  # her rows deleted, not yet her bytes
+
+    assert cdp.query("SELECT count(*) AS n FROM customers") == [{"n": 2}]  # opens the view: finishes first
+    assert files_holding(cdp.home, NEEDLES) == {}
+    assert not unfinished.exists() and not view_marker.exists()
+    assert others(cdp) == before
+    again = cdp("erase", ANN["email"], "--yes", check=False)
+    assert again.returncode == 1 and "no customer found" in again.stderr
+
+
+def test_a_rebuild_replaying_an_erasure_leaves_no_rewrite_due(cdp, tmp_path):
+    """The replayed Erased event deletes rows that never held the person's fields (their keys were
+    gone): the rebuilt view is not marked for a rewrite, and the old view's mark goes with it."""
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    cdp("erase", ANN["email"], "--yes")
+    (cdp.home / "view.duckdb.erased").touch()  # as a stop before the old view's rewrite leaves it
+    cdp("projections", "rebuild")
+    assert sorted(p.name for p in cdp.home.iterdir() if "duckdb" in p.name) == ["view.duckdb"]
+    assert files_holding(cdp.home, NEEDLES) == {}
+
+
 def test_erase_without_suppression_lets_the_person_come_back(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     cdp("erase", "retail:R-1", "--yes", "--keep-suppression=no")

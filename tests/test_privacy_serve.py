@@ -21,7 +21,7 @@ from tests.events import event, jsonl
 from tests.serving import new_keys, start_server, wait_until
 from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
 from tests.test_privacy import (ANN, NEEDLES, database_files_holding, files_holding, ingest, invalid_event_of_ann,
-                                others, people_events)
+                                needles_in, others, people_events)
 
 
 @pytest.fixture
@@ -152,6 +152,29 @@ def test_a_running_server_rewrites_the_view_after_an_erasure(cdp, tmp_path, peop
         server.stop()
     rows = [r for r in others(cdp)[0] if r["email"] != "dan.new@example.org"]
     assert rows == before[0]
+
+
+def test_a_running_server_rewrites_the_view_after_an_erasure_made_elsewhere(cdp, tmp_path, people):
+    """An erasure committed to the store by another application (another machine's command on a
+    shared store, here one beside the server): the server's read side takes it in, which marks
+    the view's file, and the server rewrites it as it does after its own."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+
+    log = tmp_path / "serve.log"
+    server = start_server({**cdp.env, "CDP_VIEW_REWRITE_DELAY": "1"}, log)
+    try:
+        read = server.client(people["read"])
+        ann = read.get("/v1/profiles/email:quorra.zephyrine@example.org").json()["customer_id"]
+        with CustomerApplication(Settings.from_env(cdp.env)) as elsewhere:
+            elsewhere.erase(ann)
+        wait_until(lambda: read.get(f"/v1/profiles/customer_id:{ann}").status_code == 404, 30, "the erasure")
+        wait_until(lambda: "rewritten after an erasure" in log.read_text(), 60, "the rewrite's log line")
+        assert httpx.get(server.url + "/health").json()["view_rewrite_pending"] is False
+        view = [p for p in cdp.home.iterdir() if p.name.startswith("view.duckdb")]
+        assert {str(p.name): found for p in view if (found := needles_in(p.read_bytes(), NEEDLES))} == {}
+    finally:
+        server.stop()
 
 
 def _key_ids(cdp, keys: dict[str, str]) -> list[str]:

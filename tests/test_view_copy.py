@@ -78,7 +78,7 @@ def test_a_copy_follows_the_store_and_says_when_it_caught_up_with_an_erasure(cdp
     _follow says so."""
     from cdp.application import CustomerApplication
     from cdp.config import Settings
-    from cdp.pipeline import make_projector
+    from cdp.viewwriter import make_projector
     from cdp.server.readside import ReadSide
     from cdp.server.service import Service
     from tests.events import jsonl

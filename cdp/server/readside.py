@@ -61,7 +61,7 @@ class ReadSide:
                  on_batch: Callable[[int], None] | None = None, keyring: api_keys.KeyRing | None = None):
         """`app` is the CustomerApplication: read here (notifications, head), never written.
         `keyring`: the API keys a previous read side kept (the server's gate holds it), followed on."""
-        from cdp.pipeline import make_projector
+        from cdp.viewwriter import make_projector
 
         self.cfg = cfg
         self.store = app

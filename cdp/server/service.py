@@ -27,8 +27,8 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import (Erased, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending, scrub_deadletter,
-                         surname_shared)
+from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending,
+                         scrub_deadletter, surname_shared, unfinished)
 from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
@@ -100,10 +100,16 @@ class Service:
     def _open_read_side(self, keyring: Any = None) -> ReadSide:
         # the view's owner keeps the look-up indexes in memory: its own limit (CDP_SERVE_MEMORY)
         read = ReadSide(replace(self.cfg, duckdb_memory=self.cfg.serve_memory), self.app, self._profiles_producer,
-                        keyring=keyring)
+                        on_batch=self._after_batch, keyring=keyring)
         # user SQL runs on this database: no files, no network, no ATTACH, for good
         read.projector.con.execute("SET enable_external_access = false")
         return read
+
+    def _after_batch(self, _: int) -> None:
+        """An erasure the read side took in, whoever made it (another machine's command on a shared
+        store too): its projector marked the file (delete_erased), the rewrite is scheduled here."""
+        if pending_view_rewrite(self.cfg).exists():
+            self.schedule_view_rewrite()
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
         """A batch of queued audit entries (reads) into the store, one commit (the command takes
@@ -123,10 +129,16 @@ class Service:
         (several erasures meanwhile, once), or when the server next stops or starts (see
         `rewrite_view`)."""
         started = time.perf_counter()
+        embedded = self.mode == "embedded"
+        view_erasure.mark(unfinished(self.cfg))  # finish_unfinished, at the next start, if this one stops part-way
+        removed = 0
+        if embedded:  # before the commit too: after it, the identifiers that find the entries are gone
+            before = self.app.erasure_of(customer_id, suppress)
+            removed = scrub_deadletter(self.cfg.deadletter_path, before, surname_shared(self.app, before.sources))
         erasure = self.steward(methodcaller("erase", customer_id, suppress, actor))
         phases = {"store_and_view": time.perf_counter() - started}
-        removed = (scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
-                   if self.mode == "embedded" else 0)
+        if embedded:
+            removed += scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
         left = self.app.scrub()
         if left:
             self.log(f"after the erasure, the store's tables {', '.join(left)} could not be rewritten: their files keep "
@@ -134,6 +146,7 @@ class Service:
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
+        unfinished(self.cfg).unlink(missing_ok=True)
         phases["deadletter_and_store_files"] = time.perf_counter() - started - phases["store_and_view"]
         return Erased(erasure, removed, time.perf_counter() - started, phases, left)
 
@@ -233,7 +246,7 @@ class Service:
         thread pause too, so that new events wait for the swap alone. All stay paused (the swap ends
         them). None when they did not pause in time or the copy failed (then they go on, and the
         file is rewritten the closed way)."""
-        from cdp.pipeline import make_projector
+        from cdp.viewwriter import make_projector
 
         if not read.upkeep.pause(WRITERS_PAUSE_SECONDS):
             self.log("the view's writers did not pause in time; its file is rewritten while reads wait")
@@ -401,7 +414,7 @@ def run(cfg: Settings, host: str, port: int) -> None:
     if cfg.kafka_bootstrap:
         topics.ensure(cfg)
     try:
-        rewrite_view_if_pending(cfg)  # an erasure while a server was killed before it could
+        finish_unfinished(cfg)  # an erasure while a server was killed before it could
         service = Service(cfg)
     except duckdb.Error as error:
         raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
