@@ -56,8 +56,8 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
 
     app = CustomerApplication(settings)
     try:
-        view_erasure.mark(unfinished(settings))
         before = app.erasure_of(customer_id, suppress)
+        view_erasure.mark(unfinished(settings), json.dumps({"customer_ids": before.customer_ids}).encode())
         removed = scrub_deadletter(settings.deadletter_path, before, surname_shared(app, before.sources))
         lap("deadletter")
         erasure = app.erase(customer_id, suppress, actor)
@@ -70,10 +70,10 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
         lap("store_files")
     finally:
         app.close()
-    unfinished(settings).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     if settings.kafka_bootstrap:
         publish_tombstones(settings, erasure.customer_ids)
+    unfinished(settings).unlink(missing_ok=True)
     return Erased(erasure, removed, seconds, phases, left)
 
 
@@ -97,19 +97,28 @@ def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float
 
 def unfinished(settings: Settings) -> Path:
     """Made before an erasure commits, removed once the view, the dead-letter and the store's files
-    are clean: while it is there, a stop part-way (a crash, a full disk) left work to finish."""
+    are clean and the tombstones sent: while it is there, a stop part-way (a crash, a full disk, a
+    broker out of reach) left work to finish. It holds the customer ids (no personal data: the
+    `Erased` event and the tombstones carry them too)."""
     return settings.unfinished_erasure_path
 
 
 def finish_unfinished(settings: Settings) -> bool:
     """What an erasure stopped part-way left (unfinished): the view caught up with the store and
-    rewritten, the store's files scrubbed; then any rewrite a view's writer left pending. For a
-    command about to hold the view (cdp serve, or the CLI with no server). True if work was left."""
+    rewritten, the store's files scrubbed, the tombstones sent (again: the changelog compacts them);
+    then any rewrite a view's writer left pending. For a command about to hold the view (cdp serve,
+    or the CLI with no server). True if work was left."""
     hint = unfinished(settings)
     if hint.exists():
         with CustomerApplication(settings) as app:
             finish_view(settings, app)
             app.scrub()
+        try:
+            customer_ids = json.loads(hint.read_bytes() or b"{}").get("customer_ids", [])
+        except ValueError:  # not ours
+            customer_ids = []
+        if settings.kafka_bootstrap and customer_ids:
+            publish_tombstones(settings, customer_ids)
         hint.unlink(missing_ok=True)
         return True
     return rewrite_view_if_pending(settings)

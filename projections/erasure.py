@@ -42,7 +42,7 @@ def delete_erased(con: duckdb.DuckDBPyConnection, marker: Path) -> list[str]:
     go into the statements as a constant list, which DuckDB checks inside the scan rather than by
     a join over every row (tables.scope_members)."""
     erased = [row[0] for row in con.execute(SELECT_ERASED).fetchall()]
-    if erased:
+    if erased and not marker.exists():
         mark(marker)
         members = scope_members(erased)
         for table, column in CUSTOMER_TABLES:
@@ -57,13 +57,16 @@ def fresh_path(path: Path) -> Path:
     return fresh
 
 
-def mark(marker: Path) -> None:
-    """Makes the marker durable: its directory entry is synced as well as the file."""
-    if marker.exists():
-        return
+def mark(marker: Path, content: bytes = b"") -> None:
+    """Makes the marker (with `content`, whole or not at all) and makes it durable: a crash right
+    after must still find it, so the file is synced and then its directory entry."""
     marker.parent.mkdir(parents=True, exist_ok=True)
-    with open(marker, "wb") as made:
+    draft = marker.with_name(marker.name + ".new")
+    with open(draft, "wb") as made:
+        made.write(content)
+        made.flush()
         os.fsync(made.fileno())
+    os.replace(draft, marker)
     directory = os.open(marker.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -505,3 +505,21 @@ def test_erase_publishes_a_tombstone_on_the_profile_changelog(cdp, tmp_path, kaf
                           "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60,
                          check=True).stdout
     assert out.splitlines() == [f"{ann}\t-1"]  # key, value size -1: a tombstone (null value)
+
+
+@pytest.mark.kafka
+def test_an_erasure_stopped_before_its_tombstone_has_it_sent_by_the_next_command(cdp, tmp_path, kafka_bootstrap,
+                                                                                fresh_topic_prefix):
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    cdp.env.update(CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
+    blocker = cdp.home / "view.duckdb.rewrite"
+    blocker.mkdir()
+    assert cdp("erase", ann, "--yes", check=False).returncode == 1
+    blocker.rmdir()
+    missing = cdp("customer", "show", ann, check=False)  # finishes the erasure first
+    assert missing.returncode == 1 and "no customer found" in missing.stderr
+    out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles", "-e",
+                          "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.splitlines() == [f"{ann}\t-1"]
