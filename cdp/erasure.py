@@ -16,7 +16,6 @@ entries can still be read.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Callable, Sequence
 from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
 from identity.features import STREET_TYPES
+from ingest.deadletter import remove_entries
 from ingest.normalise import fold
 from projections import erasure as view_erasure
 
@@ -237,8 +237,6 @@ def scrub_deadletter(path: Path, erasure: Erasure, surname_shared: Callable[[str
     records, or their name or street (name_marks); returns how many went. With `surname_shared`,
     an entry holding only the person's surname goes too when no other record carries that surname:
     then it names them alone (a shared surname is many people's and removes nothing by itself)."""
-    if not path.exists():
-        return 0
     texts, digits, records = _needles(erasure)
     marks = name_marks(erasure)
     surnames = sorted({f.last for f in erasure.features if f.last}) if surname_shared else []
@@ -253,22 +251,11 @@ def scrub_deadletter(path: Path, erasure: Erasure, surname_shared: Callable[[str
                     return True
         return False
 
-    kept, removed = [], 0
-    with open(path, "rb") as source:
-        for line in source:
-            lower = line.lower().replace(b'\\"', b'"').replace(b'": "', b'":"')
-            numbers = [re.sub(rb"\D", b"", m) for m in PHONE_LIKE.findall(line)] if digits else []
-            if (any(t in lower for t in texts) or any(d in n for d in digits for n in numbers)
+    def carries_the_person(line: bytes) -> bool:
+        lower = line.lower().replace(b'\\"', b'"').replace(b'": "', b'":"')
+        numbers = [re.sub(rb"\D", b"", m) for m in PHONE_LIKE.findall(line)] if digits else []
+        return bool(any(t in lower for t in texts) or any(d in n for d in digits for n in numbers)
                     or any(u.lower() in lower and s.lower() in lower for u, s in records)
-                    or ((marks or surnames) and _names_the_person(_match_form(line), marks, names_alone))):
-                removed += 1
-            else:
-                kept.append(line)
-    if removed:
-        fresh = path.with_name(path.name + ".scrub")
-        with open(fresh, "wb") as out:
-            out.writelines(kept)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(fresh, path)
-    return removed
+                    or ((marks or surnames) and _names_the_person(_match_form(line), marks, names_alone)))
+
+    return remove_entries(path, carries_the_person)

@@ -6,13 +6,18 @@ fixed. The Kafka worker publishes the same entries to `cdp.deadletter`.
 """
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import orjson
 
+from ingest.durable import replace_whole
 from ingest.records import Rejected
+
+FLUSH_BYTES = 1 << 20  # entries held before they are written out, at the latest
 
 
 def entry(rejected: Rejected) -> dict[str, Any]:
@@ -28,34 +33,70 @@ def entry(rejected: Rejected) -> dict[str, Any]:
 
 
 class DeadLetterFile:
-    """Appends entries; flushed on close so a crash loses at most the current batch's rejections."""
+    """Appends entries, written out at each flush (the pipeline's: once per batch), when they pass
+    FLUSH_BYTES, and on close, so a crash loses at most the current batch's rejections. Each write
+    takes the file's lock and opens the file now at the path: an erasure may rewrite it meanwhile
+    from another process (remove_entries), and an open handle would go on appending to the
+    replaced file, where the entries are lost."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = None
+        self._pending: list[bytes] = []
+        self._bytes = 0
         self.count = 0
 
     def write(self, rejected: Rejected) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")
-        self._file.write(orjson.dumps(entry(rejected)) + b"\n")
+        line = orjson.dumps(entry(rejected)) + b"\n"
+        self._pending.append(line)
+        self._bytes += len(line)
         self.count += 1
+        if self._bytes >= FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if not self._pending:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path), open(self.path, "ab") as out:
+            out.write(b"".join(self._pending))
+        self._pending.clear()
+        self._bytes = 0
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.flush()
 
     def __enter__(self) -> "DeadLetterFile":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """The dead-letter file's lock, between its writers and remove_entries (a file beside it, whose
+    inode stays while the file itself is replaced)."""
+    with open(path.with_name(path.name + ".lock"), "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_entries(path: Path, removed: Callable[[bytes], bool]) -> int:
+    """Rewrites the file without the entries (lines) `removed` says go, under the file's lock so
+    that no writer appends meanwhile; the new file replaces the old whole (a crash leaves one or the
+    other). Returns how many went."""
+    if not path.exists():
+        return 0
+    with locked(path):
+        with open(path, "rb") as source:
+            lines = source.readlines()
+        kept = [line for line in lines if not removed(line)]
+        if len(kept) < len(lines):
+            replace_whole(path, kept, ".scrub")
+    return len(lines) - len(kept)
 
 
 class DeadLetterTopic:

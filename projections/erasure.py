@@ -14,6 +14,7 @@ from typing import Sequence
 import duckdb
 
 from cdp.contracts.stored_events import ERASED
+from ingest.durable import replace_whole
 from projections.tables import scope_members
 
 # Tables keyed by the customer, and the column naming them.
@@ -42,8 +43,9 @@ def delete_erased(con: duckdb.DuckDBPyConnection, marker: Path) -> list[str]:
     go into the statements as a constant list, which DuckDB checks inside the scan rather than by
     a join over every row (tables.scope_members)."""
     erased = [row[0] for row in con.execute(SELECT_ERASED).fetchall()]
-    if erased and not marker.exists():
-        mark(marker)
+    if erased:
+        if not marker.exists():
+            mark(marker)
         members = scope_members(erased)
         for table, column in CUSTOMER_TABLES:
             con.execute(f"DELETE FROM {table} WHERE {column} IN {members}")
@@ -58,20 +60,8 @@ def fresh_path(path: Path) -> Path:
 
 
 def mark(marker: Path, content: bytes = b"") -> None:
-    """Makes the marker (with `content`, whole or not at all) and makes it durable: a crash right
-    after must still find it, so the file is synced and then its directory entry."""
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    draft = marker.with_name(marker.name + ".new")
-    with open(draft, "wb") as made:
-        made.write(content)
-        made.flush()
-        os.fsync(made.fileno())
-    os.replace(draft, marker)
-    directory = os.open(marker.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Makes the marker (with `content`), durable at once: a crash right after must still find it."""
+    replace_whole(marker, [content])
 
 
 def discard(fresh: Path) -> None:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.events import event, jsonl
-from tests.serving import new_keys, start_server, wait_until
+from tests.serving import cloudevent, deadletter, new_keys, start_server, wait_until
 from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
 from tests.test_privacy import (ANN, NEEDLES, database_files_holding, files_holding, ingest, invalid_event_of_ann,
                                 needles_in, others, people_events)
@@ -175,6 +175,30 @@ def test_a_running_server_rewrites_the_view_after_an_erasure_made_elsewhere(cdp,
         assert {str(p.name): found for p in view if (found := needles_in(p.read_bytes(), NEEDLES))} == {}
     finally:
         server.stop()
+
+
+def test_a_running_servers_rejects_are_kept_across_an_erasure(cdp, tmp_path, people):
+    """The server's resolver appends rejected inputs to the dead-letter file, which an erasure
+    rewrites meanwhile (from the HTTP process): an input rejected after the erasure is in the
+    file, not appended to the replaced one and lost."""
+    publish = new_keys(cdp.env, {"shop": ("publish", "retail")})["shop"]
+    server = start_server({**cdp.env, "CDP_VIEW_REWRITE_DELAY": "off"}, tmp_path / "serve.log")
+    try:
+        shop = server.client(publish)
+
+        def reject(event_id: str) -> None:
+            bad = {**cloudevent(event_id, "retail", f"R-{event_id}"), "time": "yesterday"}
+            answer = shop.post("/events", json=bad, headers={"Content-Type": "application/cloudevents+json"})
+            assert answer.status_code == 400, answer.text
+            wait_until(lambda: event_id in [d["event_id"] for d in deadletter(cdp.home)], 30, f"{event_id} dead-lettered")
+
+        reject("before")
+        erased = server.client(people["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org")
+        assert erased.status_code == 200 and erased.json()["deadletter_entries"] == 2
+        reject("after")
+    finally:
+        server.stop()
+    assert [d["event_id"] for d in deadletter(cdp.home)] == ["bad3", "before", "after"]
 
 
 def _key_ids(cdp, keys: dict[str, str]) -> list[str]:
