@@ -26,6 +26,7 @@ from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
 from identity.features import STREET_TYPES
 from ingest.deadletter import remove_entries
+from ingest.durable import locked
 from ingest.normalise import fold
 from projections import erasure as view_erasure
 
@@ -47,7 +48,13 @@ def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, 
     """Erases the customer (and every customer merged into it) from store, view and dead-letter.
     Until it is done, `unfinished(settings)` says so, and the next command finishes the work
     (finish_unfinished): the dead-letter is scrubbed before the store's commit too, since after it
-    the identifiers that find the person's entries are gone."""
+    the identifiers that find the person's entries are gone. It holds the erasure lock throughout:
+    a command that finds the marker meanwhile waits for it rather than finishing the work twice."""
+    with locked(erasure_lock(settings)):
+        return _erase(settings, customer_id, suppress, actor)
+
+
+def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> Erased:
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -103,6 +110,11 @@ def unfinished(settings: Settings) -> Path:
     return settings.unfinished_erasure_path
 
 
+def erasure_lock(settings: Settings) -> Path:
+    """Held by an erasure under way (this process's or another's), and by whoever finishes one."""
+    return settings.home / "erasure.lock"
+
+
 def finish_unfinished(settings: Settings) -> bool:
     """What an erasure stopped part-way left (unfinished): the view caught up with the store and
     rewritten, the store's files scrubbed, the tombstones sent (again: the changelog compacts them);
@@ -110,17 +122,19 @@ def finish_unfinished(settings: Settings) -> bool:
     or the CLI with no server). True if work was left."""
     hint = unfinished(settings)
     if hint.exists():
-        with CustomerApplication(settings) as app:
-            finish_view(settings, app)
-            app.scrub()
-        try:
-            customer_ids = json.loads(hint.read_bytes() or b"{}").get("customer_ids", [])
-        except ValueError:  # not ours
-            customer_ids = []
-        if settings.kafka_bootstrap and customer_ids:
-            publish_tombstones(settings, customer_ids)
-        hint.unlink(missing_ok=True)
-        return True
+        with locked(erasure_lock(settings)):  # an erasure under way ends first: then it was not stopped
+            if hint.exists():
+                with CustomerApplication(settings) as app:
+                    finish_view(settings, app)
+                    app.scrub()
+                try:
+                    customer_ids = json.loads(hint.read_bytes() or b"{}").get("customer_ids", [])
+                except ValueError:  # not ours
+                    customer_ids = []
+                if settings.kafka_bootstrap and customer_ids:
+                    publish_tombstones(settings, customer_ids)
+                hint.unlink(missing_ok=True)
+                return True
     return rewrite_view_if_pending(settings)
 
 

@@ -6,15 +6,13 @@ fixed. The Kafka worker publishes the same entries to `cdp.deadletter`.
 """
 from __future__ import annotations
 
-import fcntl
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import orjson
 
-from ingest.durable import replace_whole
+from ingest.durable import locked, replace_whole
 from ingest.records import Rejected
 
 FLUSH_BYTES = 1 << 20  # entries held before they are written out, at the latest
@@ -57,7 +55,7 @@ class DeadLetterFile:
         if not self._pending:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path), open(self.path, "ab") as out:
+        with locked(lock_of(self.path)), open(self.path, "ab") as out:
             out.write(b"".join(self._pending))
         self._pending.clear()
         self._bytes = 0
@@ -72,16 +70,9 @@ class DeadLetterFile:
         self.close()
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """The dead-letter file's lock, between its writers and remove_entries (a file beside it, whose
-    inode stays while the file itself is replaced)."""
-    with open(path.with_name(path.name + ".lock"), "ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def lock_of(path: Path) -> Path:
+    """The dead-letter file's lock, between its writers and remove_entries."""
+    return path.with_name(path.name + ".lock")
 
 
 def remove_entries(path: Path, removed: Callable[[bytes], bool]) -> int:
@@ -90,7 +81,7 @@ def remove_entries(path: Path, removed: Callable[[bytes], bool]) -> int:
     other). Returns how many went."""
     if not path.exists():
         return 0
-    with locked(path):
+    with locked(lock_of(path)):
         with open(path, "rb") as source:
             lines = source.readlines()
         kept = [line for line in lines if not removed(line)]

@@ -1,11 +1,14 @@
 """Files written whole or not at all: a draft beside the file, synced, then renamed over it, so a
 crash leaves the old content or the new one, never a mix (the dead-letter's rewrite, the markers
-an erasure leaves for the next command)."""
+an erasure leaves for the next command); and the lock files processes share such files by.
+"""
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 def replace_whole(path: Path, chunks: Iterable[bytes], suffix: str = ".new") -> None:
@@ -23,3 +26,17 @@ def replace_whole(path: Path, chunks: Iterable[bytes], suffix: str = ".new") -> 
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+@contextmanager
+def locked(lock: Path) -> Iterator[None]:
+    """Holds the lock file `lock` (made if missing) against every other process that takes it:
+    a file of its own, whose inode stays while the files it guards are replaced. The system
+    releases it with a process that dies."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)

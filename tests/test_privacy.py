@@ -248,6 +248,28 @@ def test_an_erasure_stopped_part_way_is_finished_by_the_next_command(cdp, tmp_pa
     assert again.returncode == 1 and "no customer found" in again.stderr
 
 
+def test_a_command_waits_for_an_erasure_under_way_rather_than_finishing_it(cdp, tmp_path):
+    """While an erasure runs, its marker says unfinished, and it holds CDP_HOME/erasure.lock: a
+    command that opens the view meanwhile waits for it to end (then there is nothing left to do)
+    instead of doing its work a second time beside it and taking the view from under it."""
+    import sys
+
+    from ingest.durable import locked
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    unfinished = cdp.home / "erasure.unfinished"
+    with locked(cdp.home / "erasure.lock"):  # as an erasure under way holds it
+        unfinished.write_text('{"customer_ids": []}')
+        query = subprocess.Popen([sys.executable, "-m", "cdp", "query", "SELECT count(*) AS n FROM customers",
+                                  "--format", "json"], env=cdp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(2)
+        waiting = query.poll() is None
+        unfinished.unlink()  # the erasure's last step
+    out, err = query.communicate(timeout=120)
+    assert waiting and query.returncode == 0, err
+    assert json.loads(out) == [{"n": 3}]
+
+
 def test_a_rebuild_replaying_an_erasure_leaves_no_rewrite_due(cdp, tmp_path):
     """The replayed Erased event deletes rows that never held the person's fields (their keys were
     gone): the rebuilt view is not marked for a rewrite, and the old view's mark goes with it."""

@@ -27,14 +27,15 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending,
-                         scrub_deadletter, surname_shared, unfinished)
+from cdp.erasure import (Erased, erasure_lock, finish_unfinished, mark_view_rewrite, pending_view_rewrite,
+                         rewrite_view_if_pending, scrub_deadletter, surname_shared, unfinished)
 from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
 from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids
 from cdp.server.viewgate import ViewGate
+from ingest.durable import locked
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
 
@@ -128,6 +129,10 @@ class Service:
         and the store's log are scrubbed. The view's file is rewritten CDP_VIEW_REWRITE_DELAY later
         (several erasures meanwhile, once), or when the server next stops or starts (see
         `rewrite_view`)."""
+        with locked(erasure_lock(self.cfg)):
+            return self._erase(customer_id, suppress, actor)
+
+    def _erase(self, customer_id: str, suppress: bool, actor: str) -> Erased:
         started = time.perf_counter()
         embedded = self.mode == "embedded"
         view_erasure.mark(unfinished(self.cfg))  # finish_unfinished, at the next start, if this one stops part-way
