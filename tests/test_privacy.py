@@ -12,6 +12,7 @@ import pytest
 
 from tests.databases import with_dbname
 from tests.events import event, jsonl
+from tests.serving import new_keys, start_server
 
 ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
        "last_name": "Zephyrine", "address": {"street": "17 Wobblesworth Lane", "city": "Leeds", "postcode": "LS1 4AB"}}
@@ -402,6 +403,25 @@ def test_erase_on_postgresql_leaves_no_deleted_row_in_the_databases_files(cdp, t
     erased = cdp("erase", "quorra.zephyrine@example.org", "--yes")
     assert "store_files" in erased.stdout and "could not be rewritten" not in erased.stderr
     assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
+
+
+@pytest.mark.postgres
+def test_an_erasure_through_the_server_leaves_no_deleted_row_in_postgresqls_files(cdp, tmp_path, fresh_postgres_dsn,
+                                                                                  postgres_superuser):
+    """As the test above, through `cdp serve`. Kept in this file with the tests that hold a table
+    on purpose (below): the rewrite waits for an older transaction in any database of the server,
+    so one of them running meanwhile on another worker would leave every table."""
+    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    keys = new_keys(cdp.env, {"admin": ("admin", None)})
+    assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES)
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}, tmp_path / "serve.log")
+    try:
+        erased = server.client(keys["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
+        assert erased["sources"] == 2 and erased["store_tables_left"] == []
+        assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
+    finally:
+        server.stop()
 
 
 @pytest.mark.postgres

@@ -20,8 +20,8 @@ import pytest
 from tests.events import event, jsonl
 from tests.serving import cloudevent, deadletter, new_keys, start_server, wait_until
 from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
-from tests.test_privacy import (ANN, NEEDLES, database_files_holding, files_holding, ingest, invalid_event_of_ann,
-                                needles_in, others, people_events)
+from tests.test_privacy import (ANN, NEEDLES, files_holding, ingest, invalid_event_of_ann, needles_in, others,
+                                people_events)
 
 
 @pytest.fixture
@@ -365,19 +365,3 @@ def test_a_running_kafka_worker_suppresses_an_erased_person(kafka_env, kafka_boo
     with psycopg.connect(fresh_postgres_dsn) as conn:
         sources = {r[0] for r in conn.execute("SELECT value FROM identity_keys WHERE kind = 'source'")}
     assert "shop:S-1" in sources and "bank:B-9" not in sources and "retail:R-1" not in sources
-
-
-@pytest.mark.postgres
-def test_an_erasure_through_the_server_leaves_no_deleted_row_in_postgresqls_files(cdp, tmp_path, fresh_postgres_dsn,
-                                                                                  postgres_superuser):
-    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
-    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
-    keys = new_keys(cdp.env, {"admin": ("admin", None)})
-    assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES)
-    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}, tmp_path / "serve.log")
-    try:
-        erased = server.client(keys["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
-        assert erased["sources"] == 2 and erased["store_tables_left"] == []
-        assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
-    finally:
-        server.stop()
