@@ -249,6 +249,35 @@ def test_an_erasure_stopped_part_way_is_finished_by_the_next_command(cdp, tmp_pa
     assert again.returncode == 1 and "no customer found" in again.stderr
 
 
+def test_an_erasure_killed_before_its_commit_loses_nothing(cdp, tmp_path):
+    """`kill -9` of cdp erase while it waits to scrub the dead-letter (a writer holds the file's
+    lock here), before the store's commit: nothing is erased, nothing lost, its lock died with it,
+    and the next commands finish what it marked (nothing) and erase the person for good."""
+    import sys
+
+    from ingest.durable import locked
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    (tmp_path / "bad.jsonl").write_bytes(invalid_event_of_ann())
+    cdp("ingest", str(tmp_path / "bad.jsonl"))
+    unfinished = cdp.home / "erasure.unfinished"
+    with locked(cdp.home / "deadletter.jsonl.lock"):
+        erase = subprocess.Popen([sys.executable, "-m", "cdp", "erase", ANN["email"], "--yes"], env=cdp.env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not unfinished.exists() and erase.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert unfinished.exists() and erase.poll() is None  # waiting for the lock
+        erase.kill()
+        erase.wait()
+    shown = cdp("customer", "show", ANN["email"], "--format", "json", timeout=60)
+    assert "Quorralind" in shown.stdout and not unfinished.exists()
+    assert len((cdp.home / "deadletter.jsonl").read_text().splitlines()) == 3
+    cdp("erase", ANN["email"], "--yes", timeout=60)
+    assert files_holding(cdp.home, NEEDLES) == {}
+
+
 def test_a_command_waits_for_an_erasure_under_way_rather_than_finishing_it(cdp, tmp_path):
     """While an erasure runs, its marker says unfinished, and it holds CDP_HOME/erasure.lock: a
     command that opens the view meanwhile waits for it to end (then there is nothing left to do)
