@@ -298,6 +298,9 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
                       f"{len(customer_ids)} customer id(s), {entries} dead-letter entr(ies); "
                       f"identifiers {'suppressed' if keep_suppression == 'yes' else 'not suppressed'} "
                       f"({seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
+    if server is None and erased.tombstones_unsent:
+        console.err.print(f"the tombstones were not sent to cdp.profiles ({erased.tombstones_unsent}); "
+                          "the next `cdp erase` sends them")
     if left:
         tables = ", ".join(left)
         console.err.print(f"the store's tables {tables} could not be rewritten (held by another session, not this "

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
+from cdp.faults import BROKER, describe
 from identity.features import STREET_TYPES
 from ingest.deadletter import remove_entries
 from ingest.durable import locked
@@ -42,6 +43,7 @@ class Erased:
     seconds: float
     phases: dict[str, float]  # seconds per part: store, view, view_rewrite, deadletter, store_files
     tables_left: list[str]  # store tables whose files may still hold the deleted rows (CustomerApplication.scrub)
+    tombstones_unsent: str | None = None  # why cdp.profiles did not get the tombstones yet (send_tombstones)
 
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
@@ -64,10 +66,12 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
     app = CustomerApplication(settings)
     try:
         before = app.erasure_of(customer_id, suppress)
-        view_erasure.mark(unfinished(settings), json.dumps({"customer_ids": before.customer_ids}).encode())
+        view_erasure.mark(unfinished(settings))
+        note_tombstones(settings, before.customer_ids)
         removed = scrub_deadletter(settings.deadletter_path, before, surname_shared(app, before.sources))
         lap("deadletter")
         erasure = app.erase(customer_id, suppress, actor)
+        note_tombstones(settings, erasure.customer_ids)  # read again under the writers' lock
         lap("store")
         phases.update(finish_view(settings, app))
         # entries written between the first scrub and the commit, while the person was not yet suppressed
@@ -77,11 +81,17 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
         lap("store_files")
     finally:
         app.close()
-    seconds = time.perf_counter() - started
-    if settings.kafka_bootstrap:
-        publish_tombstones(settings, erasure.customer_ids)
     unfinished(settings).unlink(missing_ok=True)
-    return Erased(erasure, removed, seconds, phases, left)
+    seconds = time.perf_counter() - started
+    unsent = None
+    try:
+        send_tombstones(settings)
+    except Exception as error:  # noqa: BLE001 - a broker out of reach: said, and sent by the next erasure
+        fault = describe(error, settings)
+        if fault.component != BROKER:
+            raise
+        unsent = fault.line
+    return Erased(erasure, removed, seconds, phases, left, unsent)
 
 
 def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float]:
@@ -104,10 +114,38 @@ def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float
 
 def unfinished(settings: Settings) -> Path:
     """Made before an erasure commits, removed once the view, the dead-letter and the store's files
-    are clean and the tombstones sent: while it is there, a stop part-way (a crash, a full disk, a
-    broker out of reach) left work to finish. It holds the customer ids (no personal data: the
-    `Erased` event and the tombstones carry them too)."""
+    are clean: while it is there, a stop part-way (a crash, a full disk) left work to finish."""
     return settings.unfinished_erasure_path
+
+
+def unsent_tombstones(settings: Settings) -> Path:
+    """The erased customer ids whose tombstones `cdp.profiles` has not had yet (with Kafka): noted
+    before the store commits, sent at the erasure's end, and by the next erasure when the broker
+    was out of reach (the read commands do not wait for a broker). No personal data: the Erased
+    event carries the ids too."""
+    return settings.home / "erasure.tombstones"
+
+
+def note_tombstones(settings: Settings, customer_ids: list[str]) -> None:
+    if settings.kafka_bootstrap:
+        view_erasure.mark(unsent_tombstones(settings), json.dumps(sorted({*_unsent(settings), *customer_ids})).encode())
+
+
+def _unsent(settings: Settings) -> list[str]:
+    try:
+        return list(json.loads(unsent_tombstones(settings).read_bytes()))
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def send_tombstones(settings: Settings) -> int:
+    """Sends the tombstones noted and not sent yet (with Kafka); returns how many went."""
+    ids = _unsent(settings)
+    if ids and settings.kafka_bootstrap:
+        publish_tombstones(settings, ids)
+        unsent_tombstones(settings).unlink(missing_ok=True)
+        return len(ids)
+    return 0
 
 
 def erasure_lock(settings: Settings) -> Path:
@@ -117,9 +155,9 @@ def erasure_lock(settings: Settings) -> Path:
 
 def finish_unfinished(settings: Settings) -> bool:
     """What an erasure stopped part-way left (unfinished): the view caught up with the store and
-    rewritten, the store's files scrubbed, the tombstones sent (again: the changelog compacts them);
-    then any rewrite a view's writer left pending. For a command about to hold the view (cdp serve,
-    or the CLI with no server). True if work was left."""
+    rewritten, the store's files scrubbed; then any rewrite a view's writer left pending. For a
+    command about to hold the view (cdp serve, or the CLI with no server). True if work was left.
+    Its tombstones wait for the next erasure (send_tombstones)."""
     hint = unfinished(settings)
     if hint.exists():
         with locked(erasure_lock(settings)):  # an erasure under way ends first: then it was not stopped
@@ -127,12 +165,6 @@ def finish_unfinished(settings: Settings) -> bool:
                 with CustomerApplication(settings) as app:
                     finish_view(settings, app)
                     app.scrub()
-                try:
-                    customer_ids = json.loads(hint.read_bytes() or b"{}").get("customer_ids", [])
-                except ValueError:  # not ours
-                    customer_ids = []
-                if settings.kafka_bootstrap and customer_ids:
-                    publish_tombstones(settings, customer_ids)
                 hint.unlink(missing_ok=True)
                 return True
     return rewrite_view_if_pending(settings)
