@@ -362,5 +362,15 @@ class Settings:
         return self.home / "erasure.unfinished"
 
     @property
+    def erasure_lock_path(self) -> Path:
+        """Held while an erasure runs, or while one stopped part-way is finished."""
+        return self.home / "erasure.lock"
+
+    @property
+    def unsent_tombstones_path(self) -> Path:
+        """The erased customer ids whose tombstones cdp.profiles has not had yet."""
+        return self.home / "erasure.tombstones"
+
+    @property
     def deadletter_path(self) -> Path:
         return self.home / "deadletter.jsonl"

@@ -11,7 +11,8 @@ A stop part-way (a crash, a full disk, a view someone held) does not leave the p
 erasure is marked unfinished before the store commits and the view's file is marked for its rewrite
 before the view commits, and the next command that holds the view finishes both
 (finish_unfinished). The dead-letter goes first, while the identifiers that find the person's
-entries can still be read.
+entries can still be read. The tombstones for `cdp.profiles` wait in a file of their own until a
+broker takes them (send_tombstones).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def unsent_tombstones(settings: Settings) -> Path:
     before the store commits, sent at the erasure's end, and by the next erasure when the broker
     was out of reach (the read commands do not wait for a broker). No personal data: the Erased
     event carries the ids too."""
-    return settings.home / "erasure.tombstones"
+    return settings.unsent_tombstones_path
 
 
 def note_tombstones(settings: Settings, customer_ids: list[str]) -> None:
@@ -150,7 +151,7 @@ def send_tombstones(settings: Settings) -> int:
 
 def erasure_lock(settings: Settings) -> Path:
     """Held by an erasure under way (this process's or another's), and by whoever finishes one."""
-    return settings.home / "erasure.lock"
+    return settings.erasure_lock_path
 
 
 def finish_unfinished(settings: Settings) -> bool:
