@@ -139,6 +139,31 @@ def test_a_persons_decision_is_refused_while_the_view_is_rewritten_and_a_rewrite
     assert service.view_rewrite_pending and service.decision_gate.enter()  # open again: decisions go on
 
 
+def test_an_erasure_refused_during_the_views_rewrite_touches_nothing(tmp_path):
+    """An erasure the server refuses while it rewrites the view (503, come back) must not have
+    scrubbed the dead-letter or marked itself unfinished already: its first steps run inside
+    the decision gate (Service.steward's `first`)."""
+    from cdp.config import Settings
+    from cdp.server.access import Denied
+    from cdp.server.service import Service
+
+    service = Service.__new__(Service)
+    service.cfg = Settings.from_env({"CDP_HOME": str(tmp_path)})
+    service.decision_gate, service.mode = ViewGate(), "embedded"
+    service.app = None  # reading the person's identifiers would fail: it must not be reached
+    entry = b'{"reason": "schema", "event_id": "bad1", "input": "{\\"email\\": \\"ann@example.org\\"}"}\n'
+    service.cfg.deadletter_path.write_bytes(entry)
+    assert service.decision_gate.close(timeout=1)  # as the view's rewrite does
+    try:
+        service.erase("c-ann", True, "admin")
+    except Denied as refused:
+        assert (refused.status, refused.code) == (503, "view_rewriting")
+    else:
+        raise AssertionError("an erasure ran while the view was rewritten")
+    assert service.cfg.deadletter_path.read_bytes() == entry
+    assert not service.cfg.unfinished_erasure_path.exists()
+
+
 def test_a_command_beside_the_server_waits_out_a_rewrite_then_gets_its_answer(capsys):
     """cdp.server.client (cdp erase, cdp audit, the audience commands beside `cdp serve`): a 503
     `view_rewriting` with Retry-After is waited out and asked again, said once on stderr; any other

@@ -135,12 +135,16 @@ class Service:
     def _erase(self, customer_id: str, suppress: bool, actor: str) -> Erased:
         started = time.perf_counter()
         embedded = self.mode == "embedded"
-        view_erasure.mark(unfinished(self.cfg))  # finish_unfinished, at the next start, if this one stops part-way
         removed = 0
-        if embedded:  # before the commit too: after it, the identifiers that find the entries are gone
-            before = self.app.erasure_of(customer_id, suppress)
-            removed = scrub_deadletter(self.cfg.deadletter_path, before, surname_shared(self.app, before.sources))
-        erasure = self.steward(methodcaller("erase", customer_id, suppress, actor))
+
+        def first() -> None:  # once the decision may run (not while the view is rewritten)
+            nonlocal removed
+            view_erasure.mark(unfinished(self.cfg))  # finish_unfinished, at the next start, if this one stops part-way
+            if embedded:  # before the commit too: after it, the identifiers that find the entries are gone
+                before = self.app.erasure_of(customer_id, suppress)
+                removed = scrub_deadletter(self.cfg.deadletter_path, before, surname_shared(self.app, before.sources))
+
+        erasure = self.steward(methodcaller("erase", customer_id, suppress, actor), first)
         phases = {"store_and_view": time.perf_counter() - started}
         if embedded:
             removed += scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
@@ -324,7 +328,7 @@ class Service:
         """Records accepted over HTTP and not yet in the store (embedded; with Kafka the broker holds them)."""
         return self.writer.pending if self.mode == "embedded" else 0
 
-    def steward(self, work: Callable[[Any], T]) -> T:
+    def steward(self, work: Callable[[Any], T], first: Callable[[], None] | None = None) -> T:
         """A person's decision, `work(app)` calling the application's command (the one the CLI
         calls: `cdp identity split|review`, `erase`, an audience's definition), returned once the
         view shows it. `work` must pickle (`operator.methodcaller`): embedded, it runs in the
@@ -334,11 +338,14 @@ class Service:
         committed). Neither loads the store's identity state again, so a decision costs the same
         on a store of millions of records. Kafka beside a SQLite store has no such refresh: there a fresh application decides.
         The reads queued for the audit trail are appended first, so the trail keeps the order
-        things happened in."""
+        things happened in. `first` is the caller's own step before the command, here in this
+        thread, once the decision is let in (an erasure's scrub of the dead-letter)."""
         if not self.decision_gate.enter():  # a rewrite of the view's file is under way
             raise Denied(503, viewgate.REWRITING, viewgate.REWRITING_MESSAGE,
                          {"Retry-After": str(viewgate.RETRY_AFTER_SECONDS)})
         try:
+            if first is not None:
+                first()
             self.audit.flush()
             if self.mode == "embedded":
                 result = self.writer.command(work)
