@@ -355,6 +355,7 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
     staging = path.with_name(path.name + ".rebuild")
     for leftover in (staging, Path(str(staging) + ".wal"), erasure.pending_marker(staging)):
         leftover.unlink(missing_ok=True)
+    started_at = store.max_position()
     projector = Projector(staging, as_of, memory_limit, survivorship)
     try:
         applied = projector.catch_up(store, batch_size=batch_size, recompute=False, progress=progress)
@@ -368,9 +369,23 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
         projector.close()
     os.replace(staging, path)
     Path(str(path) + ".wal").unlink(missing_ok=True)
-    # erased people's events come back without their personal fields (their keys are gone), so
-    # the rows the replayed erasures deleted held none of their bytes: no rewrite is due, and the
-    # old file's pending one went with it
-    for marker in (erasure.pending_marker(staging), erasure.pending_marker(path)):
-        marker.unlink(missing_ok=True)
+    # Erased people's events come back without their personal fields (their keys are gone), so the
+    # rows the replayed erasures deleted held none of their bytes: no rewrite is due, and the old
+    # file's pending one went with it. Unless an erasure committed while the rebuild ran: the
+    # person's events may have been replayed before, with their keys, and the rows left their bytes.
+    staged, pending = erasure.pending_marker(staging), erasure.pending_marker(path)
+    if staged.exists() and erased_after(store, started_at, batch_size):
+        os.replace(staged, pending)
+    else:
+        staged.unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
     return applied
+
+
+def erased_after(store: Any, position: int, batch_size: int) -> bool:
+    """Whether the store recorded an erasure after `position`."""
+    while notifications := store.raw_notifications(position, batch_size):
+        if any(topic == stored_events.ERASED for _, _, topic, _ in notifications):
+            return True
+        position = notifications[-1][0]
+    return False

@@ -278,6 +278,35 @@ def test_an_erasure_killed_before_its_commit_loses_nothing(cdp, tmp_path):
     assert files_holding(cdp.home, NEEDLES) == {}
 
 
+def test_an_erasure_during_a_rebuild_has_the_rebuilt_file_rewritten(cdp, tmp_path):
+    """An erasure that commits while a rebuild runs, after the rebuild replayed the person's events
+    (their keys still there): the rebuilt file's deleted rows keep their bytes, so it keeps the
+    mark for its rewrite, which the next command does."""
+    from cdp.application import CustomerApplication
+    from cdp.config import Settings
+    from projections.projector import rebuild
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    settings = Settings.from_env(cdp.env)
+    ann = cdp.query("SELECT customer_id FROM customers WHERE last_name = 'Zephyrine'")[0]["customer_id"]
+    erased = []
+
+    def erase_once(_: int) -> None:  # after the first batch: her first events replayed with her keys
+        if not erased:
+            with CustomerApplication(settings) as other:
+                erased.append(other.erase(ann))
+
+    def view_files_holding() -> dict:
+        return {k: v for k, v in files_holding(cdp.home, NEEDLES).items() if k.startswith("view.duckdb")}
+
+    with CustomerApplication(settings) as app:
+        rebuild(app, settings.duckdb_path, batch_size=4, progress=erase_once)
+    assert erased and (cdp.home / "view.duckdb.erased").exists()
+    assert view_files_holding()  # her rows deleted, not yet her bytes
+    assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
+    assert view_files_holding() == {} and not (cdp.home / "view.duckdb.erased").exists()
+
+
 def test_a_command_waits_for_an_erasure_under_way_rather_than_finishing_it(cdp, tmp_path):
     """While an erasure runs, its marker says unfinished, and it holds CDP_HOME/erasure.lock: a
     command that opens the view meanwhile waits for it to end (then there is nothing left to do)
