@@ -321,8 +321,8 @@ def test_a_command_waits_for_an_erasure_under_way_rather_than_finishing_it(cdp, 
         unfinished.write_text('{"customer_ids": []}')
         query = subprocess.Popen([sys.executable, "-m", "cdp", "query", "SELECT count(*) AS n FROM customers",
                                   "--format", "json"], env=cdp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(2)
-        waiting = query.poll() is None
+        time.sleep(3)  # cdp query starts in about 1 s: by now it finished the work, or waits
+        waiting = query.poll() is None and unfinished.exists()
         unfinished.unlink()  # the erasure's last step
     out, err = query.communicate(timeout=120)
     assert waiting and query.returncode == 0, err
