@@ -358,17 +358,20 @@ class Settings:
 
     @property
     def unfinished_erasure_path(self) -> Path:
-        """Present while an erasure's work outside the store is not done (cdp/erasure.py)."""
+        """Made before an erasure commits, removed once the view, the dead-letter and the store's
+        files are clean: while it is there, a stop part-way (a crash, a full disk) left work for
+        the next command that opens the view (cdp/erasure.py)."""
         return self.home / "erasure.unfinished"
 
     @property
     def erasure_lock_path(self) -> Path:
-        """Held while an erasure runs, or while one stopped part-way is finished."""
+        """Held while an erasure runs (this process's or another's), or one stopped part-way is finished."""
         return self.home / "erasure.lock"
 
     @property
     def unsent_tombstones_path(self) -> Path:
-        """The erased customer ids whose tombstones cdp.profiles has not had yet."""
+        """The erased customer ids whose tombstones cdp.profiles has not had yet (no personal data:
+        the Erased event carries them too)."""
         return self.home / "erasure.tombstones"
 
     @property

@@ -49,11 +49,11 @@ class Erased:
 
 def erase_customer(settings: Settings, customer_id: str, suppress: bool = True, actor: str = "local") -> Erased:
     """Erases the customer (and every customer merged into it) from store, view and dead-letter.
-    Until it is done, `unfinished(settings)` says so, and the next command finishes the work
+    Until it is done, `Settings.unfinished_erasure_path` says so, and the next command finishes the work
     (finish_unfinished): the dead-letter is scrubbed before the store's commit too, since after it
     the identifiers that find the person's entries are gone. It holds the erasure lock throughout:
     a command that finds the marker meanwhile waits for it rather than finishing the work twice."""
-    with locked(erasure_lock(settings)):
+    with locked(settings.erasure_lock_path):
         return _erase(settings, customer_id, suppress, actor)
 
 
@@ -67,7 +67,7 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
     app = CustomerApplication(settings)
     try:
         before = app.erasure_of(customer_id, suppress)
-        view_erasure.mark(unfinished(settings))
+        view_erasure.mark(settings.unfinished_erasure_path)
         note_tombstones(settings, before.customer_ids)
         removed = scrub_deadletter(settings.deadletter_path, before, surname_shared(app, before.sources))
         lap("deadletter")
@@ -82,7 +82,7 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
         lap("store_files")
     finally:
         app.close()
-    unfinished(settings).unlink(missing_ok=True)
+    settings.unfinished_erasure_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     unsent = None
     try:
@@ -113,45 +113,26 @@ def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float
     return {"view": caught - started, "view_rewrite": time.perf_counter() - caught}
 
 
-def unfinished(settings: Settings) -> Path:
-    """Made before an erasure commits, removed once the view, the dead-letter and the store's files
-    are clean: while it is there, a stop part-way (a crash, a full disk) left work to finish."""
-    return settings.unfinished_erasure_path
-
-
-def unsent_tombstones(settings: Settings) -> Path:
-    """The erased customer ids whose tombstones `cdp.profiles` has not had yet (with Kafka): noted
-    before the store commits, sent at the erasure's end, and by the next erasure when the broker
-    was out of reach (the read commands do not wait for a broker). No personal data: the Erased
-    event carries the ids too."""
-    return settings.unsent_tombstones_path
-
-
 def note_tombstones(settings: Settings, customer_ids: list[str]) -> None:
+    """Adds the ids to those whose tombstones are still to send (before the store commits)."""
     if settings.kafka_bootstrap:
-        view_erasure.mark(unsent_tombstones(settings), json.dumps(sorted({*_unsent(settings), *customer_ids})).encode())
+        view_erasure.mark(settings.unsent_tombstones_path, json.dumps(sorted({*_unsent(settings), *customer_ids})).encode())
 
 
 def _unsent(settings: Settings) -> list[str]:
     try:
-        return list(json.loads(unsent_tombstones(settings).read_bytes()))
+        return list(json.loads(settings.unsent_tombstones_path.read_bytes()))
     except (FileNotFoundError, ValueError):
         return []
 
 
-def send_tombstones(settings: Settings) -> int:
-    """Sends the tombstones noted and not sent yet (with Kafka); returns how many went."""
+def send_tombstones(settings: Settings) -> None:
+    """Sends the tombstones noted and not sent yet (with Kafka): the erasure's own, and those a
+    broker out of reach missed before. Read commands do not send them: they would wait for a broker."""
     ids = _unsent(settings)
     if ids and settings.kafka_bootstrap:
         publish_tombstones(settings, ids)
-        unsent_tombstones(settings).unlink(missing_ok=True)
-        return len(ids)
-    return 0
-
-
-def erasure_lock(settings: Settings) -> Path:
-    """Held by an erasure under way (this process's or another's), and by whoever finishes one."""
-    return settings.erasure_lock_path
+        settings.unsent_tombstones_path.unlink(missing_ok=True)
 
 
 def finish_unfinished(settings: Settings) -> bool:
@@ -159,9 +140,9 @@ def finish_unfinished(settings: Settings) -> bool:
     rewritten, the store's files scrubbed; then any rewrite a view's writer left pending. For a
     command about to hold the view (cdp serve, or the CLI with no server). True if work was left.
     Its tombstones wait for the next erasure (send_tombstones)."""
-    hint = unfinished(settings)
+    hint = settings.unfinished_erasure_path
     if hint.exists():
-        with locked(erasure_lock(settings)):  # an erasure under way ends first: then it was not stopped
+        with locked(settings.erasure_lock_path):  # an erasure under way ends first: then it was not stopped
             if hint.exists():
                 with CustomerApplication(settings) as app:
                     finish_view(settings, app)

@@ -166,9 +166,8 @@ class Pipeline:
         self.deadletter.close()
         if self.projector is not None:
             self.projector.close()
-        self.app.close()
-        if self.projector is not None:
             rewrite_view_if_pending(self.settings)  # an erasure the view took in (e.g. another machine's)
+        self.app.close()
 
     def __enter__(self) -> "Pipeline":
         return self

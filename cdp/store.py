@@ -32,11 +32,10 @@ from cdp import faults, shredding, store_identity, writers
 from cdp.config import ConfigError, Settings
 
 EVENT_KEYS_DDL = "CREATE TABLE IF NOT EXISTS cdp_event_keys (key TEXT PRIMARY KEY, digest TEXT)"
-# Other sessions of the store's database reading as of a snapshot older than the transaction id given.
-# what keeps VACUUM FULL copying deleted rows: another session's snapshot (backend_xmin), or its
-# transaction's own id (backend_xid), which an idle transaction that has written keeps without a
-# snapshot; in any database of the server (tested on PostgreSQL 15: a transaction left open in
-# another database kept a deleted row in the new file)
+# Other sessions of the server holding back what VACUUM FULL may drop, as of the transaction id
+# given: a snapshot older than it (backend_xmin), or a transaction begun before it (backend_xid),
+# which an idle transaction that has written keeps without a snapshot; in any database of the server
+# (tested on PostgreSQL 15: a transaction left open in another database kept a deleted row in the new file)
 OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity "
                    "WHERE pid <> pg_backend_pid() AND (age(backend_xmin) > age(%(now)s::xid) "
                    "OR age(backend_xid) > age(%(now)s::xid))")

@@ -7,7 +7,6 @@ rows, so a restart neither loses nor double-counts an event.
 """
 from __future__ import annotations
 
-import os
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -353,8 +352,7 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
     live view stays queryable until the new one is complete. Audience changes and delivery
     progress are the one thing carried over from the old view (`note` hears how that went)."""
     staging = path.with_name(path.name + ".rebuild")
-    for leftover in (staging, Path(str(staging) + ".wal"), erasure.pending_marker(staging)):
-        leftover.unlink(missing_ok=True)
+    erasure.discard(staging)  # an interrupted rebuild's leftovers
     started_at = store.max_position()
     projector = Projector(staging, as_of, memory_limit, survivorship)
     try:
@@ -367,18 +365,14 @@ def rebuild(store: Any, path: Path, batch_size: int = 50000,
         projector.con.execute("CHECKPOINT")
     finally:
         projector.close()
-    os.replace(staging, path)
-    Path(str(path) + ".wal").unlink(missing_ok=True)
     # Erased people's events come back without their personal fields (their keys are gone), so the
     # rows the replayed erasures deleted held none of their bytes: no rewrite is due, and the old
-    # file's pending one went with it. Unless an erasure committed while the rebuild ran: the
+    # file's pending one goes with it. Unless an erasure committed while the rebuild ran: the
     # person's events may have been replayed before, with their keys, and the rows left their bytes.
-    staged, pending = erasure.pending_marker(staging), erasure.pending_marker(path)
-    if staged.exists() and erased_after(store, started_at, batch_size):
-        os.replace(staged, pending)
-    else:
-        staged.unlink(missing_ok=True)
-        pending.unlink(missing_ok=True)
+    due = erasure.pending_marker(staging).exists() and erased_after(store, started_at, batch_size)
+    erasure.swap_in(staging, path)  # the rebuilt file's mark, if any, becomes the view's
+    if not due:
+        erasure.pending_marker(path).unlink(missing_ok=True)
     return applied
 
 

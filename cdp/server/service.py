@@ -27,8 +27,8 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import (Erased, erasure_lock, finish_unfinished, mark_view_rewrite, pending_view_rewrite,
-                         rewrite_view_if_pending, scrub_deadletter, surname_shared, unfinished)
+from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending,
+                         scrub_deadletter, surname_shared)
 from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
@@ -129,7 +129,7 @@ class Service:
         and the store's log are scrubbed. The view's file is rewritten CDP_VIEW_REWRITE_DELAY later
         (several erasures meanwhile, once), or when the server next stops or starts (see
         `rewrite_view`)."""
-        with locked(erasure_lock(self.cfg)):
+        with locked(self.cfg.erasure_lock_path):
             return self._erase(customer_id, suppress, actor)
 
     def _erase(self, customer_id: str, suppress: bool, actor: str) -> Erased:
@@ -139,7 +139,7 @@ class Service:
 
         def first() -> None:  # once the decision may run (not while the view is rewritten)
             nonlocal removed
-            view_erasure.mark(unfinished(self.cfg))  # finish_unfinished, at the next start, if this one stops part-way
+            view_erasure.mark(self.cfg.unfinished_erasure_path)  # finish_unfinished, at the next start, if this one stops part-way
             if embedded:  # before the commit too: after it, the identifiers that find the entries are gone
                 before = self.app.erasure_of(customer_id, suppress)
                 removed = scrub_deadletter(self.cfg.deadletter_path, before, surname_shared(self.app, before.sources))
@@ -155,7 +155,7 @@ class Service:
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
-        unfinished(self.cfg).unlink(missing_ok=True)
+        self.cfg.unfinished_erasure_path.unlink(missing_ok=True)
         phases["deadletter_and_store_files"] = time.perf_counter() - started - phases["store_and_view"]
         return Erased(erasure, removed, time.perf_counter() - started, phases, left)
 
