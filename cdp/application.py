@@ -390,11 +390,11 @@ class CustomerApplication(Application):
         self._resolver = None
         return erasure
 
-    def scrub(self) -> list[str]:
+    def scrub(self, tables: Sequence[str] = ERASED_FROM, patience_ms: int | None = None) -> list[str]:
         """After an erasure: no deleted row left in the store's files (EventStore.scrub); returns
         the tables that could not be rewritten (PostgreSQL: busy, not this role's to vacuum, or the
         database out of reach)."""
-        return self.store.scrub(ERASED_FROM)
+        return self.store.scrub(tables, patience_ms)
 
     def erasure_of(self, customer_id: str, suppress: bool = True) -> Erasure:
         """What erasing a customer touches, read from the store's identity tables (`erase` reads it

@@ -72,10 +72,11 @@ def open_view(cfg: Settings, scores: bool = True) -> duckdb.DuckDBPyConnection:
 
 def finish_erasures(cfg: Settings) -> None:
     """Finishes what an erasure stopped part-way left (cdp.erasure.finish_unfinished) before a
-    command reads the view: two file checks when there is nothing to do."""
+    command reads the view: three file checks when there is nothing to do."""
     from projections.erasure import pending_marker
 
-    if cfg.unfinished_erasure_path.exists() or pending_marker(cfg.duckdb_path).exists():
+    if cfg.unfinished_erasure_path.exists() or pending_marker(cfg.duckdb_path).exists() \
+            or cfg.unscrubbed_tables_path.exists():
         from cdp.erasure import finish_unfinished
 
         try:

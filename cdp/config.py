@@ -375,5 +375,11 @@ class Settings:
         return self.home / "erasure.tombstones"
 
     @property
+    def unscrubbed_tables_path(self) -> Path:
+        """The store's tables an erasure could not rewrite and a later try may (PostgreSQL: held by
+        another session meanwhile): their files still hold the deleted rows (cdp/erasure.py)."""
+        return self.home / "erasure.store_tables"
+
+    @property
     def deadletter_path(self) -> Path:
         return self.home / "deadletter.jsonl"

@@ -79,6 +79,7 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
         removed += scrub_deadletter(settings.deadletter_path, erasure, surname_shared(app))
         lap("deadletter")
         left = app.scrub()
+        note_tables_left(settings, app, left)
         lap("store_files")
     finally:
         app.close()
@@ -137,19 +138,50 @@ def send_tombstones(settings: Settings) -> None:
 
 def finish_unfinished(settings: Settings) -> bool:
     """What an erasure stopped part-way left (unfinished): the view caught up with the store and
-    rewritten, the store's files scrubbed; then any rewrite a view's writer left pending. For a
+    rewritten, the store's files scrubbed; then any rewrite a view's writer left pending, and the
+    store's tables an erasure could not rewrite, tried again briefly (retry_left_tables). For a
     command about to hold the view (cdp serve, or the CLI with no server). True if work was left.
     Its tombstones wait for the next erasure (send_tombstones)."""
-    hint = settings.unfinished_erasure_path
-    if hint.exists():
+    hint, tables = settings.unfinished_erasure_path, settings.unscrubbed_tables_path
+    if hint.exists() or tables.exists():
         with locked(settings.erasure_lock_path):  # an erasure under way ends first: then it was not stopped
             if hint.exists():
                 with CustomerApplication(settings) as app:
                     finish_view(settings, app)
-                    app.scrub()
+                    note_tables_left(settings, app, app.scrub())
                 hint.unlink(missing_ok=True)
                 return True
+            if tables.exists():
+                with CustomerApplication(settings) as app:
+                    retry_left_tables(settings, app)
     return rewrite_view_if_pending(settings)
+
+
+def note_tables_left(settings: Settings, app: CustomerApplication, left: Sequence[str]) -> None:
+    """Keeps the store's tables an erasure's scrub left that a later try can rewrite (held by
+    another session, or the database out of reach: not those the role may not vacuum, which wait
+    for their owner) for retry_left_tables; none, no file. Every erasure scrubs all the tables an
+    erasure deletes from, so its own list replaces the last one's."""
+    retry = app.store.may_rewrite(left) if left else []
+    if retry:
+        view_erasure.mark(settings.unscrubbed_tables_path, json.dumps(retry).encode())
+    else:
+        settings.unscrubbed_tables_path.unlink(missing_ok=True)
+
+
+def retry_left_tables(settings: Settings, app: CustomerApplication) -> list[str]:
+    """Tries once more to rewrite the store's tables an erasure left (note_tables_left), waiting
+    SCRUB_RETRY_PATIENCE_MS at most for a session that holds one, so the command or the server
+    that tries is hardly held up; returns those still left. The caller holds the erasure lock."""
+    from cdp.store import SCRUB_RETRY_PATIENCE_MS
+
+    try:
+        tables = list(json.loads(settings.unscrubbed_tables_path.read_bytes()))
+    except (FileNotFoundError, ValueError):
+        return []
+    left = app.scrub(tables, SCRUB_RETRY_PATIENCE_MS)
+    note_tables_left(settings, app, left)
+    return left
 
 
 def pending_view_rewrite(settings: Settings) -> Path:

@@ -40,6 +40,16 @@ OLDER_SNAPSHOTS = ("SELECT count(*) FROM pg_stat_activity "
                    "WHERE pid <> pg_backend_pid() AND (age(backend_xmin) > age(%(now)s::xid) "
                    "OR age(backend_xid) > age(%(now)s::xid))")
 SCRUB_LOCK_TIMEOUT_MS = 10_000  # PostgreSQL: how long scrub's VACUUM FULL waits for a table another session holds
+# … and when it tries again a table an erasure left (cdp/erasure.py, retry_left_tables): long enough
+# for a table free of other sessions, short enough that the command or server that tries waits little
+SCRUB_RETRY_PATIENCE_MS = 250
+# The tables of `names` this role may VACUUM: owned by a role it is a member of, or in a database
+# it owns, or any as a superuser (VACUUM skips the others with a warning)
+MAY_VACUUM = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+              "WHERE c.relname = ANY(%s) AND c.relkind = 'r' AND n.nspname = current_schema() "
+              "AND (pg_has_role(c.relowner, 'MEMBER') "
+              "OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'MEMBER') "
+              "OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))")
 UNTHROTTLED_VACUUM = "autovacuum_vacuum_cost_delay=0"  # the events table's option (EventStore._unthrottle_vacuum)
 EVENTS_STATISTICS_TARGET = 10  # per column of the events table: ANALYZE samples 300 x this many rows (_light_analyze)
 SQLITE_CACHE_PAGES = -32768  # 32 MiB page cache for the writer: index pages of a large store stay hot
@@ -408,7 +418,7 @@ class EventStore:
         return self.query(f"SELECT originator_version, state FROM {table} WHERE originator_id = ? "
                           "ORDER BY originator_version", (self._id(originator_id),))
 
-    def scrub(self, tables: Sequence[str] = ()) -> list[str]:
+    def scrub(self, tables: Sequence[str] = (), patience_ms: int | None = None) -> list[str]:
         """Leaves the rows deleted from `tables` nowhere in the store's files; returns the tables
         it could not rewrite.
 
@@ -419,10 +429,10 @@ class EventStore:
         That holds the table exclusively (the five an erasure deletes from: 0.9 s on 1,005,500
         events), so it runs under the writers' lock, between their batches, once no session reads
         as of a snapshot that still sees the deleted rows; a table held longer than
-        SCRUB_LOCK_TIMEOUT_MS (a long read), or that the role may not vacuum, is left (all of them
-        while such a snapshot lasts longer)."""
+        `patience_ms` (SCRUB_LOCK_TIMEOUT_MS unless said: a long read), or that the role may not
+        vacuum, is left (all of them while such a snapshot lasts longer)."""
         if self.is_postgres:
-            return self._rewrite_tables(tables)
+            return self._rewrite_tables(tables, SCRUB_LOCK_TIMEOUT_MS if patience_ms is None else patience_ms)
         with sqlite3.connect(self.settings.sqlite_path, timeout=30) as con:
             for _ in range(50):
                 busy, *_ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -431,7 +441,19 @@ class EventStore:
                 time.sleep(0.05)
         return []
 
-    def _rewrite_tables(self, tables: Sequence[str]) -> list[str]:
+    def may_rewrite(self, tables: Sequence[str]) -> list[str]:
+        """The tables of `tables` that scrub can rewrite once no session holds them: the others
+        (not this role's to vacuum, or gone) stay as they are whatever is tried again."""
+        if not self.is_postgres or not tables:
+            return list(tables)
+        try:
+            with self._lock.connect() as conn:
+                allowed = {name for (name,) in conn.execute(MAY_VACUUM, (list(tables),)).fetchall()}
+        except Exception:  # noqa: BLE001 - the database out of reach: it may well be the role's
+            return list(tables)
+        return [table for table in tables if table in allowed]
+
+    def _rewrite_tables(self, tables: Sequence[str], patience_ms: int) -> list[str]:
         """VACUUM FULL of each table (scrub), on a connection of its own like the writers' lock's (a
         pooled one may be stale, and keeps no setting of this one); returns the tables not
         rewritten. Nothing here fails the erasure, which stands once committed: a table that errs,
@@ -444,9 +466,9 @@ class EventStore:
         try:
             with self._lock.held(), self._lock.connect() as conn:  # PostgreSQL: the application always gives one
                 conn.add_notice_handler(warnings.append)
-                if not self._snapshots_past(conn):
+                if not self._snapshots_past(conn, patience_ms):
                     return list(tables)
-                conn.execute(SQL("SET lock_timeout = {}").format(SCRUB_LOCK_TIMEOUT_MS))
+                conn.execute(SQL("SET lock_timeout = {}").format(patience_ms))
                 for table in tables:
                     before = len(warnings)
                     try:
@@ -462,14 +484,14 @@ class EventStore:
         return [table for table in tables if table not in done]
 
     @staticmethod
-    def _snapshots_past(conn: Any) -> bool:
-        """Waits, up to SCRUB_LOCK_TIMEOUT_MS, until no other session of the server reads as of a
+    def _snapshots_past(conn: Any, patience_ms: int) -> bool:
+        """Waits, up to `patience_ms`, until no other session of the server reads as of a
         snapshot taken before now (before the erasure committed), nor runs a transaction begun
         before it: VACUUM FULL copies the deleted rows such a session may still see into the new
         files (a read of the server's, an automatic ANALYZE, a transaction left open). False when
         one still does."""
         now = conn.execute("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text").fetchone()[0]
-        deadline = time.monotonic() + SCRUB_LOCK_TIMEOUT_MS / 1000
+        deadline = time.monotonic() + patience_ms / 1000
         while conn.execute(OLDER_SNAPSHOTS, {"now": now}).fetchone()[0]:
             if time.monotonic() > deadline:
                 return False

@@ -12,7 +12,7 @@ import pytest
 
 from tests.databases import with_dbname
 from tests.events import event, jsonl
-from tests.serving import new_keys, start_server
+from tests.serving import new_keys, start_server, wait_until
 
 ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
        "last_name": "Zephyrine", "address": {"street": "17 Wobblesworth Lane", "city": "Leeds", "postcode": "LS1 4AB"}}
@@ -482,22 +482,65 @@ def test_an_erasure_through_the_server_leaves_no_deleted_row_in_postgresqls_file
         server.stop()
 
 
+def relations_holding(superuser: str, dsn: str, needles: list[str]) -> set[str]:
+    """The relations of the files database_files_holding finds."""
+    return {hit.removeprefix("relation ") for hits in database_files_holding(superuser, dsn, needles).values()
+            for hit in hits if hit.startswith("relation ")}
+
+
 @pytest.mark.postgres
-def test_cdp_erase_names_a_table_it_could_not_rewrite(cdp, tmp_path, fresh_postgres_dsn):
+def test_a_table_an_erasure_could_not_rewrite_is_rewritten_once_free(cdp, tmp_path, fresh_postgres_dsn,
+                                                                      postgres_superuser):
     """A long read holds identity_records past the rewrite's 10 s: the erasure stands, and the
-    command says which table still keeps the deleted rows and what to run."""
+    command says which table still keeps the deleted rows. Commands after it try the table again
+    without waiting for the read; the first once it is over rewrites it."""
     import psycopg
 
     cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    left = cdp.home / "erasure.store_tables"
     with psycopg.connect(fresh_postgres_dsn) as reader:
         reader.execute("LOCK TABLE identity_records IN ACCESS SHARE MODE")
         erased = cdp("erase", "quorra.zephyrine@example.org", "--yes")
-    assert erased.stdout.startswith("erased customer")
-    said = " ".join(erased.stderr.split())
-    assert "the store's tables identity_records could not be rewritten" in said
-    assert "`VACUUM FULL identity_records`" in said
-    assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
+        assert erased.stdout.startswith("erased customer")
+        said = " ".join(erased.stderr.split())
+        assert "the store's tables identity_records could not be rewritten" in said
+        assert "`VACUUM FULL identity_records`" in said
+        assert json.loads(left.read_text()) == ["identity_records"]
+        assert relations_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {"identity_records"}
+        # tried again, and left again, by a command that does not wait the erasure's 10 s for it
+        started = time.perf_counter()
+        assert cdp.query("SELECT count(*) AS n FROM customers WHERE last_name = 'Zephyrine'") == [{"n": 0}]
+        assert time.perf_counter() - started < 8
+        assert json.loads(left.read_text()) == ["identity_records"]
+        assert relations_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {"identity_records"}
+    assert len(cdp.query(OTHERS_SQL)) == 2  # the read is over: this command rewrites the table
+    assert not left.exists()
+    assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
+
+
+@pytest.mark.postgres
+def test_a_running_server_rewrites_a_table_its_erasure_left_once_free(cdp, tmp_path, fresh_postgres_dsn,
+                                                                       postgres_superuser):
+    """As above through `cdp serve`: the server tries the table again in the background."""
+    import psycopg
+
+    cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    keys = new_keys(cdp.env, {"admin": ("admin", None)})
+    log = tmp_path / "serve.log"
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}, log)
+    try:
+        with psycopg.connect(fresh_postgres_dsn) as reader:
+            reader.execute("LOCK TABLE identity_records IN ACCESS SHARE MODE")
+            erased = server.client(keys["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
+            assert erased["store_tables_left"] == ["identity_records"]
+            assert relations_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {"identity_records"}
+        wait_until(lambda: "tables an erasure left are rewritten" in log.read_text(), 60, "the server's retry")
+        assert not (cdp.home / "erasure.store_tables").exists()
+        assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
+    finally:
+        server.stop()
 
 
 def postgres_application(home: Path, dsn: str):
@@ -557,6 +600,38 @@ def test_a_table_another_session_holds_is_left_and_named(tmp_path, fresh_postgre
                 assert held == [(True, True)], database
                 assert app.scrub() == list(ERASED_FROM), database
             assert app.scrub() == []
+    finally:
+        app.close()
+
+
+@pytest.mark.postgres
+def test_a_table_the_role_may_not_vacuum_is_not_tried_again(tmp_path, fresh_postgres_dsn, postgres_superuser):
+    """A table the store's role neither owns nor may vacuum as the database's owner is left by
+    the rewrite (VACUUM skips it with a warning) and is not kept for the next try: no try of this
+    role's would ever rewrite it."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from cdp.config import Settings
+    from cdp.erasure import note_tables_left
+
+    database = conninfo_to_dict(fresh_postgres_dsn)
+    app = postgres_application(tmp_path, fresh_postgres_dsn)
+    try:
+        with psycopg.connect(with_dbname(postgres_superuser, database["dbname"]), autocommit=True) as su:
+            su.execute("CREATE TABLE theirs (n int)")
+            assert app.store.may_rewrite(["identity_keys", "theirs", "no_such_table"]) == ["identity_keys", "theirs"]
+            su.execute(f'ALTER DATABASE "{database["dbname"]}" OWNER TO CURRENT_USER')  # no longer the role's
+            try:
+                assert app.store.may_rewrite(["identity_keys", "theirs", "no_such_table"]) == ["identity_keys"]
+                assert app.scrub(["identity_keys", "theirs"]) == ["theirs"]  # as the check said
+                settings = Settings.from_env({"CDP_HOME": str(tmp_path), "CDP_EVENT_STORE": fresh_postgres_dsn})
+                note_tables_left(settings, app, ["identity_records", "theirs"])
+                assert json.loads(settings.unscrubbed_tables_path.read_text()) == ["identity_records"]
+                note_tables_left(settings, app, ["theirs"])
+                assert not settings.unscrubbed_tables_path.exists()
+            finally:
+                su.execute(f'ALTER DATABASE "{database["dbname"]}" OWNER TO "{database["user"]}"')  # for its drop
     finally:
         app.close()
 

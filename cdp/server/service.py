@@ -27,8 +27,8 @@ import orjson
 
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
-from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, pending_view_rewrite, rewrite_view_if_pending,
-                         scrub_deadletter, surname_shared)
+from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, note_tables_left, pending_view_rewrite,
+                         retry_left_tables, rewrite_view_if_pending, scrub_deadletter, surname_shared)
 from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
@@ -43,6 +43,9 @@ T = TypeVar("T")
 DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
 WRITERS_PAUSE_SECONDS = 30  # a delivery round to a slow receiver may take this long before the copy starts
 REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did not finish in time
+# The store's tables an erasure could not rewrite (PostgreSQL: another session held one): tried
+# again this long after, then twice as long after each try that still finds one held, up to the most
+STORE_SCRUB_RETRY_SECONDS = (5, 300)
 VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
 
 
@@ -79,7 +82,7 @@ class Service:
         self.decision_gate = ViewGate()
         self._rewriting = threading.Lock()  # one rewrite at a time, and none once closing
         self._closing = False
-        self._rewrite_timer: threading.Timer | None = None
+        self._timers: dict[str, threading.Timer] = {}  # the view's rewrite, the store's scrub: one of each due
         self._timer_lock = threading.Lock()
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
@@ -149,9 +152,12 @@ class Service:
         if embedded:
             removed += scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
         left = self.app.scrub()
+        note_tables_left(self.cfg, self.app, left)
         if left:
             self.log(f"after the erasure, the store's tables {', '.join(left)} could not be rewritten: their files keep "
-                     "the deleted rows until their owner runs VACUUM FULL on them")
+                     "the deleted rows until they are (tried again in the background; a table this role may not "
+                     "vacuum needs VACUUM FULL by its owner)")
+            self.schedule_store_scrub()
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
@@ -163,18 +169,46 @@ class Service:
         """The view's rewrite, CDP_VIEW_REWRITE_DELAY (or `delay` seconds) from now, unless one is
         due already; nothing when the variable is `off` (the server's stop rewrites it)."""
         delay = self.cfg.view_rewrite_delay if delay is None else delay
-        if delay is None:
-            return
+        if delay is not None:
+            self._schedule("view-rewrite", delay, self._rewrite_when_due)
+
+    def _schedule(self, slot: str, delay: float, due: Callable[..., None], *args: Any) -> None:
+        """`due(*args)` in `delay` seconds on a timer thread of its own, unless one is due in
+        `slot` already or the server is closing; `due` frees the slot first (_due)."""
         with self._timer_lock:
-            if self._closing or self._rewrite_timer is not None:
+            if self._closing or slot in self._timers:
                 return
-            self._rewrite_timer = threading.Timer(delay, self._rewrite_when_due)
-            self._rewrite_timer.name, self._rewrite_timer.daemon = "cdp-view-rewrite", True
-            self._rewrite_timer.start()
+            timer = self._timers[slot] = threading.Timer(delay, due, args)
+            timer.name, timer.daemon = f"cdp-{slot}", True
+            timer.start()
+
+    def _due(self, slot: str) -> None:
+        with self._timer_lock:
+            self._timers.pop(slot, None)
+
+    def schedule_store_scrub(self, delay: float = STORE_SCRUB_RETRY_SECONDS[0]) -> None:
+        """Tries again, in `delay` seconds, to rewrite the store's tables an erasure left
+        (retry_left_tables: it waits for a table held by another session a quarter of a second at
+        most, so the server's writers hardly wait), and again later while one is still held."""
+        self._schedule("store-scrub", delay, self._scrub_when_due, delay)
+
+    def _scrub_when_due(self, delay: float) -> None:
+        self._due("store-scrub")
+        if not self.cfg.unscrubbed_tables_path.exists():
+            return  # a later erasure rewrote them all
+        try:
+            with locked(self.cfg.erasure_lock_path):
+                left = retry_left_tables(self.cfg, self.app)
+        except Exception as error:  # noqa: BLE001 - said, and tried again
+            self.log(f"rewriting the store's tables an erasure left failed ({error!r}); trying again")
+            left = ["?"]
+        if left:
+            self.schedule_store_scrub(min(delay * 2, STORE_SCRUB_RETRY_SECONDS[1]))
+        else:
+            self.log("the store's tables an erasure left are rewritten: their files hold no deleted row")
 
     def _rewrite_when_due(self) -> None:
-        with self._timer_lock:
-            self._rewrite_timer = None  # an erasure from now on is due for a rewrite of its own
+        self._due("view-rewrite")  # an erasure from now on is due for a rewrite of its own
         try:
             if not self.rewrite_view():
                 self.schedule_view_rewrite(REWRITE_RETRY_SECONDS)
@@ -387,8 +421,8 @@ class Service:
     def close(self) -> None:
         with self._timer_lock:
             self._closing = True
-            if self._rewrite_timer is not None:
-                self._rewrite_timer.cancel()
+            for timer in self._timers.values():
+                timer.cancel()
         with self._rewriting:  # a rewrite under way ends first; the one left is the stop's (run)
             pass
         self.audit.close()  # the queued reads, before the writer goes
@@ -428,6 +462,8 @@ def run(cfg: Settings, host: str, port: int) -> None:
     try:
         finish_unfinished(cfg)  # an erasure while a server was killed before it could
         service = Service(cfg)
+        if cfg.unscrubbed_tables_path.exists():  # still held: tried again while the server runs
+            service.schedule_store_scrub()
     except duckdb.Error as error:
         raise ConfigError(f"cannot open the view {cfg.duckdb_path}: {str(error).splitlines()[0]}") from None
     app = build_app(service)
