@@ -14,7 +14,8 @@
 An identify carrying both ids, or an alias, names the visitor's earlier id in the event itself, so
 whoever resolves it (`cdp serve` embedded, or a `cdp worker`) stitches the visitor onto the user.
 Reserved traits (`identify`'s `traits`, else `context.traits`): `email`, `phone`, `firstName`,
-`lastName`, `birthday`, `address{street, city, postalCode, state, country}`.
+`lastName` (else `name`, split at its first space), `birthday`, `address{street, city, postalCode,
+state, country}`.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def _customer(source_id: str, traits: dict[str, Any]) -> dict[str, Any]:
                          ("last_name", "lastName")):
         if traits.get(theirs) is not None:
             customer[ours] = str(traits[theirs])
+    if "first_name" not in customer and "last_name" not in customer:
+        customer.update(_split_name(traits.get("name")))
     birthday = traits.get("birthday")
     if isinstance(birthday, str) and len(birthday) >= 10:
         customer["date_of_birth"] = birthday[:10]
@@ -65,6 +68,15 @@ def _customer(source_id: str, traits: dict[str, Any]) -> dict[str, Any]:
         if mapped:
             customer["address"] = mapped
     return customer
+
+
+def _split_name(name: Any) -> dict[str, str]:
+    """The `name` trait (a full name, which many SDK users send instead of firstName and lastName)
+    as first and last name, as most CRMs split a full name: the first word, and the rest (a middle
+    name lands in the last name); a single word is a first name. Without it such a user's records
+    carry no name for identity resolution to compare."""
+    words = str(name).split() if isinstance(name, (str, int)) else []
+    return {k: v for k, v in (("first_name", " ".join(words[:1])), ("last_name", " ".join(words[1:]))) if v}
 
 
 def _purchase(properties: dict[str, Any]) -> dict[str, Any]:

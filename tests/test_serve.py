@@ -57,9 +57,16 @@ def test_segment_sdk_identify_and_track_become_one_profile(served, cdp) -> None:
               properties={"order_id": "o-1", "revenue": 30.0, "currency": "gbp",
                           "products": [{"sku": "S-1", "quantity": 2, "price": 15.0}]})
     sdk.page(user_id="u-42", name="Checkout", properties={"path": "/checkout"})
+    # a full name alone (no firstName, lastName) is split at its first space
+    sdk.identify(user_id="u-43", traits={"email": "bo@example.org", "name": "Bo  van der Berg"})
+    sdk.identify(user_id="u-44", traits={"email": "cy@example.org", "name": "Cy"})
     sdk.flush()
     assert errors == []
     settled(server, keys["read"])
+    names = {ref: {k: v["value"] for k, v in profile(server, keys["read"], ref).json()["golden_record"].items()
+                   if k in ("first_name", "last_name")} for ref in ("retail:u-43", "retail:u-44")}
+    assert names == {"retail:u-43": {"first_name": "Bo", "last_name": "van der Berg"},
+                     "retail:u-44": {"first_name": "Cy"}}
     body = profile(server, keys["read"], "email:ann.lee@example.org").json()
     golden = body["golden_record"]
     assert golden["first_name"] == {"value": "Ann", "source": "retail:u-42"}
@@ -90,11 +97,11 @@ def test_segment_sdk_identify_and_track_become_one_profile(served, cdp) -> None:
     # the CLI asks the running server (the server holds the view's file)
     rows = cdp.query("SELECT type, count(*) AS n FROM customer_events GROUP BY type ORDER BY type")
     assert rows == [{"type": t, "n": n} for t, n in
-                    [("cdp.identify", 1), ("cdp.page", 1), ("cdp.purchase", 2), ("cdp.track", 1)]]
+                    [("cdp.identify", 3), ("cdp.page", 1), ("cdp.purchase", 2), ("cdp.track", 1)]]
     shown = json.loads(cdp("customer", "show", "ann.lee@example.org", "--format", "json").stdout)
     assert shown["customer_id"] == body["customer_id"]
     cdp("export", str(cdp.home / "out"))
-    assert pq.read_table(cdp.home / "out" / "customer_events.parquet").num_rows == 5
+    assert pq.read_table(cdp.home / "out" / "customer_events.parquet").num_rows == 7
     cdp("report", str(cdp.home / "report"))
     assert "<svg" in (cdp.home / "report" / "report.html").read_text()
     refused = cdp("query", "DELETE FROM customers", check=False)
