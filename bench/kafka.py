@@ -140,7 +140,7 @@ def publish(bootstrap: str, prefix: str, files: list[Path], home: Path) -> tuple
     from cdp.publishing import publish_files
 
     cfg = Settings.from_env(env_for(home, bootstrap, prefix, None))
-    summary = publish_files(cfg, [str(f) for f in files], None)
+    summary, _ = publish_files(cfg, [str(f) for f in files], None)
     return summary.accepted, summary.seconds
 
 

@@ -92,12 +92,18 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
     from ingest.stage import check_inputs
 
     cfg.require_kafka()
-    summary = publish_files(cfg, check_inputs(paths), mapping)
+    summary, unscreened = publish_files(cfg, check_inputs(paths), mapping)
     rate = summary.accepted / summary.seconds if summary.seconds else 0.0
     console.out.print(f"published {summary.accepted:,} events to {cfg.topic('cdp.events')} in "
                       f"{summary.seconds:.1f} s ({rate:,.0f} events/s)")
     if summary.rejected:
         console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
+    if summary.suppressed:
+        console.err.print(f"{summary.suppressed:,} rejected event(s) of erased people: their ids alone written "
+                          f"to {cfg.deadletter_path}")
+    if unscreened:
+        console.err.print(f"the rejected events were not checked for erased people's identifiers ({unscreened}): "
+                          "their inputs are kept whole")
 
 
 @cli.command()

@@ -18,7 +18,7 @@ from cdp.config import Settings
 from cdp.erasure import finish_unfinished, rewrite_view_if_pending
 from cdp.viewwriter import make_projector
 from cdp.store import Batch
-from cdp.summary import Summary
+from cdp.summary import SUPPRESSED, Summary
 from identity.resolver import source_key
 from ingest.deadletter import DeadLetterFile
 from ingest.identifiers import identifiers_in
@@ -55,7 +55,7 @@ def visitor_links(record: Accepted) -> list[tuple[str, list[str]]]:
 
 def suppressed_entry(source: str | None, event_id: str | None, origin: str = "erasure", **extra: str) -> Rejected:
     """The dead-letter's entry for an erased person's event: which one, never what it held."""
-    return Rejected(reason="suppressed", origin=origin, kind="suppressed", event_id=event_id, source=source,
+    return Rejected(reason=SUPPRESSED, origin=origin, kind=SUPPRESSED, event_id=event_id, source=source,
                     extra=extra)
 
 
@@ -145,10 +145,7 @@ class Pipeline:
     def _dead_letter(self, rejected: Rejected, summary: Summary) -> None:
         entry = screened(self.app, self.settings, rejected)
         self.deadletter.write(entry)
-        if entry is rejected:
-            summary.add_rejection(rejected.kind)
-        else:
-            summary.suppressed += 1
+        summary.add_dead_letter(entry)
 
     def catch_up(self, score: bool = True) -> int:
         """Brings the view up to what the store holds (after a command); returns the events applied."""

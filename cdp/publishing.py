@@ -1,11 +1,14 @@
 """`cdp ingest --kafka`: files in, events on `cdp.events` out (the workers do the rest).
 
-Rejected inputs go to the same local dead-letter file as the embedded run, with the same reasons.
+Rejected inputs go to the same local dead-letter file as the embedded run, with the same reasons;
+where this machine holds the store, an erased person's is kept as its id alone, as there
+(`ErasedScreen`).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from cdp import topics
 from cdp.config import Settings
@@ -13,20 +16,68 @@ from cdp.summary import Summary
 from ingest.deadletter import DeadLetterFile
 from ingest.producer import Publisher
 from ingest.ranges import Ranges
+from ingest.records import Rejected
 from ingest.validation import EventValidator
 
 
-def publish_files(cfg: Settings, paths: list[str], mapping: Path | None) -> Summary:
-    """Publishes every accepted event of `paths`; `summary.accepted` counts the events sent."""
+def publish_files(cfg: Settings, paths: list[str], mapping: Path | None) -> tuple[Summary, str | None]:
+    """Publishes every accepted event of `paths`; `summary.accepted` counts the events sent. With
+    the summary, why the rejects were kept whole although this machine holds the store (it was
+    out of reach: ErasedScreen), or None."""
     topics.ensure(cfg)
     summary = Summary()
     started = time.perf_counter()
     publisher = Publisher(cfg.require_kafka(), cfg.topic(topics.EVENTS), EventValidator(cfg.schemas_dir),
                           cfg.phone_region, cfg.max_event_bytes, Ranges(cfg.max_future, cfg.max_amount))
-    with publisher, DeadLetterFile(cfg.deadletter_path) as deadletter:
+    with publisher, DeadLetterFile(cfg.deadletter_path) as deadletter, ErasedScreen(cfg) as screen:
         for rejected in publisher.publish_records(publisher.ingestor.read(paths, mapping)):
-            deadletter.write(rejected)
-            summary.add_rejection(rejected.kind)
+            entry = screen(rejected)
+            deadletter.write(entry)
+            summary.add_dead_letter(entry)
     summary.accepted = publisher.sent
     summary.seconds = time.perf_counter() - started
-    return summary
+    return summary, screen.unscreened
+
+
+class ErasedScreen:
+    """What the dead-letter keeps of a rejected input (cdp.pipeline.screened): an erased person's
+    is kept as its id alone, as the embedded run and the workers keep it. That needs the store's
+    keyed hashes of erased identifiers and the master key, so it screens where this machine holds
+    the store (CDP_EVENT_STORE, or the SQLite file with its master key), opened at the first
+    rejection; a unit's machine that only publishes has neither, and opening the store there
+    would make both."""
+
+    def __init__(self, cfg: Settings):
+        self.cfg = cfg
+        self.app: Any = None
+        self.unscreened: str | None = None  # why the store could not be opened: rejects kept whole
+
+    def holds_store(self) -> bool:
+        cfg = self.cfg
+        return bool(cfg.event_store) or (cfg.sqlite_path.exists() and bool(cfg.master_key or cfg.master_key_path.exists()))
+
+    def __call__(self, rejected: Rejected) -> Rejected:
+        if self.app is None:
+            if self.unscreened is not None or not self.holds_store():
+                return rejected
+            from cdp import faults
+            from cdp.application import CustomerApplication
+
+            try:
+                self.app = CustomerApplication(self.cfg)
+            except Exception as error:  # noqa: BLE001 - publishing goes on without the store (an outage)
+                fault = faults.describe(error, self.cfg)
+                if not fault.transient:
+                    raise
+                self.unscreened = fault.line
+                return rejected
+        from cdp.pipeline import screened
+
+        return screened(self.app, self.cfg, rejected)
+
+    def __enter__(self) -> "ErasedScreen":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.app is not None:
+            self.app.close()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+SUPPRESSED = "suppressed"  # the dead-letter's kind (and reason) for an erased person's event
 
 
 @dataclass
@@ -27,6 +30,14 @@ class Summary:
     def add_rejection(self, kind: str) -> None:
         self.rejected += 1
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+    def add_dead_letter(self, entry: Any) -> None:
+        """Counts an entry written to the dead-letter (ingest.records.Rejected): an erased person's
+        input, kept as its id alone (pipeline.screened), or a rejection of its kind."""
+        if entry.kind == SUPPRESSED:
+            self.suppressed += 1
+        else:
+            self.add_rejection(entry.kind)
 
     def add(self, other: "Summary") -> None:
         """Adds another summary's counts (not its time) to this one."""

@@ -705,3 +705,45 @@ def test_tombstones_a_broker_out_of_reach_missed_go_with_the_next_erasure(cdp, t
                          check=True).stdout
     assert sorted(out.splitlines()) == sorted([f"{ids['Zephyrine']}\t-1", f"{ids['Other']}\t-1"])
     assert not (cdp.home / "erasure.tombstones").exists()
+
+
+@pytest.mark.kafka
+def test_publishing_keeps_only_the_id_of_an_erased_persons_rejected_input(cdp, tmp_path, kafka_bootstrap,
+                                                                          fresh_topic_prefix):
+    """`cdp ingest --kafka` on a machine that holds the store screens its rejects as the embedded
+    run does (above): a unit re-sending an old export with broken lines of an erased person puts
+    no byte of them back on disk; another person's broken line is kept whole, to be fixed."""
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    cdp("erase", "quorra.zephyrine@example.org", "--yes")
+    cdp.env.update(CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
+    path = tmp_path / "resent.jsonl"
+    path.write_bytes(jsonl([
+        event("r1", "retail", "R-1", "cdp.purchase", amount="lots", customer={"email": ANN["email"]}),
+        event("r2", "telecom", "T-80", "cdp.purchase", amount="lots",
+              customer={"phone": "07911 123461", "first_name": "Quorralind", "last_name": "Zephyrine"}),
+        event("r3", "telecom", "T-81", "cdp.purchase", amount="lots", customer={"first_name": "Bob"}),
+        event("ok1", "retail", "R-7", customer={"email": "dee@example.org"}),
+    ]) + b'{"broken": "Quorra.Zephyrine@Example.org wrote this\n')
+    published = cdp("ingest", "--kafka", str(path))
+    assert published.stdout.startswith("published 1 events")
+    said = " ".join(published.stderr.split())
+    assert "1 rejected event(s) written to" in said and "3 rejected event(s) of erased people" in said
+    entries = [json.loads(line) for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+    assert [(e["event_id"], e["reason"] == "suppressed", e["input"] is None) for e in entries] == [
+        ("r1", True, True), ("r2", True, True), ("r3", False, False), (None, True, True)]
+    assert files_holding(cdp.home, NEEDLES) == {}
+    # a unit's machine that only publishes has no store to screen with, and gets none made
+    publisher = tmp_path / "publisher"
+    cdp.env["CDP_HOME"] = str(publisher)
+    published = cdp("ingest", "--kafka", str(path))
+    assert "4 rejected event(s) written to" in " ".join(published.stderr.split())
+    assert not (publisher / "events.sqlite").exists() and not (publisher / "master.key").exists()
+    entries = [json.loads(line) for line in (publisher / "deadletter.jsonl").read_text().splitlines()]
+    assert [e["event_id"] for e in entries if e["input"]] == ["r1", "r2", "r3", None]
+    # one that holds the store, while the store is out of reach: publishing goes on, and says so
+    cdp.env.update(CDP_HOME=str(tmp_path / "outage"), CDP_EVENT_STORE="postgresql://cdp:cdp@127.0.0.1:1/cdp")
+    published = cdp("ingest", "--kafka", str(path))
+    assert published.stdout.startswith("published 1 events")
+    said = " ".join(published.stderr.split())
+    assert "4 rejected event(s) written to" in said
+    assert "not checked for erased people's identifiers (PostgreSQL unreachable at 127.0.0.1:1/cdp" in said
