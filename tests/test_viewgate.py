@@ -1,8 +1,9 @@
 """The view's gates (cdp/server/viewgate.py) while the server rewrites the view's file after an
 erasure: a request that reads the view waits for the swap, then is told to come back; the
 collector passes; the rewrite waits for those inside. The view's writers pause for the copy and
-leave once their read side is replaced; people's decisions are refused meanwhile, and a command
-beside the server waits that refusal out."""
+leave once their read side is replaced; people's decisions wait for the rewrite to end, outside
+the readers' gate, and are refused after a while, and a command beside the server waits that
+refusal out."""
 from __future__ import annotations
 
 import threading
@@ -39,6 +40,41 @@ def test_a_request_waits_for_the_rewrite_then_is_told_to_come_back(monkeypatch):
     assert http.post("/v1/batch", content=b"{}").text == "read"  # the collector never reads the view
     threading.Timer(0.1, gate.open).start()
     assert http.get("/v1/profiles/email:a@b.c").text == "read"  # the rewrite ended while it waited
+
+
+def test_a_decision_waits_for_the_whole_rewrite_outside_the_readers_gate(monkeypatch):
+    """A person's decision (here an erasure's DELETE) that comes while the view is rewritten waits
+    for the rewrite to end rather than being refused, and waits outside the readers' gate: the
+    swap can still close that gate, which a decision inside would hold. Reads, the read-only
+    POST of SQL among them, pass meanwhile; a decision still waiting after DECISION_WAIT_SECONDS
+    is told to come back."""
+    async def answer(request):
+        return PlainTextResponse("decided" if request.method == "DELETE" else "read")
+
+    app = Starlette(routes=[Route("/v1/profiles/{ref}", answer, methods=["GET", "DELETE"]),
+                            Route("/v1/query", answer, methods=["POST"])])
+    gate, decisions = ViewGate(), ViewGate()
+    http = TestClient(ViewRequests(app, gate, decisions))
+    assert decisions.close(timeout=1)  # a rewrite begins: Service.rewrite_view
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(http.delete("/v1/profiles/email:a@b.c")))
+    waiting.start()
+    time.sleep(0.3)
+    assert answers == []
+    assert gate.close(timeout=0.5)  # the swap: no request inside the readers' gate
+    gate.open()
+    assert http.get("/v1/profiles/email:a@b.c").text == "read"
+    assert http.post("/v1/query", content=b"SELECT 1").text == "read"
+    decisions.open()  # the rewrite ends
+    waiting.join(5)
+    assert [(a.status_code, a.text) for a in answers] == [(200, "decided")]
+
+    monkeypatch.setattr(viewgate, "DECISION_WAIT_SECONDS", 0.3)
+    assert decisions.close(timeout=1)
+    started = time.monotonic()
+    refused = http.delete("/v1/profiles/email:a@b.c")
+    assert refused.status_code == 503 and refused.json()["code"] == "view_rewriting"
+    assert time.monotonic() - started >= 0.3
 
 
 def test_the_rewrite_waits_for_requests_inside_and_gives_up_in_time():

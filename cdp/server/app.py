@@ -486,6 +486,6 @@ def build_app(service: Any) -> FastAPI:
     mount_audiences(app, service, admit)  # /v1/audiences…, /v1/destinations… (admin)
     looked_up = next(r for r in app.routes if getattr(r, "endpoint", None) is profile)
     app.add_middleware(ProfileReads, service=service, route=looked_up, answer=read_profile)
-    app.add_middleware(ViewRequests, gate=service.view_gate)  # outside the look-ups: they read the view too
+    app.add_middleware(ViewRequests, gate=service.view_gate, decisions=service.decision_gate)  # outside the look-ups: they read the view too
     app.add_middleware(MeasureRequests)  # added last: the outermost, so it measures the look-ups too
     return app

@@ -78,7 +78,8 @@ class Service:
         self.view_gate = ViewGate()
         # people's decisions hold this one: they wait for the view to show them, which it cannot
         # while a rewrite pauses its writers, so a rewrite first waits for those under way and
-        # refuses new ones until it ends (rewrite_view, steward)
+        # holds new ones back until it ends (rewrite_view; they wait outside the readers' gate,
+        # viewgate.ViewRequests, and steward refuses one that gets in regardless)
         self.decision_gate = ViewGate()
         self._rewriting = threading.Lock()  # one rewrite at a time, and none once closing
         self._closing = False
@@ -231,8 +232,9 @@ class Service:
 
         People's decisions (erase, split, review, audience definitions) wait for the view to show
         them, and a decision waiting inside the readers' gate would hold the swap back. So the
-        rewrite first waits for the decisions under way and refuses new ones (503 with Retry-After,
-        `steward`) until it ends."""
+        rewrite first waits for the decisions under way and holds new ones back until it ends:
+        they wait outside the readers' gate (viewgate.ViewRequests), for DECISION_WAIT_SECONDS at
+        most before a 503 with Retry-After, as `steward` answers one that gets in regardless."""
         with self._rewriting:
             if self._closing or not self.view_rewrite_pending:
                 return True
