@@ -36,7 +36,7 @@ from __future__ import annotations
 import base64
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import AbstractSet as Set, Callable, Iterable, Mapping, Sequence, TypeVar
 from uuid import UUID
 
 import orjson
@@ -71,6 +71,11 @@ IDENTITY_TABLES = (*identity_index.TABLES, *blocking.TABLES, *constraints.TABLES
 ERASED_FROM = ("identity_keys", "identity_redirects", "identity_records", "identity_cannot_link", "cdp_data_keys")
 LAST_MODEL_VERSION = "SELECT COALESCE(MAX(version), 0) FROM identity_model"
 T = TypeVar("T")
+
+
+def record_identifiers(record: Accepted) -> list[tuple[str, str]]:
+    """What suppression knows a record by: its source record, and its identifiers."""
+    return [("source", f"{record.business_unit}:{record.source_id}"), *record.identifiers.items()]
 
 
 @dataclass
@@ -423,20 +428,27 @@ class CustomerApplication(Application):
                        [Features.from_json(orjson.loads(text)) for (text,) in records])
 
     def _is_suppressed(self, record: Accepted) -> bool:
-        return self.carries_erased([("source", f"{record.business_unit}:{record.source_id}"),
-                                    *record.identifiers.items()])
+        return self.carries_erased(record_identifiers(record))
 
-    def carries_erased(self, identifiers: Iterable[tuple[str, str]]) -> bool:
+    def carries_erased(self, identifiers: Iterable[tuple[str, str]], suppressed: Set[str] | None = None) -> bool:
         """Whether any (kind, normalised value) is an erased person's, kept as a keyed hash for
-        suppression: as of this process's last command, or read now when it has run none (and
-        there is something to look for)."""
+        suppression: as of `suppressed` (erased_screen), else of this process's last command, or
+        read now when it has run none (and there is something to look for)."""
         fingerprints = {self.keys.fingerprint(kind, value) for kind, value in identifiers}
         if not fingerprints:
             return False
-        suppressed = self._suppressed
+        if suppressed is None:
+            suppressed = self._suppressed
         if suppressed is None:
             suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
         return not fingerprints.isdisjoint(suppressed)
+
+    def erased_screen(self) -> Callable[[Accepted], bool]:
+        """Whether a record is an erased person's (its source record or one of its identifiers
+        suppressed), as the store holds the erased identifiers now, read once: for a process that
+        screens many records and commits none (`cdp ingest --kafka`, before it publishes)."""
+        suppressed = frozenset(row[0] for row in self.store.query(SELECT_SUPPRESSED))
+        return lambda record: bool(suppressed) and self.carries_erased(record_identifiers(record), suppressed)
 
     def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
         """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""

@@ -99,11 +99,11 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
     if summary.rejected:
         console.err.print(f"{summary.rejected:,} rejected event(s) written to {cfg.deadletter_path}")
     if summary.suppressed:
-        console.err.print(f"{summary.suppressed:,} rejected event(s) of erased people: their ids alone written "
-                          f"to {cfg.deadletter_path}")
+        console.err.print(f"{summary.suppressed:,} event(s) of erased people suppressed: not published, their ids "
+                          f"alone written to {cfg.deadletter_path}")
     if unscreened:
-        console.err.print(f"the rejected events were not checked for erased people's identifiers ({unscreened}): "
-                          "their inputs are kept whole")
+        console.err.print(f"the events were not checked for erased people's identifiers ({unscreened}): all valid "
+                          "ones were published, and rejected inputs are kept whole")
 
 
 @cli.command()

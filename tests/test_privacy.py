@@ -708,11 +708,12 @@ def test_tombstones_a_broker_out_of_reach_missed_go_with_the_next_erasure(cdp, t
 
 
 @pytest.mark.kafka
-def test_publishing_keeps_only_the_id_of_an_erased_persons_rejected_input(cdp, tmp_path, kafka_bootstrap,
-                                                                          fresh_topic_prefix):
-    """`cdp ingest --kafka` on a machine that holds the store screens its rejects as the embedded
-    run does (above): a unit re-sending an old export with broken lines of an erased person puts
-    no byte of them back on disk; another person's broken line is kept whole, to be fixed."""
+def test_publishing_drops_an_erased_persons_events_and_keeps_only_their_ids(cdp, tmp_path, kafka_bootstrap,
+                                                                            fresh_topic_prefix):
+    """`cdp ingest --kafka` on a machine that holds the store screens what it reads as the embedded
+    run does (above): a unit re-sending an old export of an erased person puts no byte of them
+    back on disk or in the raw topic; their events are not published, their broken lines are kept
+    as ids alone, and another person's broken line is kept whole, to be fixed."""
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     cdp("erase", "quorra.zephyrine@example.org", "--yes")
     cdp.env.update(CDP_KAFKA_BOOTSTRAP=kafka_bootstrap, CDP_TOPIC_PREFIX=fresh_topic_prefix)
@@ -723,19 +724,26 @@ def test_publishing_keeps_only_the_id_of_an_erased_persons_rejected_input(cdp, t
               customer={"phone": "07911 123461", "first_name": "Quorralind", "last_name": "Zephyrine"}),
         event("r3", "telecom", "T-81", "cdp.purchase", amount="lots", customer={"first_name": "Bob"}),
         event("ok1", "retail", "R-7", customer={"email": "dee@example.org"}),
+        event("a1b", "retail", "R-9", customer={"email": ANN["email"], "first_name": "Quorralind"}),  # valid, hers
+        event("a2b", "bank", "B-1", "cdp.purchase", amount=5.0),  # valid, her erased source record
     ]) + b'{"broken": "Quorra.Zephyrine@Example.org wrote this\n')
     published = cdp("ingest", "--kafka", str(path))
     assert published.stdout.startswith("published 1 events")
     said = " ".join(published.stderr.split())
-    assert "1 rejected event(s) written to" in said and "3 rejected event(s) of erased people" in said
+    assert "1 rejected event(s) written to" in said and "5 event(s) of erased people suppressed" in said
     entries = [json.loads(line) for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
     assert [(e["event_id"], e["reason"] == "suppressed", e["input"] is None) for e in entries] == [
-        ("r1", True, True), ("r2", True, True), ("r3", False, False), (None, True, True)]
+        ("r1", True, True), ("r2", True, True), ("r3", False, False), ("a1b", True, True), ("a2b", True, True),
+        (None, True, True)]
     assert files_holding(cdp.home, NEEDLES) == {}
+    topic = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.events", "-e", "-q"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert [json.loads(line)["id"] for line in topic.splitlines()] == ["ok1"]
     # a unit's machine that only publishes has no store to screen with, and gets none made
     publisher = tmp_path / "publisher"
     cdp.env["CDP_HOME"] = str(publisher)
     published = cdp("ingest", "--kafka", str(path))
+    assert published.stdout.startswith("published 3 events")
     assert "4 rejected event(s) written to" in " ".join(published.stderr.split())
     assert not (publisher / "events.sqlite").exists() and not (publisher / "master.key").exists()
     entries = [json.loads(line) for line in (publisher / "deadletter.jsonl").read_text().splitlines()]
@@ -743,7 +751,7 @@ def test_publishing_keeps_only_the_id_of_an_erased_persons_rejected_input(cdp, t
     # one that holds the store, while the store is out of reach: publishing goes on, and says so
     cdp.env.update(CDP_HOME=str(tmp_path / "outage"), CDP_EVENT_STORE="postgresql://cdp:cdp@127.0.0.1:1/cdp")
     published = cdp("ingest", "--kafka", str(path))
-    assert published.stdout.startswith("published 1 events")
+    assert published.stdout.startswith("published 3 events")
     said = " ".join(published.stderr.split())
     assert "4 rejected event(s) written to" in said
     assert "not checked for erased people's identifiers (PostgreSQL unreachable at 127.0.0.1:1/cdp" in said
