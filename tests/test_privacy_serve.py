@@ -275,13 +275,31 @@ def _accepted(settings, raw: dict):
 
 @pytest.mark.kafka
 def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafka_bootstrap, fresh_topic_prefix):
+    """…and keeps the erased person's events sent to its collector afterwards out of the raw
+    cdp.events topic (the workers would drop them, but the topic keeps them in the clear)."""
     env = {**cdp.env, "CDP_KAFKA_BOOTSTRAP": kafka_bootstrap, "CDP_TOPIC_PREFIX": fresh_topic_prefix,
            "CDP_RATE_LIMIT": "1000"}
+    publish = new_keys(env, {"retail": ("publish", "retail")})["retail"]
     server = start_server(env, tmp_path / "serve.log")
     try:
         admin = server.client(people["admin"])
         ann = admin.get("/v1/profiles/retail:R-1").json()["customer_id"]
         assert admin.delete(f"/v1/profiles/customer_id:{ann}").status_code == 200
+        sent = [cloudevent("k1", "retail", "R-1", "cdp.purchase", order_id="o1", amount=5.0, currency="EUR"),
+                cloudevent("k2", "retail", "R-8", customer={"email": ANN["email"], "first_name": "Quorralind"}),
+                cloudevent("k3", "retail", "R-9", customer={"email": "eve.new@example.org"})]
+        answer = server.client(publish).post("/events", content=json.dumps(sent),
+                                             headers={"Content-Type": "application/cloudevents-batch+json"})
+        assert answer.status_code == 200 and answer.json()["accepted"] == 3  # a unit learns nothing of an erasure
+        events = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.events",
+                                 "-e", "-q"], capture_output=True, text=True, timeout=60, check=True).stdout
+        assert [json.loads(line)["id"] for line in events.splitlines()] == ["k3"]
+        rejects = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.deadletter",
+                                  "-e", "-q"], capture_output=True, text=True, timeout=60, check=True).stdout
+        entries = [json.loads(line) for line in rejects.splitlines()]
+        assert sorted((e["event_id"], e["reason"], e["input"]) for e in entries) == [
+            ("k1", "suppressed", None), ("k2", "suppressed", None)]
+        assert needles_in(events.encode() + rejects.encode(), NEEDLES) == []
 
         def last_message() -> str | None:
             out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles",
@@ -338,7 +356,9 @@ def test_a_kafka_mode_server_publishes_nothing_twice_across_the_views_rewrite(cd
 def test_a_running_kafka_worker_suppresses_an_erased_person(kafka_env, kafka_bootstrap, fresh_topic_prefix,
                                                             fresh_postgres_dsn, tmp_path):
     """A worker started before the erasure (its identity index and suppression list loaded) drops
-    the erased person's re-sent record without a restart, and stores a new person's."""
+    the erased person's re-sent record without a restart, and stores a new person's. The record
+    comes from a unit's machine that only publishes (a publisher that holds the store would not
+    send it: test_privacy.test_publishing_drops_an_erased_persons_events_and_keeps_only_their_ids)."""
     import psycopg
 
     from tests.test_streaming import cdp as run, read_topic, start_worker, stop, stored_keys, wait_for
@@ -355,7 +375,8 @@ def test_a_running_kafka_worker_suppresses_an_erased_person(kafka_env, kafka_boo
         resent = [event("n1", "bank", "B-9", customer={"email": ANN["email"]}),
                   event("c1", "shop", "S-1", customer={"email": "dee.new@example.org", "first_name": "Dee"})]
         (tmp_path / "resent.jsonl").write_bytes(jsonl(resent))
-        run(cli, "ingest", "--kafka", str(tmp_path / "resent.jsonl"))
+        unit = {k: v for k, v in kafka_env("unit").items() if k != "CDP_EVENT_STORE"}
+        run(unit, "ingest", "--kafka", str(tmp_path / "resent.jsonl"))
         dead = lambda: [v for _, v in read_topic(kafka_bootstrap, f"{fresh_topic_prefix}cdp.deadletter")
                         if v and v.get("reason") == "suppressed"]
         wait_for(lambda: dead() and stored_keys(fresh_postgres_dsn) >= 9, 120, "the resent events handled", [worker])

@@ -58,7 +58,7 @@ LOOKUP_INDEXES = (
 
 class ReadSide:
     def __init__(self, cfg: Settings, app: Any, producer: Any = None,
-                 on_batch: Callable[[int], None] | None = None, keyring: api_keys.KeyRing | None = None):
+                 on_batch: Callable[[list[tuple]], None] | None = None, keyring: api_keys.KeyRing | None = None):
         """`app` is the CustomerApplication: read here (notifications, head), never written.
         `keyring`: the API keys a previous read side kept (the server's gate holds it), followed on."""
         from cdp.viewwriter import make_projector
@@ -242,10 +242,10 @@ class ReadSide:
                            read=read, committed=time.time(), cpu=time.thread_time() - used)
             applied += len(notifications)
             self._hand_to_publisher(notifications)
+            if self.on_batch is not None:  # before the waiters wake: a decision answered has had it
+                self.on_batch(notifications)
             with self._caught_up:
                 self._caught_up.notify_all()
-            if self.on_batch is not None:
-                self.on_batch(len(notifications))
             self.delivery.wake()
             if len(notifications) < self.cfg.projection_batch:
                 break  # all the store had: what commits next wakes this thread (no second read to learn so)

@@ -87,7 +87,10 @@ class Service:
         self._timer_lock = threading.Lock()
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
-        self.writer: Any = KafkaWriter(cfg, partial(screened, self.app, cfg)) if self.mode == "kafka" else \
+        # the Kafka collector's check of accepted records (_screen_erased), renewed by _after_batch
+        self._erased: Callable[[Accepted], bool] = \
+            self.app.erased_screen() if self.mode == "kafka" else (lambda record: False)
+        self.writer: Any = KafkaWriter(cfg, partial(screened, self.app, cfg), self._screen_erased) if self.mode == "kafka" else \
             EmbeddedWriter(cfg, committed=lambda: self.read.wake(), log=self.log)  # the read side of the moment
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
@@ -110,11 +113,21 @@ class Service:
         read.projector.con.execute("SET enable_external_access = false")
         return read
 
-    def _after_batch(self, _: int) -> None:
+    def _after_batch(self, notifications: list[tuple]) -> None:
         """An erasure the read side took in, whoever made it (another machine's command on a shared
-        store too): its projector marked the file (delete_erased), the rewrite is scheduled here."""
+        store too): its projector marked the file (delete_erased), the rewrite is scheduled here,
+        and the Kafka collector learns the erased identifiers (_screen_erased)."""
         if pending_view_rewrite(self.cfg).exists():
             self.schedule_view_rewrite()
+        if self.mode == "kafka" and erased_ids(notifications):
+            self._erased = self.app.erased_screen()
+
+    def _screen_erased(self, record: Accepted) -> bool:
+        """Whether the Kafka collector keeps an accepted record out of `cdp.events` as an erased
+        person's (the workers would drop it, but the raw topic keeps what it is sent in the clear
+        until its retention passes): against the erased identifiers as of the server's start or
+        the last erasure its read side took in."""
+        return self._erased(record)
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
         """A batch of queued audit entries (reads) into the store, one commit (the command takes

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from cdp import topics
 from cdp.config import Settings
 from cdp.intake import Intake
+from cdp.pipeline import suppressed_entry
 from ingest.deadletter import DeadLetterFile, DeadLetterTopic
 from ingest.producer import message_key
 from ingest.records import Accepted, Rejected
@@ -248,7 +249,8 @@ class KafkaWriter:
     librdkafka (cdp/server/producer.py): the request waits on the event loop for its records'
     acknowledgements, no thread of the pool held meanwhile."""
 
-    def __init__(self, cfg: Settings, screen: Callable[[Rejected], Rejected] = lambda rejected: rejected):
+    def __init__(self, cfg: Settings, screen: Callable[[Rejected], Rejected] = lambda rejected: rejected,
+                 erased: Callable[[Accepted], bool] = lambda accepted: False):
         from cdp.server.producer import AckedProducer
 
         topics.ensure(cfg)
@@ -256,6 +258,7 @@ class KafkaWriter:
         self.topic = cfg.topic(topics.EVENTS)
         self.deadletter = DeadLetterTopic(self.producer, cfg.topic(topics.DEADLETTER))
         self.screen = screen  # what of a rejected request the dead-letter keeps (pipeline.screened)
+        self.erased = erased  # an erased person's accepted record: dead-lettered as suppressed, not produced
         self.trace = cfg.trace_stages
 
     async def write(self, records: Sequence[Accepted | Rejected]) -> None:
@@ -268,6 +271,8 @@ class KafkaWriter:
         for record in records:
             if isinstance(record, Rejected):
                 self.deadletter.write(self.screen(record))
+            elif self.erased(record):
+                self.deadletter.write(suppressed_entry(record.source, record.event_id))
             else:
                 futures.append(self.producer.send(self.topic, key=message_key(record), value=record.raw))
         produced = time.time()
