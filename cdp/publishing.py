@@ -65,14 +65,17 @@ class ErasedScreen:
             from cdp import faults
             from cdp.application import CustomerApplication
 
+            app = None
             try:
-                self.app = CustomerApplication(self.cfg)
-                self.erased = self.app.erased_screen()
+                app = CustomerApplication(self.cfg)
+                self.erased, self.app = app.erased_screen(), app
             except Exception as error:  # noqa: BLE001 - publishing goes on without the store (an outage)
+                if app is not None:
+                    app.close()
                 fault = faults.describe(error, self.cfg)
                 if not fault.transient:
                     raise
-                self.unscreened, self.app = fault.line, None
+                self.unscreened = fault.line
         return self.app is not None
 
     def records(self, records: Iterable[Accepted | Rejected]) -> Iterator[Accepted | Rejected]:

@@ -120,7 +120,10 @@ class Service:
         if pending_view_rewrite(self.cfg).exists():
             self.schedule_view_rewrite()
         if self.mode == "kafka" and erased_ids(notifications):
-            self._erased = self.app.erased_screen()
+            try:
+                self._erased = self.app.erased_screen()
+            except Exception as error:  # noqa: BLE001 - the workers drop what it lets through meanwhile
+                self.log(f"reading the erased identifiers again failed ({error!r}); the next erasure tries again")
 
     def _screen_erased(self, record: Accepted) -> bool:
         """Whether the Kafka collector keeps an accepted record out of `cdp.events` as an erased
