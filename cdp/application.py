@@ -443,12 +443,12 @@ class CustomerApplication(Application):
             suppressed = {row[0] for row in self.store.query(SELECT_SUPPRESSED)}
         return not fingerprints.isdisjoint(suppressed)
 
-    def erased_screen(self) -> Callable[[Accepted], bool]:
-        """Whether a record is an erased person's (its source record or one of its identifiers
-        suppressed), as the store holds the erased identifiers now, read once: for a process that
-        screens many records and commits none (`cdp ingest --kafka`, before it publishes)."""
+    def erased_screen(self) -> Callable[[Iterable[tuple[str, str]]], bool]:
+        """carries_erased as the store holds the erased identifiers now, read once: for a process
+        that screens many inputs and commits none (`cdp ingest --kafka` before it publishes, the
+        Kafka collector of `cdp serve`). A record's identifiers: record_identifiers."""
         suppressed = frozenset(row[0] for row in self.store.query(SELECT_SUPPRESSED))
-        return lambda record: bool(suppressed) and self.carries_erased(record_identifiers(record), suppressed)
+        return lambda identifiers: bool(suppressed) and self.carries_erased(identifiers, suppressed)
 
     def record_access(self, actor: str, action: str, customer_id: str | None = None, **detail: object) -> None:
         """Adds an entry to the audit trail (a profile read, an export, a key created or revoked …)."""

@@ -59,11 +59,13 @@ def suppressed_entry(source: str | None, event_id: str | None, origin: str = "er
                     extra=extra)
 
 
-def screened(app: CustomerApplication, settings: Settings, rejected: Rejected) -> Rejected:
+def screened(app: CustomerApplication, settings: Settings, rejected: Rejected,
+             carries_erased: Callable[[Iterable[tuple[str, str]]], bool] | None = None) -> Rejected:
     """What the dead-letter keeps of a rejected input: the input itself, unless it carries an
     erased person's identifier (anywhere in it, even malformed); that one is suppressed like the
-    person's valid events, its id kept and never what it held, which would put them back on disk."""
-    if app.carries_erased(identifiers_in(rejected.raw, settings.phone_region)):
+    person's valid events, its id kept and never what it held, which would put them back on disk.
+    `carries_erased`: the check to use (CustomerApplication.erased_screen), else the application's."""
+    if (carries_erased or app.carries_erased)(identifiers_in(rejected.raw, settings.phone_region)):
         return suppressed_entry(rejected.source, rejected.event_id, rejected.origin, rejected_as=rejected.kind)
     return rejected
 

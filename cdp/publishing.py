@@ -51,7 +51,7 @@ class ErasedScreen:
     def __init__(self, cfg: Settings):
         self.cfg = cfg
         self.app: Any = None
-        self.erased: Callable[[Accepted], bool] | None = None  # CustomerApplication.erased_screen
+        self.erased: Callable[[Iterable[tuple[str, str]]], bool] | None = None  # CustomerApplication.erased_screen
         self.unscreened: str | None = None  # why the store could not be opened: nothing screened
 
     def holds_store(self) -> bool:
@@ -80,10 +80,11 @@ class ErasedScreen:
 
     def records(self, records: Iterable[Accepted | Rejected]) -> Iterator[Accepted | Rejected]:
         """The records to publish: an erased person's accepted ones become suppressed rejects."""
+        from cdp.application import record_identifiers
         from cdp.pipeline import suppressed_entry
 
         for record in records:
-            if isinstance(record, Accepted) and self.opened() and self.erased(record):
+            if isinstance(record, Accepted) and self.opened() and self.erased(record_identifiers(record)):
                 yield suppressed_entry(record.source, record.event_id)
             else:
                 yield record
@@ -93,7 +94,7 @@ class ErasedScreen:
             return rejected
         from cdp.pipeline import screened
 
-        return screened(self.app, self.cfg, rejected)
+        return screened(self.app, self.cfg, rejected, self.erased)
 
     def __enter__(self) -> "ErasedScreen":
         return self

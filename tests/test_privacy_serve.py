@@ -291,6 +291,10 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
         answer = server.client(publish).post("/events", content=json.dumps(sent),
                                              headers={"Content-Type": "application/cloudevents-batch+json"})
         assert answer.status_code == 200 and answer.json()["accepted"] == 3  # a unit learns nothing of an erasure
+        broken = cloudevent("k4", "retail", "R-8", "cdp.purchase", amount="lots", customer={"email": ANN["email"]})
+        answer = server.client(publish).post("/events", content=json.dumps(broken),
+                                             headers={"Content-Type": "application/cloudevents+json"})
+        assert answer.status_code == 400
         events = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.events",
                                  "-e", "-q"], capture_output=True, text=True, timeout=60, check=True).stdout
         assert [json.loads(line)["id"] for line in events.splitlines()] == ["k3"]
@@ -298,7 +302,7 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
                                   "-e", "-q"], capture_output=True, text=True, timeout=60, check=True).stdout
         entries = [json.loads(line) for line in rejects.splitlines()]
         assert sorted((e["event_id"], e["reason"], e["input"]) for e in entries) == [
-            ("k1", "suppressed", None), ("k2", "suppressed", None)]
+            ("k1", "suppressed", None), ("k2", "suppressed", None), ("k4", "suppressed", None)]
         assert needles_in(events.encode() + rejects.encode(), NEEDLES) == []
 
         def last_message() -> str | None:

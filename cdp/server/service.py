@@ -17,14 +17,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from operator import methodcaller
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import duckdb
 import orjson
 
+from cdp.application import record_identifiers
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
 from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, note_tables_left, pending_view_rewrite,
@@ -87,11 +87,15 @@ class Service:
         self._timer_lock = threading.Lock()
         from cdp.server.writes import EmbeddedWriter, KafkaWriter
 
-        # the Kafka collector's check of accepted records (_screen_erased), renewed by _after_batch
-        self._erased: Callable[[Accepted], bool] = \
-            self.app.erased_screen() if self.mode == "kafka" else (lambda record: False)
-        self.writer: Any = KafkaWriter(cfg, partial(screened, self.app, cfg), self._screen_erased) if self.mode == "kafka" else \
-            EmbeddedWriter(cfg, committed=lambda: self.read.wake(), log=self.log)  # the read side of the moment
+        # the Kafka collector's check of what it is sent (_carries_erased), renewed by _after_batch
+        self._erased: Callable[[Iterable[tuple[str, str]]], bool] = \
+            self.app.erased_screen() if self.mode == "kafka" else self.app.carries_erased
+        self.writer: Any
+        if self.mode == "kafka":
+            self.writer = KafkaWriter(cfg, lambda rejected: screened(self.app, cfg, rejected, self._carries_erased),
+                                      lambda record: self._carries_erased(record_identifiers(record)))
+        else:
+            self.writer = EmbeddedWriter(cfg, committed=lambda: self.read.wake(), log=self.log)  # the read side of the moment
         self.local_token = "cdp_local_" + secrets.token_urlsafe(24)
         self.gate = Gate(self.read.keyring, RateLimiter(cfg.rate_limit),
                          Key("local", "cdp_local_…", "admin", None, ""), self.local_token)
@@ -116,7 +120,7 @@ class Service:
     def _after_batch(self, notifications: list[tuple]) -> None:
         """An erasure the read side took in, whoever made it (another machine's command on a shared
         store too): its projector marked the file (delete_erased), the rewrite is scheduled here,
-        and the Kafka collector learns the erased identifiers (_screen_erased)."""
+        and the Kafka collector learns the erased identifiers (_carries_erased)."""
         if pending_view_rewrite(self.cfg).exists():
             self.schedule_view_rewrite()
         if self.mode == "kafka" and erased_ids(notifications):
@@ -125,12 +129,13 @@ class Service:
             except Exception as error:  # noqa: BLE001 - the workers drop what it lets through meanwhile
                 self.log(f"reading the erased identifiers again failed ({error!r}); the next erasure tries again")
 
-    def _screen_erased(self, record: Accepted) -> bool:
-        """Whether the Kafka collector keeps an accepted record out of `cdp.events` as an erased
-        person's (the workers would drop it, but the raw topic keeps what it is sent in the clear
-        until its retention passes): against the erased identifiers as of the server's start or
-        the last erasure its read side took in."""
-        return self._erased(record)
+    def _carries_erased(self, identifiers: Iterable[tuple[str, str]]) -> bool:
+        """Whether the Kafka collector keeps what it is sent out of `cdp.events` (an accepted
+        record: the workers would drop it, but the raw topic keeps it in the clear until its
+        retention passes) or out of the dead-letter's inputs (a rejected one) as an erased
+        person's: against the erased identifiers as of the server's start or the last erasure its
+        read side took in, without a store query per request on the event loop."""
+        return self._erased(identifiers)
 
     def _append_audit(self, entries: Sequence[Entry]) -> None:
         """A batch of queued audit entries (reads) into the store, one commit (the command takes
