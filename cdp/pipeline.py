@@ -65,7 +65,9 @@ def screened(app: CustomerApplication, settings: Settings, rejected: Rejected,
     erased person's identifier (anywhere in it, even malformed); that one is suppressed like the
     person's valid events, its id kept and never what it held, which would put them back on disk.
     `carries_erased`: the check to use (CustomerApplication.erased_screen), else the application's."""
-    if (carries_erased or app.carries_erased)(identifiers_in(rejected.raw, settings.phone_region)):
+    found = identifiers_in(rejected.raw, settings.phone_region,
+                           {settings.default_phone_region, *settings.phone_regions.values()})
+    if (carries_erased or app.carries_erased)(found):
         return suppressed_entry(rejected.source, rejected.event_id, rejected.origin, rejected_as=rejected.kind)
     return rejected
 

@@ -9,7 +9,7 @@ dead-letter keeps it.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import orjson
 
@@ -22,11 +22,13 @@ PHONE_IN_TEXT = re.compile(r"\+?\d[\d ()./-]{5,}\d")
 ID_FIELDS = ("national_id", "loyalty_id")
 
 
-def identifiers_in(raw: str | None, region_for: Callable[[str], str]) -> set[tuple[str, str]]:
+def identifiers_in(raw: str | None, region_for: Callable[[str], str],
+                   other_regions: Iterable[str] = ()) -> set[tuple[str, str]]:
     """(kind, normalised value) pairs for every identifier in `raw`: the source record, e-mail,
     phone and national and loyalty ids of its customer block when it parses, and every e-mail and
     linking phone number anywhere in its text (phones read in `region_for` the unit the input
-    names, or of no unit: the default region)."""
+    names, or of no unit: the default region; those in the text in `other_regions` too, the
+    group's other units': a note may quote a customer's number as written where they live)."""
     if not raw:
         return set()
     found: set[tuple[str, str]] = set()
@@ -42,8 +44,9 @@ def identifiers_in(raw: str | None, region_for: Callable[[str], str]) -> set[tup
     if isinstance(data, dict) and isinstance(data.get("customer"), dict):
         found |= _customer_block(data["customer"], unit, region)
     found |= {("email", value) for value in map(normalise.email, EMAIL_IN_TEXT.findall(raw)) if value}
-    found |= {("phone", value) for value in (normalise.linking_phone(m, region) for m in PHONE_IN_TEXT.findall(raw))
-              if value}
+    regions = {region, *other_regions}
+    found |= {("phone", value) for value in (normalise.linking_phone(m, r) for m in PHONE_IN_TEXT.findall(raw)
+                                             for r in regions) if value}
     return found
 
 

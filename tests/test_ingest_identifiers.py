@@ -28,6 +28,16 @@ def test_phones_are_read_in_the_units_region():
     assert identifiers_in(raw, region_for) == {("phone", "+12125550134")}
 
 
+def test_numbers_in_text_are_read_in_the_groups_other_regions_too():
+    """An input of the retail unit (GB) holding numbers as written in the US, where the telecom
+    unit is: read in GB alone, neither is a number; read in the group's regions too, both are
+    (the customer block's as text: the whole input is read as text)."""
+    raw = orjson.dumps({"data": {"business_unit": "retail", "customer": {"phone": "(212) 555-0177"},
+                                 "note": "she now calls from (212) 555-0134"}}).decode()
+    assert identifiers_in(raw, region_for) == set()
+    assert identifiers_in(raw, region_for, {"GB", "US"}) == {("phone", "+12125550134"), ("phone", "+12125550177")}
+
+
 def test_malformed_text_still_gives_its_addresses_and_numbers():
     raw = '{"broken": "write to <Ann.Other@example.co.uk>; call +44 7911 123461'
     assert identifiers_in(raw, region_for) == {("email", "ann.other@example.co.uk"), ("phone", "+447911123461")}
