@@ -313,6 +313,10 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
                           f"role's to vacuum, or the database out of reach): their files keep the deleted rows until "
                           f"they are. The next command that opens the view (or a running `cdp serve`) tries again; "
                           f"a table this role may not vacuum needs `VACUUM FULL {tables}` run by its owner")
+    if server is not None and done.get("store_rewrite_pending"):
+        console.err.print("`cdp serve` rewrites the store's tables the person was deleted from in the background "
+                          "(GET /health says store_rewrite_pending until it is done): until then their files may "
+                          "still hold the deleted rows")
     if server is not None and done.get("view_rewrite_pending"):
         console.err.print("`cdp serve` rewrites the view's file CDP_VIEW_REWRITE_DELAY after the erasure (default "
                           "60 s) or when it stops: until then its free blocks may still hold the person's bytes")

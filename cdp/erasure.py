@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from cdp.application import CustomerApplication, Erasure
 from cdp.config import Settings
 from cdp.faults import BROKER, describe
+from cdp.store import SCRUB_RETRY_PATIENCE_MS
 from identity.features import STREET_TYPES
 from ingest.deadletter import remove_entries
 from ingest.durable import locked
@@ -169,17 +170,17 @@ def note_tables_left(settings: Settings, app: CustomerApplication, left: Sequenc
         settings.unscrubbed_tables_path.unlink(missing_ok=True)
 
 
-def retry_left_tables(settings: Settings, app: CustomerApplication) -> list[str]:
+def retry_left_tables(settings: Settings, app: CustomerApplication,
+                      patience_ms: int | None = SCRUB_RETRY_PATIENCE_MS) -> list[str]:
     """Tries once more to rewrite the store's tables an erasure left (note_tables_left), waiting
-    SCRUB_RETRY_PATIENCE_MS at most for a session that holds one, so the command or the server
-    that tries is hardly held up; returns those still left. The caller holds the erasure lock."""
-    from cdp.store import SCRUB_RETRY_PATIENCE_MS
-
+    `patience_ms` at most for a session that holds one (by default briefly, so the command or the
+    server that tries is hardly held up; None: as long as an erasure waits); returns those still
+    left. The caller holds the erasure lock."""
     try:
         tables = list(json.loads(settings.unscrubbed_tables_path.read_bytes()))
     except (FileNotFoundError, ValueError):
         return []
-    left = app.scrub(tables, SCRUB_RETRY_PATIENCE_MS)
+    left = app.scrub(tables, patience_ms)
     note_tables_left(settings, app, left)
     return left
 

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.databases import with_dbname
@@ -466,9 +467,11 @@ def test_erase_on_postgresql_leaves_no_deleted_row_in_the_databases_files(cdp, t
 @pytest.mark.postgres
 def test_an_erasure_through_the_server_leaves_no_deleted_row_in_postgresqls_files(cdp, tmp_path, fresh_postgres_dsn,
                                                                                   postgres_superuser):
-    """As the test above, through `cdp serve`. Kept in this file with the tests that hold a table
-    on purpose (below): the rewrite waits for an older transaction in any database of the server,
-    so one of them running meanwhile on another worker would leave every table."""
+    """As the test above, through `cdp serve`, which rewrites the tables in the background once it
+    has answered, as it does the view's file (GET /health: store_rewrite_pending). Kept in this
+    file with the tests that hold a table on purpose (below): the rewrite waits for an older
+    transaction in any database of the server, so one of them running meanwhile on another
+    worker would leave every table."""
     cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     keys = new_keys(cdp.env, {"admin": ("admin", None)})
@@ -476,7 +479,9 @@ def test_an_erasure_through_the_server_leaves_no_deleted_row_in_postgresqls_file
     server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}, tmp_path / "serve.log")
     try:
         erased = server.client(keys["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
-        assert erased["sources"] == 2 and erased["store_tables_left"] == []
+        assert erased["sources"] == 2 and erased["store_tables_left"] == [] and "store_rewrite_pending" in erased
+        wait_until(lambda: httpx.get(server.url + "/health").json()["store_rewrite_pending"] is False, 60,
+                   "the store's tables rewritten")
         assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
     finally:
         server.stop()
@@ -522,7 +527,8 @@ def test_a_table_an_erasure_could_not_rewrite_is_rewritten_once_free(cdp, tmp_pa
 @pytest.mark.postgres
 def test_a_running_server_rewrites_a_table_its_erasure_left_once_free(cdp, tmp_path, fresh_postgres_dsn,
                                                                        postgres_superuser):
-    """As above through `cdp serve`: the server tries the table again in the background."""
+    """As above through `cdp serve`: its rewrite in the background gives the held table up after
+    10 s, as `cdp erase` does, and tries it again later."""
     import psycopg
 
     cdp.env["CDP_EVENT_STORE"] = fresh_postgres_dsn
@@ -531,13 +537,19 @@ def test_a_running_server_rewrites_a_table_its_erasure_left_once_free(cdp, tmp_p
     log = tmp_path / "serve.log"
     server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000", "CDP_VIEW_REWRITE_DELAY": "off"}, log)
     try:
+        health = lambda: httpx.get(server.url + "/health").json()  # noqa: E731
         with psycopg.connect(fresh_postgres_dsn) as reader:
             reader.execute("LOCK TABLE identity_records IN ACCESS SHARE MODE")
+            started = time.perf_counter()
             erased = server.client(keys["admin"]).delete("/v1/profiles/email:quorra.zephyrine@example.org").json()
-            assert erased["store_tables_left"] == ["identity_records"]
+            assert time.perf_counter() - started < 8  # answered without waiting for the table
+            assert erased["store_rewrite_pending"] is True and erased["store_tables_left"] == []
+            wait_until(lambda: "identity_records could not be rewritten yet" in log.read_text(), 60,
+                       "the first rewrite to give the held table up")
             assert relations_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {"identity_records"}
-        wait_until(lambda: "tables an erasure left are rewritten" in log.read_text(), 60, "the server's retry")
-        assert not (cdp.home / "erasure.store_tables").exists()
+            assert health()["store_rewrite_pending"] is True
+        wait_until(lambda: "tables an erasure deleted from are rewritten" in log.read_text(), 60, "the server's retry")
+        assert health()["store_rewrite_pending"] is False and not (cdp.home / "erasure.store_tables").exists()
         assert database_files_holding(postgres_superuser, fresh_postgres_dsn, NEEDLES) == {}
     finally:
         server.stop()

@@ -203,7 +203,8 @@ def build_app(service: Any) -> FastAPI:
         ok = read.error is None
         body = {"status": "ok" if ok else "degraded", "mode": service.mode, "view_position": position,
                 "store_head": head, "behind": max(head - position, 0), "intake_pending": service.pending,
-                "view_rewrite_pending": service.view_rewrite_pending}
+                "view_rewrite_pending": service.view_rewrite_pending,
+                "store_rewrite_pending": service.store_rewrite_pending}
         if (resolver := service.resolver_state) is not None:
             body["resolver"] = resolver
         if not ok:
@@ -408,8 +409,11 @@ def build_app(service: Any) -> FastAPI:
         published on `cdp.profiles` (Kafka). `suppress=false` lets the person come back later.
         `view_rewrite_pending`: the view's file is still to be rewritten (CDP_VIEW_REWRITE_DELAY
         later, or when the server stops); until then its free blocks may still hold the person's
-        bytes. `store_tables_left`: PostgreSQL tables that could not be rewritten (busy, not the
-        role's to vacuum, or the database out of reach), whose files may still hold the deleted rows."""
+        bytes. `store_rewrite_pending`: the PostgreSQL tables the person was deleted from are still
+        to be rewritten (in the background, at once, and again while another session holds one:
+        GET /health says when it is done); until then their files may still hold the deleted rows.
+        `store_tables_left`: tables the store's role may not vacuum, whose files keep the deleted
+        rows until their owner runs VACUUM FULL on them."""
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
@@ -419,7 +423,8 @@ def build_app(service: Any) -> FastAPI:
             return {"customer_id": e.customer_id, "customer_ids": e.customer_ids, "sources": len(e.sources),
                     "suppressed": suppress, "deadletter_entries": done.deadletter_entries,
                     "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()},
-                    "view_rewrite_pending": service.view_rewrite_pending, "store_tables_left": done.tables_left}
+                    "view_rewrite_pending": service.view_rewrite_pending, "store_tables_left": done.tables_left,
+                    "store_rewrite_pending": service.store_rewrite_pending}
 
         return JSONResponse(await run_in_threadpool(answer))
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import duckdb
 import orjson
 
-from cdp.application import record_identifiers
+from cdp.application import ERASED_FROM, record_identifiers
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
 from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, note_tables_left, pending_view_rewrite,
@@ -35,6 +35,7 @@ from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
 from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids
 from cdp.server.viewgate import ViewGate
+from cdp.store import SCRUB_RETRY_PATIENCE_MS
 from ingest.durable import locked
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
@@ -173,13 +174,13 @@ class Service:
         phases = {"store_and_view": time.perf_counter() - started}
         if embedded:
             removed += scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
-        left = self.app.scrub()
-        note_tables_left(self.cfg, self.app, left)
-        if left:
-            self.log(f"after the erasure, the store's tables {', '.join(left)} could not be rewritten: their files keep "
-                     "the deleted rows until they are (tried again in the background; a table this role may not "
-                     "vacuum needs VACUUM FULL by its owner)")
-            self.schedule_store_scrub()
+        if self.app.store.is_postgres:  # rewritten in the background, as the view's file is: not waited for
+            pending = self.app.store.may_rewrite(ERASED_FROM)
+            note_tables_left(self.cfg, self.app, pending)
+            self.schedule_store_scrub(0, patience_ms=None)
+            left = [table for table in ERASED_FROM if table not in pending]  # no try of this role's would do
+        else:
+            left = self.app.scrub()  # SQLite: its log checkpointed and truncated, in moments
         self.read.checkpoint()  # the view's log held the person's rows too
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
@@ -208,26 +209,39 @@ class Service:
         with self._timer_lock:
             self._timers.pop(slot, None)
 
-    def schedule_store_scrub(self, delay: float = STORE_SCRUB_RETRY_SECONDS[0]) -> None:
-        """Tries again, in `delay` seconds, to rewrite the store's tables an erasure left
-        (retry_left_tables: it waits for a table held by another session a quarter of a second at
-        most, so the server's writers hardly wait), and again later while one is still held."""
-        self._schedule("store-scrub", delay, self._scrub_when_due, delay)
+    def schedule_store_scrub(self, delay: float = STORE_SCRUB_RETRY_SECONDS[0],
+                             patience_ms: int | None = SCRUB_RETRY_PATIENCE_MS) -> None:
+        """Rewrites, in `delay` seconds, the store's tables an erasure deleted from and that are
+        still to rewrite (retry_left_tables), and again later while one is held by another session.
+        Right after an erasure it waits for such a session as `cdp erase` does (`patience_ms` None:
+        SCRUB_LOCK_TIMEOUT_MS); a later try waits a quarter of a second at most, so the server's
+        writers hardly wait."""
+        self._schedule("store-scrub", delay, self._scrub_when_due, delay, patience_ms)
 
-    def _scrub_when_due(self, delay: float) -> None:
+    @property
+    def store_rewrite_pending(self) -> bool:
+        """Whether the store's tables an erasure deleted from may still hold the deleted rows in
+        their files (PostgreSQL: rewritten in the background, schedule_store_scrub)."""
+        return self.cfg.unscrubbed_tables_path.exists()
+
+    def _scrub_when_due(self, delay: float, patience_ms: int | None) -> None:
         self._due("store-scrub")
-        if not self.cfg.unscrubbed_tables_path.exists():
+        if not self.store_rewrite_pending:
             return  # a later erasure rewrote them all
         try:
             with locked(self.cfg.erasure_lock_path):
-                left = retry_left_tables(self.cfg, self.app)
+                left = retry_left_tables(self.cfg, self.app, patience_ms)
         except Exception as error:  # noqa: BLE001 - said, and tried again
-            self.log(f"rewriting the store's tables an erasure left failed ({error!r}); trying again")
+            self.log(f"rewriting the store's tables after an erasure failed ({error!r}); trying again")
             left = ["?"]
         if left:
-            self.schedule_store_scrub(min(delay * 2, STORE_SCRUB_RETRY_SECONDS[1]))
+            again = min(max(delay * 2, STORE_SCRUB_RETRY_SECONDS[0]), STORE_SCRUB_RETRY_SECONDS[1])
+            self.log(f"after an erasure, the store's tables {', '.join(left)} could not be rewritten yet (held by "
+                     f"another session, or the database out of reach): tried again in {again:.0f} s; their files "
+                     "keep the deleted rows until then")
+            self.schedule_store_scrub(again)
         else:
-            self.log("the store's tables an erasure left are rewritten: their files hold no deleted row")
+            self.log("the store's tables an erasure deleted from are rewritten: their files hold no deleted row")
 
     def _rewrite_when_due(self) -> None:
         self._due("view-rewrite")  # an erasure from now on is due for a rewrite of its own
@@ -516,6 +530,6 @@ def run(cfg: Settings, host: str, port: int) -> None:
     finally:
         cfg.server_file.unlink(missing_ok=True)
         service.close()
-        rewrite_view_if_pending(cfg)
+        finish_unfinished(cfg)  # the view's rewrite, and the store's tables still to rewrite (briefly)
     if not server.started:
         raise OSError(f"cannot listen on {host}:{port}")
