@@ -50,3 +50,22 @@ def test_the_view_runs_one_duckdb_thread_on_two_cores_unless_told(tmp_path, monk
     if threads == "duckdb":
         threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchall()[0][0]
     assert running == threads
+
+
+def test_a_checkpoint_during_another_write_of_the_views_gives_up_rather_than_fail(tmp_path):
+    """After an erasure the server moves the view's log into its file; a write of the view's under
+    way (a refresh of the scores on a large view takes seconds) must not turn the committed
+    erasure's answer into a failure: the checkpoint says it could not, and the file's rewrite
+    drops the log."""
+    cfg = Settings.from_env({"CDP_HOME": str(tmp_path)})
+    with CustomerApplication(cfg) as app:
+        read = ReadSide(cfg, app)
+        try:
+            writer = read.cursor()
+            writer.execute("BEGIN TRANSACTION")
+            writer.execute("INSERT INTO projection_state VALUES ('a writer', 1)")
+            assert read.checkpoint(attempts=3) is False
+            writer.execute("COMMIT")
+            assert read.checkpoint() is True
+        finally:
+            read.projector.close()

@@ -193,17 +193,20 @@ class ReadSide:
                 self._caught_up.wait(left)
         return True
 
-    def checkpoint(self, attempts: int = 20) -> None:
+    def checkpoint(self, attempts: int = 20) -> bool:
         """Moves the view's write-ahead log into its file (after an erasure: the log held the
-        person's rows); retried while the projector's own transaction is open."""
+        person's rows); retried while another write of the view's is under way (the projector's
+        batch, a refresh of the scores), for a second by default. False when one still was: the
+        log then goes with the file's rewrite after the erasure (the old file's log is dropped
+        at the swap), and the erasure, committed, stands."""
         for attempt in range(attempts):
             try:
                 self.cursor().execute("CHECKPOINT")
-                return
+                return True
             except duckdb.TransactionException:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(0.05)
+                if attempt < attempts - 1:
+                    time.sleep(0.05)
+        return False
 
     # -- following ---------------------------------------------------------------------------
 

@@ -181,7 +181,9 @@ class Service:
             left = [table for table in ERASED_FROM if table not in pending]  # no try of this role's would do
         else:
             left = self.app.scrub()  # SQLite: its log checkpointed and truncated, in moments
-        self.read.checkpoint()  # the view's log held the person's rows too
+        if not self.read.checkpoint():  # the view's log held the person's rows too
+            self.log("after the erasure, the view's log could not be moved into its file (a write of the view's was "
+                     "under way): the file's rewrite drops it")
         mark_view_rewrite(self.cfg)
         self.schedule_view_rewrite()
         self.cfg.unfinished_erasure_path.unlink(missing_ok=True)
