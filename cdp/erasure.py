@@ -158,16 +158,17 @@ def finish_unfinished(settings: Settings) -> bool:
     return rewrite_view_if_pending(settings)
 
 
-def note_tables_left(settings: Settings, app: CustomerApplication, left: Sequence[str]) -> None:
+def note_tables_left(settings: Settings, app: CustomerApplication, left: Sequence[str]) -> list[str]:
     """Keeps the store's tables an erasure's scrub left that a later try can rewrite (held by
     another session, or the database out of reach: not those the role may not vacuum, which wait
-    for their owner) for retry_left_tables; none, no file. Every erasure scrubs all the tables an
-    erasure deletes from, so its own list replaces the last one's."""
+    for their owner) for retry_left_tables, and returns them; none, no file. Every erasure scrubs
+    all the tables an erasure deletes from, so its own list replaces the last one's."""
     retry = app.store.may_rewrite(left) if left else []
     if retry:
         view_erasure.mark(settings.unscrubbed_tables_path, json.dumps(retry).encode())
     else:
         settings.unscrubbed_tables_path.unlink(missing_ok=True)
+    return retry
 
 
 def retry_left_tables(settings: Settings, app: CustomerApplication,

@@ -175,8 +175,7 @@ class Service:
         if embedded:
             removed += scrub_deadletter(self.cfg.deadletter_path, erasure, surname_shared(self.app))
         if self.app.store.is_postgres:  # rewritten in the background, as the view's file is: not waited for
-            pending = self.app.store.may_rewrite(ERASED_FROM)
-            note_tables_left(self.cfg, self.app, pending)
+            pending = note_tables_left(self.cfg, self.app, ERASED_FROM)
             self.schedule_store_scrub(0, patience_ms=None)
             left = [table for table in ERASED_FROM if table not in pending]  # no try of this role's would do
         else:
