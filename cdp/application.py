@@ -60,6 +60,7 @@ from identity import reresolution
 from identity.reresolution import Retrained
 from identity.resolver import Decision, Link, Resolver, SplitDecision, review_id
 from identity.training import due, has_pairs, train
+from ingest.normalise import linking_phone
 from ingest.records import Accepted, Rejected
 
 COMMIT_ATTEMPTS = 5
@@ -85,12 +86,18 @@ class Erasure:
     (view, dead-letter) with them, then forgets them. `features` are the source records' names and
     addresses in match form (identity_records), for copies that carry no identifier."""
 
-    customer_id: str
+    customer_id: str | None  # None: identifiers no customer carries (erase_identifiers)
     customer_ids: list[str]
     sources: list[str]
     identifiers: list[tuple[str, str]]
     fingerprints: list[str]
     features: list[Features] = field(default_factory=list)
+
+
+class CustomerCarries(ValueError):
+    """An identifier given to erase as no customer's is a customer's by the time the store is
+    locked (its events arrived meanwhile): that customer is what to erase. Its message alone
+    (it crosses from the server's resolver process as a pickle)."""
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -394,6 +401,43 @@ class CustomerApplication(Application):
         # answer) for the whole identity state: seconds on a store of a million events.
         self._resolver = None
         return erasure
+
+    def erase_identifiers(self, identifiers: Sequence[tuple[str, str]], suppress: bool = True,
+                          actor: str = "local") -> Erasure:
+        """Erases a person no customer stands for, known by `identifiers` (kind, normalised value;
+        a source record as ("source", "unit:source_id")): someone whose every input was rejected,
+        so the dead-letter alone holds them, or who asks before any unit has sent them. The store
+        holds nothing of theirs to destroy: their identifiers are kept as keyed hashes when
+        `suppress` (later events carrying them are dropped, as an erased customer's), and the
+        erasure is audited by the kinds of identifier alone. Raises CustomerCarries when a
+        customer carries one by the time the store is locked."""
+        def work(batch: Batch) -> Erasure:
+            for kind, value in identifiers:
+                owners = sorted({row[0] for row in self.store.query(
+                    "SELECT customer_id FROM identity_keys WHERE kind = ? AND value = ?", (kind, value))})
+                if owners:
+                    raise CustomerCarries(f"customer {', '.join(owners)} carries the {kind} now: erase the customer")
+            erasure = self.identifier_erasure(identifiers, suppress)
+            batch.writes.append((INSERT_SUPPRESSED, [(f,) for f in erasure.fingerprints]))
+            self._audit(batch, actor, "erase", None, {"customer_ids": [], "sources": len(erasure.sources),
+                                                      "identifiers": sorted({kind for kind, _ in identifiers}),
+                                                      "suppressed": bool(erasure.fingerprints)})
+            return erasure
+
+        erasure = self._command(work, needs_resolver=False)
+        if self._suppressed is not None:  # this process's next batch drops them too
+            self._suppressed.update(erasure.fingerprints)
+        return erasure
+
+    def identifier_erasure(self, identifiers: Sequence[tuple[str, str]], suppress: bool = True) -> Erasure:
+        """What erasing identifiers no customer carries touches (erase_identifiers), for the
+        copies outside the store: their source records and other identifiers, their keyed hashes."""
+        sources = sorted(value for kind, value in identifiers if kind == "source")
+        others = sorted((kind, value) for kind, value in identifiers if kind != "source")
+        # a phone no record is known by (not a number one person answers) would suppress nothing
+        known = [(kind, value) for kind, value in identifiers if kind != "phone" or linking_phone(value, "ZZ")]
+        fingerprints = sorted({self.keys.fingerprint(kind, value) for kind, value in known}) if suppress else []
+        return Erasure(None, [], sources, others, fingerprints)
 
     def scrub(self, tables: Sequence[str] = ERASED_FROM, patience_ms: int | None = None) -> list[str]:
         """After an erasure: no deleted row left in the store's files (EventStore.scrub); returns

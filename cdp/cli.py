@@ -197,10 +197,11 @@ def customer() -> None:
     """Look at one unified customer."""
 
 
-def find_who(cfg: Settings, con: duckdb.DuckDBPyConnection, who: str) -> list[str]:
-    """The customer ids WHO names (a customer id, an e-mail, a phone or unit:source_id)."""
+def what_who_is(cfg: Settings, who: str) -> tuple[str, str]:
+    """(kind, value) of WHO: 'customer_id', 'email', 'phone' (normalised as the store keeps them)
+    or 'source' (unit:source_id)."""
     from ingest import normalise
-    from projections.queries import LookupError_, classify, find_customers
+    from projections.queries import LookupError_, classify
 
     try:
         kind, value = classify(who)
@@ -210,6 +211,14 @@ def find_who(cfg: Settings, con: duckdb.DuckDBPyConnection, who: str) -> list[st
         value = normalise.email(value) or value.strip().lower()
     elif kind == "phone":
         value = normalise.phone(value, cfg.default_phone_region) or value
+    return kind, value
+
+
+def find_who(cfg: Settings, con: duckdb.DuckDBPyConnection, who: str) -> list[str]:
+    """The customer ids WHO names (a customer id, an e-mail, a phone or unit:source_id)."""
+    from projections.queries import find_customers
+
+    kind, value = what_who_is(cfg, who)
     ids = find_customers(con, kind, value)
     if not ids:
         raise UserError(f"no customer found for {kind} {value!r}")
@@ -273,12 +282,20 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
     from cdp.erasure import erase_customer
     from cdp.server.client import running_server
 
+    from projections.queries import find_customers
+
     cfg = settings()
+    kind, value = what_who_is(cfg, who)
     con = open_view(cfg, scores=False)  # the person's scores go with them: not brought up to date first
     try:
-        ids = find_who(cfg, con, who)
+        ids = find_customers(con, kind, value)
     finally:
         con.close()
+    if not ids and kind == "customer_id":
+        raise UserError(f"no customer found for customer_id {value!r}")
+    if not ids:
+        erase_identifier(cfg, kind, value, yes, keep_suppression == "yes")
+        return
     if len(ids) > 1:
         raise UserError(f"{who!r} names {len(ids)} customers ({', '.join(ids)}): erase them one by one by customer id")
     if not yes and not click.confirm(f"Erase customer {ids[0]} and everything held about them?", err=True):
@@ -320,6 +337,44 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
     if server is not None and done.get("view_rewrite_pending"):
         console.err.print("`cdp serve` rewrites the view's file CDP_VIEW_REWRITE_DELAY after the erasure (default "
                           "60 s) or when it stops: until then its free blocks may still hold the person's bytes")
+
+
+def erase_identifier(cfg: Settings, kind: str, value: str, yes: bool, suppress: bool) -> None:
+    """`cdp erase` of an e-mail, a phone or a source record no customer carries: a person the
+    dead-letter alone holds (every input of theirs rejected), or who asks before any unit sent
+    them. Their dead-letter entries go and, unless told otherwise, their identifier is suppressed."""
+    from urllib.parse import quote
+
+    from cdp.application import CustomerCarries
+    from cdp.erasure import erase_identifiers
+    from cdp.server.client import running_server
+
+    if kind == "phone" and not value.startswith("+"):  # not read as a number (E.164): no event would carry it
+        raise UserError(f"no customer found for phone {value!r}, and it is not a phone number in "
+                        f"{cfg.default_phone_region}: give it with its country code (+44 …)")
+    what = f"{kind} {value!r}" if kind != "source" else f"source record {value!r}"
+    if not yes and not click.confirm(f"No customer carries {what}. Remove the dead-letter entries that carry it"
+                                     + (" and suppress it?" if suppress else "?"), err=True):
+        raise UserError("not erased")
+    server = running_server(cfg)
+    if server is not None:  # as DELETE /v1/profiles/{ref} of an identifier no customer carries
+        ref = quote(value if kind == "source" else f"{kind}:{value}", safe="@:")
+        done = ask(server, "DELETE", f"/v1/profiles/{ref}?suppress={suppress}", actor=local_user(),
+                   failed="erase failed")
+        entries, seconds, suppressed = done["deadletter_entries"], done["seconds"], done["suppressed"]
+    else:
+        try:
+            erased = erase_identifiers(cfg, [(kind, value)], suppress, actor=local_user())
+        except CustomerCarries as error:
+            raise UserError(str(error)) from None
+        entries, seconds, suppressed = erased.deadletter_entries, erased.seconds, bool(erased.erasure.fingerprints)
+    if suppressed:
+        state = "identifier suppressed"
+    else:
+        state = "identifier not suppressed" + ("" if not suppress else " (not a number one person answers: no "
+                                               "event is known by it)")
+    console.out.print(f"erased {what}: no customer carried it; {entries} dead-letter entr(ies); {state} "
+                      f"({seconds:.2f} s)")
 
 
 def record_access(cfg: Settings, action: str, customer_ids: list[str], **detail: object) -> None:

@@ -97,6 +97,21 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
     return Erased(erasure, removed, seconds, phases, left, unsent)
 
 
+def erase_identifiers(settings: Settings, identifiers: Sequence[tuple[str, str]], suppress: bool = True,
+                      actor: str = "local") -> Erased:
+    """Erases a person no customer stands for (CustomerApplication.erase_identifiers): the
+    dead-letter entries that carry their identifiers go, before the store's commit and again
+    after it (an entry written in between, before they were suppressed), and their identifiers
+    are suppressed. The store and the view hold nothing of theirs, so neither is rewritten."""
+    started = time.perf_counter()
+    with locked(settings.erasure_lock_path), CustomerApplication(settings) as app:
+        removed = scrub_deadletter(settings.deadletter_path, app.identifier_erasure(identifiers, suppress))
+        erasure = app.erase_identifiers(identifiers, suppress, actor)
+        removed += scrub_deadletter(settings.deadletter_path, erasure)
+    seconds = time.perf_counter() - started
+    return Erased(erasure, removed, seconds, {"deadletter_and_store": seconds}, [])
+
+
 def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float]:
     """The view follows the store (an Erased event deletes the person's rows and marks the file,
     projections.erasure.delete_erased), then its file is rewritten if marked; seconds of each."""

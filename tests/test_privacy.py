@@ -246,8 +246,8 @@ def test_an_erasure_stopped_part_way_is_finished_by_the_next_command(cdp, tmp_pa
     assert files_holding(cdp.home, NEEDLES) == {}
     assert not unfinished.exists() and not view_marker.exists()
     assert others(cdp) == before
-    again = cdp("erase", ANN["email"], "--yes", check=False)
-    assert again.returncode == 1 and "no customer found" in again.stderr
+    again = cdp("erase", ANN["email"], "--yes")  # erased already: nothing left to find, nothing to scrub
+    assert "no customer carried it; 0 dead-letter entr(ies)" in again.stdout
 
 
 def test_an_erasure_killed_before_its_commit_loses_nothing(cdp, tmp_path):
@@ -396,10 +396,83 @@ def test_erase_does_not_bring_the_scores_up_to_date_first(cdp, tmp_path):
     assert {r["recency_days"] for r in cdp.query("SELECT recency_days FROM customers")} and scored_as_of() == "2025-07-31"
 
 
+GHOST = {"email": "Wilhelmina.Quaxley@Example.org", "phone": "+44 7911 123462", "first_name": "Wilhelmina",
+         "last_name": "Quaxley", "address": {"street": "9 Drumblewick Road", "city": "York"}}
+# her phone as both units wrote it, and as the store would keep it (E.164)
+GHOST_NEEDLES = ["wilhelmina.quaxley@example.org", "7911 123462", "7911123462", "wilhelmina", "quaxley", "drumblewick"]
+
+
+def ghost_rejects() -> bytes:
+    """A person every input of whose the schema rejects, so no customer stands for them and the
+    dead-letter alone holds them: the full record, another unit's record with only her phone (as
+    the unit writes it) and first name, a third unit's record with only her first name; and
+    another person's rejected input."""
+    return jsonl([
+        event("g1", "retail", "R-G", "cdp.purchase", amount="lots", customer=GHOST),
+        event("g2", "telecom", "T-G", "cdp.purchase", amount="lots",
+              customer={"phone": "07911 123462", "first_name": "Wilhelmina"}),
+        event("g3", "bank", "B-G", "cdp.purchase", amount="lots", customer={"first_name": "Wilhelmina"}),
+        event("x1", "telecom", "T-45", "cdp.purchase", amount="lots", customer={"first_name": "Bob", "last_name": "Other"}),
+    ])
+
+
+def test_a_person_only_the_dead_letter_holds_is_erased_by_an_identifier(cdp, tmp_path):
+    """`cdp erase` of an e-mail, a phone or a source record no customer carries removes the
+    dead-letter entries that carry it and suppresses it: a valid event of theirs sent later is
+    dropped, not made into a customer. Before, it failed with "no customer found" and the
+    dead-letter kept them for good."""
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    ingest(cdp, tmp_path, "ghost.jsonl", ghost_rejects())
+    assert set(GHOST_NEEDLES) - set(needles_in((cdp.home / "deadletter.jsonl").read_bytes(), GHOST_NEEDLES)) == {
+        "7911123462"}
+    before = others(cdp)
+    missing = cdp("customer", "show", GHOST["email"], check=False)
+    assert missing.returncode == 1 and "no customer found" in missing.stderr
+
+    refused = cdp("erase", GHOST["email"], check=False, input="n\n")
+    assert refused.returncode == 1 and "No customer carries email" in refused.stderr
+    assert len(deadletter_ids(cdp)) == 4
+    out = cdp("erase", GHOST["email"], "--yes").stdout
+    assert "no customer carried it; 1 dead-letter entr(ies); identifier suppressed" in out
+    assert deadletter_ids(cdp) == ["g2", "g3", "x1"]
+    assert "1 dead-letter entr(ies)" in cdp("erase", "07911 123462", "--yes").stdout  # as the unit wrote it
+    assert "1 dead-letter entr(ies)" in cdp("erase", "bank:B-G", "--yes").stdout
+    assert deadletter_ids(cdp) == ["x1"]  # another person's entry stays
+    assert files_holding(cdp.home, GHOST_NEEDLES) == {}
+    erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
+    assert [(e["customer_id"], e["detail"]["identifiers"], e["detail"]["sources"]) for e in erased] == [
+        (None, ["email"], 0), (None, ["phone"], 0), (None, ["source"], 1)]
+
+    # units later send her valid records: dropped, counted, dead-lettered without their input
+    out = ingest(cdp, tmp_path, "later.jsonl", jsonl([
+        event("g4", "retail", "R-G2", customer={"email": GHOST["email"], "first_name": "Wilhelmina"}),
+        event("g5", "telecom", "T-G2", customer={"phone": GHOST["phone"], "last_name": "Quaxley"}),
+        event("g6", "bank", "B-G", "cdp.purchase", amount=3.0),
+    ]))
+    assert _summary_count(out, "suppressed") == 3
+    assert files_holding(cdp.home, GHOST_NEEDLES) == {}
+    assert others(cdp) == before
+
+    # a customer's identifier still erases the customer; an unreadable phone is refused in one line
+    assert "erased customer" in cdp("erase", "bob.other@example.org", "--yes").stdout
+    result = cdp("erase", "999999999999", "--yes", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("cdp: error: no customer found for phone")
+    assert "country code" in result.stderr and "Traceback" not in result.stderr
+    # a number no record is known by (not one a person answers) cannot be suppressed: said so
+    out = cdp("erase", "+44 7700 900555", "--yes").stdout
+    assert "identifier not suppressed (not a number one person answers" in out
+
+
+def deadletter_ids(cdp) -> list[str]:
+    return [json.loads(line)["event_id"] for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
+
+
 def test_erase_usage_errors_are_one_line(cdp, tmp_path):
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
-    result = cdp("erase", "nobody@example.org", "--yes", check=False)
-    assert result.returncode == 1 and result.stderr.startswith("cdp: error: no customer found")
+    result = cdp("erase", "0123456789abcdef0123456789abcdef", "--yes", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("cdp: error: no customer found for customer_id")
+    result = cdp("erase", "nobody at all", "--yes", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("cdp: error: cannot tell what")
     result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "short"}, check=False)
     assert result.returncode == 1 and "CDP_MASTER_KEY" in result.stderr and "Traceback" not in result.stderr
     result = cdp("erase", "retail:R-1", "--yes", extra_env={"CDP_MASTER_KEY": "ab" * 32}, check=False)

@@ -20,8 +20,8 @@ import pytest
 from tests.events import event, jsonl
 from tests.serving import cloudevent, deadletter, new_keys, start_server, wait_until
 from tests.test_streaming import kafka_env  # noqa: F401 (a fixture)
-from tests.test_privacy import (ANN, NEEDLES, files_holding, ingest, invalid_event_of_ann, needles_in, others,
-                                people_events)
+from tests.test_privacy import (ANN, GHOST, GHOST_NEEDLES, NEEDLES, files_holding, ghost_rejects, ingest,
+                                invalid_event_of_ann, needles_in, others, people_events)
 
 
 @pytest.fixture
@@ -201,6 +201,42 @@ def test_a_running_servers_rejects_are_kept_across_an_erasure(cdp, tmp_path, peo
     assert [d["event_id"] for d in deadletter(cdp.home)] == ["bad3", "before", "after"]
 
 
+def test_a_person_only_the_dead_letter_holds_is_erased_over_http(cdp, tmp_path, people):
+    """DELETE /v1/profiles of an e-mail or a source record no customer carries (and `cdp erase` of
+    one beside the server) removes the dead-letter entries carrying it and suppresses it: her
+    valid event sent afterwards is answered as accepted, dropped, and dead-lettered without input."""
+    ingest(cdp, tmp_path, "ghost.jsonl", ghost_rejects())
+    publish = new_keys(cdp.env, {"shop": ("publish", "retail")})["shop"]
+    server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
+    try:
+        admin, read = server.client(people["admin"]), server.client(people["read"])
+        refusal(read.delete("/v1/profiles/email:" + GHOST["email"]), 403, "forbidden")
+        refusal(admin.delete("/v1/profiles/customer_id:0123456789abcdef0123456789abcdef"), 404, "not_found")
+        erased = admin.delete("/v1/profiles/email:" + GHOST["email"])
+        assert erased.status_code == 200, erased.text
+        body = erased.json()
+        assert body["customer_id"] is None and body["customer_ids"] == [] and body["deadletter_entries"] == 1
+        assert body["suppressed"] is True
+        done = cdp("erase", "+44 7911 123462", "--yes")  # beside the server: the server erases it
+        assert "no customer carried it; 1 dead-letter entr(ies); identifier suppressed" in done.stdout
+        assert admin.delete("/v1/profiles/bank:B-G").json()["deadletter_entries"] == 1
+        assert [d["event_id"] for d in deadletter(cdp.home)] == ["bad1", "bad2", "bad3", "x1"]
+
+        later = cloudevent("g7", "retail", "R-G7", customer={"email": GHOST["email"], "first_name": "Wilhelmina"})
+        answer = server.client(publish).post("/events", json=later,
+                                             headers={"Content-Type": "application/cloudevents+json"})
+        assert answer.status_code == 200 and answer.json()["accepted"] == 1, answer.text
+        wait_until(lambda: any(d["event_id"] == "g7" for d in deadletter(cdp.home)), 30, "g7 dead-lettered")
+        assert [d for d in deadletter(cdp.home) if d["event_id"] == "g7"][0]["reason"] == "suppressed"
+        refusal(read.get("/v1/profiles/email:" + GHOST["email"]), 404, "not_found")
+        entries = admin.get("/v1/audit").json()["entries"]
+        assert [(e["customer_id"], e["detail"]["identifiers"]) for e in entries if e["action"] == "erase"] == [
+            (None, ["email"]), (None, ["phone"]), (None, ["source"])]
+    finally:
+        server.stop()
+    assert files_holding(cdp.home, GHOST_NEEDLES) == {}
+
+
 def _key_ids(cdp, keys: dict[str, str]) -> list[str]:
     """Ids of the read, unit-read and admin keys, as `cdp keys list` shows them."""
     listed = json.loads(cdp("keys", "list", "--format", "json").stdout)
@@ -285,12 +321,15 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
         admin = server.client(people["admin"])
         ann = admin.get("/v1/profiles/retail:R-1").json()["customer_id"]
         assert admin.delete(f"/v1/profiles/customer_id:{ann}").status_code == 200
+        # and a person no customer stands for, by her e-mail: the collector learns it at once too
+        assert admin.delete("/v1/profiles/email:" + GHOST["email"]).json()["suppressed"] is True
         sent = [cloudevent("k1", "retail", "R-1", "cdp.purchase", order_id="o1", amount=5.0, currency="EUR"),
                 cloudevent("k2", "retail", "R-8", customer={"email": ANN["email"], "first_name": "Quorralind"}),
-                cloudevent("k3", "retail", "R-9", customer={"email": "eve.new@example.org"})]
+                cloudevent("k3", "retail", "R-9", customer={"email": "eve.new@example.org"}),
+                cloudevent("k5", "retail", "R-G", customer={"email": GHOST["email"], "first_name": "Wilhelmina"})]
         answer = server.client(publish).post("/events", content=json.dumps(sent),
                                              headers={"Content-Type": "application/cloudevents-batch+json"})
-        assert answer.status_code == 200 and answer.json()["accepted"] == 3  # a unit learns nothing of an erasure
+        assert answer.status_code == 200 and answer.json()["accepted"] == 4  # a unit learns nothing of an erasure
         broken = cloudevent("k4", "retail", "R-8", "cdp.purchase", amount="lots", customer={"email": ANN["email"]})
         answer = server.client(publish).post("/events", content=json.dumps(broken),
                                              headers={"Content-Type": "application/cloudevents+json"})
@@ -302,8 +341,9 @@ def test_a_kafka_mode_server_publishes_the_tombstone(cdp, tmp_path, people, kafk
                                   "-e", "-q"], capture_output=True, text=True, timeout=60, check=True).stdout
         entries = [json.loads(line) for line in rejects.splitlines()]
         assert sorted((e["event_id"], e["reason"], e["input"]) for e in entries) == [
-            ("k1", "suppressed", None), ("k2", "suppressed", None), ("k4", "suppressed", None)]
-        assert needles_in(events.encode() + rejects.encode(), NEEDLES) == []
+            ("k1", "suppressed", None), ("k2", "suppressed", None), ("k4", "suppressed", None),
+            ("k5", "suppressed", None)]
+        assert needles_in(events.encode() + rejects.encode(), NEEDLES + GHOST_NEEDLES) == []
 
         def last_message() -> str | None:
             out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles",

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cdp.application import CustomerCarries
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.audit import select as select_entries, since as parse_since
@@ -333,7 +334,8 @@ def build_app(service: Any) -> FastAPI:
 
     # -- profiles ----------------------------------------------------------------------------
 
-    def resolve(ref: str, key: Key) -> profiles.Found:
+    def reference(ref: str) -> tuple[str, str]:
+        """(id_type, value) of a profile reference, the value normalised as the view keeps it."""
         id_type, sep, value = ref.partition(":")
         if not sep or not value:
             raise Denied(400, "invalid_id", "expected {id_type}:{value}, id_type one of "
@@ -344,9 +346,16 @@ def build_app(service: Any) -> FastAPI:
             value = normal_phone(value, service.cfg.default_phone_region) or value
         elif id_type == "customer_id":
             value = value.replace("-", "").lower()
+        return id_type, value
+
+    def resolve(ref: str, key: Key) -> profiles.Found:
+        id_type, value = reference(ref)
         found = profiles.find(service.read.cursor(), id_type, value, key.unit)
         if not found:
             raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
+        return one_of(found, id_type, value)
+
+    def one_of(found: list[profiles.Found], id_type: str, value: str) -> profiles.Found:
         if len(found) > 1:
             raise Denied(409, "ambiguous", f"{len(found)} customers have {id_type} {value!r}: "
                          "ask by customer_id or unit:source_id")
@@ -417,11 +426,23 @@ def build_app(service: Any) -> FastAPI:
         key = admit(request, "admin", group=True)
 
         def answer() -> dict[str, Any]:
-            found = resolve(ref, key)
-            done = service.erase(found.customer_id, suppress, actor_of(key, request))
+            id_type, value = reference(ref)
+            found = profiles.find(service.read.cursor(), id_type, value, key.unit)
+            if found:
+                done = service.erase(one_of(found, id_type, value).customer_id, suppress, actor_of(key, request))
+            elif id_type in ("customer_id", "anonymous_id") or (id_type == "phone" and not value.startswith("+")):
+                raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
+            else:  # an identifier no customer carries: its dead-letter entries go, it is suppressed
+                identifier = (id_type, value) if id_type in ("email", "phone") else ("source", f"{id_type}:{value}")
+                try:
+                    done = service.erase_identifiers([identifier], suppress, actor_of(key, request))
+                except CustomerCarries as error:
+                    raise Denied(409, "conflict", str(error)) from None
             e = done.erasure
             return {"customer_id": e.customer_id, "customer_ids": e.customer_ids, "sources": len(e.sources),
-                    "suppressed": suppress, "deadletter_entries": done.deadletter_entries,
+                    "identifiers": len(e.identifiers),
+                    "suppressed": suppress if e.customer_id else bool(e.fingerprints),
+                    "deadletter_entries": done.deadletter_entries,
                     "seconds": round(done.seconds, 3), "phases": {k: round(v, 3) for k, v in done.phases.items()},
                     "view_rewrite_pending": service.view_rewrite_pending, "store_tables_left": done.tables_left,
                     "store_rewrite_pending": service.store_rewrite_pending}

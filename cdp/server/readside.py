@@ -471,6 +471,14 @@ def erased_ids(notifications: list[tuple]) -> list[str]:
     return [cid for r in notifications if r[2] == stored_events.ERASED for cid in orjson.loads(r[3])["customer_ids"]]
 
 
+def erases_anyone(notifications: list[tuple]) -> bool:
+    """Whether `notifications` hold an erasure: a customer's (`Erased`), or of identifiers no
+    customer carried (only its audit entry says so, CustomerApplication.erase_identifiers)."""
+    return any(r[2] == stored_events.ERASED
+               or (r[2] == stored_events.AUDIT_ENTRY and orjson.loads(r[3])["action"] == "erase")
+               for r in notifications)
+
+
 def changed_customers(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[set[str], dict[str, str]]:
     """Current ids of the customers in `ids`, and the ones merged away (absorbed → survivor)."""
     distinct = sorted(set(ids))

@@ -33,7 +33,7 @@ from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
 from cdp.server.access import Denied, Gate, RateLimiter
-from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids
+from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids, erases_anyone
 from cdp.server.viewgate import ViewGate
 from cdp.store import SCRUB_RETRY_PATIENCE_MS
 from ingest.durable import locked
@@ -124,11 +124,15 @@ class Service:
         and the Kafka collector learns the erased identifiers (_carries_erased)."""
         if pending_view_rewrite(self.cfg).exists():
             self.schedule_view_rewrite()
-        if self.mode == "kafka" and erased_ids(notifications):
-            try:
-                self._erased = self.app.erased_screen()
-            except Exception as error:  # noqa: BLE001 - the workers drop what it lets through meanwhile
-                self.log(f"reading the erased identifiers again failed ({error!r}); the next erasure tries again")
+        if self.mode == "kafka" and erases_anyone(notifications):
+            self._renew_erased_screen()
+
+    def _renew_erased_screen(self) -> None:
+        """The Kafka collector's check (_carries_erased) read again from the store."""
+        try:
+            self._erased = self.app.erased_screen()
+        except Exception as error:  # noqa: BLE001 - the workers drop what it lets through meanwhile
+            self.log(f"reading the erased identifiers again failed ({error!r}); the next erasure tries again")
 
     def _carries_erased(self, identifiers: Iterable[tuple[str, str]]) -> bool:
         """Whether the Kafka collector keeps what it is sent out of `cdp.events` (an accepted
@@ -188,6 +192,30 @@ class Service:
         self.cfg.unfinished_erasure_path.unlink(missing_ok=True)
         phases["deadletter_and_store_files"] = time.perf_counter() - started - phases["store_and_view"]
         return Erased(erasure, removed, time.perf_counter() - started, phases, left)
+
+    def erase_identifiers(self, identifiers: Sequence[tuple[str, str]], suppress: bool, actor: str) -> Erased:
+        """`DELETE /v1/profiles/{ref}` of identifiers no customer carries, and `cdp erase` of one
+        beside this server: the application's erase_identifiers, as a person's decision. Embedded,
+        the dead-letter file is scrubbed before it and after (with Kafka, rejected inputs are on
+        cdp.deadletter); with Kafka, the collector learns the suppressed identifiers at once. The
+        store and the view hold nothing of theirs: no file is rewritten."""
+        with locked(self.cfg.erasure_lock_path):
+            started = time.perf_counter()
+            embedded = self.mode == "embedded"
+            removed = 0
+
+            def first() -> None:
+                nonlocal removed
+                if embedded:
+                    removed = scrub_deadletter(self.cfg.deadletter_path, self.app.identifier_erasure(identifiers))
+
+            erasure = self.steward(methodcaller("erase_identifiers", list(identifiers), suppress, actor), first)
+            if embedded:
+                removed += scrub_deadletter(self.cfg.deadletter_path, erasure)
+            if self.mode == "kafka" and suppress:
+                self._renew_erased_screen()
+            seconds = time.perf_counter() - started
+            return Erased(erasure, removed, seconds, {"deadletter_and_store": seconds}, [])
 
     def schedule_view_rewrite(self, delay: float | None = None) -> None:
         """The view's rewrite, CDP_VIEW_REWRITE_DELAY (or `delay` seconds) from now, unless one is
