@@ -260,14 +260,19 @@ def customer_show(who: str, limit: int, fmt: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def customer_export(who: str, directory: Path) -> None:
     """Write everything held about a person (golden record, sources, events, decisions, consents,
-    scores) as JSON and CSV into DIRECTORY."""
+    scores, rejected inputs) as JSON and CSV into DIRECTORY."""
+    from cdp.application import CustomerApplication
+    from cdp.erasure import rejected_inputs
     from projections.access import export_customer
 
     cfg = settings()
     con = open_view(cfg)
     ids = find_who(cfg, con, who)
     for customer_id in ids:
-        paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory)
+        with CustomerApplication(cfg) as app:
+            rejected = rejected_inputs(cfg.deadletter_path, app, customer_id)
+        paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory,
+                                more={"rejected_inputs": rejected})
         record_access(cfg, "export", [customer_id], via="cli", files=len(paths))
         console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
 
@@ -281,7 +286,6 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
     """Erase a person everywhere: store (keys destroyed), view, identity index, dead-letter."""
     from cdp.erasure import erase_customer
     from cdp.server.client import running_server
-
     from projections.queries import find_customers
 
     cfg = settings()

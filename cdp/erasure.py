@@ -28,7 +28,7 @@ from cdp.config import Settings
 from cdp.faults import BROKER, describe
 from cdp.store import SCRUB_RETRY_PATIENCE_MS
 from identity.features import STREET_TYPES
-from ingest.deadletter import remove_entries
+from ingest.deadletter import matching_entries, remove_entries
 from ingest.durable import locked
 from ingest.normalise import fold
 from projections import erasure as view_erasure
@@ -310,10 +310,28 @@ def surname_shared(app: CustomerApplication, own: Sequence[str] = ()) -> Callabl
 
 
 def scrub_deadletter(path: Path, erasure: Erasure, surname_shared: Callable[[str], bool] | None = None) -> int:
-    """Rewrites the dead-letter without the entries that carry the person's identifiers, source
-    records, or their name or street (name_marks); returns how many went. With `surname_shared`,
-    an entry holding only the person's surname goes too when no other record carries that surname:
-    then it names them alone (a shared surname is many people's and removes nothing by itself)."""
+    """Rewrites the dead-letter without the person's entries (carries_the_person); returns how
+    many went."""
+    return remove_entries(path, carries_the_person(erasure, surname_shared))
+
+
+REJECTED_INPUT_COLUMNS = ["rejected_at", "reason", "rejected_as", "origin", "event_id", "source", "input"]
+
+
+def rejected_inputs(path: Path, app: CustomerApplication, customer_id: str) -> tuple[list[str], list[tuple]]:
+    """The access export's section of the customer's rejected inputs: the dead-letter entries an
+    erasure of theirs would remove (carries_the_person), as columns and rows. What the erasure
+    treats as the person's, the person is shown."""
+    erasure = app.erasure_of(customer_id, suppress=False)
+    entries = matching_entries(path, carries_the_person(erasure, surname_shared(app, erasure.sources)))
+    return REJECTED_INPUT_COLUMNS, [tuple(e.get(c) for c in REJECTED_INPUT_COLUMNS) for e in entries]
+
+
+def carries_the_person(erasure: Erasure, surname_shared: Callable[[str], bool] | None = None) -> Callable[[bytes], bool]:
+    """Whether a dead-letter entry (its line) is the person's: it carries their identifiers,
+    source records, or their name or street (name_marks). With `surname_shared`, an entry holding
+    only the person's surname is theirs too when no other record carries that surname: then it
+    names them alone (a shared surname is many people's and marks no entry by itself)."""
     texts, digits, records = _needles(erasure)
     marks = name_marks(erasure)
     surnames = sorted({f.last for f in erasure.features if f.last}) if surname_shared else []
@@ -328,11 +346,11 @@ def scrub_deadletter(path: Path, erasure: Erasure, surname_shared: Callable[[str
                     return True
         return False
 
-    def carries_the_person(line: bytes) -> bool:
+    def carries(line: bytes) -> bool:
         lower = line.lower().replace(b'\\"', b'"').replace(b'": "', b'":"')
         numbers = [re.sub(rb"\D", b"", m) for m in PHONE_LIKE.findall(line)] if digits else []
         return bool(any(t in lower for t in texts) or any(d in n for d in digits for n in numbers)
                     or any(u.lower() in lower and s.lower() in lower for u, s in records)
                     or ((marks or surnames) and _names_the_person(_match_form(line), marks, names_alone)))
 
-    return remove_entries(path, carries_the_person)
+    return carries

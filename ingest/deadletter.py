@@ -90,6 +90,17 @@ def remove_entries(path: Path, removed: Callable[[bytes], bool]) -> int:
     return len(lines) - len(kept)
 
 
+def matching_entries(path: Path, wanted: Callable[[bytes], bool]) -> list[dict[str, Any]]:
+    """The entries (parsed) `wanted` says are wanted, in the file's order, read under its lock so
+    that no half-written line is read."""
+    if not path.exists():
+        return []
+    with locked(lock_of(path)):
+        with open(path, "rb") as source:
+            lines = source.readlines()
+    return [orjson.loads(line) for line in lines if wanted(line)]
+
+
 class DeadLetterTopic:
     """The same entries as messages on a Kafka topic (`cdp.deadletter`), keyed by the event's
     `source` and `id` when it had them; `producer` is a kafka-python KafkaProducer."""

@@ -1,6 +1,7 @@
 """Right of access and portability: everything the view holds about one person, as JSON and CSV
 a person can read (golden record with scores, source records, every event, identity decisions,
-consents with when and where they were given).
+consents with when and where they were given); the callers add what the view does not hold (their
+rejected inputs, from the dead-letter).
 
 Every section is one query. A business unit's key sees what the profile API shows it: the golden
 record, and of the rest only its own unit's rows (no merges of other units' customers). The same
@@ -101,11 +102,13 @@ def to_zip(contents: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def export_customer(con: Any, customer_id: str, directory: Path, unit: str | None = None) -> list[Path]:
-    """Writes `customer.json` and one CSV per section into `directory`; returns the files."""
+def export_customer(con: Any, customer_id: str, directory: Path, unit: str | None = None,
+                    more: dict[str, tuple[list[str], list[tuple]]] | None = None) -> list[Path]:
+    """Writes `customer.json` and one CSV per section into `directory`; returns the files. `more`:
+    sections from outside the view (the caller's: the person's rejected inputs)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, data in files(customer_id, sections(con, customer_id, unit)).items():
+    for name, data in files(customer_id, {**sections(con, customer_id, unit), **(more or {})}).items():
         path = directory / name
         path.write_bytes(data)
         written.append(path)

@@ -104,10 +104,15 @@ def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
     events = people_events() + [event("a5", "retail", "R-1", "cdp.consent", purpose="profiling", granted=False,
                                       time="2025-02-01T00:00:00Z")]
     ingest(cdp, tmp_path, "people.jsonl", jsonl(events))
+    ingest(cdp, tmp_path, "bad.jsonl", invalid_event_of_ann())
     out = tmp_path / "ann"
     cdp("customer", "export", "retail:R-1", str(out))
     document = json.loads((out / "customer.json").read_text())
     assert sorted(e["event_id"] for e in document["events"]) == ["a1", "a2", "a3", "a4", "a5"]
+    # her inputs the dead-letter holds, as her erasure would find them (bad3 is another person's)
+    assert [(r["event_id"], r["reason"].split(":")[0]) for r in document["rejected_inputs"]] == [
+        ("bad1", "event 'bad1'"), ("bad2", "event 'bad2'")]
+    assert "Quorra.Zephyrine@Example.org" in document["rejected_inputs"][0]["input"]
     assert document["golden_record"]["last_name"] == "Zephyrine"
     assert sorted((s["business_unit"], s["source_id"]) for s in document["source_records"]) == [
         ("bank", "B-1"), ("retail", "R-1")]
@@ -119,6 +124,8 @@ def test_access_export_holds_everything_about_the_person(cdp, tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4", "a5"]
     assert any("Wobblesworth branch" in r["comment"] for r in rows)
+    with open(out / "rejected_inputs.csv", newline="") as f:
+        assert [r["event_id"] for r in csv.DictReader(f)] == ["bad1", "bad2"]
     # profiling consent withdrawn: her scores are withheld, the others' are computed
     scores = {r["last_name"]: r for r in cdp.query(
         "SELECT last_name, scores_withheld, rfm_segment, tier, churn_risk, predicted_value_12m FROM customers")}

@@ -51,6 +51,7 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
 
         full = read.get(f"/v1/profiles/customer_id:{ann}/export").json()
         assert full["golden_record"]["last_name"] == "Zephyrine"
+        assert [r["event_id"] for r in full["rejected_inputs"]] == ["bad1", "bad2"]  # bad3 is another's
         assert sorted(e["event_id"] for e in full["events"]) == ["a1", "a2", "a3", "a4"]
         assert sorted(s["business_unit"] for s in full["source_records"]) == ["bank", "retail"]
         # a unit's key: the golden record and its own unit's rows, as the profile API shows them
@@ -58,8 +59,10 @@ def test_export_erase_and_audit_over_http(cdp, tmp_path, people):
         assert sorted(e["event_id"] for e in mine["events"]) == ["a1", "a2"]
         assert [s["business_unit"] for s in mine["source_records"]] == ["retail"]
         assert mine["merged_customers"] == [] and mine["golden_record"]["customer_id"] == ann
+        assert "rejected_inputs" not in mine  # other units' inputs among them
         archive = zipfile.ZipFile(io.BytesIO(admin.get("/v1/profiles/retail:R-1/export?format=zip").content))
-        assert {"customer.json", "events.csv", "source_records.csv", "consents.csv"} <= set(archive.namelist())
+        assert {"customer.json", "events.csv", "source_records.csv", "consents.csv",
+                "rejected_inputs.csv"} <= set(archive.namelist())
         rows = list(csv.DictReader(io.StringIO(archive.read("events.csv").decode())))
         assert sorted(r["event_id"] for r in rows) == ["a1", "a2", "a3", "a4"]
         assert any("Wobblesworth branch" in r["comment"] for r in rows)

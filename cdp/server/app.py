@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdp.application import CustomerCarries
+from cdp.erasure import rejected_inputs
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.audit import select as select_entries, since as parse_since
@@ -395,13 +396,16 @@ def build_app(service: Any) -> FastAPI:
              summary="Everything held about a person (right of access): JSON, or a zip of JSON and CSVs")
     async def profile_export(ref: str, request: Request, format: Literal["json", "zip"] = "json") -> Response:
         """Golden record with scores, source records, every event, identity decisions, merged
-        customers and consents. A business unit's key gets the golden record and its own unit's
-        rows only, as `GET /v1/profiles/{ref}` shows them."""
+        customers, consents and, for a group-wide key, the inputs of theirs the dead-letter file
+        holds (`rejected_inputs`: what an erasure of theirs would remove). A business unit's key
+        gets the golden record and its own unit's rows only, as `GET /v1/profiles/{ref}` shows them."""
         key = admit(request, "read")
 
         def answer() -> Response:
             found = resolve(ref, key)
             parts = access.sections(service.read.cursor(), found.customer_id, key.unit)
+            if key.unit is None:
+                parts["rejected_inputs"] = rejected_inputs(service.cfg.deadletter_path, service.app, found.customer_id)
             service.audit.record(actor_of(key, request), "export", found.customer_id, via="api", format=format)
             if format == "zip":
                 return Response(access.to_zip(access.files(found.customer_id, parts)), media_type="application/zip",
