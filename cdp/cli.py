@@ -263,11 +263,24 @@ def customer_export(who: str, directory: Path) -> None:
     scores, rejected inputs) as JSON and CSV into DIRECTORY."""
     from cdp.application import CustomerApplication
     from cdp.erasure import rejected_inputs
-    from projections.access import export_customer
+    from projections.access import export_customer, files, write_files
+    from projections.queries import find_customers
 
     cfg = settings()
+    kind, value = what_who_is(cfg, who)
     con = open_view(cfg)
-    ids = find_who(cfg, con, who)
+    ids = find_customers(con, kind, value)
+    if not ids and kind != "customer_id":  # a person the dead-letter alone may hold (cf. erase_identifier)
+        identifiers = [(kind, value)]
+        with CustomerApplication(cfg) as app:
+            rejected = rejected_inputs(cfg.deadletter_path, app, None, identifiers)
+            app.record_access(local_user(), "export", None, via="cli", identifiers=[kind], entries=len(rejected[1]))
+        paths = write_files(directory, files(None, {"rejected_inputs": rejected}))
+        console.out.print(f"no customer carries {kind} {value!r}: wrote {len(paths)} files with the "
+                          f"{len(rejected[1])} rejected input(s) that carry it to {directory}")
+        return
+    if not ids:
+        raise UserError(f"no customer found for {kind} {value!r}")
     for customer_id in ids:
         with CustomerApplication(cfg) as app:
             rejected = rejected_inputs(cfg.deadletter_path, app, customer_id)

@@ -318,12 +318,18 @@ def scrub_deadletter(path: Path, erasure: Erasure, surname_shared: Callable[[str
 REJECTED_INPUT_COLUMNS = ["rejected_at", "reason", "rejected_as", "origin", "event_id", "source", "input"]
 
 
-def rejected_inputs(path: Path, app: CustomerApplication, customer_id: str) -> tuple[list[str], list[tuple]]:
-    """The access export's section of the customer's rejected inputs: the dead-letter entries an
-    erasure of theirs would remove (carries_the_person), as columns and rows. What the erasure
-    treats as the person's, the person is shown."""
-    erasure = app.erasure_of(customer_id, suppress=False)
-    entries = matching_entries(path, carries_the_person(erasure, surname_shared(app, erasure.sources)))
+def rejected_inputs(path: Path, app: CustomerApplication, customer_id: str | None,
+                    identifiers: Sequence[tuple[str, str]] = ()) -> tuple[list[str], list[tuple]]:
+    """The access export's section of a person's rejected inputs: the dead-letter entries an
+    erasure of theirs would remove (carries_the_person), as columns and rows; of the customer, or
+    (None) of the person no customer stands for whose `identifiers` these are (erase_identifiers).
+    What the erasure treats as the person's, the person is shown."""
+    if customer_id is None:
+        carries = carries_the_person(app.identifier_erasure(identifiers, suppress=False))
+    else:
+        erasure = app.erasure_of(customer_id, suppress=False)
+        carries = carries_the_person(erasure, surname_shared(app, erasure.sources))
+    entries = matching_entries(path, carries)
     return REJECTED_INPUT_COLUMNS, [tuple(e.get(c) for c in REJECTED_INPUT_COLUMNS) for e in entries]
 
 

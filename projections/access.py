@@ -59,7 +59,7 @@ def sections(con: Any, customer_id: str, unit: str | None = None) -> dict[str, t
     return found
 
 
-def document(customer_id: str, parts: dict[str, tuple[list[str], list[tuple]]]) -> dict[str, Any]:
+def document(customer_id: str | None, parts: dict[str, tuple[list[str], list[tuple]]]) -> dict[str, Any]:
     """The sections as one JSON-ready document (the golden record one object, the rest lists)."""
     body: dict[str, Any] = {"customer_id": customer_id}
     for name, (columns, rows) in parts.items():
@@ -88,7 +88,7 @@ def to_csv(columns: list[str], rows: list[tuple]) -> bytes:
     return out.getvalue().encode()
 
 
-def files(customer_id: str, parts: dict[str, tuple[list[str], list[tuple]]]) -> dict[str, bytes]:
+def files(customer_id: str | None, parts: dict[str, tuple[list[str], list[tuple]]]) -> dict[str, bytes]:
     """File name → content: the JSON document and one CSV per section."""
     return {JSON_NAME: to_json(document(customer_id, parts)),
             **{f"{name}.csv": to_csv(*part) for name, part in parts.items()}}
@@ -106,9 +106,14 @@ def export_customer(con: Any, customer_id: str, directory: Path, unit: str | Non
                     more: dict[str, tuple[list[str], list[tuple]]] | None = None) -> list[Path]:
     """Writes `customer.json` and one CSV per section into `directory`; returns the files. `more`:
     sections from outside the view (the caller's: the person's rejected inputs)."""
+    return write_files(directory, files(customer_id, {**sections(con, customer_id, unit), **(more or {})}))
+
+
+def write_files(directory: Path, contents: dict[str, bytes]) -> list[Path]:
+    """Writes the export's files (`files`) into `directory`; returns them."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, data in files(customer_id, {**sections(con, customer_id, unit), **(more or {})}).items():
+    for name, data in contents.items():
         path = directory / name
         path.write_bytes(data)
         written.append(path)

@@ -436,6 +436,12 @@ def test_a_person_only_the_dead_letter_holds_is_erased_by_an_identifier(cdp, tmp
     missing = cdp("customer", "show", GHOST["email"], check=False)
     assert missing.returncode == 1 and "no customer found" in missing.stderr
 
+    # her access request: what the platform holds of her is the dead-letter entries carrying her e-mail
+    cdp("customer", "export", GHOST["email"], str(tmp_path / "ghost"))
+    held = json.loads((tmp_path / "ghost" / "customer.json").read_text())
+    assert held["customer_id"] is None and [r["event_id"] for r in held["rejected_inputs"]] == ["g1"]
+    assert (tmp_path / "ghost" / "rejected_inputs.csv").exists()
+
     refused = cdp("erase", GHOST["email"], check=False, input="n\n")
     assert refused.returncode == 1 and "No customer carries email" in refused.stderr
     assert len(deadletter_ids(cdp)) == 4
@@ -449,6 +455,9 @@ def test_a_person_only_the_dead_letter_holds_is_erased_by_an_identifier(cdp, tmp
     erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
     assert [(e["customer_id"], e["detail"]["identifiers"], e["detail"]["sources"]) for e in erased] == [
         (None, ["email"], 0), (None, ["phone"], 0), (None, ["source"], 1)]
+    exported = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "export"]
+    assert [(e["customer_id"], e["detail"]["identifiers"], e["detail"]["entries"]) for e in exported] == [
+        (None, ["email"], 1)]
 
     # units later send her valid records: dropped, counted, dead-lettered without their input
     out = ingest(cdp, tmp_path, "later.jsonl", jsonl([
