@@ -479,6 +479,23 @@ def test_a_person_only_the_dead_letter_holds_is_erased_by_an_identifier(cdp, tmp
     assert "identifier not suppressed (not a number one person answers" in out
 
 
+def test_identifiers_a_customer_carries_by_then_are_not_erased_as_no_ones(cdp, tmp_path):
+    """The CLI and the server find no customer in the view, then the store decides under its lock:
+    a customer whose events arrived meanwhile carries the identifier, so nothing is suppressed and
+    the caller is told to erase the customer (the server answers 409)."""
+    from cdp.application import SELECT_SUPPRESSED, CustomerApplication, CustomerCarries
+    from cdp.config import Settings
+
+    ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
+    bob = cdp.query("SELECT customer_id FROM customers WHERE email = 'bob.other@example.org'")[0]["customer_id"]
+    with CustomerApplication(Settings.from_env({"CDP_HOME": str(cdp.home)})) as app:
+        with pytest.raises(CustomerCarries, match=f"customer {bob} carries the email now"):
+            app.erase_identifiers([("email", "nobody.yet@example.org"), ("email", "bob.other@example.org")])
+        assert app.store.query(SELECT_SUPPRESSED) == []
+    erased = [e for e in json.loads(cdp("audit", "--format", "json").stdout) if e["action"] == "erase"]
+    assert erased == []
+
+
 def deadletter_ids(cdp) -> list[str]:
     return [json.loads(line)["event_id"] for line in (cdp.home / "deadletter.jsonl").read_text().splitlines()]
 
