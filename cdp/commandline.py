@@ -72,8 +72,12 @@ def open_view(cfg: Settings, scores: bool = True) -> duckdb.DuckDBPyConnection:
 
 def finish_erasures(cfg: Settings) -> None:
     """Finishes what an erasure stopped part-way left (cdp.erasure.finish_unfinished) before a
-    command reads the view: three file checks when there is nothing to do."""
+    command reads the view, and removes the dead-letter entries past their retention: three file
+    checks and a look at the dead-letter's first entry when there is nothing to do."""
+    from ingest.deadletter import expire_entries
     from projections.erasure import pending_marker
+
+    expire_entries(cfg.deadletter_path, cfg.deadletter_retention)
 
     if cfg.unfinished_erasure_path.exists() or pending_marker(cfg.duckdb_path).exists() \
             or cfg.unscrubbed_tables_path.exists():

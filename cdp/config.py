@@ -148,6 +148,13 @@ def _duration_or_off(env: dict[str, str], name: str, default: float) -> float | 
     return _duration(env, name, default)
 
 
+def _positive_duration_or_off(env: dict[str, str], name: str, default: float) -> float | None:
+    """A duration of more than 0 seconds, or None for 'off'."""
+    if (env.get(name) or "").strip().lower() == "off":
+        return None
+    return _positive_duration(env, name, default)
+
+
 def _positive_duration(env: dict[str, str], name: str, default: float) -> float:
     value = _duration(env, name, default)
     if value <= 0:
@@ -240,6 +247,8 @@ class Settings:
     master_key: str | None = field(default=None, repr=False)  # CDP_MASTER_KEY; unset: CDP_HOME/master.key
     encrypt_personal_data: bool = True       # off only for bench/ (the cost of encryption, measured)
     events_retention_days: int = 7           # CDP_EVENTS_RETENTION_DAYS: how long cdp.events keeps raw events
+    deadletter_retention: float | None = 28 * 86400.0  # CDP_DEADLETTER_RETENTION: how long the dead-letter
+    #                                          file keeps rejected inputs (seconds; None, 'off': for good)
     # cdp serve (README: "The live service")
     rate_limit: int = 200                    # CDP_RATE_LIMIT: requests per second per API key (bursts: twice)
     serve_threads: int = field(default_factory=default_serve_threads)  # CDP_SERVE_THREADS: DuckDB threads
@@ -292,6 +301,7 @@ class Settings:
             worker_gather_ms=_count(env, "CDP_WORKER_GATHER_MS", 20),
             master_key=env.get("CDP_MASTER_KEY") or None,
             events_retention_days=_int(env, "CDP_EVENTS_RETENTION_DAYS", 7),
+            deadletter_retention=_positive_duration_or_off(env, "CDP_DEADLETTER_RETENTION", 28 * 86400.0),
             max_future=_duration(env, "CDP_MAX_FUTURE", 86400.0),
             max_amount=_positive_number(env, "CDP_MAX_AMOUNT", 1e9),
             query_rows=_int(env, "CDP_QUERY_ROWS", 100_000),

@@ -92,7 +92,7 @@ class Pipeline:
             finish_unfinished(settings)
         self.app = CustomerApplication(settings)
         self.projector = make_projector(settings) if project else None
-        self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path)
+        self.deadletter = deadletter if deadletter is not None else DeadLetterFile(settings.deadletter_path, settings.deadletter_retention)
 
     def process(self, records: Iterable[Accepted | Rejected],
                 progress: Callable[[int], None] | None = None) -> Summary:

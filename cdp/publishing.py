@@ -30,7 +30,7 @@ def publish_files(cfg: Settings, paths: list[str], mapping: Path | None) -> tupl
     started = time.perf_counter()
     publisher = Publisher(cfg.require_kafka(), cfg.topic(topics.EVENTS), EventValidator(cfg.schemas_dir),
                           cfg.phone_region, cfg.max_event_bytes, Ranges(cfg.max_future, cfg.max_amount))
-    with publisher, DeadLetterFile(cfg.deadletter_path) as deadletter, ErasedScreen(cfg) as screen:
+    with publisher, DeadLetterFile(cfg.deadletter_path, cfg.deadletter_retention) as deadletter, ErasedScreen(cfg) as screen:
         for rejected in publisher.publish_records(screen.records(publisher.ingestor.read(paths, mapping))):
             entry = screen(rejected)
             deadletter.write(entry)

@@ -2,11 +2,14 @@
 
 Each entry keeps the reason, where the input came from and the input itself (as text; invalid UTF-8
 is replaced so the entry stays readable), so nothing a unit sent is lost and it can be replayed once
-fixed. The Kafka worker publishes the same entries to `cdp.deadletter`.
+fixed. The Kafka worker publishes the same entries to `cdp.deadletter`. Inputs hold personal data in
+the clear, so entries are kept for a retention period (CDP_DEADLETTER_RETENTION, four weeks by
+default as the topic's) and then removed (expire_entries).
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +19,7 @@ from ingest.durable import locked, replace_whole
 from ingest.records import Rejected
 
 FLUSH_BYTES = 1 << 20  # entries held before they are written out, at the latest
+EXPIRY_CHECK_SECONDS = 3600  # a writer looks for expired entries at most this often
 
 
 def entry(rejected: Rejected) -> dict[str, Any]:
@@ -37,10 +41,12 @@ class DeadLetterFile:
     from another process (remove_entries), and an open handle would go on appending to the
     replaced file, where the entries are lost."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, retention_seconds: float | None = None):
         self.path = path
+        self.retention_seconds = retention_seconds  # None: entries are kept for good
         self._pending: list[bytes] = []
         self._bytes = 0
+        self._expiry_checked = float("-inf")
         self.count = 0
 
     def write(self, rejected: Rejected) -> None:
@@ -54,6 +60,9 @@ class DeadLetterFile:
     def flush(self) -> None:
         if not self._pending:
             return
+        if time.monotonic() - self._expiry_checked >= EXPIRY_CHECK_SECONDS:
+            self._expiry_checked = time.monotonic()
+            expire_entries(self.path, self.retention_seconds)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with locked(lock_of(self.path)), open(self.path, "ab") as out:
             out.write(b"".join(self._pending))
@@ -88,6 +97,29 @@ def remove_entries(path: Path, removed: Callable[[bytes], bool]) -> int:
         if len(kept) < len(lines):
             replace_whole(path, kept, ".scrub")
     return len(lines) - len(kept)
+
+
+def expire_entries(path: Path, retention_seconds: float | None) -> int:
+    """Removes the entries rejected longer ago than the retention (None: none); returns how many
+    went. Entries are appended as they come, so the first one that can be read says whether any
+    has expired: a look at the file's head, not a read of it, when none has."""
+    if retention_seconds is None or not path.exists():
+        return 0
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
+    with open(path, "rb") as source:
+        oldest = next((at for at in map(_rejected_at, source) if at is not None), None)
+    if oldest is None or oldest >= cutoff:
+        return 0
+    return remove_entries(path, lambda line: (at := _rejected_at(line)) is not None and at < cutoff)
+
+
+def _rejected_at(line: bytes) -> datetime | None:
+    """When the entry was written (an entry that does not say stays: it is never expired)."""
+    try:
+        at = datetime.fromisoformat(orjson.loads(line)["rejected_at"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
 def matching_entries(path: Path, wanted: Callable[[bytes], bool]) -> list[dict[str, Any]]:

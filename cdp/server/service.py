@@ -36,6 +36,7 @@ from cdp.server.access import Denied, Gate, RateLimiter
 from cdp.server.readside import LOOKUP_INDEXES, PROFILES, ReadSide, erased_ids, erases_anyone
 from cdp.server.viewgate import ViewGate
 from cdp.store import SCRUB_RETRY_PATIENCE_MS
+from ingest.deadletter import expire_entries
 from ingest.durable import locked
 from ingest.records import Accepted, Rejected
 from projections import erasure as view_erasure
@@ -48,6 +49,7 @@ REWRITE_RETRY_SECONDS = 30  # the view's rewrite, when requests reading it did n
 # again this long after, then twice as long after each try that still finds one held, up to the most
 STORE_SCRUB_RETRY_SECONDS = (5, 300)
 VIEW_WAIT_SECONDS = 15  # a person's command: how long its page waits for the view to show the result
+DEADLETTER_EXPIRY_SECONDS = 86400  # how often a running server removes dead-letter entries past their retention
 
 
 @dataclass
@@ -483,6 +485,25 @@ class Service:
 
     def start(self) -> None:
         self.read.start()
+        self.expire_deadletter()
+
+    def expire_deadletter(self) -> None:
+        """Removes the dead-letter file's entries past CDP_DEADLETTER_RETENTION now and once a
+        day while the server runs (its writer does too when it writes; a server that rejects
+        nothing for weeks would otherwise keep them)."""
+        try:
+            removed = expire_entries(self.cfg.deadletter_path, self.cfg.deadletter_retention)
+        except OSError as error:
+            self.log(f"removing the dead-letter's expired entries failed ({error!r}); tried again in a day")
+        else:
+            if removed:
+                self.log(f"removed {removed} dead-letter entr(ies) older than CDP_DEADLETTER_RETENTION")
+        if self.cfg.deadletter_retention is not None:
+            self._schedule("deadletter-expiry", DEADLETTER_EXPIRY_SECONDS, self._expire_when_due)
+
+    def _expire_when_due(self) -> None:
+        self._due("deadletter-expiry")
+        self.expire_deadletter()
 
     def close(self) -> None:
         with self._timer_lock:

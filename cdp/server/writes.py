@@ -73,7 +73,7 @@ def resolve_intake(cfg: Settings, wake: Any, stop: Any, report: Any, parent: int
     intake = Intake(cfg.intake_path)
     summary = Summary()
     done = undropped = 0  # the last request in the store; records resolved and still in the intake
-    with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path)) as pipeline:
+    with Pipeline(cfg, project=False, deadletter=DeadLetterFile(cfg.deadletter_path, cfg.deadletter_retention)) as pipeline:
         pipeline.app.resolver  # noqa: B018 - loaded now, not on the first request or a person's first decision
         report.send(("ready", None))  # /health: a person's decision no longer waits for this load
         head = pipeline.app.max_position() if cfg.trace_stages else 0
