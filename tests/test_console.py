@@ -52,6 +52,12 @@ def console(tmp_path_factory, demo_files, cdp_at):
                                ORDER BY customer_id LIMIT 1""")[0],
         "review": json.loads(cdp("identity", "review", "--format", "json").stdout),
     }
+    # a person no other test reads or judges: the one the erasure test erases
+    taken = {facts["both"]["customer_id"], facts["bank_only"]["customer_id"], facts["phoned"]["customer_id"],
+             *(p[c] for p in facts["review"] for c in ("customer_id", "other_customer_id"))}
+    facts["erasable"] = next(r for r in cdp.query("""
+        SELECT customer_id, email, last_name FROM customers WHERE email IS NOT NULL AND last_name IS NOT NULL
+        ORDER BY customer_id DESC LIMIT 50""") if r["customer_id"] not in taken)
     facts["order"] = cdp.query(f"""
         SELECT order_id FROM customer_events WHERE customer_id = '{facts['both']['customer_id']}'
           AND type = 'cdp.purchase' ORDER BY time DESC LIMIT 1""")[0]["order_id"]
@@ -182,6 +188,7 @@ def test_refusals_bad_keys_and_csrf(console) -> None:
     both = facts["both"]
     record = f"{both['business_units'][0]}:x"
     for path, form in (("/logout", {}), (f"/customers/{both['customer_id']}/split", {"record": record}),
+                       (f"/customers/{both['customer_id']}/erase", {"suppress": "yes"}),
                        ("/review/abc", {"action": "confirm"})):
         refused = page.request.post(path, form=form, max_redirects=0)
         assert refused.status == 403 and "CSRF" in refused.text(), path
@@ -243,6 +250,47 @@ def test_dashboard_follows_the_view_while_open(console) -> None:
     wait_until(lambda: customers_shown() == int(customers.replace(",", "")) + 1, 60, "the newcomer on the dashboard")
     assert int(page.locator("#live").get_attribute("data-shown")) > int(shown)
     context.close()
+
+
+def test_a_data_protection_officer_downloads_what_is_held_and_erases_the_person(console) -> None:
+    """The person's two rights from their page: everything held as a zip (any key that may read
+    them), and the erasure behind a confirmation (a group-wide admin key), both audited. After the
+    dashboard's test, whose count of customers an erasure would move."""
+    import zipfile
+
+    server, keys, facts, browser = console
+    person = facts["erasable"]
+    cid = person["customer_id"]
+    context, page = signed_in(browser, server, keys["read"])
+    page.goto(f"/customers/{cid}")
+    assert page.get_by_role("link", name="Erase this person…").count() == 0
+    assert page.request.get(f"/customers/{cid}/erase").status == 403
+    context.close()
+
+    context, page = signed_in(browser, server, keys["admin"])
+    page.goto(f"/customers/{cid}")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download everything held (zip)").click()
+    archive = zipfile.ZipFile(download.value.path())
+    held = json.loads(archive.read("customer.json"))
+    assert held["customer_id"] == cid and held["golden_record"]["email"] == person["email"]
+    assert held["events"] and {"events.csv", "source_records.csv", "rejected_inputs.csv"} <= set(archive.namelist())
+
+    page.get_by_role("link", name="Erase this person…").click()
+    assert page.get_by_label("Keep their identifiers as keyed hashes").is_checked()
+    page.get_by_role("button", name=re.compile("^Erase ")).click()
+    page.wait_for_url(server.url + "/")
+    flash = page.locator(".flash").inner_text()
+    assert f"Erased customer {cid}" in flash and "identifiers suppressed" in flash
+    assert page.goto(f"/customers/{cid}").status == 404
+    page.goto("/")
+    search(page, person["email"])
+    assert page.get_by_text("No customer found").count() == 1
+    context.close()
+    entries = httpx.get(server.url + "/v1/audit", params={"customer": cid},
+                        headers={"Authorization": f"Bearer {keys['admin']}"}).json()["entries"]
+    assert [(e["action"], e["detail"].get("via")) for e in entries if e["action"] != "read"] == [
+        ("export", "console"), ("erase", None)]
 
 
 def test_sessions_survive_a_restart_and_end_when_the_key_is_revoked(console) -> None:

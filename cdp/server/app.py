@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdp.application import CustomerCarries
-from cdp.erasure import rejected_inputs
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.audit import select as select_entries, since as parse_since
@@ -403,9 +402,7 @@ def build_app(service: Any) -> FastAPI:
 
         def answer() -> Response:
             found = resolve(ref, key)
-            parts = access.sections(service.read.cursor(), found.customer_id, key.unit)
-            if key.unit is None:
-                parts["rejected_inputs"] = rejected_inputs(service.cfg.deadletter_path, service.app, found.customer_id)
+            parts = service.access_export(found.customer_id, key.unit)
             service.audit.record(actor_of(key, request), "export", found.customer_id, via="api", format=format)
             if format == "zip":
                 return Response(access.to_zip(access.files(found.customer_id, parts)), media_type="application/zip",

@@ -28,7 +28,8 @@ from cdp.application import ERASED_FROM, record_identifiers
 from cdp.audit import AuditTrail, Entry
 from cdp.config import ConfigError, Settings
 from cdp.erasure import (Erased, finish_unfinished, mark_view_rewrite, note_tables_left, pending_view_rewrite,
-                         retry_left_tables, rewrite_view_if_pending, scrub_deadletter, surname_shared)
+                         rejected_inputs, retry_left_tables, rewrite_view_if_pending, scrub_deadletter,
+                         surname_shared)
 from cdp.keys import Key
 from cdp.pipeline import screened
 from cdp.server import viewgate
@@ -39,7 +40,7 @@ from cdp.store import SCRUB_RETRY_PATIENCE_MS
 from ingest.deadletter import expire_entries
 from ingest.durable import locked
 from ingest.records import Accepted, Rejected
-from projections import erasure as view_erasure
+from projections import access, erasure as view_erasure
 
 T = TypeVar("T")
 DECISIONS_WAIT_SECONDS = 60  # a decision waits up to VIEW_WAIT_SECONDS for the view, after its own work
@@ -194,6 +195,15 @@ class Service:
         self.cfg.unfinished_erasure_path.unlink(missing_ok=True)
         phases["deadletter_and_store_files"] = time.perf_counter() - started - phases["store_and_view"]
         return Erased(erasure, removed, time.perf_counter() - started, phases, left)
+
+    def access_export(self, customer_id: str, unit: str | None) -> dict[str, tuple[list[str], list[tuple]]]:
+        """The access export's sections (projections/access.py) as `unit` may see them; for the
+        group, with the person's rejected inputs the dead-letter file holds (a unit's key would
+        see other units' inputs among them)."""
+        parts = access.sections(self.read.cursor(), customer_id, unit)
+        if unit is None:
+            parts["rejected_inputs"] = rejected_inputs(self.cfg.deadletter_path, self.app, customer_id)
+        return parts
 
     def erase_identifiers(self, identifiers: Sequence[tuple[str, str]], suppress: bool, actor: str) -> Erased:
         """`DELETE /v1/profiles/{ref}` of identifiers no customer carries, and `cdp erase` of one

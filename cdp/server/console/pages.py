@@ -27,7 +27,7 @@ from cdp.keys import digest
 from cdp.server.access import Denied, actor_of
 from cdp.server.console import lookup
 from cdp.server.console.sessions import Session, Sessions
-from projections import identity_views, profiles, report, timeline
+from projections import access, identity_views, profiles, report, timeline
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 25
@@ -288,6 +288,46 @@ def mount(app: FastAPI, service: Any) -> None:
         moved = ", ".join(f"{', '.join(d.source_keys)} → new customer {d.new_customer_id}" for d in decisions)
         sessions.flash(session, f"Split: {moved}.")
         return RedirectResponse(f"/customers/{body['customer_id']}", status_code=303)
+
+    # -- the person's rights: access and erasure ---------------------------------------------
+
+    @app.get("/customers/{customer_id}/export", include_in_schema=False)
+    def export(request: Request, customer_id: str) -> Response:
+        """Everything held about the person as a zip, as GET /v1/profiles/{id}/export?format=zip
+        answers the same key (a unit's: its own rows), audited as an export from the console."""
+        session = signed_in(request)
+        key = session.key
+        found = profiles.find(service.read.cursor(), "customer_id", customer_id.replace("-", "").lower(), key.unit)
+        if not found:
+            raise Refused(404, f"No customer {customer_id} (or not one your key's business unit knows).")
+        wanted = found[0].customer_id
+        parts = service.access_export(wanted, key.unit)
+        service.audit.record(actor_of(key), "export", wanted, via="console", format="zip")
+        return Response(access.to_zip(access.files(wanted, parts)), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="customer-{wanted}.zip"',
+                                 "Cache-Control": "no-store"})
+
+    @app.get("/customers/{customer_id}/erase", include_in_schema=False)
+    def erase_form(request: Request, customer_id: str) -> Response:
+        session = signed_in(request, "admin", group=True)
+        return page(request, "erase.html", session=session, c=_customer(service, customer_id))
+
+    @app.post("/customers/{customer_id}/erase", include_in_schema=False)
+    def erase(request: Request, customer_id: str, csrf: str = Form(""),
+              suppress: str = Form("", max_length=8)) -> Response:
+        """As DELETE /v1/profiles/{id}: the person erased everywhere, by a group-wide admin key."""
+        session = checked(request, csrf, "admin", group=True)
+        body = _customer(service, customer_id)
+        done = service.erase(body["customer_id"], suppress == "yes", actor_of(session.key))
+        e = done.erasure
+        later = " Their tables' files are rewritten in the background." if service.store_rewrite_pending else ""
+        if service.view_rewrite_pending:
+            later += " The view's file is rewritten shortly; until then its free blocks may still hold their bytes."
+        sessions.flash(session, f"Erased customer {e.customer_id}: {len(e.sources)} source record(s), "
+                                f"{len(e.customer_ids)} customer id(s), {done.deadletter_entries} dead-letter "
+                                f"entr(ies); identifiers {'suppressed' if suppress == 'yes' else 'not suppressed'}."
+                                + later)
+        return RedirectResponse("/", status_code=303)
 
     # -- the review queue ----------------------------------------------------------------------
 
