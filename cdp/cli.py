@@ -104,6 +104,24 @@ def publish(cfg: Settings, paths: list[str], mapping: Path | None) -> None:
     if unscreened:
         console.err.print(f"the events were not checked for erased people's identifiers ({unscreened}): all valid "
                           "ones were published, and rejected inputs are kept whole")
+    send_missed_tombstones(cfg)
+
+
+def send_missed_tombstones(cfg: Settings) -> None:
+    """Sends the tombstones an earlier `cdp erase` noted when the broker was out of reach, now
+    that a command has reached it: without a server, they waited for the next erasure. A broker
+    lost again meanwhile is said, and they wait for the next command that publishes."""
+    from cdp.erasure import try_send_tombstones, unsent_tombstones
+
+    waiting = unsent_tombstones(cfg)
+    if not waiting:
+        return
+    unsent = try_send_tombstones(cfg)
+    if unsent:
+        console.err.print(f"the {len(waiting)} tombstone(s) an earlier erasure could not send are still to send "
+                          f"({unsent})")
+    else:
+        console.err.print(f"sent the {len(waiting)} tombstone(s) an earlier erasure could not send to cdp.profiles")
 
 
 @cli.command()
@@ -340,7 +358,7 @@ def erase(who: str, yes: bool, keep_suppression: str) -> None:
                       f"({seconds:.2f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
     if server is None and erased.tombstones_unsent:
         console.err.print(f"the tombstones were not sent to cdp.profiles ({erased.tombstones_unsent}); "
-                          "the next `cdp erase` sends them")
+                          "the next `cdp erase` or `cdp ingest --kafka` sends them")
     if left:
         tables = ", ".join(left)
         console.err.print(f"the store's tables {tables} could not be rewritten (held by another session, not this "

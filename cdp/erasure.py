@@ -86,15 +86,7 @@ def _erase(settings: Settings, customer_id: str, suppress: bool, actor: str) -> 
         app.close()
     settings.unfinished_erasure_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    unsent = None
-    try:
-        send_tombstones(settings)
-    except Exception as error:  # noqa: BLE001 - a broker out of reach: said, and sent by the next erasure
-        fault = describe(error, settings)
-        if fault.component != BROKER:
-            raise
-        unsent = fault.line
-    return Erased(erasure, removed, seconds, phases, left, unsent)
+    return Erased(erasure, removed, seconds, phases, left, try_send_tombstones(settings))
 
 
 def erase_identifiers(settings: Settings, identifiers: Sequence[tuple[str, str]], suppress: bool = True,
@@ -133,10 +125,11 @@ def finish_view(settings: Settings, app: CustomerApplication) -> dict[str, float
 def note_tombstones(settings: Settings, customer_ids: list[str]) -> None:
     """Adds the ids to those whose tombstones are still to send (before the store commits)."""
     if settings.kafka_bootstrap:
-        view_erasure.mark(settings.unsent_tombstones_path, json.dumps(sorted({*_unsent(settings), *customer_ids})).encode())
+        view_erasure.mark(settings.unsent_tombstones_path, json.dumps(sorted({*unsent_tombstones(settings), *customer_ids})).encode())
 
 
-def _unsent(settings: Settings) -> list[str]:
+def unsent_tombstones(settings: Settings) -> list[str]:
+    """The erased customer ids whose tombstones cdp.profiles has not had yet."""
     try:
         return list(json.loads(settings.unsent_tombstones_path.read_bytes()))
     except (FileNotFoundError, ValueError):
@@ -146,10 +139,23 @@ def _unsent(settings: Settings) -> list[str]:
 def send_tombstones(settings: Settings) -> None:
     """Sends the tombstones noted and not sent yet (with Kafka): the erasure's own, and those a
     broker out of reach missed before. Read commands do not send them: they would wait for a broker."""
-    ids = _unsent(settings)
+    ids = unsent_tombstones(settings)
     if ids and settings.kafka_bootstrap:
         publish_tombstones(settings, ids)
         settings.unsent_tombstones_path.unlink(missing_ok=True)
+
+
+def try_send_tombstones(settings: Settings) -> str | None:
+    """send_tombstones, a broker out of reach being no failure: None once sent (or none waiting),
+    else why not (the ids wait for the next erasure or `cdp ingest --kafka`)."""
+    try:
+        send_tombstones(settings)
+    except Exception as error:  # noqa: BLE001 - a broker out of reach: said by the caller, sent later
+        fault = describe(error, settings)
+        if fault.component != BROKER:
+            raise
+        return fault.line
+    return None
 
 
 def finish_unfinished(settings: Settings) -> bool:

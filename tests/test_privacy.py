@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.databases import with_dbname
-from tests.events import event, jsonl
+from tests.events import event, jsonl, write
 from tests.serving import new_keys, start_server, wait_until
 
 ANN = {"email": "Quorra.Zephyrine@Example.org", "phone": "+44 7911 123461", "first_name": "Quorralind",
@@ -808,7 +808,8 @@ def test_tombstones_a_broker_out_of_reach_missed_go_with_the_next_erasure(cdp, t
                                                                           fresh_topic_prefix):
     """The erasure itself does not wait for the broker: done everywhere else, it says the tombstone
     was not sent, keeps the id (erasure.tombstones, no personal data) and the next erasure sends it
-    with its own; a read command meanwhile does not try (it would wait for the broker)."""
+    with its own, as does the next `cdp ingest --kafka`; a read command meanwhile does not try (it
+    would wait for the broker)."""
     ingest(cdp, tmp_path, "people.jsonl", jsonl(people_events()))
     ids = {r["last_name"]: r["customer_id"] for r in cdp.query("SELECT customer_id, last_name FROM customers")}
     cdp.env.update(CDP_TOPIC_PREFIX=fresh_topic_prefix)
@@ -825,6 +826,16 @@ def test_tombstones_a_broker_out_of_reach_missed_go_with_the_next_erasure(cdp, t
                          check=True).stdout
     assert sorted(out.splitlines()) == sorted([f"{ids['Zephyrine']}\t-1", f"{ids['Other']}\t-1"])
     assert not (cdp.home / "erasure.tombstones").exists()
+
+    # without a server, the next command that reaches the broker sends a missed one too
+    missed = cdp("erase", ids["Third"], "--yes", extra_env={"CDP_KAFKA_BOOTSTRAP": "127.0.0.1:9"})
+    assert "the next `cdp erase` or `cdp ingest --kafka` sends them" in missed.stderr
+    published = cdp("ingest", "--kafka", str(write(tmp_path / "new.jsonl", [event("n1", "retail", "R-5")])))
+    assert "sent the 1 tombstone(s) an earlier erasure could not send" in published.stderr
+    out = subprocess.run(["kcat", "-b", kafka_bootstrap, "-C", "-t", f"{fresh_topic_prefix}cdp.profiles", "-e",
+                          "-q", "-K", "\t", "-Z", "-f", "%k\t%S\n"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert f"{ids['Third']}\t-1" in out.splitlines() and not (cdp.home / "erasure.tombstones").exists()
 
 
 @pytest.mark.kafka
