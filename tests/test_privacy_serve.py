@@ -213,6 +213,13 @@ def test_a_person_only_the_dead_letter_holds_is_erased_over_http(cdp, tmp_path, 
     server = start_server({**cdp.env, "CDP_RATE_LIMIT": "1000"}, tmp_path / "serve.log")
     try:
         admin, read = server.client(people["admin"]), server.client(people["read"])
+        # her access request: an admin key gets the rejected inputs carrying her e-mail, a read key nothing
+        held = admin.get("/v1/profiles/email:" + GHOST["email"] + "/export")
+        assert held.status_code == 200, held.text
+        assert held.json()["customer_id"] is None and [r["event_id"] for r in held.json()["rejected_inputs"]] == ["g1"]
+        archive = zipfile.ZipFile(io.BytesIO(admin.get(f"/v1/profiles/email:{GHOST['email']}/export?format=zip").content))
+        assert [r["event_id"] for r in csv.DictReader(io.StringIO(archive.read("rejected_inputs.csv").decode()))] == ["g1"]
+        refusal(read.get("/v1/profiles/email:" + GHOST["email"] + "/export"), 404, "not_found")
         refusal(read.delete("/v1/profiles/email:" + GHOST["email"]), 403, "forbidden")
         refusal(admin.delete("/v1/profiles/customer_id:0123456789abcdef0123456789abcdef"), 404, "not_found")
         erased = admin.delete("/v1/profiles/email:" + GHOST["email"])
@@ -235,6 +242,8 @@ def test_a_person_only_the_dead_letter_holds_is_erased_over_http(cdp, tmp_path, 
         entries = admin.get("/v1/audit").json()["entries"]
         assert [(e["customer_id"], e["detail"]["identifiers"]) for e in entries if e["action"] == "erase"] == [
             (None, ["email"]), (None, ["phone"]), (None, ["source"])]
+        assert [(e["customer_id"], e["detail"]["entries"]) for e in entries if e["action"] == "export"] == [
+            (None, 1), (None, 1)]
     finally:
         server.stop()
     assert files_holding(cdp.home, GHOST_NEEDLES) == {}

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdp.application import CustomerCarries
+from cdp.erasure import rejected_inputs
 from cdp.keys import Key
 from cdp.server import telemetry
 from cdp.audit import select as select_entries, since as parse_since
@@ -355,6 +356,19 @@ def build_app(service: Any) -> FastAPI:
             raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
         return one_of(found, id_type, value)
 
+    def unheld_identifier(id_type: str, value: str) -> tuple[str, str]:
+        """The identifier a reference no customer carries names, for a person the dead-letter
+        alone may hold (an e-mail, a readable phone, a source record); else the 404."""
+        if id_type in ("customer_id", "anonymous_id") or (id_type == "phone" and not value.startswith("+")):
+            raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
+        return (id_type, value) if id_type in ("email", "phone") else ("source", f"{id_type}:{value}")
+
+    def exported(customer_id: str | None, parts: dict[str, Any], format: str) -> Response:
+        if format == "zip":
+            return Response(access.to_zip(access.files(customer_id, parts)), media_type="application/zip",
+                            headers={"Content-Disposition": f'attachment; filename="customer-{customer_id}.zip"'})
+        return Response(access.to_json(access.document(customer_id, parts)), media_type="application/json")
+
     def one_of(found: list[profiles.Found], id_type: str, value: str) -> profiles.Found:
         if len(found) > 1:
             raise Denied(409, "ambiguous", f"{len(found)} customers have {id_type} {value!r}: "
@@ -397,17 +411,27 @@ def build_app(service: Any) -> FastAPI:
         """Golden record with scores, source records, every event, identity decisions, merged
         customers, consents and, for a group-wide key, the inputs of theirs the dead-letter file
         holds (`rejected_inputs`: what an erasure of theirs would remove). A business unit's key
-        gets the golden record and its own unit's rows only, as `GET /v1/profiles/{ref}` shows them."""
+        gets the golden record and its own unit's rows only, as `GET /v1/profiles/{ref}` shows them.
+        A group-wide admin key asking by an e-mail, phone or source record no customer carries
+        gets the rejected inputs that carry it (`customer_id` null): a person the dead-letter alone
+        holds, as `cdp customer export` answers them."""
         key = admit(request, "read")
 
         def answer() -> Response:
-            found = resolve(ref, key)
-            parts = service.access_export(found.customer_id, key.unit)
-            service.audit.record(actor_of(key, request), "export", found.customer_id, via="api", format=format)
-            if format == "zip":
-                return Response(access.to_zip(access.files(found.customer_id, parts)), media_type="application/zip",
-                                headers={"Content-Disposition": f'attachment; filename="customer-{found.customer_id}.zip"'})
-            return Response(access.to_json(access.document(found.customer_id, parts)), media_type="application/json")
+            id_type, value = reference(ref)
+            found = profiles.find(service.read.cursor(), id_type, value, key.unit)
+            if not found and key.may("admin") and key.unit is None:
+                identifier = unheld_identifier(id_type, value)
+                parts = {"rejected_inputs": rejected_inputs(service.cfg.deadletter_path, service.app, None, [identifier])}
+                service.audit.record(actor_of(key, request), "export", None, via="api", format=format,
+                                     identifiers=[identifier[0]], entries=len(parts["rejected_inputs"][1]))
+                return exported(None, parts, format)
+            if not found:
+                raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
+            customer_id = one_of(found, id_type, value).customer_id
+            parts = service.access_export(customer_id, key.unit)
+            service.audit.record(actor_of(key, request), "export", customer_id, via="api", format=format)
+            return exported(customer_id, parts, format)
 
         return await run_in_threadpool(answer)
 
@@ -431,10 +455,8 @@ def build_app(service: Any) -> FastAPI:
             found = profiles.find(service.read.cursor(), id_type, value, key.unit)
             if found:
                 done = service.erase(one_of(found, id_type, value).customer_id, suppress, actor_of(key, request))
-            elif id_type in ("customer_id", "anonymous_id") or (id_type == "phone" and not value.startswith("+")):
-                raise Denied(404, "not_found", f"no customer with {id_type} {value!r}")
             else:  # an identifier no customer carries: its dead-letter entries go, it is suppressed
-                identifier = (id_type, value) if id_type in ("email", "phone") else ("source", f"{id_type}:{value}")
+                identifier = unheld_identifier(id_type, value)
                 try:
                     done = service.erase_identifiers([identifier], suppress, actor_of(key, request))
                 except CustomerCarries as error:
