@@ -299,13 +299,13 @@ def customer_export(who: str, directory: Path) -> None:
         return
     if not ids:
         raise UserError(f"no customer found for {kind} {value!r}")
-    for customer_id in ids:
-        with CustomerApplication(cfg) as app:
+    with CustomerApplication(cfg) as app:  # once: the rejected inputs and the audit entries of every customer
+        for customer_id in ids:
             rejected = rejected_inputs(cfg.deadletter_path, app, customer_id)
-        paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory,
-                                more={"rejected_inputs": rejected})
-        record_access(cfg, "export", [customer_id], via="cli", files=len(paths))
-        console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
+            paths = export_customer(con, customer_id, directory / customer_id if len(ids) > 1 else directory,
+                                    more={"rejected_inputs": rejected})
+            app.record_access(local_user(), "export", customer_id, via="cli", files=len(paths))
+            console.out.print(f"wrote {len(paths)} files for customer {customer_id} to {paths[0].parent}")
 
 
 @cli.command("erase")
